@@ -1,0 +1,40 @@
+"""LightningCLI for everything that is a Trainer run: fit, validate, test, predict, precompute, laplace-fit."""
+
+from __future__ import annotations
+
+import warnings
+
+from lightning.pytorch.cli import LightningCLI
+
+import datamodules  # noqa: F401  (registers classes so YAML can name them bare)
+import lightning_modules  # noqa: F401
+from cli.trainer import ForensicsTrainer
+
+# Subcommand names as typed; LightningCLI needs the Trainer method's name.
+TRAINER_SUBCOMMANDS = {"fit": "fit", "validate": "validate", "test": "test", "predict": "predict",
+                       "precompute": "precompute", "laplace-fit": "laplace_fit"}
+
+
+class ForensicsCLI(LightningCLI):
+    """LightningCLI with the project's Trainer subcommands added to Lightning's four."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(),
+                "precompute": {"model", "datamodule"},
+                "laplace_fit": {"model", "datamodule"}}
+
+
+def run_lightning_cli(argv: list[str]) -> None:
+    """Run one Trainer subcommand; every run saves its resolved config next to its logs."""
+    argv = [TRAINER_SUBCOMMANDS.get(argv[0], argv[0]), *argv[1:]] if argv else argv
+    # We pass argv explicitly because `laplace-fit` is renamed to its Trainer method; that is intended.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    ForensicsCLI(
+        trainer_class=ForensicsTrainer,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+        parser_kwargs={"prog": "python -m cli"},
+    )
