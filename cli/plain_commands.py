@@ -29,9 +29,17 @@ def demo() -> None:
     raise SystemExit("python -m cli demo: not implemented yet (demo issue)")
 
 
-def compare() -> None:
-    """One table of all runs under a directory (an ablation grid), sorted, with the hparams that differ."""
-    raise SystemExit("python -m cli compare: not implemented yet (evaluation issue)")
+def compare(runs_dir: Path, sort_by: str = "test_acc", metrics: list[str] | None = None) -> None:
+    """One table of all runs under a directory (an ablation grid), sorted, with the hparams that differ.
+
+    Args:
+        runs_dir: directory searched recursively for TensorBoard runs (e.g. runs/).
+        sort_by: metric to sort by, best first.
+        metrics: metric names to show (default: every val*/test* scalar).
+    """
+    from cli.compare import compare_runs
+
+    compare_runs(runs_dir, sort_by, metrics)
 
 
 PLAIN_COMMANDS = {"shards": shards, "tiny-models": tiny_models, "demo": demo, "compare": compare}

@@ -1,0 +1,83 @@
+"""`python -m cli compare RUNS_DIR`: one table of all runs, with only the settings that differ.
+
+A run is a directory holding TensorBoard event files; its settings come from the `config.yaml`
+LightningCLI saved there (or `hparams.yaml`), its metrics from the last value of every scalar.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+def _flatten(tree: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(tree, dict):
+        flat: dict[str, object] = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): tree if not isinstance(tree, list) else ",".join(map(str, tree))}
+
+
+def _run_settings(run_dir: Path) -> dict[str, object]:
+    for name in ("config.yaml", "hparams.yaml"):
+        for candidate in (run_dir / name, run_dir.parent / name):
+            if candidate.is_file():
+                return _flatten(yaml.safe_load(candidate.read_text()) or {})
+    return {}
+
+
+def _run_metrics(run_dir: Path) -> dict[str, float]:
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: accumulator.Scalars(tag)[-1].value for tag in accumulator.Tags()["scalars"]}
+
+
+def collect_runs(runs_dir: Path) -> list[dict[str, object]]:
+    """Every directory under runs_dir with event files becomes one row: its path, settings, metrics."""
+    run_dirs = sorted({p.parent for p in Path(runs_dir).rglob("events.out.tfevents.*")})
+    return [{"run": str(d.relative_to(runs_dir)), "settings": _run_settings(d), "metrics": _run_metrics(d)}
+            for d in run_dirs]
+
+
+def comparison_table(runs: list[dict[str, object]], metrics: list[str] | None, sort_by: str) -> list[dict]:
+    """Rows of run name, the settings whose values differ between runs, and the chosen metrics."""
+    all_keys = sorted({k for run in runs for k in run["settings"]})
+    differing = [k for k in all_keys if len({repr(run["settings"].get(k)) for run in runs}) > 1
+                 and not k.endswith(("version", "save_dir", "default_root_dir", "dirpath", "name"))]
+    metric_names = metrics or sorted({m for run in runs for m in run["metrics"]
+                                      if m.startswith(("test", "val")) and "step" not in m})
+    rows = [{"run": run["run"], **{k: run["settings"].get(k, "") for k in differing},
+             **{m: run["metrics"].get(m, float("nan")) for m in metric_names}} for run in runs]
+
+    def key(row: dict) -> float:
+        value = row.get(sort_by, float("nan"))
+        return -value if isinstance(value, float) and not math.isnan(value) else math.inf
+
+    return sorted(rows, key=key)
+
+
+def compare_runs(runs_dir: Path, sort_by: str = "test_acc", metrics: list[str] | None = None) -> list[dict]:
+    """Print the table as Markdown and write RUNS_DIR/compare.{md,csv}."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise SystemExit(f"python -m cli compare: {runs_dir} is not a directory")
+    runs = collect_runs(runs_dir)
+    if not runs:
+        raise SystemExit(f"python -m cli compare: no TensorBoard runs (events.out.tfevents.*) under {runs_dir}")
+    rows = comparison_table(runs, metrics, sort_by)
+    columns = list(rows[0])
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    markdown = "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+                         + ["| " + " | ".join(fmt(row[c]) for c in columns) + " |" for row in rows]) + "\n"
+    (runs_dir / "compare.md").write_text(markdown)
+    with open(runs_dir / "compare.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(markdown)
+    return rows
