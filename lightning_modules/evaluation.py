@@ -1,0 +1,118 @@
+"""The papers' evaluation table from saved predictions: per generator real/fake/mean ACC, AP, AUROC.
+
+Everything is computed from a predictions table (p_fake, label, generator), so a test can recompute
+any number independently, and the threshold for accuracy comes from validation predictions, never
+from the test split (thresholds tuned on the test set are a known flaw of the papers' code).
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchmetrics.functional.classification import binary_auroc, binary_average_precision
+
+# SPEC §7: GenImage, trained on SD v1.4, mean ACC % over the eight generators.
+PUBLISHED_GENIMAGE_MEAN_ACC = {"DEUADetector": 85.6, "LaRE2Detector": 79.1, "UnivFD": 69.7, "DIRE": 67.2}
+PUBLISHED_DRCT_MEAN_ACC = {"DEUADetector": 90.5, "LaRE2Detector": 88.0}
+
+COLUMNS = ("generator", "n_real", "n_fake", "real_acc", "fake_acc", "acc", "ap", "auroc")
+
+
+@dataclass
+class Predictions:
+    """One row per image: probability of fake, true label (0 real, 1 fake), generator name."""
+
+    p_fake: np.ndarray
+    label: np.ndarray
+    generator: np.ndarray
+
+    @classmethod
+    def from_csv(cls, path: str | Path) -> Predictions:
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        if not rows:
+            raise ValueError(f"predictions file {path} has no rows")
+        missing = {"p_fake", "label", "generator"} - set(rows[0])
+        if missing:
+            raise ValueError(f"predictions file {path} lacks the columns {sorted(missing)}")
+        return cls(np.array([float(r["p_fake"]) for r in rows]), np.array([int(r["label"]) for r in rows]),
+                   np.array([r["generator"] for r in rows]))
+
+    def select(self, mask: np.ndarray) -> Predictions:
+        return Predictions(self.p_fake[mask], self.label[mask], self.generator[mask])
+
+
+def choose_threshold(validation: Predictions) -> float:
+    """Threshold on p_fake that maximises balanced accuracy on validation predictions."""
+    candidates = np.unique(np.concatenate([validation.p_fake, [0.5]]))
+    real, fake = validation.label == 0, validation.label == 1
+    if not real.any() or not fake.any():
+        return 0.5
+    best = max(candidates, key=lambda t: ((validation.p_fake[real] < t).mean() + (validation.p_fake[fake] >= t).mean(),
+                                          -abs(t - 0.5)))
+    return float(best)
+
+
+def _metrics(preds: Predictions, threshold: float) -> dict[str, float]:
+    real, fake = preds.label == 0, preds.label == 1
+    predicted_fake = preds.p_fake >= threshold
+    row = {"n_real": int(real.sum()), "n_fake": int(fake.sum()),
+           "real_acc": float((~predicted_fake[real]).mean()) if real.any() else float("nan"),
+           "fake_acc": float(predicted_fake[fake].mean()) if fake.any() else float("nan"),
+           "acc": float((predicted_fake == (preds.label == 1)).mean())}
+    if real.any() and fake.any():
+        scores, target = torch.from_numpy(preds.p_fake).float(), torch.from_numpy(preds.label).long()
+        row["ap"] = float(binary_average_precision(scores, target))
+        row["auroc"] = float(binary_auroc(scores, target))
+    else:
+        row["ap"] = row["auroc"] = float("nan")
+    return row
+
+
+def protocol_table(test: Predictions, threshold: float = 0.5) -> list[dict]:
+    """One row per generator (its real and fake val images) and the average row, as GenImage reports.
+
+    The average row is the mean over generators of each column (the papers' "mean ACC"), not a pooled
+    accuracy, so a large generator does not dominate it.
+    """
+    rows = []
+    for name in sorted(set(test.generator.tolist())):
+        rows.append({"generator": name, **_metrics(test.select(test.generator == name), threshold)})
+    average = {"generator": "average", "n_real": sum(r["n_real"] for r in rows),
+               "n_fake": sum(r["n_fake"] for r in rows)}
+    for column in ("real_acc", "fake_acc", "acc", "ap", "auroc"):
+        average[column] = float(np.nanmean([r[column] for r in rows])) if rows else float("nan")
+    return [*rows, average]
+
+
+def to_markdown(rows: list[dict], title: str = "", published_mean_acc: float | None = None) -> str:
+    """The table as Markdown (percent, one decimal); the published mean ACC beside ours when comparable."""
+    header = ["generator", "real ACC", "fake ACC", "ACC", "AP", "AUROC"]
+    if published_mean_acc is not None:
+        header.append("published ACC")
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["generator"]] + [f"{100 * row[c]:.1f}" for c in ("real_acc", "fake_acc", "acc", "ap", "auroc")]
+        if published_mean_acc is not None:
+            cells.append(f"{published_mean_acc:.1f}" if row["generator"] == "average" else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(rows: list[dict], out_dir: str | Path, name: str, title: str = "",
+                published_mean_acc: float | None = None) -> tuple[Path, Path]:
+    """Write NAME.csv (fractions, full precision) and NAME.md (percent) into out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out / f"{name}.csv", out / f"{name}.md"
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({c: row[c] for c in COLUMNS} for row in rows)
+    md_path.write_text(to_markdown(rows, title, published_mean_acc))
+    return csv_path, md_path

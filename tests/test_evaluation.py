@@ -1,0 +1,100 @@
+"""The protocol table equals metrics recomputed independently from the same predictions."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from lightning_modules.evaluation import Predictions, choose_threshold, protocol_table, write_table
+from lightning_modules.plots import map_histograms, overlay_figure, roc_pr_figure, save_figure
+
+
+def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mann-Whitney: probability a fake outscores a real, ties counting half."""
+    fake, real = scores[labels == 1], scores[labels == 0]
+    wins = (fake[:, None] > real[None, :]).sum() + 0.5 * (fake[:, None] == real[None, :]).sum()
+    return wins / (len(fake) * len(real))
+
+
+def _average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over fakes of the precision among images scored at least as high."""
+    return float(np.mean([(labels[scores >= s] == 1).mean() for s in scores[labels == 1]]))
+
+
+@pytest.fixture
+def predictions() -> Predictions:
+    rng = np.random.default_rng(0)
+    gens = np.array(["sdv4"] * 60 + ["midjourney"] * 40)
+    labels = np.concatenate([rng.integers(0, 2, 60), rng.integers(0, 2, 40)])
+    # Continuous scores (no ties) that separate sdv4 well and midjourney poorly.
+    scores = np.where(gens == "sdv4", 0.3 * labels, 0.05 * labels) + rng.uniform(0, 0.7, 100)
+    return Predictions(scores, labels, gens)
+
+
+def test_table_equals_independent_metrics(predictions, tmp_path):
+    threshold = 0.5
+    rows = protocol_table(predictions, threshold)
+    by_gen = {row["generator"]: row for row in rows}
+    for gen in ("sdv4", "midjourney"):
+        m = predictions.generator == gen
+        s, y = predictions.p_fake[m], predictions.label[m]
+        assert by_gen[gen]["real_acc"] == pytest.approx((s[y == 0] < threshold).mean())
+        assert by_gen[gen]["fake_acc"] == pytest.approx((s[y == 1] >= threshold).mean())
+        assert by_gen[gen]["acc"] == pytest.approx(((s >= threshold) == (y == 1)).mean())
+        assert by_gen[gen]["auroc"] == pytest.approx(_auroc(s, y), abs=1e-6)
+        assert by_gen[gen]["ap"] == pytest.approx(_average_precision(s, y), abs=1e-6)
+    assert by_gen["average"]["acc"] == pytest.approx((by_gen["sdv4"]["acc"] + by_gen["midjourney"]["acc"]) / 2)
+    assert by_gen["sdv4"]["auroc"] > by_gen["midjourney"]["auroc"]
+
+    csv_path, md_path = write_table(rows, tmp_path, "genimage", "GenImage", published_mean_acc=85.6)
+    with open(csv_path, newline="") as handle:
+        read_back = list(csv.DictReader(handle))
+    assert [r["generator"] for r in read_back] == ["midjourney", "sdv4", "average"]
+    assert float(read_back[1]["auroc"]) == pytest.approx(by_gen["sdv4"]["auroc"])
+    markdown = md_path.read_text()
+    assert "| average |" in markdown and "85.6" in markdown
+    assert f"{100 * by_gen['sdv4']['acc']:.1f}" in markdown
+
+
+def test_threshold_comes_from_validation_and_balances_classes():
+    val = Predictions(np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.8]), np.array([0, 0, 0, 1, 1, 1]),
+                      np.array(["g"] * 6))
+    threshold = choose_threshold(val)
+    assert 0.3 < threshold <= 0.6
+    shifted = Predictions(val.p_fake * 0.5, val.label, val.generator)  # all scores below 0.5
+    assert 0.15 < choose_threshold(shifted) <= 0.3
+
+
+def test_predictions_csv_round_trip_and_bad_file(tmp_path, predictions):
+    path = tmp_path / "preds.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["p_fake", "label", "generator"])
+        writer.writerows(zip(predictions.p_fake, predictions.label, predictions.generator))
+    back = Predictions.from_csv(path)
+    np.testing.assert_allclose(back.p_fake, predictions.p_fake)
+    assert (back.generator == predictions.generator).all()
+    (tmp_path / "bad.csv").write_text("score,label\n0.1,0\n")
+    with pytest.raises(ValueError, match=r"bad.csv lacks the columns \['generator', 'p_fake'\]"):
+        Predictions.from_csv(tmp_path / "bad.csv")
+
+
+def test_plots_are_valid_pngs(predictions, tmp_path):
+    rng = np.random.default_rng(1)
+    figures = {
+        "roc_pr": roc_pr_figure(predictions, "test"),
+        "hist": map_histograms({"deu": rng.random(100), "lare": rng.random(100)}, predictions.label,
+                               predictions.generator),
+        "overlay": overlay_figure(rng.uniform(-1, 1, (3, 3, 32, 32)), rng.random((3, 4, 4)), ["a", "b", "c"]),
+    }
+    for name, fig in figures.items():
+        path = save_figure(fig, tmp_path / f"{name}.png")
+        data = path.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        from PIL import Image
+
+        with Image.open(path) as image:
+            image.load()
+            assert image.width > 200 and image.height > 200
