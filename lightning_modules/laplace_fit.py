@@ -1,0 +1,117 @@
+"""Fit the diagonal last-layer Laplace posterior of SD's `conv_out` over calibration images (`python -m cli laplace-fit`).
+
+Forward passes only: each predict_step adds the GGN sums of one batch on its own rank; the sums
+are all-reduced once at the end of the epoch (no collectives per step, so uneven ranks cannot hang)
+and rank 0 writes the posterior file that `FeatureExtractor` loads for DEU/MI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_modules.diffusion_pass import AutocastDtype, DiffusionPass, key_generator
+from lightning_modules.pretrained import load_stable_diffusion, weights_hash
+from lightning_modules.uncertainty import (conv3x3_ggn_sums, diagonal_posterior, log_marginal_likelihood,
+                                           tune_prior_precision)
+
+POSTERIOR_FORMAT = "conv_out-diag-laplace-v1"
+
+
+def load_posterior(path: str | Path) -> dict[str, Any]:
+    """Read a posterior file written by LaplaceFit; one clear error if it is missing or not one."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"posterior file {file} not found; fit one with `python -m cli laplace-fit`")
+    posterior = torch.load(file, map_location="cpu", weights_only=True)
+    if not isinstance(posterior, dict) or posterior.get("format") != POSTERIOR_FORMAT:
+        raise ValueError(f"{file} is not a {POSTERIOR_FORMAT} posterior file written by `python -m cli laplace-fit`")
+    return posterior
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes: identifies the posterior a feature store was computed with."""
+    digest = hashlib.sha256()
+    with open(Path(path).expanduser(), "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class LaplaceFit(pl.LightningModule):
+    """Accumulate Σ unfold(φ)², pixel counts and the ε residual over calibration images; save the posterior.
+
+    Rows whose `error` is non-empty (undecodable images) are skipped. The MAP is the pretrained
+    conv_out; the likelihood is N(ε | ε̂, σ²_noise) per latent element, as in the ε-MSE training loss.
+    """
+
+    def __init__(self, sd: str, output: str = "posterior.pt", timestep: int = 200, num_noises: int = 4,
+                 prompt: str = "a photo", latent: Literal["sample", "mean"] = "sample", seed: int = 0,
+                 sigma_noise: float = 1.0, prior_precision: float = 1.0, tune_prior_precision: bool = False,
+                 autocast_dtype: AutocastDtype = "float32") -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if sigma_noise <= 0 or prior_precision <= 0:
+            raise ValueError(f"sigma_noise and prior_precision must be > 0, got {sigma_noise} and {prior_precision}")
+        parts = load_stable_diffusion(sd)
+        self.vae, self.unet, self.text_encoder = parts.vae, parts.unet, parts.text_encoder
+        self.sd_source = parts.source
+        self.diffusion = DiffusionPass(parts, timestep, num_noises, prompt, latent, autocast_dtype)
+        channels = self.unet.conv_out.in_channels
+        # float64 sums, registered so they follow the module's device (NCCL reduces device tensors).
+        self.register_buffer("ggn_w", torch.zeros(channels, 3, 3, dtype=torch.float64), persistent=False)
+        self.register_buffer("stats", torch.zeros(3, dtype=torch.float64), persistent=False)  # count, RSS, images
+        self.register_buffer("resolution", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Add one batch's GGN sums; nothing is returned (no predictions are kept)."""
+        valid = [i for i, err in enumerate(batch["error"]) if not err]
+        if not valid:
+            return
+        images = batch["image"][valid]
+        res = images.shape[-1]
+        if int(self.resolution) not in (0, res):
+            raise ValueError(f"calibration images changed resolution from {int(self.resolution)} to {res} mid-run")
+        self.resolution.fill_(res)
+        out = self.diffusion(images, [key_generator(self.hparams.seed, batch["key"][i]) for i in valid])
+        phi = out.phi.flatten(0, 1)
+        self.ggn_w += conv3x3_ggn_sums(phi)
+        rss = (out.eps_hat - out.noise).double().square().sum()
+        self.stats += torch.stack([rss.new_tensor(phi.shape[0] * phi.shape[-2] * phi.shape[-1]), rss,
+                                   rss.new_tensor(len(valid))])
+
+    def on_predict_epoch_end(self) -> None:
+        """Sum the accumulators over ranks, then write the posterior file from rank 0."""
+        strategy = self.trainer.strategy
+        ggn_w = strategy.reduce(self.ggn_w.clone(), reduce_op="sum").cpu()
+        count, rss, num_images = strategy.reduce(self.stats.clone(), reduce_op="sum").cpu().tolist()
+        resolution = int(strategy.reduce(self.resolution.clone(), reduce_op="max"))
+        if self.trainer.is_global_zero:
+            if num_images == 0:
+                raise RuntimeError("laplace-fit saw no decodable calibration image; check the datamodule's shards")
+            self.save_posterior(ggn_w, count, rss, int(num_images), resolution)
+
+    def save_posterior(self, ggn_w: torch.Tensor, count: float, rss: float, num_images: int, resolution: int) -> None:
+        """Turn the summed GGN into variances (tuning λ if asked) and torch.save them with their provenance."""
+        hp = self.hparams
+        conv = self.unet.conv_out
+        weight, bias = conv.weight.detach().cpu(), conv.bias.detach().cpu()
+        lam = (tune_prior_precision(ggn_w, count, weight, bias, hp.sigma_noise, rss) if hp.tune_prior_precision
+               else hp.prior_precision)
+        post = diagonal_posterior(ggn_w, count, conv.out_channels, hp.sigma_noise, lam)
+        output = Path(hp.output).expanduser()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({
+            "format": POSTERIOR_FORMAT, "var_w": post.var_w, "var_b": post.var_b,
+            "prior_precision": lam, "sigma_noise": hp.sigma_noise, "ggn_w": ggn_w, "count": count,
+            "sum_sq_residual": rss, "log_marginal_likelihood": log_marginal_likelihood(
+                lam, ggn_w, count, weight, bias, hp.sigma_noise, rss),
+            "metadata": {"unet_hash": weights_hash(self.unet), "timestep": hp.timestep, "num_noises": hp.num_noises,
+                         "prompt": hp.prompt, "resolution": resolution, "num_images": num_images,
+                         "latent": hp.latent, "seed": hp.seed, "sd": self.sd_source,
+                         "prior_precision_tuned": hp.tune_prior_precision},
+        }, output)
