@@ -1,0 +1,234 @@
+"""What DEUA and LaRE² share: backbone modes, guidance-map gathering, metrics, logging, optimiser.
+
+A detector subclass only builds its head and says how it turns visual maps and guidance maps into
+logits and features (`forward`) and how those are scored (`losses`). Everything a run must report
+the same way for every detector (per-stage and per-generator metrics, TensorBoard hparams, the
+prediction tables the evaluation step reads) lives here once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torch.nn import functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryAveragePrecision, BinaryRecall,
+                                         BinarySpecificity)
+
+from lightning_modules.detectors.predictions import PredictionLog, per_generator_metrics, write_predictions_csv
+from lightning_modules.pretrained import ClipVisual, load_clip_rn50
+
+GuidanceName = Literal["deu", "lare", "aleatoric", "mi"]
+Backbone = Literal["frozen", "finetune"]
+MAP_CHANNELS = 4  # every cached guidance map lives in SD's 4-channel latent space
+STAGES = ("train", "val", "test")
+# Registered once in TensorBoard's hparams tab; logged under these tags at validation/test epoch ends.
+HP_METRICS = ("hp/val_acc", "hp/val_ap", "hp/val_auroc", "hp/test_acc", "hp/test_ap", "hp/test_auroc",
+              "hp/test_real_acc", "hp/test_fake_acc", "hp/test_mean_generator_acc")
+
+
+@dataclass
+class DetectorOutput:
+    """Class logits (B, 2) and the feature vector the head saw (B, F), which DEUA's pair loss uses."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+
+
+class DetectorBase(pl.LightningModule):
+    """Real/fake classifier over CLIP RN50 maps, optionally guided by cached diffusion-uncertainty maps.
+
+    Subclasses define `forward(batch) -> DetectorOutput` and, if they add loss terms, `losses`.
+
+    Backbone `frozen` reads `clip_layer3` (B, C, g, g) and `clip_pooled` (B, D) from the batch (fast
+    sweeps over a cache); `finetune` reads `image` (B, 3, R, R in [-1, 1]) and trains the CLIP tower
+    loaded from `clip`. Guidance maps (4 channels each) are concatenated in the order given,
+    aligned to the visual grid by adaptive average pooling (area averaging; LaRE²'s alignment) and
+    standardised per channel by BatchNorm, because DEU, LaRE, aleatoric and MI values differ by
+    orders of magnitude and a fixed scale would suit none of them.
+
+    Metrics per stage (`train_`, `val_`, `test_` prefixes): acc, ap, auroc, real_acc (specificity),
+    fake_acc (recall) overall, and the same per generator as `<stage>_<metric>/<generator name>`.
+    The last validation epoch's and the test predictions are written as CSV to the run's log dir
+    (`val_predictions.csv`, `test_predictions.csv`); the test table also stays in `test_predictions`.
+    """
+
+    uses_pooled: bool = True  # whether forward needs CLIP's attention-pooled vector
+
+    def __init__(self, guidance: list[GuidanceName], backbone: Backbone, clip: str | None, visual_channels: int,
+                 pooled_dim: int | None, grid_size: int, lr: float) -> None:
+        super().__init__()
+        if len(set(guidance)) != len(guidance):
+            raise ValueError(f"guidance lists a map twice: {list(guidance)}")
+        self.guidance = list(guidance)
+        self.visual_channels = visual_channels
+        self.pooled_dim = pooled_dim
+        self.grid_size = grid_size
+        self.lr = lr
+        self.clip: ClipVisual | None = None
+        if backbone == "finetune":
+            self.clip = self._load_backbone(clip)
+            self.backbone = self.clip.visual  # registered, so it trains and is checkpointed
+        elif backbone != "frozen":
+            raise ValueError(f"backbone must be 'frozen' or 'finetune', got {backbone!r}")
+        self.guidance_norm = nn.BatchNorm2d(self.guidance_channels) if self.guidance else None
+        for stage in STAGES:
+            setattr(self, f"{stage}_metrics", MetricCollection({
+                "acc": BinaryAccuracy(), "ap": BinaryAveragePrecision(), "auroc": BinaryAUROC(),
+                "real_acc": BinarySpecificity(), "fake_acc": BinaryRecall()}, prefix=f"{stage}_"))
+            setattr(self, f"{stage}_prediction_log", PredictionLog())
+        self.test_predictions: dict[str, torch.Tensor] = {}
+        self._hparams_registered = False
+
+    @property
+    def guidance_channels(self) -> int:
+        return MAP_CHANNELS * len(self.guidance)
+
+    def _load_backbone(self, clip: str | None) -> ClipVisual:
+        """Load the trainable CLIP tower and check it has the dimensions the head is built for."""
+        if not clip:
+            raise ValueError("backbone='finetune' needs the CLIP weights: set model.init_args.clip "
+                             "('openai', an RN50 checkpoint file or an open_clip local-dir)")
+        loaded = load_clip_rn50(clip)
+        visual = loaded.visual
+        channels = visual.layer3[-1].conv3.out_channels
+        if channels != self.visual_channels or (self.pooled_dim is not None and visual.output_dim != self.pooled_dim):
+            raise ValueError(f"CLIP at {clip} has layer3 channels {channels} and pooled dim {visual.output_dim}, "
+                             f"but the model is set to visual_channels={self.visual_channels}, "
+                             f"pooled_dim={self.pooled_dim}: set them to match")
+        if not self.uses_pooled:  # this detector never reads layer4/attnpool: keep no untrained weights
+            visual.layer4 = None
+            visual.attnpool = None
+        return loaded
+
+    @staticmethod
+    def batch_tensor(batch: dict, name: str) -> torch.Tensor:
+        """batch[name], or one line saying which feature the datamodule must provide."""
+        if name not in batch:
+            raise KeyError(f"the batch has no {name!r} (it has {sorted(batch)}): request it from the datamodule")
+        return batch[name]
+
+    def visual_features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """CLIP layer3 map (B, C, g, g) and, if the detector uses it, the pooled vector (B, D)."""
+        pooled = None
+        if self.clip is None:
+            layer3 = self.batch_tensor(batch, "clip_layer3")
+            if self.uses_pooled:
+                pooled = self.batch_tensor(batch, "clip_pooled")
+        else:
+            x = self.clip.normalize(self.batch_tensor(batch, "image"))
+            if self.uses_pooled:
+                layer3, pooled = self.clip.layer3_and_pooled(x)
+            else:
+                v = self.backbone
+                layer3 = v.layer3(v.layer2(v.layer1(v.stem(x))))
+        if layer3.shape[1:] != (self.visual_channels, self.grid_size, self.grid_size):
+            raise ValueError(f"CLIP layer3 map has shape {tuple(layer3.shape[1:])}, the model expects "
+                             f"({self.visual_channels}, {self.grid_size}, {self.grid_size}): set visual_channels/grid_size")
+        if pooled is not None and pooled.shape[1] != self.pooled_dim:
+            raise ValueError(f"CLIP pooled vector has {pooled.shape[1]} dims, the model expects pooled_dim={self.pooled_dim}")
+        return layer3, pooled
+
+    def guidance_map(self, batch: dict, size: tuple[int, int]) -> torch.Tensor:
+        """Guidance maps concatenated on channels, pooled to `size`, standardised: (B, 4·k, *size)."""
+        maps = []
+        for name in self.guidance:
+            u = self.batch_tensor(batch, name)
+            if u.ndim != 4 or u.shape[1] != MAP_CHANNELS:
+                raise ValueError(f"guidance map {name!r} has shape {tuple(u.shape)}, expected (B, {MAP_CHANNELS}, h, w)")
+            maps.append(u)
+        return self.guidance_norm(F.adaptive_avg_pool2d(torch.cat(maps, dim=1).float(), size))
+
+    def losses(self, output: DetectorOutput, label: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Loss terms by name; `loss` is the one optimised."""
+        return {"loss": F.cross_entropy(output.logits, label)}
+
+    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+        output = self(batch)
+        label = self.batch_tensor(batch, "label")
+        losses = self.losses(output, label)
+        p_fake = output.logits.detach().softmax(dim=-1)[:, 1]
+        getattr(self, f"{stage}_metrics").update(p_fake, label)
+        getattr(self, f"{stage}_prediction_log").update(p_fake, label, self.batch_tensor(batch, "generator"),
+                                                        self.batch_tensor(batch, "row"))
+        for name, value in losses.items():
+            self.log(f"{stage}_{name}", value, on_step=stage == "train", on_epoch=True, batch_size=label.shape[0],
+                     sync_dist=stage != "train", prog_bar=name == "loss")
+        return losses["loss"]
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "test")
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+    def _generator_names(self) -> list[str] | None:
+        """Names of generator codes from the datamodule, if it offers `generator_names` (duck-typed)."""
+        names = getattr(getattr(self.trainer, "datamodule", None), "generator_names", None)
+        return list(names) if names is not None else None
+
+    def _epoch_end(self, stage: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+        """Log overall and per-generator metrics of the stage, reset them; return metrics and table."""
+        collection, log = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_prediction_log")
+        table = log.compute()
+        overall, per_generator = {}, {}
+        if table["row"].numel():
+            overall = collection.compute()
+            self.log_dict(overall)
+            per_generator = per_generator_metrics(table, self._generator_names())
+            for generator, values in per_generator.items():
+                self.log_dict({f"{stage}_{metric}/{generator}": value for metric, value in values.items()})
+        collection.reset()
+        log.reset()
+        return overall, table, per_generator
+
+    def _register_hparams_metrics(self) -> None:
+        """Put the run's settings and its HP_METRICS into TensorBoard's hparams tab (once per process)."""
+        if self._hparams_registered:
+            return
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.log_hyperparams(self.hparams, {name: float("nan") for name in HP_METRICS})
+        self._hparams_registered = True
+
+    def _write_predictions(self, table: dict[str, torch.Tensor], file_name: str) -> None:
+        if self.trainer.is_global_zero and self.trainer.log_dir is not None:
+            write_predictions_csv(table, self._generator_names(), Path(self.trainer.log_dir) / file_name)
+
+    def on_fit_start(self) -> None:
+        self._register_hparams_metrics()
+
+    def on_test_start(self) -> None:
+        self._register_hparams_metrics()
+
+    def on_train_epoch_end(self) -> None:
+        self._epoch_end("train")
+
+    def on_validation_epoch_end(self) -> None:
+        overall, table, _ = self._epoch_end("val")
+        if self.trainer.sanity_checking or not overall:
+            return
+        self.log_dict({f"hp/val_{m}": overall[f"val_{m}"] for m in ("acc", "ap", "auroc")})
+        self._write_predictions(table, "val_predictions.csv")
+
+    def on_test_epoch_end(self) -> None:
+        overall, table, per_generator = self._epoch_end("test")
+        self.test_predictions = {name: values.cpu() for name, values in table.items()}
+        if not overall:
+            return
+        mean_acc = torch.stack([values["acc"] for values in per_generator.values()]).mean()
+        self.log_dict({**{f"hp/test_{m}": overall[f"test_{m}"] for m in ("acc", "ap", "auroc", "real_acc", "fake_acc")},
+                       "hp/test_mean_generator_acc": mean_acc})
+        self._write_predictions(table, "test_predictions.csv")
