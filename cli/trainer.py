@@ -14,4 +14,10 @@ class ForensicsTrainer(pl.Trainer):
 
     def laplace_fit(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None) -> None:
         """Fit the diagonal last-layer Laplace posterior of the UNet's conv_out over calibration shards."""
-        raise SystemExit("python -m cli laplace-fit: not implemented yet (phase-1 features issue)")
+        from lightning_modules.laplace_fit import LaplaceFit
+
+        if not isinstance(model, LaplaceFit):
+            raise SystemExit(f"python -m cli laplace-fit: --model must be LaplaceFit, got {type(model).__name__}")
+        self.predict(model, datamodule=datamodule, return_predictions=False)
+        if self.is_global_zero:
+            print(f"laplace-fit: posterior written to {model.hparams.output}")
