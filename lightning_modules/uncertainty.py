@@ -39,7 +39,7 @@ def conv3x3_ggn_sums(phi: torch.Tensor) -> torch.Tensor:
     if phi.dim() != 4:
         raise ValueError(f"phi must be (B, C, H, W), got shape {tuple(phi.shape)}")
     height, width = phi.shape[-2:]
-    sq = F.pad(phi.float().square().sum(0).double(), (1, 1, 1, 1))
+    sq = F.pad(phi.to(torch.promote_types(phi.dtype, torch.float32)).square().sum(0).double(), (1, 1, 1, 1))
     return torch.stack([sq[:, kh:kh + height, kw:kw + width].sum((-2, -1))
                         for kh in range(3) for kw in range(3)], dim=-1).view(-1, 3, 3)
 
@@ -76,7 +76,7 @@ def log_marginal_likelihood(prior_precision: float, ggn_w: torch.Tensor, count: 
     out_channels = weight.shape[0]
     h = torch.cat([(ggn_w.double() / sigma_noise ** 2).flatten().repeat(out_channels),
                    torch.full((out_channels,), float(count), dtype=torch.float64) / sigma_noise ** 2])
-    theta_sq = weight.double().square().sum() + bias.double().square().sum()
+    theta_sq = weight.detach().double().square().sum() + bias.detach().double().square().sum()
     num_outputs = count * out_channels  # every (output channel, pixel, noise, image) is one observation
     log_lik = -sum_sq_residual / (2 * sigma_noise ** 2) - 0.5 * num_outputs * math.log(2 * math.pi * sigma_noise ** 2)
     return float(log_lik - 0.5 * prior_precision * theta_sq + 0.5 * h.numel() * math.log(prior_precision)
