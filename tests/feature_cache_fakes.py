@@ -76,8 +76,9 @@ class _RowsOfTars(IterableDataset):
     """Yields the rows of the given tars, each tar whole to one worker (as the real WebDataset split)."""
 
     def __init__(self, table: list[dict[str, Any]], shard_indices: list[int], manifest: list[dict[str, str]],
-                 bad_rows: set[int]) -> None:
-        self.table, self.shard_indices, self.manifest, self.bad_rows = table, shard_indices, manifest, bad_rows
+                 bad_rows: set[int], drop_rows: set[int]) -> None:
+        self.table, self.shard_indices, self.manifest = table, shard_indices, manifest
+        self.bad_rows, self.drop_rows = bad_rows, drop_rows
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -85,6 +86,8 @@ class _RowsOfTars(IterableDataset):
         for index in mine:
             first = self.table[index]["first_row"]
             for row in range(first, first + self.table[index]["num_samples"]):
+                if row in self.drop_rows:
+                    continue
                 record = self.manifest[row]
                 yield {"key": record["key"], "row": row, "label": int(record["label"]),
                        "generator": GENERATORS.index(record["generator"]), "shard_index": index,
@@ -95,11 +98,11 @@ class FakeShardDataModule(pl.LightningDataModule):
     """ImageShardDataModule's interface (provenance, shard_table, exclude_shards) without images."""
 
     def __init__(self, shard_dir: str, resolution: int = 32, batch_size: int = 3, num_workers: int = 0,
-                 bad_rows: tuple[int, ...] = ()) -> None:
+                 bad_rows: tuple[int, ...] = (), drop_rows: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.shard_dir = Path(shard_dir)
         self.resolution, self.batch_size, self.num_workers = resolution, batch_size, num_workers
-        self.bad_rows = set(bad_rows)
+        self.bad_rows, self.drop_rows = set(bad_rows), set(drop_rows)
         info = json.loads((self.shard_dir / "shards.json").read_text())
         self._table = info["shards"]
         self.generator_names = info["generators"]
@@ -119,7 +122,7 @@ class FakeShardDataModule(pl.LightningDataModule):
         mine = todo[self.trainer.global_rank::self.trainer.world_size]
         with (self.shard_dir / "manifest.csv").open(newline="") as f:
             manifest = list(csv.DictReader(f))
-        dataset = _RowsOfTars(self._table, mine, manifest, self.bad_rows)
+        dataset = _RowsOfTars(self._table, mine, manifest, self.bad_rows, self.drop_rows)
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers)
 
 
@@ -133,11 +136,16 @@ def expected_features(rows: np.ndarray, resolution: int = 32) -> dict[str, np.nd
 
 
 class FakeExtractor(pl.LightningModule):
-    """FeatureExtractor's interface; optionally raises, or SIGKILLs its own process, at a given row."""
+    """FeatureExtractor's interface; optionally raises, or SIGKILLs its own process, at a given row.
 
-    def __init__(self, timestep: int = 200, fail_at_row: int | None = None, kill_at_row: int | None = None) -> None:
+    With `rows_log`, each rank appends the rows it computed to `rows_log/rank<k>.txt` (exactly-once checks).
+    """
+
+    def __init__(self, timestep: int = 200, fail_at_row: int | None = None, kill_at_row: int | None = None,
+                 rows_log: str | None = None) -> None:
         super().__init__()
         self.timestep, self.fail_at_row, self.kill_at_row = timestep, fail_at_row, kill_at_row
+        self.rows_log = rows_log
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # strategies expect a module with parameters
 
     def provenance(self) -> dict[str, Any]:
@@ -153,12 +161,15 @@ class FakeExtractor(pl.LightningModule):
             os.kill(os.getpid(), signal.SIGKILL)
         if self.fail_at_row is not None and self.fail_at_row in rows.tolist():
             raise RuntimeError(f"fake failure at row {self.fail_at_row}")
+        if self.rows_log is not None:
+            with (Path(self.rows_log) / f"rank{self.global_rank}.txt").open("a") as f:
+                f.write("".join(f"{row}\n" for row in rows.tolist()))
         features = {k: torch.from_numpy(v) for k, v in expected_features(rows.numpy()).items()}
         return {**{k: batch[k] for k in ("key", "row", "shard_index", "label", "generator", "error")}, **features}
 
 
 def run_predict(store: Path, shard_dir: Path, devices: int = 1, feature_dtype: str = "float16",
-                **module_kwargs: Any) -> None:
+                drop_rows: tuple[int, ...] = (), **module_kwargs: Any) -> None:
     """One `Trainer.predict` over the fake shards into `store` (the same code for 1 process and DDP)."""
     from feature_cache.writer import ZarrFeatureWriter
 
@@ -166,5 +177,6 @@ def run_predict(store: Path, shard_dir: Path, devices: int = 1, feature_dtype: s
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[ZarrFeatureWriter(str(store), feature_dtype=feature_dtype)])
-    datamodule = FakeShardDataModule(str(shard_dir), num_workers=1 if devices > 1 else 0, bad_rows=(5,))
+    datamodule = FakeShardDataModule(str(shard_dir), num_workers=1 if devices > 1 else 0, bad_rows=(5,),
+                                     drop_rows=drop_rows)
     trainer.predict(FakeExtractor(**module_kwargs), datamodule=datamodule, return_predictions=False)

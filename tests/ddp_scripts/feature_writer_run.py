@@ -1,6 +1,6 @@
 """Run the fake extractor through ZarrFeatureWriter in its own process (DDP re-executes this script per rank).
 
-Usage: python feature_writer_run.py STORE SHARD_DIR [--devices 2] [--kill-at-row R]
+Usage: python feature_writer_run.py STORE SHARD_DIR [--devices 2] [--kill-at-row R] [--rows-log DIR]
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ def main() -> None:
     parser.add_argument("shard_dir", type=Path)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--kill-at-row", type=int, default=None)
+    parser.add_argument("--rows-log", default=None)
     args = parser.parse_args()
-    run_predict(args.store, args.shard_dir, devices=args.devices, kill_at_row=args.kill_at_row)
+    run_predict(args.store, args.shard_dir, devices=args.devices, kill_at_row=args.kill_at_row,
+                rows_log=args.rows_log)
 
 
 if __name__ == "__main__":
