@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 
 def tiny_models(out_dir: Path, seed: int = 0) -> None:
@@ -19,9 +20,33 @@ def tiny_models(out_dir: Path, seed: int = 0) -> None:
         print(f"{name}: {path}")
 
 
-def shards() -> None:
-    """Convert GenImage, DRCT-2M or plain image folders into WebDataset shards plus a manifest."""
-    raise SystemExit("python -m cli shards: not implemented yet (image shards issue)")
+def shards(*, layout: Literal["genimage", "drct", "folder"], root: Path, split: Literal["train", "val"], out: Path,
+           shard_size: int = 1000, generators: str | None = None, workers: int | None = None,
+           overwrite: bool = False) -> None:
+    """Convert GenImage, DRCT-2M or plain image folders into WebDataset shards plus a manifest.
+
+    Keyword-only parameters so that jsonargparse makes them named options (--layout, --root, ...).
+
+    Args:
+        layout: genimage = ROOT/<generator>/{train,val}/{ai,nature}; drct = ROOT/MSCOCO/<split>2017 (real)
+            and ROOT/DRCT-2M/<generator>/<split>2017 (fake); folder = ROOT/real and ROOT/fake, or unlabelled.
+        root: dataset root directory.
+        split: which split to convert (recorded only for the folder layout).
+        out: output directory for shard-NNNNNN.tar, manifest.csv, rejected.csv, shards.json.
+        shard_size: samples per tar (every tar but the last is full; one tar = one Zarr chunk later).
+        generators: comma-separated generator folder names to keep (DRCT: add MSCOCO to keep the reals).
+        workers: decoding processes (default: all CPU cores; 1 = no pool).
+        overwrite: replace shards already in OUT.
+    """
+    from datamodules.shards import ShardsInputError, convert
+
+    names = [g.strip() for g in generators.split(",") if g.strip()] if generators else None
+    try:
+        summary = convert(layout, root, split, out, shard_size, names, workers, overwrite)
+    except ShardsInputError as error:
+        raise SystemExit(f"python -m cli shards: {error}") from None
+    print(f"{summary.num_samples} images in {summary.num_shards} shards, {summary.num_rejected} rejected "
+          f"(see rejected.csv), generators {','.join(summary.generators)}: {summary.out}")
 
 
 def demo() -> None:
