@@ -102,6 +102,7 @@ class DetectorBase(pl.LightningModule):
             raise ValueError(f"CLIP at {clip} has layer3 channels {channels} and pooled dim {visual.output_dim}, "
                              f"but the model is set to visual_channels={self.visual_channels}, "
                              f"pooled_dim={self.pooled_dim}: set them to match")
+        visual.train()  # the loader hands it out in eval mode; Lightning keeps submodule modes as found
         if not self.uses_pooled:  # this detector never reads layer4/attnpool: keep no untrained weights
             visual.layer4 = None
             visual.attnpool = None
