@@ -1,0 +1,293 @@
+"""Phase 2 data: rows of one or more feature stores (and, for fine-tuning, their images) as batches.
+
+Batch (docs/contracts.md): one float32 tensor per requested feature, `label` int64, `generator` int64
+(codes into `generator_names`, the union over all stores), `row` int64 (row in its store), and
+`image` (B, 3, R, R) in [-1, 1] when `images=True`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.image_io import decode_rgb
+from feature_cache.paired_augment import apply_flip_crop, sample_flip_crop
+from feature_cache.store import FeatureStore
+
+_RAM_SHARE = 0.5  # in_memory loads only if the selected rows take at most this share of available RAM
+
+
+@dataclass
+class _Rows:
+    """The selected rows of one store, sorted, with their labels, remapped generator codes and keys."""
+
+    store: int
+    rows: np.ndarray
+    labels: np.ndarray
+    generators: np.ndarray
+    keys: np.ndarray
+
+    def subset(self, mask: np.ndarray) -> _Rows:
+        return _Rows(self.store, self.rows[mask], self.labels[mask], self.generators[mask], self.keys[mask])
+
+
+def contiguous_runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted rows as [start, stop) runs: one zarr call per run instead of one per row."""
+    if len(rows) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    return [(int(run[0]), int(run[-1]) + 1) for run in np.split(rows, breaks)]
+
+
+class _ShardImages:
+    """Random access to the images inside a store's WebDataset tars (member offsets indexed once per tar)."""
+
+    def __init__(self, shard_dir: Path, shard_table: list[dict[str, Any]], resolution: int) -> None:
+        self.shard_dir, self.table, self.resolution = shard_dir, shard_table, resolution
+        self._firsts = [int(s["first_row"]) for s in shard_table]
+        self._index: dict[int, dict[str, tuple[int, int]]] = {}
+
+    def _members(self, shard: int) -> dict[str, tuple[int, int]]:
+        if shard not in self._index:
+            path = self.shard_dir / self.table[shard]["name"]
+            with tarfile.open(path) as tar:
+                self._index[shard] = {m.name.rsplit(".", 1)[0]: (m.offset_data, m.size) for m in tar.getmembers()
+                                      if m.isfile() and not m.name.endswith((".json", ".cls", ".txt"))}
+        return self._index[shard]
+
+    def read(self, row: int, key: str) -> torch.Tensor:
+        """(3, R, R) float32 in [-1, 1]: the row's image decoded and resized as in phase 1."""
+        shard = bisect.bisect_right(self._firsts, row) - 1
+        members = self._members(shard)
+        if key not in members:
+            raise KeyError(f"shard {self.shard_dir / self.table[shard]['name']}: no image for key {key!r} (row {row})")
+        offset, size = members[key]
+        with (self.shard_dir / self.table[shard]["name"]).open("rb") as f:
+            f.seek(offset)
+            rgb = decode_rgb(f.read(size))[1].resize((self.resolution, self.resolution), Image.BICUBIC)
+        return torch.from_numpy(np.asarray(rgb, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+
+class FeatureRows(Dataset):
+    """Rows of several stores; `__getitems__` reads a whole batch, sorted, so lazy reads are run-wise."""
+
+    def __init__(self, paths: list[str], parts: list[_Rows], features: list[str], in_memory: bool,
+                 images: bool, augment: bool, crop_scale: tuple[float, float]) -> None:
+        self.paths, self.parts, self.features = paths, parts, features
+        self.images, self.augment, self.crop_scale = images, augment, crop_scale
+        self.part_of = np.concatenate([np.full(len(p.rows), k) for k, p in enumerate(parts)] or [np.zeros(0, int)])
+        self.position = np.concatenate([np.arange(len(p.rows)) for p in parts] or [np.zeros(0, int)])
+        self._opened: tuple[int, list[FeatureStore], list[_ShardImages | None]] | None = None
+        self.memory = [self._load(p) for p in parts] if in_memory else None
+
+    def __len__(self) -> int:
+        return len(self.part_of)
+
+    def _stores(self) -> tuple[list[FeatureStore], list[_ShardImages | None]]:
+        """Stores opened in this process (the zarr sync API's event loop must not cross a fork)."""
+        if self._opened is None or self._opened[0] != os.getpid():
+            stores = [FeatureStore.open(path) for path in self.paths]
+            images = [_ShardImages(Path(s.provenance["shards"]), s.shard_table, int(s.provenance["resolution"]))
+                      if self.images else None for s in stores]
+            self._opened = (os.getpid(), stores, images)
+        return self._opened[1], self._opened[2]
+
+    def _load(self, part: _Rows) -> dict[str, np.ndarray]:
+        """The part's rows of every feature, read tar by tar (whole Zarr shards) and kept in storage dtype."""
+        store = self._stores()[0][part.store]
+        out = {}
+        for name in self.features:
+            array, blocks = store.array(name), []
+            for start, stop in (store.shard_rows(k) for k in range(len(store.shard_table))):
+                lo, hi = np.searchsorted(part.rows, [start, stop])
+                if hi > lo:
+                    blocks.append(array[start:stop][part.rows[lo:hi] - start])
+            out[name] = np.concatenate(blocks) if blocks else np.zeros((0, *array.shape[1:]), array.dtype)
+        return out
+
+    def _read(self, k: int, positions: np.ndarray) -> dict[str, np.ndarray]:
+        """Feature values of part k at sorted positions: from RAM, or by contiguous row runs from disk."""
+        if self.memory is not None:
+            return {name: self.memory[k][name][positions] for name in self.features}
+        store, rows = self._stores()[0][self.parts[k].store], self.parts[k].rows[positions]
+        runs = contiguous_runs(rows)
+        return {name: np.concatenate([store.array(name)[a:b] for a, b in runs]) for name in self.features}
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        indices = np.asarray(indices)
+        order = np.lexsort((self.position[indices], self.part_of[indices]))  # sorted by (part, row)
+        chunks: dict[str, list[np.ndarray]] = {name: [] for name in self.features}
+        labels, generators, rows, where = [], [], [], []
+        for k in np.unique(self.part_of[indices]):
+            positions = self.position[indices[order]][self.part_of[indices[order]] == k]
+            for name, values in self._read(int(k), positions).items():
+                chunks[name].append(values)
+            part = self.parts[k]
+            labels.append(part.labels[positions])
+            generators.append(part.generators[positions])
+            rows.append(part.rows[positions])
+            where += [(int(k), int(p)) for p in positions]
+        restore = np.argsort(order)  # back to the sampler's order
+        batch = {name: torch.from_numpy(np.concatenate(v)[restore]).float() for name, v in chunks.items()}
+        batch["label"] = torch.from_numpy(np.concatenate(labels)[restore].astype(np.int64))
+        batch["generator"] = torch.from_numpy(np.concatenate(generators)[restore].astype(np.int64))
+        batch["row"] = torch.from_numpy(np.concatenate(rows)[restore].astype(np.int64))
+        if self.images:
+            self._add_images(batch, [where[i] for i in restore])
+        return batch
+
+    def _add_images(self, batch: dict[str, torch.Tensor], where: list[tuple[int, int]]) -> None:
+        """Decode each row's image; in training, crop/flip it and every spatial map with one shared box."""
+        readers = self._stores()[1]
+        images = []
+        for i, (k, position) in enumerate(where):
+            part = self.parts[k]
+            reader = readers[part.store]
+            assert reader is not None
+            image = reader.read(int(part.rows[position]), str(part.keys[position]))
+            if self.augment:
+                box = sample_flip_crop(self.crop_scale)
+                image = apply_flip_crop(image, box)
+                for name in self.features:
+                    if batch[name].ndim == 4:
+                        batch[name][i] = apply_flip_crop(batch[name][i], box)
+            images.append(image)
+        batch["image"] = torch.stack(images)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([index]).items()}
+
+
+def _passthrough(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`__getitems__` already returns a collated batch."""
+    return batch
+
+
+class FeatureCacheDataModule(pl.LightningDataModule):
+    """Train/val/test rows from feature stores; RAM-resident when they fit, else sorted lazy reads.
+
+    Rows whose phase-1 `error` is set are dropped (and counted). `generators` keeps only rows of those
+    generator names (in every split). With `val_fraction` and no `val` stores, a seeded permutation of
+    the train rows gives the validation split. `images=True` pairs each row with its image from the
+    store's shard directory (`provenance["shards"]`) and, for training, applies one random flip +
+    resized crop (`crop_scale` = area fraction range) identically to the image and every spatial map.
+    """
+
+    def __init__(self, features: list[str], train: list[str] = [], val: list[str] = [],  # noqa: B006
+                 test: list[str] = [], generators: list[str] | None = None, batch_size: int = 48,  # noqa: B006
+                 num_workers: int = 2, in_memory: bool = True, images: bool = False, val_fraction: float = 0.0,
+                 seed: int = 0, crop_scale: tuple[float, float] = (0.5, 1.0)) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if not features:
+            raise ValueError("FeatureCacheDataModule: features must name at least one array (e.g. ['deu'])")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"FeatureCacheDataModule: val_fraction must be in [0, 1), got {val_fraction}")
+        self.features = list(features)
+        self.stores = {"train": list(train), "val": list(val), "test": list(test)}
+        self.generator_names: list[str] = []
+        self.datasets: dict[str, FeatureRows] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        paths = [p for split in ("train", "val", "test") for p in self.stores[split]]
+        opened = {path: FeatureStore.open(path) for path in dict.fromkeys(paths)}
+        self.generator_names = sorted({name for store in opened.values() for name in store.generator_names})
+        self._check(opened)
+        splits = {split: [self._rows(opened[p], index) for index, p in enumerate(self.stores[split])]
+                  for split in ("train", "val", "test")}
+        if not self.stores["val"] and self.hparams.val_fraction > 0:
+            splits["train"], splits["val"] = self._split(splits["train"])
+            self.stores["val"] = self.stores["train"]
+        for split, parts in splits.items():
+            if self.stores[split]:
+                self.datasets[split] = self._dataset(split, parts)
+
+    def _check(self, opened: dict[str, FeatureStore]) -> None:
+        """Every store has every requested feature with one shape, every tar done, and known filter names."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for path, store in opened.items():
+            missing = [f for f in self.features if f not in store.feature_shapes]
+            if missing:
+                raise ValueError(f"feature store {path}: no feature {missing} (it has {store.feature_names})")
+            for name in self.features:
+                if shapes.setdefault(name, store.feature_shapes[name]) != store.feature_shapes[name]:
+                    raise ValueError(f"feature store {path}: {name} has shape {store.feature_shapes[name]}, other "
+                                     f"stores {shapes[name]}")
+            todo = len(store.shard_table) - len(store.done_shards())
+            if todo:
+                raise ValueError(f"feature store {path}: {todo} of {len(store.shard_table)} tars not computed yet "
+                                 "(finish it with `python -m cli precompute`)")
+        unknown = sorted(set(self.hparams.generators or []) - set(self.generator_names))
+        if unknown:
+            raise ValueError(f"FeatureCacheDataModule: generators {unknown} are in no store "
+                             f"(known: {self.generator_names})")
+
+    def _rows(self, store: FeatureStore, index: int) -> _Rows:
+        """The store's usable rows: no phase-1 error, generator in the filter; codes remapped to the union."""
+        remap = np.array([self.generator_names.index(n) for n in store.generator_names], dtype=np.int64)
+        codes = remap[store.generators()]
+        keep = np.array([not e for e in store.errors()], dtype=bool)
+        failed = int((~keep).sum())
+        if failed:
+            rank_zero_info(f"feature store {store.path}: skipping {failed} rows whose images failed in phase 1")
+        if self.hparams.generators is not None:
+            wanted = [self.generator_names.index(n) for n in self.hparams.generators]
+            keep &= np.isin(codes, wanted)
+        rows = np.flatnonzero(keep)
+        return _Rows(index, rows, store.labels()[rows].astype(np.int64), codes[rows], store.array("key")[:][rows])
+
+    def _split(self, parts: list[_Rows]) -> tuple[list[_Rows], list[_Rows]]:
+        """Seeded split of the train rows into (train, val) parts."""
+        total = sum(len(p.rows) for p in parts)
+        is_val = np.zeros(total, dtype=bool)
+        is_val[np.random.default_rng(self.hparams.seed).permutation(total)[:round(total * self.hparams.val_fraction)]] = True
+        bounds = np.cumsum([0] + [len(p.rows) for p in parts])
+        masks = [is_val[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        return [p.subset(~m) for p, m in zip(parts, masks)], [p.subset(m) for p, m in zip(parts, masks)]
+
+    def _dataset(self, split: str, parts: list[_Rows]) -> FeatureRows:
+        in_memory = self.hparams.in_memory
+        if in_memory:
+            needed = sum(len(p.rows) for p in parts) * self._row_bytes(self.stores[split][0])
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            if needed > _RAM_SHARE * available:
+                rank_zero_info(f"FeatureCacheDataModule: {split} needs {needed / 2**30:.1f} GiB, more than "
+                               f"{_RAM_SHARE:.0%} of the {available / 2**30:.1f} GiB free; reading from disk instead")
+                in_memory = False
+        return FeatureRows(self.stores[split], parts, self.features, in_memory, self.hparams.images,
+                           augment=split == "train", crop_scale=self.hparams.crop_scale)
+
+    def _row_bytes(self, path: str) -> int:
+        store = FeatureStore.open(path)
+        itemsize = np.dtype(store.feature_dtype).itemsize
+        return sum(math.prod(store.feature_shapes[name]) * itemsize for name in self.features)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader | list:
+        if split not in self.datasets:
+            return []
+        workers = self.hparams.num_workers
+        return DataLoader(self.datasets[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
+                          num_workers=workers, persistent_workers=workers > 0, collate_fn=_passthrough)
+
+    def train_dataloader(self) -> DataLoader | list:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,160 @@
+"""FeatureCacheDataModule: batch contract, multi-store generator codes, filters, splits, images + paired crops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.feature_cache import FeatureCacheDataModule, contiguous_runs
+from feature_cache.paired_augment import FlipCrop, apply_flip_crop, sample_flip_crop
+from feature_cache.store import FeatureStore
+from feature_cache_fakes import make_shard_dir, marker_image
+
+SHAPES = {"deu": (4, 4, 4), "clip_pooled": (6,)}
+
+
+def make_store(path: Path, offset: float, names: list[str], num_rows: int = 10, shard_size: int = 4,
+               error_rows: tuple[int, ...] = (), done: bool = True) -> FeatureStore:
+    """A store whose features are exact functions of (offset, row); generator code = row % len(names)."""
+    table = [{"name": f"shard-{k:06d}.tar", "first_row": k * shard_size,
+              "num_samples": min(shard_size, num_rows - k * shard_size)} for k in range(-(-num_rows // shard_size))]
+    store = FeatureStore.create(path, shards=table, keys=[f"k{r}" for r in range(num_rows)],
+                                labels=[r % 2 for r in range(num_rows)], generators=[r % len(names) for r in range(num_rows)],
+                                generator_names=names, feature_shapes=SHAPES, feature_dtype="float16",
+                                provenance={"resolution": 32, "shards": str(path.parent / "no_shards")})
+    for k, entry in enumerate(table if done else table[:-1]):
+        rows = np.arange(entry["first_row"], entry["first_row"] + entry["num_samples"])
+        values = {name: np.broadcast_to((offset + rows).reshape(-1, *[1] * len(shape)), (len(rows), *shape))
+                  for name, shape in SHAPES.items()}
+        store.write_shard(k, values, ["bad file" if r in error_rows else "" for r in rows])
+    return store
+
+
+@pytest.fixture
+def stores(tmp_path: Path) -> tuple[str, str]:
+    a = make_store(tmp_path / "a", 0.0, ["adm", "sdv4"], error_rows=(3,))
+    b = make_store(tmp_path / "b", 100.0, ["glide", "sdv4"], num_rows=7)
+    return str(a.path), str(b.path)
+
+
+def all_batches(loader: torch.utils.data.DataLoader) -> dict[str, torch.Tensor]:
+    batches = list(loader)
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+@pytest.mark.parametrize(("in_memory", "num_workers"), [(True, 0), (False, 0), (False, 1)])
+def test_batches_follow_the_contract_across_two_stores(stores: tuple[str, str], in_memory: bool,
+                                                       num_workers: int) -> None:
+    dm = FeatureCacheDataModule(features=["deu", "clip_pooled"], train=list(stores), batch_size=4,
+                                num_workers=num_workers, in_memory=in_memory)
+    dm.setup("fit")
+    assert dm.generator_names == ["adm", "glide", "sdv4"]
+    first = next(iter(dm.train_dataloader()))
+    assert first["deu"].dtype == torch.float32 and first["deu"].shape == (4, 4, 4, 4)
+    assert first["clip_pooled"].shape == (4, 6)
+    assert {first[k].dtype for k in ("label", "generator", "row")} == {torch.int64}
+    data = all_batches(dm.train_dataloader())
+    assert len(data["row"]) == 9 + 7  # store a's row 3 failed in phase 1
+    from_b = data["deu"][:, 0, 0, 0] >= 100
+    rows_a, rows_b = data["row"][~from_b], data["row"][from_b]
+    assert sorted(rows_a.tolist()) == [0, 1, 2, 4, 5, 6, 7, 8, 9] and sorted(rows_b.tolist()) == list(range(7))
+    torch.testing.assert_close(data["clip_pooled"][:, 3], data["row"].float() + 100 * from_b)
+    assert torch.equal(data["label"], data["row"] % 2)
+    expected_generator = torch.where(from_b, torch.tensor([1, 2])[data["row"] % 2], torch.tensor([0, 2])[data["row"] % 2])
+    assert torch.equal(data["generator"], expected_generator)
+
+
+def test_generator_filter_and_seeded_val_split(stores: tuple[str, str]) -> None:
+    dm = FeatureCacheDataModule(features=["deu"], train=list(stores), generators=["sdv4"], batch_size=3,
+                                num_workers=0, val_fraction=0.25, seed=7)
+    dm.setup("fit")
+    train, val = all_batches(dm.train_dataloader()), all_batches(dm.val_dataloader())
+    assert set(train["generator"].tolist()) == set(val["generator"].tolist()) == {2}
+    identities = lambda d: {(float(v), int(r)) for v, r in zip(d["deu"][:, 0, 0, 0], d["row"])}  # noqa: E731
+    assert len(identities(val)) == 2 and not identities(train) & identities(val)
+    assert identities(train) | identities(val) == {(o + r, r) for o, rows in ((0, [1, 5, 7, 9]), (100, [1, 3, 5]))
+                                                   for r in rows}
+    again = FeatureCacheDataModule(features=["deu"], train=list(stores), generators=["sdv4"], num_workers=0,
+                                   val_fraction=0.25, seed=7)
+    again.setup("fit")
+    assert identities(all_batches(again.val_dataloader())) == identities(val)
+
+
+def test_clear_errors_for_bad_requests(tmp_path: Path, stores: tuple[str, str]) -> None:
+    with pytest.raises(ValueError, match=r"feature store .*a: no feature \['clip_layer3'\]"):
+        FeatureCacheDataModule(features=["clip_layer3"], train=[stores[0]]).setup("fit")
+    with pytest.raises(ValueError, match=r"generators \['midjourney'\] are in no store"):
+        FeatureCacheDataModule(features=["deu"], train=[stores[0]], generators=["midjourney"]).setup("fit")
+    unfinished = make_store(tmp_path / "c", 0.0, ["adm"], done=False)
+    with pytest.raises(ValueError, match="1 of 3 tars not computed yet"):
+        FeatureCacheDataModule(features=["deu"], test=[str(unfinished.path)]).setup("test")
+
+
+def test_contiguous_runs() -> None:
+    assert contiguous_runs(np.array([2, 3, 4, 9, 11, 12])) == [(2, 5), (9, 10), (11, 13)]
+    assert contiguous_runs(np.array([], dtype=np.int64)) == []
+
+
+def centroid(x: torch.Tensor) -> torch.Tensor:
+    """(y, x) centre of mass of a (C, H, W) map in normalized [0, 1] coordinates (pixel centres)."""
+    mass = x.float().sum(0)
+    h, w = mass.shape
+    ys, xs = (torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w
+    total = mass.sum()
+    return torch.stack([(mass.sum(1) * ys).sum() / total, (mass.sum(0) * xs).sum() / total])
+
+
+def test_paired_flip_crop_keeps_image_and_map_aligned() -> None:
+    image, fine_map = torch.zeros(3, 64, 64), torch.zeros(4, 16, 16)
+    image[:, 16:24, 8:20] = 1.0  # the same normalized region [0.25, 0.375) x [0.125, 0.3125)
+    fine_map[:, 4:6, 2:5] = 1.0
+    flipped = apply_flip_crop(image, FlipCrop(0.0, 0.0, 1.0, 1.0, True))
+    torch.testing.assert_close(flipped, image.flip(-1), atol=1e-5, rtol=0)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        box = sample_flip_crop(scale=(0.6, 1.0), generator=generator)
+        left, right = box.left, box.left + box.width
+        if not (left < 0.15 and right > 0.3 and box.top < 0.25 and box.top + box.height > 0.4):
+            continue  # keep boxes that contain the marker
+        out_image, out_map = apply_flip_crop(image, box), apply_flip_crop(fine_map, box)
+        assert out_image.shape == image.shape and out_map.shape == fine_map.shape
+        torch.testing.assert_close(centroid(out_image), centroid(out_map), atol=0.02, rtol=0)
+        expected_x = (0.21875 - left) / box.width
+        assert abs(float(centroid(out_image)[1]) - (1 - expected_x if box.flip else expected_x)) < 0.02
+
+
+def test_images_are_paired_and_augmented_identically(tmp_path: Path) -> None:
+    shard_dir = make_shard_dir(tmp_path / "shards", num_rows=10, shard_size=4, images=True, image_size=32)
+    table = [{"name": f"shard-{k:06d}.tar", "first_row": 4 * k, "num_samples": min(4, 10 - 4 * k)} for k in range(3)]
+    store = FeatureStore.create(tmp_path / "store", shards=table, keys=[f"img{r:05d}" for r in range(10)],
+                                labels=[0] * 10, generators=[0] * 10, generator_names=["nature"],
+                                feature_shapes={"lare": (1, 16, 16)}, feature_dtype="float32",
+                                provenance={"resolution": 32, "shards": str(shard_dir)})
+    for k, entry in enumerate(table):
+        rows = range(entry["first_row"], entry["first_row"] + entry["num_samples"])
+        maps = np.stack([marker_image(r, 32)[..., 0].reshape(16, 2, 16, 2).mean((1, 3))[None] / 255 for r in rows])
+        store.write_shard(k, {"lare": maps}, [""] * len(rows))
+    dm = FeatureCacheDataModule(features=["lare"], train=[str(store.path)], test=[str(store.path)], images=True,
+                                batch_size=5, num_workers=0, crop_scale=(0.7, 1.0))
+    dm.setup("fit")
+    test = all_batches(dm.test_dataloader())  # no augmentation: the decoded image itself
+    expected = torch.stack([torch.from_numpy(marker_image(r, 32)).permute(2, 0, 1).float() / 127.5 - 1
+                            for r in test["row"].tolist()])
+    torch.testing.assert_close(test["image"], expected)
+    torch.manual_seed(0)
+    train = all_batches(dm.train_dataloader())
+    assert train["image"].shape == (10, 3, 32, 32)
+    plain = torch.stack([torch.from_numpy(marker_image(r, 32)).permute(2, 0, 1).float() / 127.5 - 1
+                         for r in train["row"].tolist()])
+    assert (train["image"] - plain).abs().amax((1, 2, 3)).gt(0.1).sum() >= 5  # most rows were cropped/flipped
+    compared = 0
+    for image, lare in zip(train["image"], train["lare"]):
+        marker = (image[:1] + 1) / 2
+        if marker.sum() < 1 or lare.sum() < 0.1:
+            continue  # the crop left the marker out
+        compared += 1
+        torch.testing.assert_close(centroid(marker), centroid(lare), atol=0.04, rtol=0)
+    assert compared >= 5
