@@ -1,0 +1,128 @@
+"""Read-time image protocols: bytes → (3, R, R) float32 in [-1, 1], optionally removing format/size biases.
+
+GenImage's reals are ImageNet JPEGs of many sizes while its fakes are PNGs of one size per generator, so
+a detector can score well by spotting JPEG artefacts or resize statistics instead of generation traces
+(issue 10). The protocols take those shortcuts away before the model sees the image:
+
+- `raw`: decode, RGB, plain resize to R×R (no crop, aspect ratio not kept), as the LaRE² code does
+  (torchvision `Resize` on PIL images = PIL bilinear with antialiasing).
+- `jpeg_aligned`: re-encode every image, real and fake, with PIL's JPEG encoder, at a fixed quality or
+  at a quality drawn per image from the real images' estimated JPEG qualities; then as `raw`.
+- `size_aligned`: centre-crop every image to a square of its shorter side, then resize, so the resize
+  never stretches one class more than the other. With `size_filter`, real images whose shorter side lies
+  outside the range of the fake images' shorter sides (same generator folder; all fakes if it has none)
+  are excluded: they come out as zeros with an `error` saying so, so the row accounting stays intact.
+- `jpeg_size_aligned`: JPEG first (as if the dataset had been saved that way), then the size alignment.
+
+Every random choice is seeded by (seed, image key), so an image looks the same on every rank, worker and
+rerun.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from datamodules.image_io import decode_rgb, jpeg_reencode
+
+Protocol = Literal["raw", "jpeg_aligned", "size_aligned", "jpeg_size_aligned"]
+JPEG_PROTOCOLS = ("jpeg_aligned", "jpeg_size_aligned")
+SIZE_PROTOCOLS = ("size_aligned", "jpeg_size_aligned")
+RESIZE = "PIL bilinear, antialiased (as torchvision Resize on PIL images in the LaRE² code)"
+
+
+class ExcludedByProtocol(Exception):
+    """An image the protocol deliberately leaves out (reported in `error`, never silently dropped)."""
+
+
+def key_seed(seed: int, key: str) -> int:
+    """A 64-bit seed from (seed, key) that is the same in every process (unlike Python's salted `hash`)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little")
+
+
+def center_square(image: Image.Image) -> Image.Image:
+    """The centred square of side min(width, height)."""
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) float32 in [-1, 1] from an 8-bit RGB image."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+
+@dataclass(frozen=True)
+class ImagePreprocessor:
+    """One image's bytes to the model's input under a protocol; picklable for DataLoader workers."""
+
+    resolution: int
+    protocol: Protocol = "raw"
+    jpeg_quality: int | None = None
+    real_jpeg_qualities: tuple[int, ...] = ()
+    seed: int = 0
+    # generator → (min, max) shorter side of its fake images; "" holds the range over all fakes.
+    fake_side_ranges: tuple[tuple[str, int, int], ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.protocol in JPEG_PROTOCOLS and self.jpeg_quality is None and not self.real_jpeg_qualities:
+            raise ValueError(f"protocol {self.protocol}: no jpeg_quality given and no real JPEG image to draw "
+                             "qualities from; set jpeg_quality")
+        if self.jpeg_quality is not None and not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality {self.jpeg_quality}: must be within 1..100")
+
+    def quality_for(self, key: str) -> int:
+        """The fixed quality, or one drawn (seeded by key) from the real images' quality distribution."""
+        if self.jpeg_quality is not None:
+            return self.jpeg_quality
+        return random.Random(key_seed(self.seed, key)).choice(self.real_jpeg_qualities)
+
+    def _check_size(self, image: Image.Image, label: int, generator: str) -> None:
+        if self.fake_side_ranges is None or label != 0:
+            return
+        ranges = {name: (low, high) for name, low, high in self.fake_side_ranges}
+        low, high = ranges.get(generator, ranges[""])
+        side = min(image.size)
+        if not low <= side <= high:
+            raise ExcludedByProtocol(f"excluded by size_filter: real image's shorter side {side} is outside "
+                                     f"the fake images' range [{low}, {high}]")
+
+    def __call__(self, data: bytes, key: str, label: int, generator: str) -> torch.Tensor:
+        """(3, R, R) float32 in [-1, 1]; raises on undecodable data or a protocol exclusion."""
+        image = decode_rgb(data)[1]
+        if self.protocol in JPEG_PROTOCOLS:
+            image = jpeg_reencode(image, self.quality_for(key))
+        if self.protocol in SIZE_PROTOCOLS:
+            self._check_size(image, label, generator)
+            image = center_square(image)
+        return to_tensor(image.resize((self.resolution, self.resolution), Image.BILINEAR))
+
+    def provenance(self) -> dict:
+        """Everything that changes the pixels, for the feature store's attrs (stores of different settings never mix)."""
+        jpeg = self.protocol in JPEG_PROTOCOLS
+        return {"resolution": self.resolution, "protocol": self.protocol, "resize": RESIZE,
+                "jpeg_quality": self.jpeg_quality if jpeg and self.jpeg_quality is not None else None,
+                "jpeg_quality_source": ("fixed" if self.jpeg_quality is not None else "real-image distribution")
+                if jpeg else None,
+                "protocol_seed": self.seed if jpeg and self.jpeg_quality is None else None,
+                "size_filter": self.fake_side_ranges is not None}
+
+
+def fake_side_ranges(labels: Sequence[int], generators: Sequence[str], widths: Sequence[int],
+                     heights: Sequence[int]) -> tuple[tuple[str, int, int], ...]:
+    """(generator, min, max) of the fake images' shorter sides per generator, plus ("", min, max) over all."""
+    sides: dict[str, list[int]] = {}
+    for label, generator, width, height in zip(labels, generators, widths, heights):
+        if label == 1:
+            sides.setdefault(generator, []).append(min(width, height))
+            sides.setdefault("", []).append(min(width, height))
+    if not sides:
+        raise ValueError("size_filter needs fake images (label 1) in the manifest to take their size range from")
+    return tuple((name, min(values), max(values)) for name, values in sorted(sides.items()))

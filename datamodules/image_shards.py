@@ -1,0 +1,174 @@
+"""ImageShardDataModule: the shards of `python -m cli shards` as batches, each image exactly once across ranks × workers.
+
+Exactly once (NOTES.md): every rank computes the same to-do list (shards.json minus excluded shards),
+takes its part (balanced by sample count), and reads it with `WebDataset(nodesplitter=None)` plus the
+per-worker split; a tar goes to one worker of one rank. No sampler, no padding, no repeats; ranks or
+workers with no shard simply yield nothing. Batch format: docs/contracts.md.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset
+
+from datamodules.image_io import describe_error
+from datamodules.image_protocols import JPEG_PROTOCOLS, SIZE_PROTOCOLS, ImagePreprocessor, Protocol, \
+    fake_side_ranges
+from datamodules.shards import read_manifest, read_shard_index
+
+
+def balance(shards: list[dict[str, Any]], parts: int) -> list[list[dict[str, Any]]]:
+    """Split shards into `parts` lists of nearly equal sample counts (largest first to the lightest part).
+
+    Deterministic, so every rank computes the same split without talking to the others.
+    """
+    order = sorted(range(len(shards)), key=lambda i: (-int(shards[i]["num_samples"]), i))
+    loads, assigned = [0] * parts, [[] for _ in range(parts)]
+    for i in order:
+        part = min(range(parts), key=lambda p: (loads[p], p))
+        loads[part] += int(shards[i]["num_samples"])
+        assigned[part].append(i)
+    return [[shards[i] for i in sorted(indices)] for indices in assigned]
+
+
+@dataclass(frozen=True)
+class SampleDecoder:
+    """WebDataset sample (tar members) → one batch row; a failing image gives zeros and its reason."""
+
+    preprocess: ImagePreprocessor
+    generator_codes: dict[str, int]
+    shard_indices: dict[str, int]  # tar file name → index in shards.json
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        meta = json.loads(sample["json"])
+        image_members = [name for name in sample if not name.startswith("__") and name != "json"]
+        error = ""
+        try:
+            if len(image_members) != 1:
+                raise ValueError(f"expected one image member, found {sorted(image_members)}")
+            image = self.preprocess(sample[image_members[0]], sample["__key__"], int(meta["label"]),
+                                    meta["generator"])
+        except Exception as failure:  # noqa: BLE001  recorded per image in `error`; one bad file never stops a worker
+            image = torch.zeros(3, self.preprocess.resolution, self.preprocess.resolution)
+            error = describe_error(failure)
+        return {"image": image, "key": sample["__key__"], "row": int(meta["row"]), "label": int(meta["label"]),
+                "generator": self.generator_codes[meta["generator"]],
+                "shard_index": self.shard_indices[Path(sample["__url__"]).name], "error": error}
+
+
+def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack images and integer fields; keep keys and errors as lists of str."""
+    batch: dict[str, Any] = {"image": torch.stack([s["image"] for s in samples])}
+    for name in ("row", "label", "generator", "shard_index"):
+        batch[name] = torch.tensor([s[name] for s in samples], dtype=torch.int64)
+    batch["key"] = [s["key"] for s in samples]
+    batch["error"] = [s["error"] for s in samples]
+    return batch
+
+
+class NoShards(IterableDataset):
+    """What a rank with no shard reads (WebDataset refuses an empty URL list)."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(())
+
+
+class ImageShardDataModule(pl.LightningDataModule):
+    """Images of one shard directory for predict (phase 1, laplace-fit), under a read-time protocol.
+
+    Args:
+        shards: output directory of `python -m cli shards` (holds shards.json and the tars).
+        resolution: images are resized to resolution × resolution (256 as LaRE²; 512 allowed).
+        batch_size: images per batch (per rank).
+        num_workers: DataLoader processes per rank; each reads whole tars.
+        protocol: raw | jpeg_aligned | size_aligned | jpeg_size_aligned (see datamodules/image_protocols.py).
+        jpeg_quality: fixed re-encoding quality for the jpeg protocols; None draws one per image from the
+            real images' estimated qualities in the manifest.
+        seed: seed of the per-image quality draw (combined with each image's key).
+        size_filter: under the size protocols, exclude real images outside the fakes' size range
+            (they come out as zero images with an `error`).
+    """
+
+    def __init__(self, shards: str, resolution: int = 256, batch_size: int = 16, num_workers: int = 2,
+                 protocol: Protocol = "raw", jpeg_quality: int | None = None, seed: int = 0,
+                 size_filter: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.shard_dir = Path(shards)
+        self._index = read_shard_index(self.shard_dir)
+        self._excluded: set[str] = set()
+        self._preprocess: ImagePreprocessor | None = None
+        if size_filter and protocol not in SIZE_PROTOCOLS:
+            raise ValueError(f"size_filter applies to the size protocols only, not protocol {protocol}")
+
+    @property
+    def generator_names(self) -> list[str]:
+        """Names of the generator codes in batches (index = code)."""
+        return list(self._index["generators"])
+
+    def shard_table(self) -> list[dict[str, Any]]:
+        """The `shards` entries of shards.json: name, first_row, num_samples."""
+        return [dict(entry) for entry in self._index["shards"]]
+
+    def exclude_shards(self, names: Iterable[str]) -> None:
+        """Skip these tars (already done in a resumed run); call before `predict_dataloader()`."""
+        names = set(names)
+        unknown = sorted(names - {entry["name"] for entry in self._index["shards"]})
+        if unknown:
+            raise ValueError(f"exclude_shards: {unknown} are not shards of {self.shard_dir}")
+        self._excluded = names
+
+    @property
+    def preprocess(self) -> ImagePreprocessor:
+        """The protocol's image pipeline; reads the manifest only when the protocol needs its statistics."""
+        if self._preprocess is None:
+            hp = self.hparams
+            qualities: tuple[int, ...] = ()
+            ranges = None
+            if (hp.protocol in JPEG_PROTOCOLS and hp.jpeg_quality is None) or hp.size_filter:
+                manifest = read_manifest(self.shard_dir)
+                qualities = tuple(r["jpeg_quality"] for r in manifest if r["label"] == 0 and r["jpeg_quality"])
+                if hp.size_filter:
+                    ranges = fake_side_ranges([r["label"] for r in manifest], [r["generator"] for r in manifest],
+                                              [r["width"] for r in manifest], [r["height"] for r in manifest])
+            self._preprocess = ImagePreprocessor(hp.resolution, hp.protocol, hp.jpeg_quality, qualities, hp.seed,
+                                                 ranges)
+        return self._preprocess
+
+    def provenance(self) -> dict[str, Any]:
+        """Shard directory and every read-time setting that changes pixels (goes into the feature store)."""
+        return {"shards": str(self.shard_dir.resolve()), "layout": self._index["layout"],
+                "split": self._index["split"], **self.preprocess.provenance()}
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        """From the attached Trainer (never from env vars, which spawned workers may not see)."""
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def rank_shards(self, rank: int, world_size: int) -> list[dict[str, Any]]:
+        """This rank's tars: the same to-do list on every rank, balanced by sample count."""
+        todo = [entry for entry in self._index["shards"] if entry["name"] not in self._excluded]
+        return balance(todo, world_size)[rank]
+
+    def predict_dataloader(self) -> DataLoader:
+        """This rank's tars, split over workers by WebDataset; each image exactly once over all ranks × workers."""
+        mine = self.rank_shards(*self._rank_and_world())
+        if mine:
+            decoder = SampleDecoder(self.preprocess, {name: code for code, name in enumerate(self.generator_names)},
+                                    {entry["name"]: k for k, entry in enumerate(self._index["shards"])})
+            dataset = wds.WebDataset([str(self.shard_dir / entry["name"]) for entry in mine], nodesplitter=None,
+                                     workersplitter=wds.split_by_worker, shardshuffle=False,
+                                     empty_check=False).map(decoder)
+        else:
+            dataset = NoShards()
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers,
+                          collate_fn=collate_samples)
