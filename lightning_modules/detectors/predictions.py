@@ -19,10 +19,10 @@ FIELDS = ("p_fake", "label", "generator", "row")
 
 
 class PredictionLog(Metric):
-    """Collects (p_fake, label, generator, row) for every row; `compute` returns them, one entry per row.
+    """Collects (p_fake, label, generator, row) for every row; `compute` returns them in batch order.
 
-    Under DDP the distributed sampler may repeat rows to even out ranks; `compute` keeps the first
-    occurrence of each `row`, so the table has each image once.
+    Rows are not de-duplicated: `row` is a row within its store and a split may span several stores.
+    Under DDP the distributed sampler repeats at most world_size − 1 rows to even out the ranks.
     """
 
     full_state_update = False
@@ -39,15 +39,9 @@ class PredictionLog(Metric):
         self.row.append(row.detach().long())
 
     def compute(self) -> dict[str, torch.Tensor]:
-        if not self.row:
+        if isinstance(self.row, list) and not self.row:  # after a DDP sync the states are tensors
             return {name: torch.empty(0, device=self.device) for name in FIELDS}
-        table = {name: dim_zero_cat(getattr(self, name)) for name in FIELDS}
-        order = torch.argsort(table["row"], stable=True)
-        sorted_rows = table["row"][order]
-        first = torch.ones_like(sorted_rows, dtype=torch.bool)
-        first[1:] = sorted_rows[1:] != sorted_rows[:-1]
-        keep = order[first]
-        return {name: values[keep] for name, values in table.items()}
+        return {name: dim_zero_cat(getattr(self, name)) for name in FIELDS}
 
 
 def binary_metrics(p_fake: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
