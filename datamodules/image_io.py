@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 # Real photos (DRCT's MSCOCO, Midjourney upscales, user folders) can exceed PIL's default ~89 MP
 # decompression-bomb guard, which would reject them as if they were corrupt. One gigapixel keeps a
@@ -79,7 +79,11 @@ def decode_rgb(data: bytes) -> tuple[Image.Image, Image.Image]:
     """
     if not data:
         raise ValueError("empty file")
-    original = Image.open(io.BytesIO(data))
+    try:
+        original = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        # PIL's message names the BytesIO object's memory address, which would make rejected.csv irreproducible.
+        raise UnidentifiedImageError("cannot identify image file (not an image format PIL can read)") from None
     original.load()
     return original, to_rgb(original)
 
