@@ -105,9 +105,9 @@ class ImageShardDataModule(pl.LightningDataModule):
         self.shard_dir = Path(shards)
         self._index = read_shard_index(self.shard_dir)
         self._excluded: set[str] = set()
-        self._preprocess: ImagePreprocessor | None = None
         if size_filter and protocol not in SIZE_PROTOCOLS:
             raise ValueError(f"size_filter applies to the size protocols only, not protocol {protocol}")
+        self.preprocess = self._build_preprocess()
 
     @property
     def generator_names(self) -> list[str]:
@@ -126,22 +126,18 @@ class ImageShardDataModule(pl.LightningDataModule):
             raise ValueError(f"exclude_shards: {unknown} are not shards of {self.shard_dir}")
         self._excluded = names
 
-    @property
-    def preprocess(self) -> ImagePreprocessor:
+    def _build_preprocess(self) -> ImagePreprocessor:
         """The protocol's image pipeline; reads the manifest only when the protocol needs its statistics."""
-        if self._preprocess is None:
-            hp = self.hparams
-            qualities: tuple[int, ...] = ()
-            ranges = None
-            if (hp.protocol in JPEG_PROTOCOLS and hp.jpeg_quality is None) or hp.size_filter:
-                manifest = read_manifest(self.shard_dir)
-                qualities = tuple(r["jpeg_quality"] for r in manifest if r["label"] == 0 and r["jpeg_quality"])
-                if hp.size_filter:
-                    ranges = fake_side_ranges([r["label"] for r in manifest], [r["generator"] for r in manifest],
-                                              [r["width"] for r in manifest], [r["height"] for r in manifest])
-            self._preprocess = ImagePreprocessor(hp.resolution, hp.protocol, hp.jpeg_quality, qualities, hp.seed,
-                                                 ranges)
-        return self._preprocess
+        hp = self.hparams
+        qualities: tuple[int, ...] = ()
+        ranges = None
+        if (hp.protocol in JPEG_PROTOCOLS and hp.jpeg_quality is None) or hp.size_filter:
+            manifest = read_manifest(self.shard_dir)
+            qualities = tuple(r["jpeg_quality"] for r in manifest if r["label"] == 0 and r["jpeg_quality"])
+            if hp.size_filter:
+                ranges = fake_side_ranges([r["label"] for r in manifest], [r["generator"] for r in manifest],
+                                          [r["width"] for r in manifest], [r["height"] for r in manifest])
+        return ImagePreprocessor(hp.resolution, hp.protocol, hp.jpeg_quality, qualities, hp.seed, ranges)
 
     def provenance(self) -> dict[str, Any]:
         """Shard directory and every read-time setting that changes pixels (goes into the feature store)."""

@@ -1,0 +1,219 @@
+"""ImageShardDataModule on real shards: the batch contract, read-time failures, protocols, exactly-once under DDP."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.image_io import to_rgb
+from datamodules.image_protocols import center_square
+from datamodules.image_shards import ImageShardDataModule, balance
+from datamodules.shards import convert, read_manifest
+from image_trees import make_genimage, noise, save
+
+SHARD_SIZE = 4
+RESOLUTION = 24
+SCRIPT = Path(__file__).parent / "ddp_scripts" / "image_shards_predict.py"
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """GenImage train split (13 images of mixed formats and modes) in tars of 4, 4, 4, 1."""
+    base = tmp_path_factory.mktemp("image_shards")
+    make_genimage(base / "root")
+    convert("genimage", base / "root", "train", base / "shards", shard_size=SHARD_SIZE, workers=1)
+    return base / "shards"
+
+
+def collect(datamodule: ImageShardDataModule) -> tuple[list[dict], dict[str, dict]]:
+    """All batches, and every image's row of fields by key (asserting no key comes twice)."""
+    batches = list(datamodule.predict_dataloader())
+    by_key: dict[str, dict] = {}
+    for batch in batches:
+        for i, key in enumerate(batch["key"]):
+            assert key not in by_key, f"key {key} delivered twice"
+            by_key[key] = {name: batch[name][i] for name in batch}
+    return batches, by_key
+
+
+def expected_raw(path: Path, resolution: int = RESOLUTION) -> torch.Tensor:
+    with Image.open(path) as image:
+        rgb = to_rgb(image).resize((resolution, resolution), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(rgb, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+
+def test_batches_follow_the_contract(shard_dir: Path) -> None:
+    datamodule = ImageShardDataModule(str(shard_dir), resolution=RESOLUTION, batch_size=5, num_workers=2)
+    batches, by_key = collect(datamodule)
+    manifest = {r["key"]: r for r in read_manifest(shard_dir)}
+    assert sorted(by_key) == sorted(manifest)
+    for batch in batches:
+        size = len(batch["key"])
+        assert 1 <= size <= 5 and len(batch["error"]) == size
+        assert batch["image"].dtype == torch.float32 and batch["image"].shape == (size, 3, RESOLUTION, RESOLUTION)
+        assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+        for name in ("row", "label", "generator", "shard_index"):
+            assert batch[name].dtype == torch.int64 and batch[name].shape == (size,)
+    names = datamodule.generator_names
+    root = shard_dir.parent / "root"
+    for key, row in manifest.items():
+        got = by_key[key]
+        assert got["error"] == ""
+        assert (int(got["row"]), int(got["label"]), names[int(got["generator"])]) == \
+               (row["row"], row["label"], row["generator"])
+        assert datamodule.shard_table()[int(got["shard_index"])]["name"] == row["shard"]
+        torch.testing.assert_close(got["image"], expected_raw(root / row["path"]), rtol=0, atol=0)
+
+
+def test_metadata_methods(shard_dir: Path) -> None:
+    datamodule = ImageShardDataModule(str(shard_dir), resolution=RESOLUTION)
+    assert datamodule.generator_names == ["imagenet_ai_0419_sdv4", "imagenet_glide"]
+    assert [(s["first_row"], s["num_samples"]) for s in datamodule.shard_table()] == [(0, 4), (4, 4), (8, 4), (12, 1)]
+    provenance = datamodule.provenance()
+    assert provenance["shards"] == str(shard_dir.resolve()) and provenance["resolution"] == RESOLUTION
+    assert provenance["protocol"] == "raw" and provenance["jpeg_quality"] is None
+
+
+def rewrite_member(tar_path: Path, key: str, transform) -> None:
+    """Rewrite one tar with the image bytes of `key` replaced by transform(bytes)."""
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(tar_path, "w") as tar:
+        for member, data in members:
+            if member.name.startswith(key + ".") and not member.name.endswith(".json"):
+                data = transform(data)
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+
+
+def test_undecodable_image_gives_zeros_and_a_reason(shard_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "shards"
+    shutil.copytree(shard_dir, broken)
+    rewrite_member(broken / "shard-000001.tar", "000000005", lambda data: data[: len(data) // 2])
+    _, by_key = collect(ImageShardDataModule(str(broken), resolution=RESOLUTION, num_workers=2))
+    assert len(by_key) == 13
+    assert by_key["000000005"]["error"] == "OSError: image file is truncated"
+    assert torch.count_nonzero(by_key["000000005"]["image"]) == 0
+    assert all(v["error"] == "" for k, v in by_key.items() if k != "000000005")
+
+
+def test_exclude_shards(shard_dir: Path) -> None:
+    datamodule = ImageShardDataModule(str(shard_dir), resolution=RESOLUTION, num_workers=0)
+    datamodule.exclude_shards(["shard-000000.tar", "shard-000002.tar"])
+    _, by_key = collect(datamodule)
+    assert sorted(by_key) == [f"{row:09d}" for row in (4, 5, 6, 7, 12)]
+    with pytest.raises(ValueError, match="shard-000009.tar"):
+        datamodule.exclude_shards(["shard-000009.tar"])
+
+
+def test_rank_split_covers_every_shard_once_and_balances_samples() -> None:
+    shards = [{"name": f"s{k}", "num_samples": n} for k, n in enumerate((7, 7, 7, 7, 3))]
+    for world in range(1, 8):
+        parts = balance(shards, world)
+        names = [s["name"] for part in parts for s in part]
+        assert sorted(names) == sorted(s["name"] for s in shards) and len(parts) == world
+        loads = [sum(s["num_samples"] for s in part) for part in parts]
+        assert max(loads) - min(loads) <= 7
+    assert [[s["name"] for s in part] for part in balance(shards, 2)] == [["s0", "s2", "s4"], ["s1", "s3"]]
+
+
+def test_jpeg_aligned_reencodes_pngs_deterministically(shard_dir: Path) -> None:
+    manifest = {r["key"]: r for r in read_manifest(shard_dir)}
+    _, raw = collect(ImageShardDataModule(str(shard_dir), resolution=RESOLUTION, num_workers=0))
+    aligned = [collect(ImageShardDataModule(str(shard_dir), resolution=RESOLUTION, num_workers=workers,
+                                            protocol="jpeg_aligned", jpeg_quality=50))[1] for workers in (0, 2)]
+    png = [key for key, row in manifest.items() if row["format"] == "PNG"]
+    assert png
+    for key in png:
+        assert not torch.equal(raw[key]["image"], aligned[0][key]["image"])
+        assert torch.equal(aligned[0][key]["image"], aligned[1][key]["image"])
+    key = next(k for k in png if manifest[k]["path"].endswith("fake_rgb.png"))
+    with Image.open(shard_dir.parent / "root" / manifest[key]["path"]) as image:
+        buffer = io.BytesIO()
+        to_rgb(image).save(buffer, format="JPEG", quality=50)
+    expected = Image.open(buffer).convert("RGB").resize((RESOLUTION, RESOLUTION), Image.BILINEAR)
+    assert torch.equal(aligned[0][key]["image"],
+                       torch.from_numpy(np.asarray(expected, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1)
+
+
+def test_jpeg_quality_drawn_from_real_images_per_key(shard_dir: Path) -> None:
+    real_qualities = {r["jpeg_quality"] for r in read_manifest(shard_dir) if r["label"] == 0}
+    keys = [f"k{i}" for i in range(200)]
+    first, again, other_seed = (ImageShardDataModule(str(shard_dir), protocol="jpeg_aligned", seed=seed).preprocess
+                                for seed in (0, 0, 1))
+    draws = [first.quality_for(key) for key in keys]
+    assert set(draws) == real_qualities == {75, 90, 96}
+    assert draws == [again.quality_for(key) for key in keys]
+    assert draws != [other_seed.quality_for(key) for key in keys]
+    provenance = first.provenance()
+    assert provenance["protocol"] == "jpeg_aligned" and provenance["jpeg_quality_source"] == "real-image distribution"
+
+
+def test_jpeg_aligned_needs_a_quality_source(tmp_path: Path) -> None:
+    for i in range(2):
+        save(tmp_path / "fakes_only" / "fake" / f"{i}.png", Image.fromarray(noise(i, 16, 16)))
+    convert("folder", tmp_path / "fakes_only", "val", tmp_path / "out", workers=1)
+    with pytest.raises(ValueError, match="set jpeg_quality"):
+        ImageShardDataModule(str(tmp_path / "out"), protocol="jpeg_aligned")
+    assert ImageShardDataModule(str(tmp_path / "out"), protocol="jpeg_aligned", jpeg_quality=80).provenance()[
+        "jpeg_quality"] == 80
+
+
+def test_size_aligned_center_crops_and_filters(shard_dir: Path) -> None:
+    manifest = {r["key"]: r for r in read_manifest(shard_dir)}
+    _, cropped = collect(ImageShardDataModule(str(shard_dir), resolution=RESOLUTION, num_workers=0,
+                                              protocol="size_aligned"))
+    key = next(k for k, r in manifest.items() if (r["width"], r["height"]) == (56, 40))
+    with Image.open(shard_dir.parent / "root" / manifest[key]["path"]) as image:
+        expected = center_square(to_rgb(image)).resize((RESOLUTION, RESOLUTION), Image.BILINEAR)
+    assert torch.equal(cropped[key]["image"],
+                       torch.from_numpy(np.asarray(expected, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1)
+
+    datamodule = ImageShardDataModule(str(shard_dir), resolution=RESOLUTION, num_workers=0, protocol="size_aligned",
+                                      size_filter=True)
+    _, filtered = collect(datamodule)
+    # glide's fakes are all 48 px; its reals' shorter side is 40 → excluded. sdv4's fakes span 32..48 → reals kept.
+    excluded = {k for k, r in manifest.items() if r["generator"] == "imagenet_glide" and r["label"] == 0}
+    assert len(excluded) == 2 and len(filtered) == len(manifest)
+    for key, got in filtered.items():
+        if key in excluded:
+            assert "excluded by size_filter" in got["error"] and torch.count_nonzero(got["image"]) == 0
+        else:
+            assert got["error"] == "" and torch.equal(got["image"], cropped[key]["image"])
+    assert datamodule.provenance()["size_filter"] is True
+    with pytest.raises(ValueError, match="size protocols only"):
+        ImageShardDataModule(str(shard_dir), size_filter=True)
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_see_every_image_exactly_once(tmp_path: Path) -> None:
+    """Real 2-process gloo DDP with 2 workers each over tars of 7, 7, 7, 3; resumed runs exclude done tars."""
+    for i in range(24):
+        save(tmp_path / "images" / f"img{i:02d}.png", Image.fromarray(noise(i, 16, 16)))
+    convert("folder", tmp_path / "images", "val", tmp_path / "shards", shard_size=7, workers=1)
+    keys = [r["key"] for r in read_manifest(tmp_path / "shards")]
+    # Run 1: everything (every reader gets one tar); run 2: two tars left (each rank's second worker gets none);
+    # run 3: one tar left (rank 1 reads nothing at all).
+    excludes = ["", "shard-000000.tar,shard-000001.tar", "shard-000000.tar,shard-000001.tar,shard-000003.tar"]
+    result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "shards"), str(tmp_path / "log"),
+                             *[f"--exclude={e}" for e in excludes]], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = [keys, keys[14:], keys[14:21]]
+    for run, wanted in enumerate(expected):
+        seen: list[str] = []
+        for rank in (0, 1):
+            log = tmp_path / "log" / f"run{run}" / f"rank{rank}.txt"
+            lines = log.read_text().splitlines() if log.exists() else []
+            assert all(line.split("\t")[1:] == [""] for line in lines)
+            seen += [line.split("\t")[0] for line in lines]
+        assert sorted(seen) == sorted(wanted), f"run {run}"
+    assert not (tmp_path / "log" / "run2" / "rank1.txt").exists()
