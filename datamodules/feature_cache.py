@@ -83,9 +83,9 @@ class _ShardImages:
 class FeatureRows(Dataset):
     """Rows of several stores; `__getitems__` reads a whole batch, sorted, so lazy reads are run-wise."""
 
-    def __init__(self, paths: list[str], parts: list[_Rows], features: list[str], in_memory: bool,
+    def __init__(self, paths: list[str], parts: list[_Rows], shapes: dict[str, tuple[int, ...]], in_memory: bool,
                  images: bool, augment: bool, crop_scale: tuple[float, float]) -> None:
-        self.paths, self.parts, self.features = paths, parts, features
+        self.paths, self.parts, self.shapes, self.features = paths, parts, shapes, list(shapes)
         self.images, self.augment, self.crop_scale = images, augment, crop_scale
         self.part_of = np.concatenate([np.full(len(p.rows), k) for k, p in enumerate(parts)] or [np.zeros(0, int)])
         self.position = np.concatenate([np.arange(len(p.rows)) for p in parts] or [np.zeros(0, int)])
@@ -105,54 +105,58 @@ class FeatureRows(Dataset):
         return self._opened[1], self._opened[2]
 
     def _load(self, part: _Rows) -> dict[str, np.ndarray]:
-        """The part's rows of every feature, read tar by tar (whole Zarr shards) and kept in storage dtype."""
+        """The part's rows of every feature in storage dtype, read one tar (whole Zarr shard) at a time."""
         store = self._stores()[0][part.store]
         out = {}
         for name in self.features:
-            array, blocks = store.array(name), []
+            array = store.array(name)
+            values = np.empty((len(part.rows), *array.shape[1:]), dtype=array.dtype)
             for start, stop in (store.shard_rows(k) for k in range(len(store.shard_table))):
                 lo, hi = np.searchsorted(part.rows, [start, stop])
-                if hi > lo:
-                    blocks.append(array[start:stop][part.rows[lo:hi] - start])
-            out[name] = np.concatenate(blocks) if blocks else np.zeros((0, *array.shape[1:]), array.dtype)
+                if hi - lo == stop - start:
+                    values[lo:hi] = array[start:stop]
+                elif hi > lo:
+                    values[lo:hi] = array[start:stop][part.rows[lo:hi] - start]
+            out[name] = values
         return out
 
     def _read(self, k: int, positions: np.ndarray) -> dict[str, np.ndarray]:
-        """Feature values of part k at sorted positions: from RAM, or by contiguous row runs from disk."""
+        """Part k's features at `positions`, in that order: from RAM, or from disk by sorted contiguous runs."""
         if self.memory is not None:
             return {name: self.memory[k][name][positions] for name in self.features}
-        store, rows = self._stores()[0][self.parts[k].store], self.parts[k].rows[positions]
-        runs = contiguous_runs(rows)
-        return {name: np.concatenate([store.array(name)[a:b] for a, b in runs]) for name in self.features}
+        order = np.argsort(positions, kind="stable")
+        store, runs = self._stores()[0][self.parts[k].store], contiguous_runs(self.parts[k].rows[positions[order]])
+        restore = np.argsort(order)
+        return {name: np.concatenate([store.array(name)[a:b] for a, b in runs])[restore] for name in self.features}
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """The whole batch at once, written straight into float32 tensors (float16 is widened in the copy)."""
         indices = np.asarray(indices)
-        order = np.lexsort((self.position[indices], self.part_of[indices]))  # sorted by (part, row)
-        chunks: dict[str, list[np.ndarray]] = {name: [] for name in self.features}
-        labels, generators, rows, where = [], [], [], []
-        for k in np.unique(self.part_of[indices]):
-            positions = self.position[indices[order]][self.part_of[indices[order]] == k]
-            for name, values in self._read(int(k), positions).items():
-                chunks[name].append(values)
-            part = self.parts[k]
-            labels.append(part.labels[positions])
-            generators.append(part.generators[positions])
-            rows.append(part.rows[positions])
-            where += [(int(k), int(p)) for p in positions]
-        restore = np.argsort(order)  # back to the sampler's order
-        batch = {name: torch.from_numpy(np.concatenate(v)[restore]).float() for name, v in chunks.items()}
-        batch["label"] = torch.from_numpy(np.concatenate(labels)[restore].astype(np.int64))
-        batch["generator"] = torch.from_numpy(np.concatenate(generators)[restore].astype(np.int64))
-        batch["row"] = torch.from_numpy(np.concatenate(rows)[restore].astype(np.int64))
+        parts, positions = self.part_of[indices], self.position[indices]
+        batch = {name: torch.empty((len(indices), *self.shapes[name])) for name in self.features}
+        for name in ("label", "generator", "row"):
+            batch[name] = torch.empty(len(indices), dtype=torch.int64)
+        for k in np.unique(parts):
+            slots = np.flatnonzero(parts == k)
+            part, where = self.parts[k], positions[slots]
+            columns = {**self._read(int(k), where), "label": part.labels[where],
+                       "generator": part.generators[where], "row": part.rows[where]}
+            contiguous = slots[-1] - slots[0] + 1 == len(slots)
+            for name, values in columns.items():
+                source = torch.from_numpy(values)
+                if contiguous:
+                    batch[name][slots[0]:slots[-1] + 1].copy_(source)
+                else:
+                    batch[name][torch.from_numpy(slots)] = source.to(batch[name].dtype)
         if self.images:
-            self._add_images(batch, [where[i] for i in restore])
+            self._add_images(batch, parts, positions)
         return batch
 
-    def _add_images(self, batch: dict[str, torch.Tensor], where: list[tuple[int, int]]) -> None:
+    def _add_images(self, batch: dict[str, torch.Tensor], parts: np.ndarray, positions: np.ndarray) -> None:
         """Decode each row's image; in training, crop/flip it and every spatial map with one shared box."""
         readers = self._stores()[1]
         images = []
-        for i, (k, position) in enumerate(where):
+        for i, (k, position) in enumerate(zip(parts.tolist(), positions.tolist())):
             part = self.parts[k]
             reader = readers[part.store]
             assert reader is not None
@@ -198,6 +202,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         self.features = list(features)
         self.stores = {"train": list(train), "val": list(val), "test": list(test)}
         self.generator_names: list[str] = []
+        self.shapes: dict[str, tuple[int, ...]] = {}
         self.datasets: dict[str, FeatureRows] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -218,15 +223,14 @@ class FeatureCacheDataModule(pl.LightningDataModule):
 
     def _check(self, opened: dict[str, FeatureStore]) -> None:
         """Every store has every requested feature with one shape, every tar done, and known filter names."""
-        shapes: dict[str, tuple[int, ...]] = {}
         for path, store in opened.items():
             missing = [f for f in self.features if f not in store.feature_shapes]
             if missing:
                 raise ValueError(f"feature store {path}: no feature {missing} (it has {store.feature_names})")
             for name in self.features:
-                if shapes.setdefault(name, store.feature_shapes[name]) != store.feature_shapes[name]:
+                if self.shapes.setdefault(name, store.feature_shapes[name]) != store.feature_shapes[name]:
                     raise ValueError(f"feature store {path}: {name} has shape {store.feature_shapes[name]}, other "
-                                     f"stores {shapes[name]}")
+                                     f"stores {self.shapes[name]}")
             todo = len(store.shard_table) - len(store.done_shards())
             if todo:
                 raise ValueError(f"feature store {path}: {todo} of {len(store.shard_table)} tars not computed yet "
@@ -268,7 +272,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
                 rank_zero_info(f"FeatureCacheDataModule: {split} needs {needed / 2**30:.1f} GiB, more than "
                                f"{_RAM_SHARE:.0%} of the {available / 2**30:.1f} GiB free; reading from disk instead")
                 in_memory = False
-        return FeatureRows(self.stores[split], parts, self.features, in_memory, self.hparams.images,
+        return FeatureRows(self.stores[split], parts, self.shapes, in_memory, self.hparams.images,
                            augment=split == "train", crop_scale=self.hparams.crop_scale)
 
     def _row_bytes(self, path: str) -> int:
