@@ -1,0 +1,125 @@
+"""configs/deua.yaml and configs/lare2.yaml end to end: a tiny-model feature cache, `python -m cli fit/test`, grid."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cli.__main__ import main
+from cli.grid import grid
+from feature_cache.store import FeatureStore
+from lightning_modules.diffusion_pass import key_generator
+from lightning_modules.feature_extractor import FeatureExtractor
+from lightning_modules.laplace_fit import LaplaceFit
+from lightning_modules.uncertainty import conv3x3_ggn_sums
+
+REPO = Path(__file__).resolve().parents[1]
+RES, T, N, SHARD = 64, 200, 2, 8
+GENERATORS = ["adm", "sdv4"]
+
+
+def images(keys: list[str]) -> torch.Tensor:
+    """Images that depend only on their key; fakes (odd rows) are smoothed, reals are raw noise."""
+    out = []
+    for i, key in enumerate(keys):
+        x = torch.rand(3, RES, RES, generator=torch.Generator().manual_seed(hash(key) % 2**31)) * 2 - 1
+        out.append(torch.nn.functional.avg_pool2d(x[None], 5, 1, 2)[0] if i % 2 else x)
+    return torch.stack(out)
+
+
+def build_store(path: Path, extractor: FeatureExtractor, num_rows: int, prefix: str) -> str:
+    """A feature store written the way phase 1 writes one: FeatureExtractor outputs, tar by tar."""
+    table = [{"name": f"shard-{k:06d}.tar", "first_row": k * SHARD, "num_samples": min(SHARD, num_rows - k * SHARD)}
+             for k in range(-(-num_rows // SHARD))]
+    keys = [f"{prefix}{r}" for r in range(num_rows)]
+    store = FeatureStore.create(path, shards=table, keys=keys, labels=[r % 2 for r in range(num_rows)],
+                                generators=[(r // 2) % 2 for r in range(num_rows)], generator_names=GENERATORS,
+                                feature_shapes=extractor.feature_shapes(RES), feature_dtype="float32",
+                                provenance={**extractor.provenance(), "resolution": RES,
+                                            "shards": str(path.parent / "no_shards")})
+    for k, entry in enumerate(table):
+        rows = list(range(entry["first_row"], entry["first_row"] + entry["num_samples"]))
+        b = len(rows)
+        batch = {"image": images([keys[r] for r in rows]), "key": [keys[r] for r in rows],
+                 "row": torch.tensor(rows), "label": torch.tensor(rows) % 2, "generator": torch.zeros(b, dtype=torch.long),
+                 "shard_index": torch.full((b,), k), "error": [""] * b}
+        with torch.no_grad():
+            out = extractor.predict_step(batch, 0)
+        store.write_shard(k, {name: out[name].numpy() for name in extractor.outputs}, [""] * b)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tiny_model_paths: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Train and test stores computed with the tiny SD and CLIP models (LaRE, DEU, CLIP layer3 + pooled)."""
+    root = tmp_path_factory.mktemp("tiny_cache")
+    fit = LaplaceFit(str(tiny_model_paths["sd"]), output=str(root / "posterior.pt"), timestep=T, num_noises=N)
+    calibration = images(["c0", "c1", "c2", "c3"])
+    phi = fit.diffusion(calibration, [key_generator(0, k) for k in ("c0", "c1", "c2", "c3")]).phi.flatten(0, 1)
+    fit.save_posterior(conv3x3_ggn_sums(phi), float(phi.shape[0] * 64), 1.0, 4, RES)
+    extractor = FeatureExtractor(str(tiny_model_paths["sd"]), posterior=str(root / "posterior.pt"),
+                                 clip=str(tiny_model_paths["clip"]), timestep=T, num_noises=N,
+                                 outputs=["lare", "deu", "clip_layer3", "clip_pooled"])
+    return {"train": build_store(root / "train.zarr", extractor, 24, "tr"),
+            "test": build_store(root / "test.zarr", extractor, 16, "te")}
+
+
+def local_config(path: Path, cache: dict[str, str], runs: Path) -> Path:
+    """What a user's local.yaml holds: store paths, tiny-model dimensions, a short CPU schedule."""
+    path.write_text(yaml.safe_dump({
+        "trainer": {"accelerator": "cpu", "max_epochs": 2, "enable_progress_bar": False,
+                    "logger": {"init_args": {"save_dir": str(runs)}}},
+        "model": {"init_args": {"visual_channels": 128, "num_heads": 4}},
+        "data": {"init_args": {"train": [cache["train"]], "test": [cache["test"]], "val_fraction": 0.25,
+                               "batch_size": 6, "num_workers": 0}}}))
+    return path
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.slow
+def test_lare2_config_fits_and_tests_through_the_cli(tiny_cache, tmp_path):
+    local = local_config(tmp_path / "local.yaml", tiny_cache, tmp_path / "runs")
+    pooled = tmp_path / "pooled.yaml"
+    pooled.write_text("model:\n  init_args:\n    pooled_dim: 32\n")
+    configs = ["--config", str(REPO / "configs/lare2.yaml"), "--config", str(local), "--config", str(pooled)]
+    main(["fit", *configs])
+    run = tmp_path / "runs" / "lare2" / "both"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
+    main(["test", *configs, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    rows = read_csv(run / "test_predictions.csv")
+    assert len(rows) == 16 and {r["generator"] for r in rows} == set(GENERATORS)
+    assert all(0.0 <= float(r["p_fake"]) <= 1.0 for r in rows)
+
+
+@pytest.mark.slow
+def test_deua_grid_runs_each_row_as_fit_then_test(tiny_cache, tmp_path):
+    rows = tmp_path / "deua"
+    rows.mkdir()
+    for name in ("baseline", "both"):
+        (rows / f"{name}.yaml").write_text((REPO / "configs/ablations/deua" / f"{name}.yaml").read_text())
+    local = local_config(tmp_path / "local.yaml", tiny_cache, tmp_path / "runs")
+    run_dirs = grid(rows, base=REPO / "configs/deua.yaml", extra=[local])
+    assert run_dirs == [tmp_path / "runs" / "deua" / "baseline", tmp_path / "runs" / "deua" / "both"]
+    for run in run_dirs:
+        assert len(read_csv(run / "test_predictions.csv")) == 16
+        assert len(read_csv(run / "val_predictions.csv")) == 6  # val_fraction 0.25 of 24 train rows
+    saved = yaml.safe_load((run_dirs[0] / "config.yaml").read_text())["model"]["init_args"]
+    assert saved["guidance"] == [] and saved["asym_weight"] == 0.0
+
+
+def test_grid_dry_run_names_every_row_and_its_checkpoint(capsys):
+    grid(REPO / "configs/ablations/lare2", dry_run=True)
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 8  # four rows, fit and test each
+    assert printed[1].endswith("--ckpt_path runs/lare2/baseline/checkpoints/last.ckpt")
+    assert all(line.startswith("python -m cli ") for line in printed)
+    assert np.array_equal([line.split()[3] for line in printed[::2]], ["fit"] * 4)
