@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
+
+from cli.grid import grid
 from typing import Literal
 
 
@@ -49,9 +51,21 @@ def shards(*, layout: Literal["genimage", "drct", "folder"], root: Path, split: 
           f"(see rejected.csv), generators {','.join(summary.generators)}: {summary.out}")
 
 
-def demo() -> None:
-    """Run the whole two-phase pipeline on built-in data with tiny models (or real ones)."""
-    raise SystemExit("python -m cli demo: not implemented yet (demo issue)")
+def demo(out: Path = Path("demo_out"), sd: str | None = None, clip: str | None = None, images_per_class: int = 24,
+         resolution: int = 64, epochs: int = 3) -> None:
+    """Run the whole two-phase pipeline on built-in data with tiny models (or real ones).
+
+    Args:
+        out: output directory (images, shards, posterior, stores, configs, runs, logs).
+        sd: a diffusers-layout SD v1.5 directory; default: tiny random models built into OUT/models.
+        clip: CLIP RN50 weights (checkpoint file, open_clip local-dir or 'openai'); needed with --sd.
+        images_per_class: training images per class (validation gets half).
+        resolution: image side fed to the VAE (256 for real SD v1.5 runs).
+        epochs: training epochs of each detector.
+    """
+    from cli.demo import run_demo
+
+    run_demo(out, sd, clip, images_per_class, resolution, epochs)
 
 
 def compare(runs_dir: Path, sort_by: str = "test_acc", metrics: list[str] | None = None) -> None:
@@ -67,4 +81,4 @@ def compare(runs_dir: Path, sort_by: str = "test_acc", metrics: list[str] | None
     compare_runs(runs_dir, sort_by, metrics)
 
 
-PLAIN_COMMANDS = {"shards": shards, "tiny-models": tiny_models, "demo": demo, "compare": compare}
+PLAIN_COMMANDS = {"shards": shards, "tiny-models": tiny_models, "demo": demo, "compare": compare, "grid": grid}
