@@ -39,6 +39,26 @@ def balance(shards: list[dict[str, Any]], parts: int) -> list[list[dict[str, Any
     return [[shards[i] for i in sorted(indices)] for indices in assigned]
 
 
+def build_preprocessor(shard_dir: str | Path, resolution: int, protocol: Protocol = "raw",
+                       jpeg_quality: int | None = None, seed: int = 0, size_filter: bool = False) -> ImagePreprocessor:
+    """A protocol's image pipeline for one shard directory; reads the manifest only for the statistics it needs.
+
+    Anything else that shows these images to a model (e.g. fine-tuning from the feature cache) should build
+    its pipeline here from the store's provenance, so phase 1 and phase 2 see the same pixels.
+    """
+    if size_filter and protocol not in SIZE_PROTOCOLS:
+        raise ValueError(f"size_filter applies to the size protocols only, not protocol {protocol}")
+    qualities: tuple[int, ...] = ()
+    ranges = None
+    if (protocol in JPEG_PROTOCOLS and jpeg_quality is None) or size_filter:
+        manifest = read_manifest(shard_dir)
+        qualities = tuple(r["jpeg_quality"] for r in manifest if r["label"] == 0 and r["jpeg_quality"])
+        if size_filter:
+            ranges = fake_side_ranges([r["label"] for r in manifest], [r["generator"] for r in manifest],
+                                      [r["width"] for r in manifest], [r["height"] for r in manifest])
+    return ImagePreprocessor(resolution, protocol, jpeg_quality, qualities, seed, ranges)
+
+
 @dataclass(frozen=True)
 class SampleDecoder:
     """WebDataset sample (tar members) → one batch row; a failing image gives zeros and its reason."""
@@ -105,9 +125,7 @@ class ImageShardDataModule(pl.LightningDataModule):
         self.shard_dir = Path(shards)
         self._index = read_shard_index(self.shard_dir)
         self._excluded: set[str] = set()
-        if size_filter and protocol not in SIZE_PROTOCOLS:
-            raise ValueError(f"size_filter applies to the size protocols only, not protocol {protocol}")
-        self.preprocess = self._build_preprocess()
+        self.preprocess = build_preprocessor(self.shard_dir, resolution, protocol, jpeg_quality, seed, size_filter)
 
     @property
     def generator_names(self) -> list[str]:
@@ -125,19 +143,6 @@ class ImageShardDataModule(pl.LightningDataModule):
         if unknown:
             raise ValueError(f"exclude_shards: {unknown} are not shards of {self.shard_dir}")
         self._excluded = names
-
-    def _build_preprocess(self) -> ImagePreprocessor:
-        """The protocol's image pipeline; reads the manifest only when the protocol needs its statistics."""
-        hp = self.hparams
-        qualities: tuple[int, ...] = ()
-        ranges = None
-        if (hp.protocol in JPEG_PROTOCOLS and hp.jpeg_quality is None) or hp.size_filter:
-            manifest = read_manifest(self.shard_dir)
-            qualities = tuple(r["jpeg_quality"] for r in manifest if r["label"] == 0 and r["jpeg_quality"])
-            if hp.size_filter:
-                ranges = fake_side_ranges([r["label"] for r in manifest], [r["generator"] for r in manifest],
-                                          [r["width"] for r in manifest], [r["height"] for r in manifest])
-        return ImagePreprocessor(hp.resolution, hp.protocol, hp.jpeg_quality, qualities, hp.seed, ranges)
 
     def provenance(self) -> dict[str, Any]:
         """Shard directory and every read-time setting that changes pixels (goes into the feature store)."""
