@@ -105,7 +105,7 @@ class ImagePreprocessor:
         return to_tensor(image.resize((self.resolution, self.resolution), Image.BILINEAR))
 
     def provenance(self) -> dict:
-        """Everything that changes the pixels, for the feature store's attrs (stores of different settings never mix)."""
+        """Everything that changes the pixels, for the store's attrs (stores of different settings never mix)."""
         jpeg = self.protocol in JPEG_PROTOCOLS
         return {"resolution": self.resolution, "protocol": self.protocol, "resize": RESIZE,
                 "jpeg_quality": self.jpeg_quality if jpeg and self.jpeg_quality is not None else None,

@@ -1,4 +1,4 @@
-"""ImageShardDataModule: the shards of `python -m cli shards` as batches, each image exactly once across ranks × workers.
+"""ImageShardDataModule: `python -m cli shards` output as batches, each image exactly once over ranks × workers.
 
 Exactly once (NOTES.md): every rank computes the same to-do list (shards.json minus excluded shards),
 takes its part (balanced by sample count), and reads it with `WebDataset(nodesplitter=None)` plus the
@@ -137,7 +137,11 @@ class ImageShardDataModule(pl.LightningDataModule):
         return [dict(entry) for entry in self._index["shards"]]
 
     def exclude_shards(self, names: Iterable[str]) -> None:
-        """Skip these tars (already done in a resumed run); call before `predict_dataloader()`."""
+        """Skip these tars (already done in a resumed run); call before `predict_dataloader()`.
+
+        Every rank must pass the same names (e.g. the store's done markers read before predict starts),
+        since each rank derives its part from the same to-do list.
+        """
         names = set(names)
         unknown = sorted(names - {entry["name"] for entry in self._index["shards"]})
         if unknown:

@@ -48,7 +48,6 @@ class SourceFile:
     rel: str  # posix path relative to the root: location-independent, so manifests are reproducible
     label: int
     generator: str
-    class_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -264,7 +263,9 @@ def convert(layout: Layout, root: Path, split: Split, out: Path, shard_size: int
         record = {"key": key, "row": row, "label": source.label, "generator": source.generator, "path": source.rel,
                   "shard": shard, "format": info.format,
                   "jpeg_quality": "" if info.jpeg_quality is None else info.jpeg_quality,
-                  "width": info.width, "height": info.height, "class_name": source.class_name}
+                  "width": info.width, "height": info.height,
+                  # No layout names the class in a folder; parsing file names for it is what STYLE.md warns against.
+                  "class_name": ""}
         manifest.append(record)
         if row % shard_size == 0:
             shard_jobs.append((out / shard, []))

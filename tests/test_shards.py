@@ -7,7 +7,6 @@ import io
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -152,8 +151,8 @@ def test_drct_layout(tmp_path: Path) -> None:
            {rel: (label, generator) for rel, (label, generator, _, _) in expected.accepted.items()}
     index = read_shard_index(tmp_path / "out")
     assert index["generators"] == ["MSCOCO", "ldm-text2im-large-256", "stable-diffusion-v1-4"]
-    filtered = convert("drct", tmp_path / "root", "val", tmp_path / "val", generators=["MSCOCO", "stable-diffusion-v1-4"],
-                       workers=1)
+    filtered = convert("drct", tmp_path / "root", "val", tmp_path / "val",
+                       generators=["MSCOCO", "stable-diffusion-v1-4"], workers=1)
     assert filtered.generators == ["MSCOCO", "stable-diffusion-v1-4"] and filtered.num_samples == 3
     assert all("val2017" in r["path"] for r in read_manifest(tmp_path / "val"))
 
