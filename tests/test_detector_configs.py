@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,35 +19,34 @@ from lightning_modules.feature_extractor import FeatureExtractor
 from lightning_modules.laplace_fit import LaplaceFit
 from lightning_modules.uncertainty import conv3x3_ggn_sums
 
+from feature_cache_fakes import make_shard_dir, marker_image
+
 REPO = Path(__file__).resolve().parents[1]
 RES, T, N, SHARD = 64, 200, 2, 8
 GENERATORS = ["adm", "sdv4"]
 
 
-def images(keys: list[str]) -> torch.Tensor:
-    """Images that depend only on their key; fakes (odd rows) are smoothed, reals are raw noise."""
-    out = []
-    for i, key in enumerate(keys):
-        x = torch.rand(3, RES, RES, generator=torch.Generator().manual_seed(hash(key) % 2**31)) * 2 - 1
-        out.append(torch.nn.functional.avg_pool2d(x[None], 5, 1, 2)[0] if i % 2 else x)
-    return torch.stack(out)
+def images(rows: list[int]) -> torch.Tensor:
+    """The shard directory's images of these rows, in [-1, 1]."""
+    return torch.stack([torch.from_numpy(marker_image(r, RES)).permute(2, 0, 1).float() / 127.5 - 1 for r in rows])
 
 
-def build_store(path: Path, extractor: FeatureExtractor, num_rows: int, prefix: str) -> str:
-    """A feature store written the way phase 1 writes one: FeatureExtractor outputs, tar by tar."""
-    table = [{"name": f"shard-{k:06d}.tar", "first_row": k * SHARD, "num_samples": min(SHARD, num_rows - k * SHARD)}
-             for k in range(-(-num_rows // SHARD))]
-    keys = [f"{prefix}{r}" for r in range(num_rows)]
+def build_store(path: Path, extractor: FeatureExtractor, num_rows: int) -> str:
+    """A feature store written the way phase 1 writes one: FeatureExtractor outputs over a shard dir, tar by tar."""
+    shard_dir = make_shard_dir(path.parent / f"{path.stem}_shards", num_rows, SHARD, images=True, image_size=RES,
+                               generators=GENERATORS)
+    table = json.loads((shard_dir / "shards.json").read_text())["shards"]
+    keys = [f"img{r:05d}" for r in range(num_rows)]
     store = FeatureStore.create(path, shards=table, keys=keys, labels=[r % 2 for r in range(num_rows)],
                                 generators=[(r // 2) % 2 for r in range(num_rows)], generator_names=GENERATORS,
                                 feature_shapes=extractor.feature_shapes(RES), feature_dtype="float32",
-                                provenance={**extractor.provenance(), "resolution": RES,
-                                            "shards": str(path.parent / "no_shards")})
+                                provenance={**extractor.provenance(), "resolution": RES, "shards": str(shard_dir)})
     for k, entry in enumerate(table):
         rows = list(range(entry["first_row"], entry["first_row"] + entry["num_samples"]))
         b = len(rows)
-        batch = {"image": images([keys[r] for r in rows]), "key": [keys[r] for r in rows],
-                 "row": torch.tensor(rows), "label": torch.tensor(rows) % 2, "generator": torch.zeros(b, dtype=torch.long),
+        batch = {"image": images(rows), "key": [keys[r] for r in rows],
+                 "row": torch.tensor(rows), "label": torch.tensor(rows) % 2,
+                 "generator": torch.zeros(b, dtype=torch.long),
                  "shard_index": torch.full((b,), k), "error": [""] * b}
         with torch.no_grad():
             out = extractor.predict_step(batch, 0)
@@ -59,14 +59,13 @@ def tiny_cache(tiny_model_paths: dict[str, Path], tmp_path_factory: pytest.TempP
     """Train and test stores computed with the tiny SD and CLIP models (LaRE, DEU, CLIP layer3 + pooled)."""
     root = tmp_path_factory.mktemp("tiny_cache")
     fit = LaplaceFit(str(tiny_model_paths["sd"]), output=str(root / "posterior.pt"), timestep=T, num_noises=N)
-    calibration = images(["c0", "c1", "c2", "c3"])
-    phi = fit.diffusion(calibration, [key_generator(0, k) for k in ("c0", "c1", "c2", "c3")]).phi.flatten(0, 1)
+    phi = fit.diffusion(images([100, 101, 102, 103]), [key_generator(0, f"c{k}") for k in range(4)]).phi.flatten(0, 1)
     fit.save_posterior(conv3x3_ggn_sums(phi), float(phi.shape[0] * 64), 1.0, 4, RES)
     extractor = FeatureExtractor(str(tiny_model_paths["sd"]), posterior=str(root / "posterior.pt"),
                                  clip=str(tiny_model_paths["clip"]), timestep=T, num_noises=N,
                                  outputs=["lare", "deu", "clip_layer3", "clip_pooled"])
-    return {"train": build_store(root / "train.zarr", extractor, 24, "tr"),
-            "test": build_store(root / "test.zarr", extractor, 16, "te")}
+    return {"train": build_store(root / "train.zarr", extractor, 24),
+            "test": build_store(root / "test.zarr", extractor, 16)}
 
 
 def local_config(path: Path, cache: dict[str, str], runs: Path) -> Path:
@@ -98,6 +97,23 @@ def test_lare2_config_fits_and_tests_through_the_cli(tiny_cache, tmp_path):
     rows = read_csv(run / "test_predictions.csv")
     assert len(rows) == 16 and {r["generator"] for r in rows} == set(GENERATORS)
     assert all(0.0 <= float(r["p_fake"]) <= 1.0 for r in rows)
+
+
+@pytest.mark.slow
+def test_deua_finetunes_clip_on_the_stores_images(tiny_cache, tiny_model_paths, tmp_path):
+    local = local_config(tmp_path / "local.yaml", tiny_cache, tmp_path / "runs")
+    finetune = tmp_path / "finetune.yaml"
+    finetune.write_text(yaml.safe_dump({
+        "trainer": {"max_epochs": 1},
+        "model": {"init_args": {"backbone": "finetune", "clip": str(tiny_model_paths["clip"])}},
+        "data": {"init_args": {"features": ["deu"], "images": True}}}))
+    configs = ["--config", str(REPO / "configs/deua.yaml"), "--config", str(local), "--config", str(finetune)]
+    main(["fit", *configs])
+    run = tmp_path / "runs" / "deua" / "both"
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert any(name.startswith("backbone.layer3") for name in checkpoint["state_dict"])
+    main(["test", *configs, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    assert len(read_csv(run / "test_predictions.csv")) == 16
 
 
 @pytest.mark.slow
