@@ -9,7 +9,7 @@ workers with no shard simply yield nothing. Batch format: docs/contracts.md.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,8 @@ def build_preprocessor(shard_dir: str | Path, resolution: int, protocol: Protoco
                        jpeg_quality: int | None = None, seed: int = 0, size_filter: bool = False) -> ImagePreprocessor:
     """A protocol's image pipeline for one shard directory; reads the manifest only for the statistics it needs.
 
-    Anything else that shows these images to a model (e.g. fine-tuning from the feature cache) should build
-    its pipeline here from the store's provenance, so phase 1 and phase 2 see the same pixels.
+    Anything else that shows these images to a model (e.g. fine-tuning from the feature cache) should get
+    its pipeline from `preprocessor_from_provenance`, so phase 1 and phase 2 see the same pixels.
     """
     if size_filter and protocol not in SIZE_PROTOCOLS:
         raise ValueError(f"size_filter applies to the size protocols only, not protocol {protocol}")
@@ -57,6 +57,13 @@ def build_preprocessor(shard_dir: str | Path, resolution: int, protocol: Protoco
             ranges = fake_side_ranges([r["label"] for r in manifest], [r["generator"] for r in manifest],
                                       [r["width"] for r in manifest], [r["height"] for r in manifest])
     return ImagePreprocessor(resolution, protocol, jpeg_quality, qualities, seed, ranges)
+
+
+def preprocessor_from_provenance(provenance: Mapping[str, Any]) -> ImagePreprocessor:
+    """The pipeline that `ImageShardDataModule.provenance()` describes (e.g. as saved in a feature store's attrs)."""
+    return build_preprocessor(provenance["shards"], int(provenance["resolution"]), provenance["protocol"],
+                              provenance["jpeg_quality"], provenance["protocol_seed"] or 0,
+                              bool(provenance["size_filter"]))
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ def noise(seed: int, width: int, height: int, channels: int = 3) -> np.ndarray:
     return np.clip(pixels, 0, 255).astype(np.uint8).squeeze()
 
 
-def save(path: Path, image: Image.Image, **options) -> Path:
+def save(path: Path, image: Image.Image, **options: object) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, **options)
     return path

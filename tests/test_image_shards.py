@@ -16,7 +16,7 @@ from PIL import Image
 
 from datamodules.image_io import to_rgb
 from datamodules.image_protocols import center_square
-from datamodules.image_shards import ImageShardDataModule, balance
+from datamodules.image_shards import ImageShardDataModule, balance, preprocessor_from_provenance
 from datamodules.shards import convert, read_manifest
 from image_trees import make_genimage, noise, save
 
@@ -81,6 +81,14 @@ def test_metadata_methods(shard_dir: Path) -> None:
     provenance = datamodule.provenance()
     assert provenance["shards"] == str(shard_dir.resolve()) and provenance["resolution"] == RESOLUTION
     assert provenance["protocol"] == "raw" and provenance["jpeg_quality"] is None
+
+
+@pytest.mark.parametrize("settings", [{}, {"protocol": "jpeg_aligned", "seed": 3},
+                                      {"protocol": "jpeg_size_aligned", "jpeg_quality": 70, "size_filter": True}])
+def test_provenance_rebuilds_the_same_pipeline(shard_dir: Path, settings: dict) -> None:
+    """Phase 2 (fine-tuning on images) can show the model exactly the pixels phase 1 saw."""
+    datamodule = ImageShardDataModule(str(shard_dir), resolution=RESOLUTION, **settings)
+    assert preprocessor_from_provenance(datamodule.provenance()) == datamodule.preprocess
 
 
 def rewrite_member(tar_path: Path, key: str, transform) -> None:
