@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,7 @@ def test_provenance_rebuilds_the_same_pipeline(shard_dir: Path, settings: dict) 
     assert preprocessor_from_provenance(datamodule.provenance()) == datamodule.preprocess
 
 
-def rewrite_member(tar_path: Path, key: str, transform) -> None:
+def rewrite_member(tar_path: Path, key: str, transform: Callable[[bytes], bytes]) -> None:
     """Rewrite one tar with the image bytes of `key` replaced by transform(bytes)."""
     with tarfile.open(tar_path) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
