@@ -19,10 +19,9 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.image_io import decode_rgb
+from datamodules.image_shards import preprocessor_from_provenance
 from feature_cache.paired_augment import apply_flip_crop, sample_flip_crop
 from feature_cache.store import FeatureStore
 
@@ -52,23 +51,28 @@ def contiguous_runs(rows: np.ndarray) -> list[tuple[int, int]]:
 
 
 class _ShardImages:
-    """Random access to the images inside a store's WebDataset tars (member offsets indexed once per tar)."""
+    """Random access to the images inside a store's WebDataset tars (member offsets indexed once per tar).
 
-    def __init__(self, shard_dir: Path, shard_table: list[dict[str, Any]], resolution: int) -> None:
-        self.shard_dir, self.table, self.resolution = shard_dir, shard_table, resolution
-        self._firsts = [int(s["first_row"]) for s in shard_table]
+    Pixels go through the phase-1 pipeline rebuilt from the store's provenance (resize, JPEG and size
+    protocols), so the image matches the maps computed from it.
+    """
+
+    def __init__(self, store: FeatureStore) -> None:
+        self.shard_dir, self.table = Path(store.provenance["shards"]), store.shard_table
+        self.preprocess = preprocessor_from_provenance(store.provenance)
+        self._firsts = [int(s["first_row"]) for s in self.table]
         self._index: dict[int, dict[str, tuple[int, int]]] = {}
 
     def _members(self, shard: int) -> dict[str, tuple[int, int]]:
         if shard not in self._index:
             path = self.shard_dir / self.table[shard]["name"]
             with tarfile.open(path) as tar:
-                self._index[shard] = {m.name.rsplit(".", 1)[0]: (m.offset_data, m.size) for m in tar.getmembers()
+                self._index[shard] = {m.name.split(".", 1)[0]: (m.offset_data, m.size) for m in tar.getmembers()
                                       if m.isfile() and not m.name.endswith((".json", ".cls", ".txt"))}
         return self._index[shard]
 
-    def read(self, row: int, key: str) -> torch.Tensor:
-        """(3, R, R) float32 in [-1, 1]: the row's image decoded and resized as in phase 1."""
+    def read(self, row: int, key: str, label: int, generator: str) -> torch.Tensor:
+        """(3, R, R) float32 in [-1, 1]: the row's image as phase 1 saw it."""
         shard = bisect.bisect_right(self._firsts, row) - 1
         members = self._members(shard)
         if key not in members:
@@ -76,16 +80,17 @@ class _ShardImages:
         offset, size = members[key]
         with (self.shard_dir / self.table[shard]["name"]).open("rb") as f:
             f.seek(offset)
-            rgb = decode_rgb(f.read(size))[1].resize((self.resolution, self.resolution), Image.BICUBIC)
-        return torch.from_numpy(np.asarray(rgb, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+            return self.preprocess(f.read(size), key, label, generator)
 
 
 class FeatureRows(Dataset):
     """Rows of several stores; `__getitems__` reads a whole batch, sorted, so lazy reads are run-wise."""
 
-    def __init__(self, paths: list[str], parts: list[_Rows], shapes: dict[str, tuple[int, ...]], in_memory: bool,
-                 images: bool, augment: bool, crop_scale: tuple[float, float]) -> None:
+    def __init__(self, paths: list[str], parts: list[_Rows], shapes: dict[str, tuple[int, ...]],
+                 generator_names: list[str], in_memory: bool, images: bool, augment: bool,
+                 crop_scale: tuple[float, float]) -> None:
         self.paths, self.parts, self.shapes, self.features = paths, parts, shapes, list(shapes)
+        self.generator_names = generator_names
         self.images, self.augment, self.crop_scale = images, augment, crop_scale
         self.part_of = np.concatenate([np.full(len(p.rows), k) for k, p in enumerate(parts)] or [np.zeros(0, int)])
         self.position = np.concatenate([np.arange(len(p.rows)) for p in parts] or [np.zeros(0, int)])
@@ -95,12 +100,15 @@ class FeatureRows(Dataset):
     def __len__(self) -> int:
         return len(self.part_of)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Spawned workers reopen the stores themselves instead of receiving open handles."""
+        return {**self.__dict__, "_opened": None}
+
     def _stores(self) -> tuple[list[FeatureStore], list[_ShardImages | None]]:
         """Stores opened in this process (the zarr sync API's event loop must not cross a fork)."""
         if self._opened is None or self._opened[0] != os.getpid():
             stores = [FeatureStore.open(path) for path in self.paths]
-            images = [_ShardImages(Path(s.provenance["shards"]), s.shard_table, int(s.provenance["resolution"]))
-                      if self.images else None for s in stores]
+            images = [_ShardImages(s) if self.images else None for s in stores]
             self._opened = (os.getpid(), stores, images)
         return self._opened[1], self._opened[2]
 
@@ -160,7 +168,8 @@ class FeatureRows(Dataset):
             part = self.parts[k]
             reader = readers[part.store]
             assert reader is not None
-            image = reader.read(int(part.rows[position]), str(part.keys[position]))
+            image = reader.read(int(part.rows[position]), str(part.keys[position]), int(part.labels[position]),
+                                self.generator_names[part.generators[position]])
             if self.augment:
                 box = sample_flip_crop(self.crop_scale)
                 image = apply_flip_crop(image, box)
@@ -272,7 +281,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
                 rank_zero_info(f"FeatureCacheDataModule: {split} needs {needed / 2**30:.1f} GiB, more than "
                                f"{_RAM_SHARE:.0%} of the {available / 2**30:.1f} GiB free; reading from disk instead")
                 in_memory = False
-        return FeatureRows(self.stores[split], parts, self.shapes, in_memory, self.hparams.images,
+        return FeatureRows(self.stores[split], parts, self.shapes, self.generator_names, in_memory, self.hparams.images,
                            augment=split == "train", crop_scale=self.hparams.crop_scale)
 
     def _row_bytes(self, path: str) -> int:

@@ -9,6 +9,7 @@ Layout (sample axis first everywhere; S = the shard table's shard size, n = numb
   zarr 3.1.6, a single-row read costs ~1 ms of per-call overhead until the chunk it decodes grows
   past ~100 KB (1-row chunks 1.7 ms, 16-row 8.9 ms, one chunk per tar 220 ms for `clip_layer3`),
   while larger chunks make whole-tar writes and in-memory loads ~10x faster for small maps.
+  Codec: blosc zstd-1 with byte shuffle (see `_feature_compressor`).
 - `label` int8, `generator` int16 (codes into attrs `generator_names`), `key` str: written once,
   at creation, from the manifest.
 - `error` str per row ("" when fine), one chunk per tar, written with the tar's features; the

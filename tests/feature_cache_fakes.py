@@ -24,6 +24,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 GENERATORS = ["imagenet_ai_0419_sdv4", "imagenet_glide", "nature"]
+# The pixel-pipeline part of ImageShardDataModule.provenance() for a plain resize.
+RAW_PROTOCOL = {"protocol": "raw", "jpeg_quality": None, "protocol_seed": None, "size_filter": False}
 
 
 def marker_image(row: int, size: int) -> np.ndarray:
@@ -109,7 +111,7 @@ class FakeShardDataModule(pl.LightningDataModule):
         self._excluded: set[str] = set()
 
     def provenance(self) -> dict[str, Any]:
-        return {"resolution": self.resolution, "shards": str(self.shard_dir), "protocol": "fake"}
+        return {"resolution": self.resolution, "shards": str(self.shard_dir), **RAW_PROTOCOL}
 
     def shard_table(self) -> list[dict[str, Any]]:
         return self._table

@@ -11,7 +11,7 @@ import torch
 from datamodules.feature_cache import FeatureCacheDataModule, contiguous_runs
 from feature_cache.paired_augment import FlipCrop, apply_flip_crop, sample_flip_crop
 from feature_cache.store import FeatureStore
-from feature_cache_fakes import make_shard_dir, marker_image
+from feature_cache_fakes import RAW_PROTOCOL, make_shard_dir, marker_image
 
 SHAPES = {"deu": (4, 4, 4), "clip_pooled": (6,)}
 
@@ -132,7 +132,7 @@ def test_images_are_paired_and_augmented_identically(tmp_path: Path) -> None:
     store = FeatureStore.create(tmp_path / "store", shards=table, keys=[f"img{r:05d}" for r in range(10)],
                                 labels=[0] * 10, generators=[0] * 10, generator_names=["nature"],
                                 feature_shapes={"lare": (1, 16, 16)}, feature_dtype="float32",
-                                provenance={"resolution": 32, "shards": str(shard_dir)})
+                                provenance={"resolution": 32, "shards": str(shard_dir), **RAW_PROTOCOL})
     for k, entry in enumerate(table):
         rows = range(entry["first_row"], entry["first_row"] + entry["num_samples"])
         maps = np.stack([marker_image(r, 32)[..., 0].reshape(16, 2, 16, 2).mean((1, 3))[None] / 255 for r in rows])

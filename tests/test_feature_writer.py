@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from feature_cache.store import FeatureStore, ProvenanceMismatchError
-from feature_cache_fakes import GENERATORS, expected_features, make_shard_dir, run_predict
+from feature_cache_fakes import GENERATORS, RAW_PROTOCOL, expected_features, make_shard_dir, run_predict
 
 NUM_ROWS, SHARD_SIZE = 23, 4  # 6 tars, the last one short
 SCRIPT = Path(__file__).parent / "ddp_scripts" / "feature_writer_run.py"
@@ -51,7 +51,7 @@ def test_writes_every_row_with_manifest_metadata(reference: FeatureStore) -> Non
     assert reference.rejected() == [{"path": "bad/broken.png", "reason": "cannot identify image file"},
                                     {"key": "img00005", "row": 5, "reason": "decode failed: truncated file"}]
     assert reference.provenance == {"extractor": "fake", "timestep": 200, "unet_hash": "ab12", "resolution": 32,
-                                    "shards": str(reference.provenance["shards"]), "protocol": "fake"}
+                                    "shards": str(reference.provenance["shards"]), **RAW_PROTOCOL}
 
 
 def test_float32_storage(tmp_path: Path, shard_dir: Path) -> None:
