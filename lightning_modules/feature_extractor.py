@@ -52,6 +52,7 @@ class FeatureExtractor(pl.LightningModule):
         self.clip_visual = self.clip_model.visual if self.clip_model is not None else None  # moves with the module
 
     def _validate(self) -> None:
+        """Refuse inconsistent settings with one clear line, before any weights are loaded."""
         hp, known = self.hparams, MAP_OUTPUTS + CLIP_OUTPUTS
         unknown = [o for o in self.outputs if o not in known]
         if unknown or not self.outputs or len(set(self.outputs)) != len(self.outputs):
@@ -114,6 +115,7 @@ class FeatureExtractor(pl.LightningModule):
         return {name: shapes[name] for name in self.outputs}
 
     def _check_resolution(self, resolution: int) -> None:
+        """The posterior's pixel counts depend on resolution, so it must match the data's."""
         if self.posterior_meta is not None and self.posterior_meta["resolution"] != resolution:
             raise ValueError(f"posterior was fitted at resolution {self.posterior_meta['resolution']} but images "
                              f"are {resolution}px: refit it at this resolution (laplace-fit) or resize the data")
