@@ -131,9 +131,11 @@ class DetectorBase(pl.LightningModule):
                 layer3 = v.layer3(v.layer2(v.layer1(v.stem(x))))
         if layer3.shape[1:] != (self.visual_channels, self.grid_size, self.grid_size):
             raise ValueError(f"CLIP layer3 map has shape {tuple(layer3.shape[1:])}, the model expects "
-                             f"({self.visual_channels}, {self.grid_size}, {self.grid_size}): set visual_channels/grid_size")
+                             f"({self.visual_channels}, {self.grid_size}, {self.grid_size}): "
+                             "set visual_channels/grid_size")
         if pooled is not None and pooled.shape[1] != self.pooled_dim:
-            raise ValueError(f"CLIP pooled vector has {pooled.shape[1]} dims, the model expects pooled_dim={self.pooled_dim}")
+            raise ValueError(f"CLIP pooled vector has {pooled.shape[1]} dims, the model expects "
+                             f"pooled_dim={self.pooled_dim}")
         return layer3, pooled
 
     def guidance_map(self, batch: dict, size: tuple[int, int]) -> torch.Tensor:
@@ -142,7 +144,8 @@ class DetectorBase(pl.LightningModule):
         for name in self.guidance:
             u = self.batch_tensor(batch, name)
             if u.ndim != 4 or u.shape[1] != MAP_CHANNELS:
-                raise ValueError(f"guidance map {name!r} has shape {tuple(u.shape)}, expected (B, {MAP_CHANNELS}, h, w)")
+                raise ValueError(f"guidance map {name!r} has shape {tuple(u.shape)}, "
+                                 f"expected (B, {MAP_CHANNELS}, h, w)")
             maps.append(u)
         return self.guidance_norm(F.adaptive_avg_pool2d(torch.cat(maps, dim=1).float(), size))
 
@@ -196,12 +199,14 @@ class DetectorBase(pl.LightningModule):
         return overall, table, per_generator
 
     def _register_hparams_metrics(self) -> None:
-        """Put the run's settings and its HP_METRICS into TensorBoard's hparams tab (once per process)."""
+        """Put the model's and datamodule's settings and HP_METRICS into TensorBoard's hparams tab (once)."""
         if self._hparams_registered:
             return
+        data = getattr(getattr(self.trainer, "datamodule", None), "hparams", {})
+        settings = {**self.hparams, **{f"data.{name}": value for name, value in data.items()}}
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.log_hyperparams(self.hparams, {name: float("nan") for name in HP_METRICS})
+                logger.log_hyperparams(settings, {name: float("nan") for name in HP_METRICS})
         self._hparams_registered = True
 
     def _write_predictions(self, table: dict[str, torch.Tensor], file_name: str) -> None:

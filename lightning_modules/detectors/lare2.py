@@ -16,7 +16,7 @@ class LaRE2Detector(DetectorBase):
 
     Spatial branch (always present): query = mean_n x_n + p_0, keys = values = x_n + p_n (learned
     positional embedding p, N+1 rows), `nn.MultiheadAttention` with `num_heads` heads of C/heads
-    (8 of 128 for RN50); refined = LayerNorm(query + attention). With `spatial=True` a 1×1 conv
+    dims (8 × 128 for RN50's C = 1024); refined = LayerNorm(query + attention). With `spatial=True` a 1×1 conv
     G→heads on u gives one additive bias per head and position on the attention logits (passed as
     the float `attn_mask` of shape (B·heads, 1, N)); without it the branch is plain attention pooling.
     Channel branch: pooled layer3 mean_n x_n; with `channel=True` it is gated by

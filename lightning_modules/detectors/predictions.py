@@ -58,7 +58,8 @@ def binary_metrics(p_fake: torch.Tensor, label: torch.Tensor) -> dict[str, torch
     return out
 
 
-def per_generator_metrics(table: dict[str, torch.Tensor], names: list[str] | None) -> dict[str, dict[str, torch.Tensor]]:
+def per_generator_metrics(table: dict[str, torch.Tensor],
+                          names: list[str] | None) -> dict[str, dict[str, torch.Tensor]]:
     """`binary_metrics` for each generator code present in the table, keyed by generator name."""
     out = {}
     for code in torch.unique(table["generator"]).tolist():
