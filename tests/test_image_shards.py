@@ -46,10 +46,14 @@ def collect(datamodule: ImageShardDataModule) -> tuple[list[dict], dict[str, dic
     return batches, by_key
 
 
-def expected_raw(path: Path, resolution: int = RESOLUTION) -> torch.Tensor:
+def pixels(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) in [-1, 1], written out here rather than imported from the code under test."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+
+def expected_raw(path: Path) -> torch.Tensor:
     with Image.open(path) as image:
-        rgb = to_rgb(image).resize((resolution, resolution), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(rgb, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+        return pixels(to_rgb(image).resize((RESOLUTION, RESOLUTION), Image.BILINEAR))
 
 
 def test_batches_follow_the_contract(shard_dir: Path) -> None:
@@ -150,8 +154,7 @@ def test_jpeg_aligned_reencodes_pngs_deterministically(shard_dir: Path) -> None:
         buffer = io.BytesIO()
         to_rgb(image).save(buffer, format="JPEG", quality=50)
     expected = Image.open(buffer).convert("RGB").resize((RESOLUTION, RESOLUTION), Image.BILINEAR)
-    assert torch.equal(aligned[0][key]["image"],
-                       torch.from_numpy(np.asarray(expected, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1)
+    assert torch.equal(aligned[0][key]["image"], pixels(expected))
 
 
 def test_jpeg_quality_drawn_from_real_images_per_key(shard_dir: Path) -> None:
@@ -184,8 +187,7 @@ def test_size_aligned_center_crops_and_filters(shard_dir: Path) -> None:
     key = next(k for k, r in manifest.items() if (r["width"], r["height"]) == (56, 40))
     with Image.open(shard_dir.parent / "root" / manifest[key]["path"]) as image:
         expected = center_square(to_rgb(image)).resize((RESOLUTION, RESOLUTION), Image.BILINEAR)
-    assert torch.equal(cropped[key]["image"],
-                       torch.from_numpy(np.asarray(expected, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1)
+    assert torch.equal(cropped[key]["image"], pixels(expected))
 
     datamodule = ImageShardDataModule(str(shard_dir), resolution=RESOLUTION, num_workers=0, protocol="size_aligned",
                                       size_filter=True)
@@ -201,6 +203,18 @@ def test_size_aligned_center_crops_and_filters(shard_dir: Path) -> None:
     assert datamodule.provenance()["size_filter"] is True
     with pytest.raises(ValueError, match="size protocols only"):
         ImageShardDataModule(str(shard_dir), size_filter=True)
+
+
+def test_jpeg_size_aligned_encodes_then_crops(shard_dir: Path) -> None:
+    manifest = {r["key"]: r for r in read_manifest(shard_dir)}
+    key = next(k for k, r in manifest.items() if (r["width"], r["height"]) == (56, 40))  # a real JPEG, not square
+    _, got = collect(ImageShardDataModule(str(shard_dir), resolution=RESOLUTION, num_workers=0,
+                                          protocol="jpeg_size_aligned", jpeg_quality=60))
+    with Image.open(shard_dir.parent / "root" / manifest[key]["path"]) as image:
+        buffer = io.BytesIO()
+        to_rgb(image).save(buffer, format="JPEG", quality=60)
+    expected = center_square(Image.open(buffer).convert("RGB")).resize((RESOLUTION, RESOLUTION), Image.BILINEAR)
+    assert torch.equal(got[key]["image"], pixels(expected))
 
 
 @pytest.mark.slow
