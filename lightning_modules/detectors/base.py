@@ -183,8 +183,9 @@ class DetectorBase(pl.LightningModule):
         names = getattr(getattr(self.trainer, "datamodule", None), "generator_names", None)
         return list(names) if names is not None else None
 
-    def _epoch_end(self, stage: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
-        """Log overall and per-generator metrics of the stage, reset them; return metrics and table."""
+    def _epoch_end(self, stage: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                              dict[str, dict[str, torch.Tensor]]]:
+        """Log the stage's overall and per-generator metrics and reset them; return (overall, table, per generator)."""
         collection, log = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_prediction_log")
         table = log.compute()
         overall, per_generator = {}, {}
