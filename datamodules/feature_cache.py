@@ -59,7 +59,11 @@ class _ShardImages:
 
     def __init__(self, store: FeatureStore) -> None:
         self.shard_dir, self.table = Path(store.provenance["shards"]), store.shard_table
-        self.preprocess = preprocessor_from_provenance(store.provenance)
+        try:
+            self.preprocess = preprocessor_from_provenance(store.provenance)
+        except KeyError as missing:
+            raise ValueError(f"feature store {store.path}: provenance has no {missing}, so images=True cannot rebuild "
+                             "phase 1's pixel pipeline (stores written by `python -m cli precompute` have it)") from None
         self._firsts = [int(s["first_row"]) for s in self.table]
         self._index: dict[int, dict[str, tuple[int, int]]] = {}
 
@@ -240,6 +244,8 @@ class FeatureCacheDataModule(pl.LightningDataModule):
                 if self.shapes.setdefault(name, store.feature_shapes[name]) != store.feature_shapes[name]:
                     raise ValueError(f"feature store {path}: {name} has shape {store.feature_shapes[name]}, other "
                                      f"stores {self.shapes[name]}")
+            if self.hparams.images:
+                _ShardImages(store)  # fail at setup, not in a worker, if the images cannot be paired
             todo = len(store.shard_table) - len(store.done_shards())
             if todo:
                 raise ValueError(f"feature store {path}: {todo} of {len(store.shard_table)} tars not computed yet "

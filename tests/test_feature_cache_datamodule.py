@@ -88,6 +88,8 @@ def test_clear_errors_for_bad_requests(tmp_path: Path, stores: tuple[str, str]) 
         FeatureCacheDataModule(features=["clip_layer3"], train=[stores[0]]).setup("fit")
     with pytest.raises(ValueError, match=r"generators \['midjourney'\] are in no store"):
         FeatureCacheDataModule(features=["deu"], train=[stores[0]], generators=["midjourney"]).setup("fit")
+    with pytest.raises(ValueError, match=r"provenance has no 'protocol', so images=True cannot rebuild"):
+        FeatureCacheDataModule(features=["deu"], train=[stores[0]], images=True).setup("fit")
     unfinished = make_store(tmp_path / "c", 0.0, ["adm"], done=False)
     with pytest.raises(ValueError, match="1 of 3 tars not computed yet"):
         FeatureCacheDataModule(features=["deu"], test=[str(unfinished.path)]).setup("test")
