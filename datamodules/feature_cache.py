@@ -281,7 +281,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
     def _dataset(self, split: str, parts: list[_Rows]) -> FeatureRows:
         in_memory = self.hparams.in_memory
         if in_memory:
-            needed = sum(len(p.rows) for p in parts) * self._row_bytes(self.stores[split][0])
+            needed = sum(len(p.rows) * self._row_bytes(self.stores[split][p.store]) for p in parts)
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
             if needed > _RAM_SHARE * available:
                 rank_zero_info(f"FeatureCacheDataModule: {split} needs {needed / 2**30:.1f} GiB, more than "
