@@ -9,7 +9,7 @@ workers with no shard simply yield nothing. Batch format: docs/contracts.md.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,26 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def tar_aligned_batches(batch_size: int) -> Callable[[Iterable[dict[str, Any]]], Iterator[dict[str, Any]]]:
+    """Batch a worker's samples so that no batch spans two tars.
+
+    A tar is read whole and in order by one worker, so each batch is then rows [kB, (k+1)B) of one tar
+    whatever the rank, worker count or set of tars already done. Identical batches give bit-identical
+    features (float kernels are not batch-invariant to the last bit), which is what makes a resumed or
+    multi-rank store equal to an uninterrupted single-process one.
+    """
+    def batches(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        pending: list[dict[str, Any]] = []
+        for sample in samples:
+            if pending and (len(pending) == batch_size or sample["shard_index"] != pending[0]["shard_index"]):
+                yield collate_samples(pending)
+                pending = []
+            pending.append(sample)
+        if pending:
+            yield collate_samples(pending)
+    return batches
+
+
 class NoShards(IterableDataset):
     """What a rank with no shard reads (WebDataset refuses an empty URL list)."""
 
@@ -179,8 +199,9 @@ class ImageShardDataModule(pl.LightningDataModule):
                                     {entry["name"]: k for k, entry in enumerate(self._index["shards"])})
             dataset = wds.WebDataset([str(self.shard_dir / entry["name"]) for entry in mine], nodesplitter=None,
                                      workersplitter=wds.split_by_worker, shardshuffle=False,
-                                     empty_check=False).map(decoder)
+                                     empty_check=False).map(decoder).compose(
+                                         tar_aligned_batches(self.hparams.batch_size))
         else:
             dataset = NoShards()
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers,
-                          collate_fn=collate_samples)
+        # Batching happens inside each worker (tar-aligned), so the DataLoader only forwards batches.
+        return DataLoader(dataset, batch_size=None, num_workers=self.hparams.num_workers)

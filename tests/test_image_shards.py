@@ -128,6 +128,20 @@ def test_exclude_shards(shard_dir: Path) -> None:
         datamodule.exclude_shards(["shard-000009.tar"])
 
 
+@pytest.mark.parametrize("num_workers, excluded", [(0, []), (2, []), (2, ["shard-000001.tar"])])
+def test_batches_are_tar_aligned_and_independent_of_workers_and_resume(shard_dir: Path, num_workers: int,
+                                                                      excluded: list[str]) -> None:
+    """Batch composition is a function of the tar alone: rows [0,3), [3,4) of every 4-image tar."""
+    datamodule = ImageShardDataModule(str(shard_dir), resolution=RESOLUTION, batch_size=3, num_workers=num_workers)
+    datamodule.exclude_shards(excluded)
+    batches, _ = collect(datamodule)
+    compositions = sorted(batch["row"].tolist() for batch in batches)
+    expected = [[0, 1, 2], [3], [4, 5, 6], [7], [8, 9, 10], [11], [12]]
+    excluded_rows = {4, 5, 6, 7} if excluded else set()
+    assert compositions == [rows for rows in expected if not set(rows) & excluded_rows]
+    assert all(len(set(batch["shard_index"].tolist())) == 1 for batch in batches)
+
+
 def test_rank_split_covers_every_shard_once_and_balances_samples() -> None:
     shards = [{"name": f"s{k}", "num_samples": n} for k, n in enumerate((7, 7, 7, 7, 3))]
     for world in range(1, 8):
