@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from datamodules.image_io import decode_rgb, jpeg_reencode
+from datamodules.perturbations import perturb
 
 Protocol = Literal["raw", "jpeg_aligned", "size_aligned", "jpeg_size_aligned"]
 JPEG_PROTOCOLS = ("jpeg_aligned", "jpeg_size_aligned")
@@ -70,6 +71,8 @@ class ImagePreprocessor:
     seed: int = 0
     # generator → (min, max) shorter side of its fake images; "" holds the range over all fakes.
     fake_side_ranges: tuple[tuple[str, int, int], ...] | None = None
+    # What happened to the file before the detector saw it (robustness sweep), e.g. ("jpeg", 75).
+    perturbation: tuple[str, float] = ("none", 0.0)
 
     def __post_init__(self) -> None:
         if self.protocol in JPEG_PROTOCOLS and self.jpeg_quality is None and not self.real_jpeg_qualities:
@@ -96,13 +99,32 @@ class ImagePreprocessor:
 
     def __call__(self, data: bytes, key: str, label: int, generator: str) -> torch.Tensor:
         """(3, R, R) float32 in [-1, 1]; raises on undecodable data or a protocol exclusion."""
-        image = decode_rgb(data)[1]
+        image = perturb(decode_rgb(data)[1], *self.perturbation)
         if self.protocol in JPEG_PROTOCOLS:
             image = jpeg_reencode(image, self.quality_for(key))
         if self.protocol in SIZE_PROTOCOLS:
             self._check_size(image, label, generator)
             image = center_square(image)
         return to_tensor(image.resize((self.resolution, self.resolution), Image.BILINEAR))
+
+    def effective_metadata(self, key: str, image_format: str, jpeg_quality: int | None, width: int,
+                           height: int) -> tuple[str, int | None, int, int]:
+        """(format, JPEG quality, width, height) of the image as this pipeline passes it to the final resize.
+
+        What a format-only reference may exploit under this protocol: under `jpeg_aligned` every image is a
+        JPEG of a quality drawn independently of its label, under `size_aligned` every image is square.
+        (Double compression of already-JPEG reals is not visible here; see the README.)
+        """
+        name, parameter = self.perturbation
+        if name == "jpeg":
+            image_format, jpeg_quality = "JPEG", int(parameter)
+        elif name == "downscale":
+            width, height = max(1, round(width * parameter)), max(1, round(height * parameter))
+        if self.protocol in JPEG_PROTOCOLS:
+            image_format, jpeg_quality = "JPEG", self.quality_for(key)
+        if self.protocol in SIZE_PROTOCOLS:
+            width = height = min(width, height)
+        return image_format, jpeg_quality, width, height
 
     def provenance(self) -> dict:
         """Everything that changes the pixels, for the store's attrs (stores of different settings never mix)."""
@@ -112,7 +134,7 @@ class ImagePreprocessor:
                 "jpeg_quality_source": ("fixed" if self.jpeg_quality is not None else "real-image distribution")
                 if jpeg else None,
                 "protocol_seed": self.seed if jpeg and self.jpeg_quality is None else None,
-                "size_filter": self.fake_side_ranges is not None}
+                "size_filter": self.fake_side_ranges is not None, "perturbation": list(self.perturbation)}
 
 
 def fake_side_ranges(labels: Sequence[int], generators: Sequence[str], widths: Sequence[int],

@@ -40,7 +40,8 @@ def balance(shards: list[dict[str, Any]], parts: int) -> list[list[dict[str, Any
 
 
 def build_preprocessor(shard_dir: str | Path, resolution: int, protocol: Protocol = "raw",
-                       jpeg_quality: int | None = None, seed: int = 0, size_filter: bool = False) -> ImagePreprocessor:
+                       jpeg_quality: int | None = None, seed: int = 0, size_filter: bool = False,
+                       perturbation: tuple[str, float] = ("none", 0.0)) -> ImagePreprocessor:
     """A protocol's image pipeline for one shard directory; reads the manifest only for the statistics it needs.
 
     Anything else that shows these images to a model (e.g. fine-tuning from the feature cache) should get
@@ -56,14 +57,14 @@ def build_preprocessor(shard_dir: str | Path, resolution: int, protocol: Protoco
         if size_filter:
             ranges = fake_side_ranges([r["label"] for r in manifest], [r["generator"] for r in manifest],
                                       [r["width"] for r in manifest], [r["height"] for r in manifest])
-    return ImagePreprocessor(resolution, protocol, jpeg_quality, qualities, seed, ranges)
+    return ImagePreprocessor(resolution, protocol, jpeg_quality, qualities, seed, ranges, tuple(perturbation))
 
 
 def preprocessor_from_provenance(provenance: Mapping[str, Any]) -> ImagePreprocessor:
     """The pipeline that `ImageShardDataModule.provenance()` describes (e.g. as saved in a feature store's attrs)."""
     return build_preprocessor(provenance["shards"], int(provenance["resolution"]), provenance["protocol"],
                               provenance["jpeg_quality"], provenance["protocol_seed"] or 0,
-                              bool(provenance["size_filter"]))
+                              bool(provenance["size_filter"]), tuple(provenance.get("perturbation", ("none", 0.0))))
 
 
 @dataclass(frozen=True)
@@ -142,17 +143,20 @@ class ImageShardDataModule(pl.LightningDataModule):
         seed: seed of the per-image quality draw (combined with each image's key).
         size_filter: under the size protocols, exclude real images outside the fakes' size range
             (they come out as zero images with an `error`).
+        perturbation: (name, parameter) applied to every decoded image first, for robustness sweeps
+            (datamodules/perturbations.py: jpeg, downscale, blur); ("none", 0) leaves images as they are.
     """
 
     def __init__(self, shards: str, resolution: int = 256, batch_size: int = 16, num_workers: int = 2,
                  protocol: Protocol = "raw", jpeg_quality: int | None = None, seed: int = 0,
-                 size_filter: bool = False) -> None:
+                 size_filter: bool = False, perturbation: tuple[str, float] = ("none", 0.0)) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.shard_dir = Path(shards)
         self._index = read_shard_index(self.shard_dir)
         self._excluded: set[str] = set()
-        self.preprocess = build_preprocessor(self.shard_dir, resolution, protocol, jpeg_quality, seed, size_filter)
+        self.preprocess = build_preprocessor(self.shard_dir, resolution, protocol, jpeg_quality, seed, size_filter,
+                                             perturbation)
 
     @property
     def generator_names(self) -> list[str]:
@@ -174,6 +178,19 @@ class ImageShardDataModule(pl.LightningDataModule):
         if unknown:
             raise ValueError(f"exclude_shards: {unknown} are not shards of {self.shard_dir}")
         self._excluded = names
+
+    def row_metadata(self) -> dict[str, list]:
+        """Per row: format, JPEG quality (-1: not JPEG), width, height as the protocol leaves them.
+
+        Stored with the features so a format-only reference can show whether a split is confounded.
+        """
+        columns: dict[str, list] = {"format": [], "jpeg_quality": [], "width": [], "height": []}
+        for row in read_manifest(self.shard_dir):
+            image_format, quality, width, height = self.preprocess.effective_metadata(
+                row["key"], row["format"], row["jpeg_quality"], row["width"], row["height"])
+            for name, value in zip(columns, (image_format, -1 if quality is None else quality, width, height)):
+                columns[name].append(value)
+        return columns
 
     def provenance(self) -> dict[str, Any]:
         """Shard directory and every read-time setting that changes pixels (goes into the feature store)."""

@@ -7,10 +7,11 @@ downscaling and Gaussian blur.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 
 from PIL import Image, ImageFilter
+
+from datamodules.image_io import jpeg_reencode
 
 # The sweep the evaluation reports, as (name, parameter) pairs.
 ROBUSTNESS_SWEEP: tuple[tuple[str, float], ...] = (
@@ -20,10 +21,7 @@ ROBUSTNESS_SWEEP: tuple[tuple[str, float], ...] = (
 
 def jpeg(image: Image.Image, quality: float) -> Image.Image:
     """Re-encode as JPEG at `quality` (libjpeg's 1..100 scale) and decode again."""
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="JPEG", quality=int(quality))
-    buffer.seek(0)
-    return Image.open(buffer).convert("RGB")
+    return jpeg_reencode(image.convert("RGB"), int(quality))
 
 
 def downscale(image: Image.Image, factor: float) -> Image.Image:

@@ -110,6 +110,7 @@ class FeatureStore:
         self.feature_dtype: str = attrs["feature_dtype"]
         self.shard_table: list[dict[str, Any]] = attrs["shards"]
         self.generator_names: list[str] = attrs["generator_names"]
+        self.row_metadata_names: list[str] = attrs.get("row_metadata", [])
         self._arrays: dict[str, zarr.Array] = {}
 
     @classmethod
@@ -117,7 +118,8 @@ class FeatureStore:
                labels: Sequence[int], generators: Sequence[int], generator_names: Sequence[str],
                feature_shapes: Mapping[str, Sequence[int]],
                feature_dtype: Literal["float16", "float32"], provenance: Mapping[str, Any],
-               rejected: Sequence[Mapping[str, str]] = ()) -> FeatureStore:
+               rejected: Sequence[Mapping[str, str]] = (),
+               row_metadata: Mapping[str, Sequence[Any]] | None = None) -> FeatureStore:
         """Preallocate every array (call on rank 0 only, before any writer starts).
 
         A complete store already at `path` made with the same provenance and layout is opened
@@ -126,20 +128,22 @@ class FeatureStore:
         path = Path(path)
         if feature_dtype not in FEATURE_DTYPES:
             raise ValueError(f"feature store {path}: feature_dtype {feature_dtype!r} is not one of {FEATURE_DTYPES}")
-        clash = set(feature_shapes) & set(_METADATA_ARRAYS)
+        row_metadata = dict(row_metadata or {})
+        clash = (set(feature_shapes) | set(row_metadata)) & set(_METADATA_ARRAYS) | set(feature_shapes) & set(row_metadata)
         if clash:
-            raise ValueError(f"feature store {path}: feature names {sorted(clash)} are reserved for metadata")
+            raise ValueError(f"feature store {path}: array names {sorted(clash)} are used twice or reserved for metadata")
         num_rows = len(keys)
         if not len(labels) == len(generators) == num_rows:
             raise ValueError(f"feature store {path}: {num_rows} keys, {len(labels)} labels, {len(generators)} generators")
         shard_size = _check_shard_table(shards, num_rows)
         layout = {"features": {k: list(v) for k, v in feature_shapes.items()}, "feature_dtype": feature_dtype,
-                  "shards": [dict(s) for s in shards], "generator_names": list(generator_names)}
+                  "shards": [dict(s) for s in shards], "generator_names": list(generator_names),
+                  "row_metadata": sorted(row_metadata)}
         if cls._is_complete(path):
             store = cls.open(path, expected_provenance=provenance, writable=True)
             stored_layout = {"features": {k: list(v) for k, v in store.feature_shapes.items()},
                              "feature_dtype": store.feature_dtype, "shards": store.shard_table,
-                             "generator_names": store.generator_names}
+                             "generator_names": store.generator_names, "row_metadata": store.row_metadata_names}
             store._raise_on_differences(stored_layout, layout)
             return store
         if path.exists() and any(path.iterdir()) and not (path / "zarr.json").exists():
@@ -161,6 +165,11 @@ class FeatureStore:
         group.create_array("generator", dtype="int16", fill_value=-1, **per_row)[:] = np.asarray(generators, dtype=np.int16)
         group.create_array("key", dtype=str, **per_row)[:] = np.asarray(list(keys), dtype=str)
         group.create_array("error", dtype=str, **per_row)
+        for name, values in row_metadata.items():  # per-image facts beside the features, e.g. file format
+            values = np.asarray(list(values))
+            if len(values) != num_rows:
+                raise ValueError(f"feature store {path}: row metadata {name} has {len(values)} values for {num_rows} rows")
+            group.create_array(name, dtype=str if values.dtype.kind in "UO" else values.dtype, **per_row)[:] = values
         group.create_array("done", shape=(len(shards),), chunks=(1,), dtype=bool, fill_value=False)
         group.attrs["feature_store"] = {"format": FORMAT_VERSION, "complete": True}
         return cls(path, group)
@@ -203,7 +212,7 @@ class FeatureStore:
     def array(self, name: str) -> zarr.Array:
         """A feature or metadata array by name (opened once, then cached)."""
         if name not in self._arrays:
-            if name not in self.feature_shapes and name not in _METADATA_ARRAYS:
+            if name not in (*self.feature_shapes, *_METADATA_ARRAYS, *self.row_metadata_names):
                 raise KeyError(f"feature store {self.path}: no array {name!r} "
                                f"(features: {', '.join(self.feature_shapes)})")
             self._arrays[name] = self._group[name]
@@ -239,6 +248,11 @@ class FeatureStore:
             self.array(feature)[start:stop] = np.asarray(values, dtype=self.feature_dtype)
         self.array("error")[start:stop] = np.asarray(list(errors), dtype=str)
         self.array("done")[index] = True
+
+    def row_metadata(self) -> dict[str, np.ndarray]:
+        """Per-row facts stored beside the features; from precompute: format, jpeg_quality (-1: not JPEG),
+        width, height as the read-time protocol leaves them."""
+        return {name: self.array(name)[:] for name in self.row_metadata_names}
 
     def labels(self) -> np.ndarray:
         return self.array("label")[:]

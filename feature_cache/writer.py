@@ -90,7 +90,8 @@ class ZarrFeatureWriter(BasePredictionWriter):
         FeatureStore.create(self.path, shards=datamodule.shard_table(), keys=manifest.keys, labels=manifest.labels,
                             generators=[code[g] for g in manifest.generators], generator_names=names,
                             feature_shapes=feature_shapes, feature_dtype=self.feature_dtype,
-                            provenance=provenance, rejected=read_rejected(shard_dir))
+                            provenance=provenance, rejected=read_rejected(shard_dir),
+                            row_metadata=datamodule.row_metadata() if hasattr(datamodule, "row_metadata") else None)
 
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
