@@ -1,8 +1,8 @@
 """Phase 2 data: rows of one or more feature stores (and, for fine-tuning, their images) as batches.
 
 Batch (docs/contracts.md): one float32 tensor per requested feature, `label` int64, `generator` int64
-(codes into `generator_names`, the union over all stores), `row` int64 (row in its store), and
-`image` (B, 3, R, R) in [-1, 1] when `images=True`.
+(codes into `generator_names`, the union over all stores), `row` int64 (row in its store), `store` int64
+(index of that store in the split's list), and `image` (B, 3, R, R) in [-1, 1] when `images=True`.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def contiguous_runs(rows: np.ndarray) -> list[tuple[int, int]]:
     return [(int(run[0]), int(run[-1]) + 1) for run in np.split(rows, breaks)]
 
 
-class _ShardImages:
+class ShardImages:
     """Random access to the images inside a store's WebDataset tars (member offsets indexed once per tar).
 
     Pixels go through the phase-1 pipeline rebuilt from the store's provenance (resize, JPEG and size
@@ -98,7 +98,7 @@ class FeatureRows(Dataset):
         self.images, self.augment, self.crop_scale = images, augment, crop_scale
         self.part_of = np.concatenate([np.full(len(p.rows), k) for k, p in enumerate(parts)] or [np.zeros(0, int)])
         self.position = np.concatenate([np.arange(len(p.rows)) for p in parts] or [np.zeros(0, int)])
-        self._opened: tuple[int, list[FeatureStore], list[_ShardImages | None]] | None = None
+        self._opened: tuple[int, list[FeatureStore], list[ShardImages | None]] | None = None
         self.memory = [self._load(p) for p in parts] if in_memory else None
 
     def __len__(self) -> int:
@@ -108,11 +108,11 @@ class FeatureRows(Dataset):
         """Spawned workers reopen the stores themselves instead of receiving open handles."""
         return {**self.__dict__, "_opened": None}
 
-    def _stores(self) -> tuple[list[FeatureStore], list[_ShardImages | None]]:
+    def _stores(self) -> tuple[list[FeatureStore], list[ShardImages | None]]:
         """Stores opened in this process (the zarr sync API's event loop must not cross a fork)."""
         if self._opened is None or self._opened[0] != os.getpid():
             stores = [FeatureStore.open(path) for path in self.paths]
-            images = [_ShardImages(s) if self.images else None for s in stores]
+            images = [ShardImages(s) if self.images else None for s in stores]
             self._opened = (os.getpid(), stores, images)
         return self._opened[1], self._opened[2]
 
@@ -146,13 +146,14 @@ class FeatureRows(Dataset):
         indices = np.asarray(indices)
         parts, positions = self.part_of[indices], self.position[indices]
         batch = {name: torch.empty((len(indices), *self.shapes[name])) for name in self.features}
-        for name in ("label", "generator", "row"):
+        for name in ("label", "generator", "row", "store"):
             batch[name] = torch.empty(len(indices), dtype=torch.int64)
         for k in np.unique(parts):
             slots = np.flatnonzero(parts == k)
             part, where = self.parts[k], positions[slots]
             columns = {**self._read(int(k), where), "label": part.labels[where],
-                       "generator": part.generators[where], "row": part.rows[where]}
+                       "generator": part.generators[where], "row": part.rows[where],
+                       "store": np.full(len(where), part.store)}
             contiguous = slots[-1] - slots[0] + 1 == len(slots)
             for name, values in columns.items():
                 source = torch.from_numpy(values)
@@ -245,7 +246,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
                     raise ValueError(f"feature store {path}: {name} has shape {store.feature_shapes[name]}, other "
                                      f"stores {self.shapes[name]}")
             if self.hparams.images:
-                _ShardImages(store)  # fail at setup, not in a worker, if the images cannot be paired
+                ShardImages(store)  # fail at setup, not in a worker, if the images cannot be paired
             todo = len(store.shard_table) - len(store.done_shards())
             if todo:
                 raise ValueError(f"feature store {path}: {todo} of {len(store.shard_table)} tars not computed yet "
