@@ -235,6 +235,10 @@ class FeatureCacheDataModule(pl.LightningDataModule):
             if self.stores[split]:
                 self.datasets[split] = self._dataset(split, parts)
 
+    def feature_provenance(self) -> dict[str, Any] | None:
+        """Provenance of the first train store: what a checkpoint needs to recompute features from raw images."""
+        return FeatureStore.open(self.stores["train"][0]).provenance if self.stores["train"] else None
+
     def _check(self, opened: dict[str, FeatureStore]) -> None:
         """Every store has every requested feature with one shape, every tar done, and known filter names."""
         for path, store in opened.items():

@@ -19,7 +19,7 @@ from lightning_modules.feature_extractor import FeatureExtractor
 from lightning_modules.laplace_fit import LaplaceFit
 from lightning_modules.uncertainty import conv3x3_ggn_sums
 
-from feature_cache_fakes import make_shard_dir, marker_image
+from feature_cache_fakes import RAW_PROTOCOL, make_shard_dir, marker_image
 
 REPO = Path(__file__).resolve().parents[1]
 RES, T, N, SHARD = 64, 200, 2, 8
@@ -40,7 +40,8 @@ def build_store(path: Path, extractor: FeatureExtractor, num_rows: int) -> str:
     store = FeatureStore.create(path, shards=table, keys=keys, labels=[r % 2 for r in range(num_rows)],
                                 generators=[(r // 2) % 2 for r in range(num_rows)], generator_names=GENERATORS,
                                 feature_shapes=extractor.feature_shapes(RES), feature_dtype="float32",
-                                provenance={**extractor.provenance(), "resolution": RES, "shards": str(shard_dir)})
+                                provenance={**extractor.provenance(), "resolution": RES, "shards": str(shard_dir),
+                                            **RAW_PROTOCOL})
     for k, entry in enumerate(table):
         rows = list(range(entry["first_row"], entry["first_row"] + entry["num_samples"]))
         b = len(rows)

@@ -21,6 +21,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryAveragePrecision, BinaryRecall,
                                          BinarySpecificity)
 
+from lightning_modules.evaluation import Predictions, choose_threshold
 from lightning_modules.detectors.predictions import PredictionLog, per_generator_metrics, write_predictions_csv
 from lightning_modules.pretrained import ClipVisual, load_clip_rn50
 
@@ -84,6 +85,10 @@ class DetectorBase(pl.LightningModule):
                 "real_acc": BinarySpecificity(), "fake_acc": BinaryRecall()}, prefix=f"{stage}_"))
             setattr(self, f"{stage}_prediction_log", PredictionLog())
         self.test_predictions: dict[str, torch.Tensor] = {}
+        # Decision threshold on p_fake, chosen on validation predictions (never on test) and saved with the
+        # checkpoint, so test accuracy and `predict` use the threshold the model was selected with.
+        self.register_buffer("val_threshold", torch.tensor(0.5))
+        self.feature_provenance: dict | None = None
         self._hparams_registered = False
 
     @property
@@ -160,7 +165,7 @@ class DetectorBase(pl.LightningModule):
         p_fake = output.logits.detach().softmax(dim=-1)[:, 1]
         getattr(self, f"{stage}_metrics").update(p_fake, label)
         getattr(self, f"{stage}_prediction_log").update(p_fake, label, self.batch_tensor(batch, "generator"),
-                                                        self.batch_tensor(batch, "row"))
+                                                        self.batch_tensor(batch, "row"), batch.get("store"))
         for name, value in losses.items():
             self.log(f"{stage}_{name}", value, on_step=stage == "train", on_epoch=True, batch_size=label.shape[0],
                      sync_dist=stage != "train", prog_bar=name == "loss")
@@ -192,7 +197,8 @@ class DetectorBase(pl.LightningModule):
         if table["row"].numel():
             overall = collection.compute()
             self.log_dict(overall)
-            per_generator = per_generator_metrics(table, self._generator_names())
+            threshold = float(self.val_threshold) if stage == "test" else 0.5
+            per_generator = per_generator_metrics(table, self._generator_names(), threshold)
             for generator, values in per_generator.items():
                 self.log_dict({f"{stage}_{metric}/{generator}": value for metric, value in values.items()})
         collection.reset()
@@ -216,9 +222,21 @@ class DetectorBase(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self._register_hparams_metrics()
+        provenance = getattr(getattr(self.trainer, "datamodule", None), "feature_provenance", None)
+        self.feature_provenance = provenance() if callable(provenance) else None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Record what `predict` needs to rebuild the inputs from raw images: the class and feature provenance."""
+        checkpoint["detector_class"] = type(self).__name__
+        checkpoint["feature_provenance"] = self.feature_provenance
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.feature_provenance = checkpoint.get("feature_provenance")
 
     def on_test_start(self) -> None:
         self._register_hparams_metrics()
+        for name in ("acc", "real_acc", "fake_acc"):
+            self.test_metrics[name].threshold = float(self.val_threshold)
 
     def on_train_epoch_end(self) -> None:
         self._epoch_end("train")
@@ -229,6 +247,11 @@ class DetectorBase(pl.LightningModule):
             return
         self.log_dict({f"hp/val_{m}": overall[f"val_{m}"] for m in ("acc", "ap", "auroc")})
         self._write_predictions(table, "val_predictions.csv")
+        labelled = table["label"] >= 0
+        self.val_threshold.fill_(choose_threshold(Predictions(table["p_fake"][labelled].cpu().numpy(),
+                                                              table["label"][labelled].cpu().numpy(),
+                                                              table["generator"][labelled].cpu().numpy())))
+        self.log("val_threshold", self.val_threshold)
 
     def on_test_epoch_end(self) -> None:
         overall, table, per_generator = self._epoch_end("test")

@@ -15,13 +15,13 @@ from torchmetrics.functional.classification import (binary_accuracy, binary_auro
                                                      binary_recall, binary_specificity)
 from torchmetrics.utilities import dim_zero_cat
 
-FIELDS = ("p_fake", "label", "generator", "row")
+FIELDS = ("p_fake", "label", "generator", "row", "store")
 
 
 class PredictionLog(Metric):
-    """Collects (p_fake, label, generator, row) for every row; `compute` returns them in batch order.
+    """Collects (p_fake, label, generator, row, store) for every row; `compute` returns them in batch order.
 
-    Rows are not de-duplicated: `row` is a row within its store and a split may span several stores.
+    (store, row) identifies an image: `row` is a row within its store and a split may span several stores.
     Under DDP the distributed sampler repeats at most world_size − 1 rows to even out the ranks.
     """
 
@@ -32,11 +32,13 @@ class PredictionLog(Metric):
         for name in FIELDS:
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
-    def update(self, p_fake: torch.Tensor, label: torch.Tensor, generator: torch.Tensor, row: torch.Tensor) -> None:
+    def update(self, p_fake: torch.Tensor, label: torch.Tensor, generator: torch.Tensor, row: torch.Tensor,
+               store: torch.Tensor | None = None) -> None:
         self.p_fake.append(p_fake.detach().float())
         self.label.append(label.detach().long())
         self.generator.append(generator.detach().long())
         self.row.append(row.detach().long())
+        self.store.append(torch.zeros_like(self.row[-1]) if store is None else store.detach().long())
 
     def compute(self) -> dict[str, torch.Tensor]:
         if isinstance(self.row, list) and not self.row:  # after a DDP sync the states are tensors
@@ -44,27 +46,27 @@ class PredictionLog(Metric):
         return {name: dim_zero_cat(getattr(self, name)) for name in FIELDS}
 
 
-def binary_metrics(p_fake: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
-    """ACC, real ACC (specificity), fake ACC (recall), and AP/AUROC, each only where it is defined."""
+def binary_metrics(p_fake: torch.Tensor, label: torch.Tensor, threshold: float = 0.5) -> dict[str, torch.Tensor]:
+    """ACC, real ACC (specificity), fake ACC (recall) at `threshold`, and AP/AUROC, each only where defined."""
     real, fake = (label == 0).any(), (label == 1).any()
-    out = {"acc": binary_accuracy(p_fake, label)}
+    out = {"acc": binary_accuracy(p_fake, label, threshold)}
     if real:
-        out["real_acc"] = binary_specificity(p_fake, label)
+        out["real_acc"] = binary_specificity(p_fake, label, threshold)
     if fake:
-        out["fake_acc"] = binary_recall(p_fake, label)
+        out["fake_acc"] = binary_recall(p_fake, label, threshold)
     if real and fake:
         out["ap"] = binary_average_precision(p_fake, label)
         out["auroc"] = binary_auroc(p_fake, label)
     return out
 
 
-def per_generator_metrics(table: dict[str, torch.Tensor],
-                          names: list[str] | None) -> dict[str, dict[str, torch.Tensor]]:
+def per_generator_metrics(table: dict[str, torch.Tensor], names: list[str] | None,
+                          threshold: float = 0.5) -> dict[str, dict[str, torch.Tensor]]:
     """`binary_metrics` for each generator code present in the table, keyed by generator name."""
     out = {}
     for code in torch.unique(table["generator"]).tolist():
         rows = table["generator"] == code
-        out[generator_name(code, names)] = binary_metrics(table["p_fake"][rows], table["label"][rows])
+        out[generator_name(code, names)] = binary_metrics(table["p_fake"][rows], table["label"][rows], threshold)
     return out
 
 
@@ -74,12 +76,13 @@ def generator_name(code: int, names: list[str] | None) -> str:
 
 
 def write_predictions_csv(table: dict[str, torch.Tensor], names: list[str] | None, path: Path) -> Path:
-    """CSV with columns row, generator (name), generator_code, label, p_fake: the evaluation step's input."""
+    """CSV with columns store, row, generator (name), generator_code, label, p_fake: the evaluation step's input."""
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = {name: values.cpu().tolist() for name, values in table.items()}
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["row", "generator", "generator_code", "label", "p_fake"])
-        for row, code, label, p in zip(columns["row"], columns["generator"], columns["label"], columns["p_fake"]):
-            writer.writerow([row, generator_name(code, names), code, label, f"{p:.6g}"])
+        writer.writerow(["store", "row", "generator", "generator_code", "label", "p_fake"])
+        for store, row, code, label, p in zip(columns["store"], columns["row"], columns["generator"], columns["label"],
+                                              columns["p_fake"]):
+            writer.writerow([store, row, generator_name(code, names), code, label, f"{p:.6g}"])
     return path
