@@ -28,7 +28,8 @@ def _metadata(store: FeatureStore, rows: np.ndarray) -> ImageMetadata | None:
     if not {"format", "jpeg_quality", "width", "height"} <= columns.keys():
         return None
     quality = columns["jpeg_quality"][rows].astype(float)
-    return ImageMetadata(columns["format"][rows].astype(str), np.where(quality < 0, np.nan, quality),
+    formats = np.array(columns["format"][rows].tolist(), dtype=object)  # zarr strings are StringDType
+    return ImageMetadata(formats, np.where(quality < 0, np.nan, quality),
                          columns["width"][rows], columns["height"][rows])
 
 
