@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -180,3 +182,19 @@ def test_configuration_errors_are_one_clear_line(tiny_model_paths):
         LaRE2Detector(guidance=[])
     with pytest.raises(KeyError, match="'deu'.*request it from the datamodule"):
         DEUADetector(visual_channels=CHANNELS)({"clip_layer3": torch.rand(2, CHANNELS, GRID, GRID)})
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_gathers_every_prediction(tmp_path):
+    """ddp_spawn on CPU/gloo: metric states are gathered, and rank 0 writes all test rows (no collective hangs)."""
+    data = SyntheticDataModule(n_train=32, n_eval=30, batch_size=8)
+    logger = TensorBoardLogger(tmp_path, name="lare2", version="ddp", default_hp_metric=False)
+    trainer = _trainer(tmp_path, max_epochs=1, devices=2, strategy="ddp_spawn", logger=logger)
+    model = _detector("lare2", ["lare"])
+    trainer.fit(model, data)
+    trainer.test(model, data)
+    with open(tmp_path / "lare2" / "ddp" / "test_predictions.csv", newline="") as handle:
+        saved = list(csv.DictReader(handle))
+    assert sorted(int(r["row"]) for r in saved) == list(range(30))
+    assert all(int(r["label"]) == int(r["row"]) % 2 for r in saved)
+    assert (tmp_path / "lare2" / "ddp" / "val_predictions.csv").is_file()

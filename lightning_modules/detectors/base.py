@@ -217,8 +217,9 @@ class DetectorBase(pl.LightningModule):
         self._hparams_registered = True
 
     def _write_predictions(self, table: dict[str, torch.Tensor], file_name: str) -> None:
-        if self.trainer.is_global_zero and self.trainer.log_dir is not None:
-            write_predictions_csv(table, self._generator_names(), Path(self.trainer.log_dir) / file_name)
+        log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank must ask, rank 0 writes
+        if self.trainer.is_global_zero and log_dir is not None:
+            write_predictions_csv(table, self._generator_names(), Path(log_dir) / file_name)
 
     def on_fit_start(self) -> None:
         self._register_hparams_metrics()
