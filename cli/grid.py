@@ -65,7 +65,8 @@ def grid(rows: Path, base: Path | None = None, extra: list[Path] | None = None, 
         if test:
             commands.append(_cli("test", *configs, "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")))
         for command in commands:
-            print("python " + " ".join(command[1:]) if dry_run else f"grid row {row.stem}: {' '.join(command[2:])}", flush=True)
+            shown = "python " + " ".join(command[1:])
+            print(shown if dry_run else f"grid row {row.stem}: {shown}", flush=True)
             if not dry_run and subprocess.run(command).returncode:
                 failed.append(f"{row.stem} ({command[3]})")
                 break
