@@ -1,4 +1,7 @@
-"""LightningCLI for everything that is a Trainer run: fit, validate, test, predict, precompute, laplace-fit."""
+"""LightningCLI for the Trainer runs over configs: fit, validate, test, precompute, laplace-fit.
+
+`predict` (raw images with a trained detector) is a plain command: it builds its Trainer from a checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import lightning_modules  # noqa: F401
 from cli.trainer import ForensicsTrainer
 
 # Subcommand names as typed; LightningCLI needs the Trainer method's name.
-TRAINER_SUBCOMMANDS = {"fit": "fit", "validate": "validate", "test": "test", "predict": "predict",
+TRAINER_SUBCOMMANDS = {"fit": "fit", "validate": "validate", "test": "test",
                        "precompute": "precompute", "laplace-fit": "laplace_fit"}
 
 

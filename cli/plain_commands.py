@@ -81,4 +81,41 @@ def compare(runs_dir: Path, sort_by: str = "test_acc", metrics: list[str] | None
     compare_runs(runs_dir, sort_by, metrics)
 
 
-PLAIN_COMMANDS = {"shards": shards, "tiny-models": tiny_models, "demo": demo, "compare": compare, "grid": grid}
+def predict(*, ckpt: str, data: str, out: str = "predictions.csv", batch_size: int = 8, num_workers: int = 2,
+            accelerator: str = "auto") -> None:
+    """Score raw images (a file or a folder, any size or format) with a trained detector; write a CSV.
+
+    Features are computed on the fly with the extractor the detector's cache was made with (no cache).
+
+    Args:
+        ckpt: detector checkpoint from `python -m cli fit`.
+        data: an image file or a folder (searched recursively); unreadable files get a row with the error.
+        out: CSV with path, p_fake, prediction, error.
+        batch_size: images per batch.
+        num_workers: decoding processes.
+        accelerator: cpu, gpu or auto.
+    """
+    from cli.predict import predict_folder
+
+    predict_folder(ckpt, data, out, batch_size, num_workers, accelerator)
+
+
+def robustness(*, ckpt: str, shards: str, out: str = "robustness", batch_size: int = 8, num_workers: int = 2,
+               accelerator: str = "auto") -> None:
+    """Accuracy and AP of a trained detector under JPEG (95/75/50), downscaling (0.75/0.5) and blur.
+
+    Args:
+        ckpt: detector checkpoint from `python -m cli fit`.
+        shards: labelled shard directory to evaluate on (e.g. the test split's).
+        out: directory for robustness.md and robustness.csv.
+        batch_size: images per batch.
+        num_workers: decoding processes.
+        accelerator: cpu, gpu or auto.
+    """
+    from cli.predict import robustness_sweep
+
+    robustness_sweep(ckpt, shards, out, batch_size, num_workers, accelerator)
+
+
+PLAIN_COMMANDS = {"shards": shards, "tiny-models": tiny_models, "demo": demo, "compare": compare, "grid": grid,
+                  "predict": predict, "robustness": robustness}

@@ -10,6 +10,7 @@ matters to phase 2 (ModifiedResNet: layer3 map at /16, attention pooling).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -95,7 +96,11 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
         "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}}
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=1))
     torch.manual_seed(seed)
-    model = open_clip.create_model(f"local-dir:{out}", pretrained=None, load_weights=False)
+    logging.disable(logging.WARNING)  # open_clip warns that the directory has no weights yet: we are writing them
+    try:
+        model = open_clip.create_model(f"local-dir:{out}", pretrained=None, load_weights=False)
+    finally:
+        logging.disable(logging.NOTSET)
     torch.save(model.state_dict(), out / "open_clip_pytorch_model.bin")
     return out
 
