@@ -61,8 +61,34 @@ def comparison_table(runs: list[dict[str, object]], metrics: list[str] | None, s
     return sorted(rows, key=key)
 
 
+def protocol_tables_side_by_side(runs_dir: Path) -> str | None:
+    """Every run's protocol table (from `test`) as ACC and AUROC columns per run, one row per generator.
+
+    Runs of one detector under different protocols (raw, jpeg_aligned, ...) then read side by side,
+    with the format-only reference row showing which of them are confounded.
+    """
+    tables = {}
+    for path in sorted(Path(runs_dir).rglob("protocol_table.csv")):
+        title = (path.with_suffix(".md").read_text().splitlines() or [""])[0]
+        protocol = title.split("protocol ")[1].split(",")[0] if "protocol " in title else "?"
+        with open(path, newline="") as handle:
+            tables[f"{path.parent.relative_to(runs_dir)} ({protocol})"] = {r["generator"]: r for r in csv.DictReader(handle)}
+    if not tables:
+        return None
+    generators = list(dict.fromkeys(g for table in tables.values() for g in table))
+    header = ["generator"] + [f"{run} {metric}" for run in tables for metric in ("ACC", "AUROC")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for generator in generators:
+        cells = [generator]
+        for table in tables.values():
+            row = table.get(generator)
+            cells += [f"{100 * float(row[m]):.1f}" if row else "" for m in ("acc", "auroc")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def compare_runs(runs_dir: Path, sort_by: str = "test_acc", metrics: list[str] | None = None) -> list[dict]:
-    """Print the table as Markdown and write RUNS_DIR/compare.{md,csv}."""
+    """Print the table as Markdown and write RUNS_DIR/compare.{md,csv} (and protocol_tables.md after `test`)."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         raise SystemExit(f"python -m cli compare: {runs_dir} is not a directory")
@@ -80,4 +106,8 @@ def compare_runs(runs_dir: Path, sort_by: str = "test_acc", metrics: list[str] |
         writer.writeheader()
         writer.writerows(rows)
     print(markdown)
+    side_by_side = protocol_tables_side_by_side(runs_dir)
+    if side_by_side:
+        (runs_dir / "protocol_tables.md").write_text(side_by_side)
+        print(side_by_side)
     return rows
