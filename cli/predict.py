@@ -67,10 +67,11 @@ def robustness_sweep(ckpt: str, shards: str, out: str, batch_size: int, num_work
     model, provenance = OnTheFlyDetector.from_checkpoint(ckpt)
     results = []
     for name, parameter in ROBUSTNESS_SWEEP:
-        datamodule = ImageShardDataModule(shards, int(provenance["resolution"]), batch_size, num_workers,
-                                          provenance["protocol"], provenance["jpeg_quality"],
-                                          provenance["protocol_seed"] or 0, bool(provenance["size_filter"]),
-                                          (name, parameter))
+        datamodule = ImageShardDataModule(
+            shards, resolution=int(provenance["resolution"]), batch_size=batch_size, num_workers=num_workers,
+            protocol=provenance["protocol"], jpeg_quality=provenance["jpeg_quality"],
+            seed=provenance["protocol_seed"] or 0, size_filter=bool(provenance["size_filter"]),
+            perturbation=(name, parameter))
         rows = [r for r in _predict(model, datamodule, accelerator) if not r["error"] and r["label"] >= 0]
         preds = Predictions(np.array([r["p_fake"] for r in rows]), np.array([r["label"] for r in rows]),
                             np.array(["all"] * len(rows)))
