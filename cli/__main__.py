@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
+from pathlib import Path
 
 from jsonargparse import CLI
 
 from cli.plain_commands import PLAIN_COMMANDS
 from cli.lightning_cli import TRAINER_SUBCOMMANDS, run_lightning_cli
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _usage() -> str:
@@ -19,17 +24,41 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _input_error(error: BaseException | None) -> BaseException | None:
+    """The first error in the cause/context chain that this project raised about its input.
+
+    Our input checks raise ValueError/FileNotFoundError/KeyError with one-line messages; libraries wrap
+    them (jsonargparse, Lightning), so the chain is searched for one whose traceback ends in our code.
+    """
+    while error is not None:
+        frames = traceback.extract_tb(error.__traceback__)
+        if isinstance(error, (ValueError, FileNotFoundError, KeyError)) and frames \
+                and Path(frames[-1].filename).resolve().is_relative_to(REPO):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return
-    if argv[0] in PLAIN_COMMANDS:
-        CLI(PLAIN_COMMANDS[argv[0]], args=argv[1:], prog=f"python -m cli {argv[0]}")
-    elif argv[0] in TRAINER_SUBCOMMANDS:
-        run_lightning_cli(argv)
-    else:
+    if argv[0] not in PLAIN_COMMANDS and argv[0] not in TRAINER_SUBCOMMANDS:
         sys.exit(f"python -m cli: unknown subcommand {argv[0]!r}\n{_usage()}")
+    try:
+        if argv[0] in PLAIN_COMMANDS:
+            CLI(PLAIN_COMMANDS[argv[0]], args=argv[1:], prog=f"python -m cli {argv[0]}")
+        else:
+            run_lightning_cli(argv)
+    except Exception as error:
+        # Bad input (a missing model, a store of another config, a corrupt posterior...) is one line, not a
+        # traceback through jsonargparse and Lightning; CLI_TRACEBACK=1 shows the whole chain.
+        cause = _input_error(error)
+        if cause is None or os.environ.get("CLI_TRACEBACK") == "1":
+            raise
+        message = " ".join(str(cause.args[0] if isinstance(cause, KeyError) and cause.args else cause).split())
+        sys.exit(f"python -m cli {argv[0]}: {message}  (CLI_TRACEBACK=1 for the traceback)")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ weights that hash differently are refused, so predictions use exactly the featur
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,6 +22,8 @@ DETECTORS = {cls.__name__: cls for cls in (DEUADetector, LaRE2Detector)}
 
 def load_detector(checkpoint_path: str) -> tuple[DetectorBase, dict[str, Any]]:
     """The detector in a checkpoint and the feature provenance it was trained with."""
+    if not Path(checkpoint_path).is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint_path}: no such file (a last.ckpt from `python -m cli fit`)")
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
     name, provenance = checkpoint.get("detector_class"), checkpoint.get("feature_provenance")
     if name not in DETECTORS or not provenance:

@@ -95,8 +95,9 @@ def load_stable_diffusion(path_or_id: str, dtype: torch.dtype = torch.float32,
         scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
     except OSError as err:
         raise ModelNotFoundError(
-            f"Stable Diffusion weights {path_or_id!r} could not be loaded ({str(err).splitlines()[0]}); "
-            "no model hub is reachable here: pass a local diffusers-layout directory instead") from err
+            f"Stable Diffusion weights {path_or_id!r}: no such local directory, and as a hub id it could not be "
+            f"loaded ({str(err).splitlines()[0]}); no model hub is reachable here: pass a local diffusers-layout "
+            "directory (or build tiny ones with `python -m cli tiny-models DIR`)") from err
     for module in (vae, unet, text_encoder):
         module.to(device).eval().requires_grad_(False)
     return StableDiffusionParts(vae, unet, text_encoder, tokenizer, scheduler, source)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +40,14 @@ def test_tiny_models_command_writes_loadable_models(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "sd" / "unet" / "config.json").is_file()
     assert (tmp_path / "clip" / "open_clip_config.json").is_file()
+
+
+def test_bad_input_is_one_line_naming_it(tmp_path):
+    result = _run("precompute", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "precompute.yaml"), "--model.init_args.sd", str(tmp_path / "no-sd"),
+                  "--store", str(tmp_path / "store.zarr"))
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("python -m cli")]
+    assert len(errors) == 1 and "Stable Diffusion weights not found at" in errors[0] and "no-sd" in errors[0]
+    assert "Traceback" not in result.stderr
+    result = _run("predict", "--ckpt", str(tmp_path / "missing.ckpt"), "--data", str(tmp_path))
+    assert result.returncode != 0 and "checkpoint" in result.stderr and "missing.ckpt: no such file" in result.stderr
