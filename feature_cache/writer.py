@@ -9,7 +9,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar
 
 from feature_cache.manifest import read_manifest, read_rejected
 from feature_cache.store import FeatureStore
@@ -60,6 +60,7 @@ class ZarrFeatureWriter(BasePredictionWriter):
         self.feature_dtype = feature_dtype
         self.store: FeatureStore | None = None
         self._pending: dict[int, _TarBuffer] = {}
+        self._done_before = self._written = 0  # tars done before this run / written by this process
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -73,8 +74,10 @@ class ZarrFeatureWriter(BasePredictionWriter):
             self._create_or_open(provenance, datamodule, pl_module.feature_shapes(data_provenance["resolution"]))
         trainer.strategy.barrier("zarr_feature_writer_setup")
         self.store = FeatureStore.open(self.path, expected_provenance=provenance, writable=True)
-        datamodule.exclude_shards(self.store.done_shards())
+        done = self.store.done_shards()
+        datamodule.exclude_shards(done)
         self._pending = {}
+        self._done_before, self._written = len(done), 0
 
     def _create_or_open(self, provenance: dict[str, Any], datamodule: pl.LightningDataModule,
                         feature_shapes: dict[str, tuple[int, ...]]) -> None:
@@ -123,6 +126,17 @@ class ZarrFeatureWriter(BasePredictionWriter):
             if buffer.filled.all():
                 store.write_shard(shard_index, buffer.arrays, buffer.errors)
                 del self._pending[shard_index]
+                self._written += 1
+                self._show_progress(trainer)
+
+    def _show_progress(self, trainer: pl.Trainer) -> None:
+        """Tars done so far (before this run + written by this process) in the Rich bar's description."""
+        bar = trainer.progress_bar_callback
+        if isinstance(bar, RichProgressBar) and bar.progress is not None and bar.predict_progress_bar_id is not None:
+            total = len(self.store.shard_table)
+            bar.progress.update(bar.predict_progress_bar_id,
+                                description=f"Predicting · tars {self._done_before + self._written}/{total}"
+                                + (f" (rank {trainer.global_rank}'s share)" if trainer.world_size > 1 else ""))
 
     def _buffer(self, shard_index: int) -> _TarBuffer:
         if shard_index not in self._pending:
