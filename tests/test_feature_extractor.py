@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import zlib
 import pytest
 import torch
 
@@ -19,7 +20,7 @@ RES, N, T = 64, 3, 200
 
 def make_batch(keys: list[str], errors: list[str] | None = None, seed: int = 0) -> dict[str, Any]:
     """A batch in ImageShardDataModule's format (docs/contracts.md); images depend only on the key."""
-    images = torch.stack([torch.rand(3, RES, RES, generator=torch.Generator().manual_seed(hash(k) % 2**31 + seed))
+    images = torch.stack([torch.rand(3, RES, RES, generator=torch.Generator().manual_seed(zlib.crc32(k.encode()) + seed))
                           for k in keys]) * 2 - 1
     b = len(keys)
     return {"image": images, "key": keys, "row": torch.arange(b), "label": torch.ones(b, dtype=torch.long),
@@ -88,7 +89,9 @@ def test_batch_of_b_equals_b_single_batches(tiny_model_paths: dict[str, Path], p
     for i, key in enumerate(keys):
         single = fe.predict_step(make_batch([key]), 0)
         for name in ("lare", "deu", "mi"):
-            torch.testing.assert_close(together[name][i], single[name][0], rtol=1e-5, atol=1e-7)
+            # Same noise and weights per key, so only float32 round-off may differ: CPU kernels are not
+            # batch-invariant to the last bit (worst seen 1.2e-5 relative, through the UNet); 5e-5 bounds it.
+            torch.testing.assert_close(together[name][i], single[name][0], rtol=5e-5, atol=1e-7, msg=name)
 
 
 @torch.no_grad()
