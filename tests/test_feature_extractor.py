@@ -91,7 +91,8 @@ def test_batch_of_b_equals_b_single_batches(tiny_model_paths: dict[str, Path], p
         for name in ("lare", "deu", "mi"):
             # Same noise and weights per key, so only float32 round-off may differ: CPU kernels are not
             # batch-invariant to the last bit (worst seen 1.2e-5 relative, through the UNet); 5e-5 bounds it.
-            torch.testing.assert_close(together[name][i], single[name][0], rtol=5e-5, atol=1e-7, msg=name)
+            torch.testing.assert_close(together[name][i], single[name][0], rtol=5e-5, atol=1e-7,
+                                       msg=lambda m, name=name: f"{name}: {m}")
 
 
 @torch.no_grad()
