@@ -54,7 +54,6 @@ def _run(args: list[str], log: Path) -> None:
 
 def _detector_config(base: str, out: Path, clip: str, tiny: bool, features: list[str], epochs: int) -> dict:
     config = _load(base)
-    name = config["trainer"]["logger"]["init_args"]["name"]
     config["trainer"].update(accelerator="auto", max_epochs=epochs, log_every_n_steps=1)
     config["trainer"]["logger"]["init_args"].update(save_dir=str(out / "runs"), version="demo")
     model = config["model"]["init_args"]
@@ -66,7 +65,6 @@ def _detector_config(base: str, out: Path, clip: str, tiny: bool, features: list
     config["data"]["init_args"].update(
         features=features, train=[str(out / "cache" / "train.zarr")], val=[], val_fraction=0.25,
         test=[str(out / "cache" / "val.zarr")], batch_size=16, num_workers=0)
-    config["name"] = name
     return config
 
 
@@ -109,7 +107,6 @@ def run_demo(out: Path, sd: str | None, clip: str | None, images_per_class: int,
         "deua": _detector_config("deua.yaml", out, clip, tiny, ["deu", "clip_layer3"], epochs),
         "lare2": _detector_config("lare2.yaml", out, clip, tiny, ["lare", "clip_layer3", "clip_pooled"], epochs)}
     for key, config in detectors.items():
-        config.pop("name")
         _write(config, configs / f"{key}.yaml")
 
     _run(["laplace-fit", "--config", str(configs / "laplace_fit.yaml")], logs / "laplace_fit.log")
