@@ -13,6 +13,7 @@ from cli.plain_commands import PLAIN_COMMANDS
 from cli.lightning_cli import TRAINER_SUBCOMMANDS, run_lightning_cli
 
 REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("cli", "datamodules", "feature_cache", "lightning_modules")
 
 
 def _usage() -> str:
@@ -33,7 +34,7 @@ def _input_error(error: BaseException | None) -> BaseException | None:
     while error is not None:
         frames = traceback.extract_tb(error.__traceback__)
         if isinstance(error, (ValueError, FileNotFoundError, KeyError)) and frames \
-                and Path(frames[-1].filename).resolve().is_relative_to(REPO):
+                and any(Path(frames[-1].filename).resolve().is_relative_to(REPO / package) for package in PACKAGES):
             return error
         error = error.__cause__ or error.__context__
     return None

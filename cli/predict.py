@@ -15,7 +15,7 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from datamodules.image_files import ImageFilesDataModule
-from datamodules.image_shards import ImageShardDataModule, preprocessor_from_provenance
+from datamodules.image_shards import ImageShardDataModule, pixel_settings, preprocessor_from_provenance
 from datamodules.perturbations import ROBUSTNESS_SWEEP
 from lightning_modules.evaluation import Predictions, protocol_table
 from lightning_modules.on_the_fly import OnTheFlyDetector
@@ -67,11 +67,8 @@ def robustness_sweep(ckpt: str, shards: str, out: str, batch_size: int, num_work
     model, provenance = OnTheFlyDetector.from_checkpoint(ckpt)
     results = []
     for name, parameter in ROBUSTNESS_SWEEP:
-        datamodule = ImageShardDataModule(
-            shards, resolution=int(provenance["resolution"]), batch_size=batch_size, num_workers=num_workers,
-            protocol=provenance["protocol"], jpeg_quality=provenance["jpeg_quality"],
-            seed=provenance["protocol_seed"] or 0, size_filter=bool(provenance["size_filter"]),
-            perturbation=(name, parameter))
+        settings = {**pixel_settings(provenance), "perturbation": (name, parameter)}
+        datamodule = ImageShardDataModule(shards, batch_size=batch_size, num_workers=num_workers, **settings)
         rows = [r for r in _predict(model, datamodule, accelerator) if not r["error"] and r["label"] >= 0]
         preds = Predictions(np.array([r["p_fake"] for r in rows]), np.array([r["label"] for r in rows]),
                             np.array(["all"] * len(rows)))

@@ -78,7 +78,7 @@ class ProtocolReport(pl.Callback):
         if tensorboard is not None:
             tensorboard.experiment.add_text("protocol_table", markdown)
         if self.plots:
-            self._plots(out / "plots", preds, test_stores, table, pl_module, tensorboard)
+            self._plots(out / "plots", preds, test_stores, datamodule.features, table, pl_module, tensorboard)
 
     @staticmethod
     def _published(detector: str, datamodule: pl.LightningDataModule, provenance: dict) -> float | None:
@@ -86,7 +86,8 @@ class ProtocolReport(pl.Callback):
         if provenance.get("protocol", "raw") != "raw":
             return None
         train = [FeatureStore.open(p) for p in datamodule.stores["train"]]
-        if provenance.get("layout") == "genimage" and all(s.generator_names == [GENIMAGE_TRAIN] for s in train):
+        if provenance.get("layout") == "genimage" and train and all(s.generator_names == [GENIMAGE_TRAIN]
+                                                                    for s in train):
             return PUBLISHED_GENIMAGE_MEAN_ACC.get(detector)
         if provenance.get("layout") == "drct":
             return PUBLISHED_DRCT_MEAN_ACC.get(detector)
@@ -95,16 +96,17 @@ class ProtocolReport(pl.Callback):
     @staticmethod
     def _format_only_row(datamodule: pl.LightningDataModule, test_stores: list[FeatureStore], table: dict,
                          preds: Predictions) -> dict | None:
-        """The trivial detector that sees only (format, JPEG quality, width, height), fitted on the train stores."""
+        """The trivial detector that sees only (format, JPEG quality, width, height), fitted on the training rows
+        the detector itself was trained on (the datamodule's filtered train split)."""
         train_meta, train_labels = [], []
-        for path in datamodule.stores["train"]:
-            store = FeatureStore.open(path)
-            usable = np.flatnonzero((store.labels() >= 0) & (np.array(store.errors()) == ""))
-            meta = _metadata(store, usable)
+        for part in datamodule.parts.get("train", []):
+            meta = _metadata(FeatureStore.open(datamodule.stores["train"][part.store]), part.rows)
             if meta is None:
                 return None
             train_meta.append(meta)
-            train_labels.append(store.labels()[usable])
+            train_labels.append(part.labels)
+        if not train_meta:
+            return None
         test_meta = []
         store_index, rows = table["store"].numpy(), table["row"].numpy()
         order = []
@@ -132,11 +134,11 @@ class ProtocolReport(pl.Callback):
         return (f"\nFormat-only reference AUROC {reference['auroc']:.3f}: format and size alone do not "
                 "separate the classes here.\n")
 
-    def _plots(self, out: Path, preds: Predictions, stores: list[FeatureStore], table: dict,
+    def _plots(self, out: Path, preds: Predictions, stores: list[FeatureStore], features: list[str], table: dict,
                pl_module: pl.LightningModule, tensorboard: TensorBoardLogger | None) -> None:
         figures = {"roc_pr": roc_pr_figure(preds, type(pl_module).__name__)}
         store_index, rows = table["store"].numpy(), table["row"].numpy()
-        maps = [name for name in ("deu", "lare") if name in stores[0].feature_names]
+        maps = [name for name in ("deu", "lare") if name in features]
         if maps:
             means = {name: np.empty(len(rows)) for name in maps}
             for k, store in enumerate(stores):

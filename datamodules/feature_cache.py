@@ -217,23 +217,32 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         self.stores = {"train": list(train), "val": list(val), "test": list(test)}
         self.generator_names: list[str] = []
         self.shapes: dict[str, tuple[int, ...]] = {}
-        self.datasets: dict[str, FeatureRows] = {}
+        self.parts: dict[str, list[_Rows]] = {}  # selected rows per split (cheap: metadata only)
+        self.datasets: dict[str, FeatureRows] = {}  # loaded splits (RAM-resident when in_memory)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
-        paths = [p for split in ("train", "val", "test") for p in self.stores[split]]
-        opened = {path: FeatureStore.open(path) for path in dict.fromkeys(paths)}
-        self.generator_names = sorted({name for store in opened.values() for name in store.generator_names})
-        self._check(opened)
-        splits = {split: [self._rows(opened[p], index) for index, p in enumerate(self.stores[split])]
-                  for split in ("train", "val", "test")}
-        if not self.stores["val"] and self.hparams.val_fraction > 0:
-            splits["train"], splits["val"] = self._split(splits["train"])
-            self.stores["val"] = self.stores["train"]
-        for split, parts in splits.items():
-            if self.stores[split]:
-                self.datasets[split] = self._dataset(split, parts)
+        """Select rows for every split, but load only the splits this stage reads (test needs no train RAM)."""
+        if not self.parts:
+            if self.stores["val"] and self.hparams.val_fraction > 0:
+                raise ValueError("FeatureCacheDataModule: give either val stores or val_fraction, not both")
+            paths = [p for split in ("train", "val", "test") for p in self.stores[split]]
+            opened = {path: FeatureStore.open(path) for path in dict.fromkeys(paths)}
+            self.generator_names = sorted({name for store in opened.values() for name in store.generator_names})
+            self._check(opened)
+            self.parts = {split: [self._rows(opened[p], index) for index, p in enumerate(self.stores[split])]
+                          for split in ("train", "val", "test")}
+            if self.hparams.val_fraction > 0:
+                self.parts["train"], self.parts["val"] = self._split(self.parts["train"])
+                self.stores["val"] = self.stores["train"]
+            for split, parts in self.parts.items():
+                if self.stores[split] and not sum(len(p.rows) for p in parts):
+                    raise ValueError(f"FeatureCacheDataModule: the {split} split has no rows after filtering "
+                                     f"(generators={self.hparams.generators}, phase-1 errors, unlabelled rows; "
+                                     f"stores {self.stores[split]})")
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ("train", "val", "test"))
+        for split in wanted:
+            if self.stores[split] and split not in self.datasets:
+                self.datasets[split] = self._dataset(split, self.parts[split])
 
     def feature_provenance(self) -> dict[str, Any] | None:
         """Provenance of the first train store: what a checkpoint needs to recompute features from raw images."""
@@ -261,13 +270,18 @@ class FeatureCacheDataModule(pl.LightningDataModule):
                              f"(known: {self.generator_names})")
 
     def _rows(self, store: FeatureStore, index: int) -> _Rows:
-        """The store's usable rows: no phase-1 error, generator in the filter; codes remapped to the union."""
+        """The store's usable rows: no phase-1 error, labelled, generator in the filter; codes remapped to the union."""
         remap = np.array([self.generator_names.index(n) for n in store.generator_names], dtype=np.int64)
         codes = remap[store.generators()]
         keep = np.array([not e for e in store.errors()], dtype=bool)
         failed = int((~keep).sum())
         if failed:
             rank_zero_info(f"feature store {store.path}: skipping {failed} rows whose images failed in phase 1")
+        labelled = store.labels() >= 0
+        if (~labelled & keep).any():
+            rank_zero_info(f"feature store {store.path}: skipping {int((~labelled & keep).sum())} unlabelled rows "
+                           "(score them with `python -m cli predict`)")
+        keep &= labelled
         if self.hparams.generators is not None:
             wanted = [self.generator_names.index(n) for n in self.hparams.generators]
             keep &= np.isin(codes, wanted)

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.image_io import describe_error
 from datamodules.image_protocols import ImagePreprocessor
 from datamodules.image_shards import collate_samples
+from datamodules.shards import walk_files
 
 
 class ImageFiles(Dataset):
@@ -43,7 +44,7 @@ class ImageFilesDataModule(pl.LightningDataModule):
         root = Path(data)
         if not root.exists():
             raise FileNotFoundError(f"--data {data}: no such file or directory")
-        self.paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        self.paths = [root] if root.is_file() else sorted(walk_files(root))
         if not self.paths:
             raise ValueError(f"--data {data}: the folder holds no files")
         self.preprocess, self.batch_size, self.num_workers = preprocess, batch_size, num_workers

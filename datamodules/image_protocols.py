@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from datamodules.image_io import decode_rgb, jpeg_reencode
-from datamodules.perturbations import perturb
+from datamodules.perturbations import PERTURBATIONS, perturb
 
 Protocol = Literal["raw", "jpeg_aligned", "size_aligned", "jpeg_size_aligned"]
 JPEG_PROTOCOLS = ("jpeg_aligned", "jpeg_size_aligned")
@@ -78,6 +78,8 @@ class ImagePreprocessor:
         if self.protocol in JPEG_PROTOCOLS and self.jpeg_quality is None and not self.real_jpeg_qualities:
             raise ValueError(f"protocol {self.protocol}: no jpeg_quality given and no real JPEG image to draw "
                              "qualities from; set jpeg_quality")
+        if self.perturbation[0] not in PERTURBATIONS:
+            raise ValueError(f"perturbation {self.perturbation[0]!r}: choose from {sorted(PERTURBATIONS)}")
         if self.jpeg_quality is not None and not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality {self.jpeg_quality}: must be within 1..100")
 

@@ -60,11 +60,17 @@ def build_preprocessor(shard_dir: str | Path, resolution: int, protocol: Protoco
     return ImagePreprocessor(resolution, protocol, jpeg_quality, qualities, seed, ranges, tuple(perturbation))
 
 
+def pixel_settings(provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """ImageShardDataModule's pixel arguments from its `provenance()` (e.g. as saved in a feature store's attrs)."""
+    return {"resolution": int(provenance["resolution"]), "protocol": provenance["protocol"],
+            "jpeg_quality": provenance["jpeg_quality"], "seed": provenance["protocol_seed"] or 0,
+            "size_filter": bool(provenance["size_filter"]),
+            "perturbation": tuple(provenance.get("perturbation", ("none", 0.0)))}
+
+
 def preprocessor_from_provenance(provenance: Mapping[str, Any]) -> ImagePreprocessor:
     """The pipeline that `ImageShardDataModule.provenance()` describes (e.g. as saved in a feature store's attrs)."""
-    return build_preprocessor(provenance["shards"], int(provenance["resolution"]), provenance["protocol"],
-                              provenance["jpeg_quality"], provenance["protocol_seed"] or 0,
-                              bool(provenance["size_filter"]), tuple(provenance.get("perturbation", ("none", 0.0))))
+    return build_preprocessor(provenance["shards"], **pixel_settings(provenance))
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ class ConversionSummary:
     generators: list[str]
 
 
-def _walk(folder: Path) -> Iterator[Path]:
+def walk_files(folder: Path) -> Iterator[Path]:
     """Every non-hidden regular file under `folder`, following symlinks (datasets are often linked in)."""
     for directory, subdirs, files in os.walk(folder, followlinks=True):
         subdirs[:] = [d for d in subdirs if not d.startswith(".")]
@@ -83,7 +83,7 @@ def _walk(folder: Path) -> Iterator[Path]:
 
 
 def _collect(root: Path, folder: Path, label: int, generator: str) -> list[SourceFile]:
-    return [SourceFile(path, path.relative_to(root).as_posix(), label, generator) for path in _walk(folder)]
+    return [SourceFile(path, path.relative_to(root).as_posix(), label, generator) for path in walk_files(folder)]
 
 
 def _discover_genimage(root: Path, split: Split) -> list[SourceFile]:
@@ -133,7 +133,7 @@ def _discover_folder(root: Path) -> tuple[list[SourceFile], list[tuple[str, str]
     files = [f for name, label in labelled for f in _collect(root, root / name, label, name)]
     inside = {name for name, _ in labelled}
     outside = [(p.relative_to(root).as_posix(), "outside real/ and fake/ in a labelled folder layout")
-               for p in _walk(root) if p.relative_to(root).parts[0] not in inside]
+               for p in walk_files(root) if p.relative_to(root).parts[0] not in inside]
     if not files:
         raise ShardsInputError(f"--root {root}: real/ and fake/ hold no files")
     return files, outside

@@ -141,7 +141,7 @@ def test_images_are_paired_and_augmented_identically(tmp_path: Path) -> None:
         store.write_shard(k, {"lare": maps}, [""] * len(rows))
     dm = FeatureCacheDataModule(features=["lare"], train=[str(store.path)], test=[str(store.path)], images=True,
                                 batch_size=5, num_workers=0, crop_scale=(0.7, 1.0))
-    dm.setup("fit")
+    dm.setup()  # every split: this test reads train and test
     test = all_batches(dm.test_dataloader())  # no augmentation: the decoded image itself
     expected = torch.stack([torch.from_numpy(marker_image(r, 32)).permute(2, 0, 1).float() / 127.5 - 1
                             for r in test["row"].tolist()])
