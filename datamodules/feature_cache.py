@@ -23,9 +23,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.image_shards import preprocessor_from_provenance
 from feature_cache.paired_augment import apply_flip_crop, sample_flip_crop
-from feature_cache.store import FeatureStore
+from feature_cache.store import FeatureStore, config_differences
 
-_RAM_SHARE = 0.5  # in_memory loads only if the selected rows take at most this share of available RAM
+_RAM_SHARE = 0.5
+PER_DATASET = ("shards", "layout", "split")  # provenance keys that differ between the stores of one run  # in_memory loads only if the selected rows take at most this share of available RAM
 
 
 @dataclass
@@ -249,7 +250,15 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         return FeatureStore.open(self.stores["train"][0]).provenance if self.stores["train"] else None
 
     def _check(self, opened: dict[str, FeatureStore]) -> None:
-        """Every store has every requested feature with one shape, every tar done, and known filter names."""
+        """Every store has every requested feature with one shape, every tar done, known filter names, and the
+        same extractor and pixel settings (only the data they were computed from may differ)."""
+        first_path, first = next(iter(opened.items()))
+        for path, store in opened.items():
+            differences = config_differences({k: v for k, v in first.provenance.items() if k not in PER_DATASET},
+                                             {k: v for k, v in store.provenance.items() if k not in PER_DATASET})
+            if differences:
+                raise ValueError(f"feature stores {first_path} and {path} were computed with different settings "
+                                 f"({', '.join(differences)}); phase 2 never mixes them")
         for path, store in opened.items():
             missing = [f for f in self.features if f not in store.feature_shapes]
             if missing:

@@ -98,3 +98,33 @@ def test_plots_are_valid_pngs(predictions, tmp_path):
         with Image.open(path) as image:
             image.load()
             assert image.width > 200 and image.height > 200
+
+
+def test_drct_style_reals_are_pooled_against_each_fake_generator():
+    """MSCOCO holds the reals, each DRCT generator only fakes: each generator row = its fakes + all reals."""
+    rng = np.random.default_rng(3)
+    gens = np.array(["MSCOCO"] * 30 + ["ldm"] * 20 + ["sdxl"] * 20)
+    labels = np.array([0] * 30 + [1] * 40)
+    scores = rng.uniform(0, 1, 70) + 0.3 * labels * (gens == "ldm")
+    preds = Predictions(scores, labels, gens)
+    rows = {row["generator"]: row for row in protocol_table(preds, 0.5)}
+    assert set(rows) == {"ldm", "sdxl", "average"}
+    for gen in ("ldm", "sdxl"):
+        m = (gens == gen) | (gens == "MSCOCO")
+        assert rows[gen]["n_real"] == 30 and rows[gen]["n_fake"] == 20
+        assert rows[gen]["auroc"] == pytest.approx(_auroc(scores[m], labels[m]), abs=1e-6)
+        assert rows[gen]["acc"] == pytest.approx(((scores[m] >= 0.5) == (labels[m] == 1)).mean())
+    assert rows["ldm"]["auroc"] > rows["sdxl"]["auroc"]
+
+
+def test_fast_threshold_equals_brute_force_search():
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        labels = rng.integers(0, 2, 300)
+        scores = np.round(rng.uniform(0, 1, 300) * 0.7 + 0.2 * labels, 2)  # ties included
+        val = Predictions(scores, labels, np.array(["g"] * 300))
+        candidates = np.unique(np.concatenate([scores, [0.5]]))
+        balanced = [((scores[labels == 0] < t).mean() + (scores[labels == 1] >= t).mean()) for t in candidates]
+        best = max(balanced)
+        ties = [t for t, b in zip(candidates, balanced) if np.isclose(b, best)]
+        assert choose_threshold(val) == pytest.approx(min(ties, key=lambda t: abs(t - 0.5)))

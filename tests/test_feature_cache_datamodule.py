@@ -17,14 +17,15 @@ SHAPES = {"deu": (4, 4, 4), "clip_pooled": (6,)}
 
 
 def make_store(path: Path, offset: float, names: list[str], num_rows: int = 10, shard_size: int = 4,
-               error_rows: tuple[int, ...] = (), done: bool = True) -> FeatureStore:
+               error_rows: tuple[int, ...] = (), done: bool = True, timestep: int = 200) -> FeatureStore:
     """A store whose features are exact functions of (offset, row); generator code = row % len(names)."""
     table = [{"name": f"shard-{k:06d}.tar", "first_row": k * shard_size,
               "num_samples": min(shard_size, num_rows - k * shard_size)} for k in range(-(-num_rows // shard_size))]
     store = FeatureStore.create(path, shards=table, keys=[f"k{r}" for r in range(num_rows)],
                                 labels=[r % 2 for r in range(num_rows)], generators=[r % len(names) for r in range(num_rows)],
                                 generator_names=names, feature_shapes=SHAPES, feature_dtype="float16",
-                                provenance={"resolution": 32, "shards": str(path.parent / "no_shards")})
+                                provenance={"resolution": 32, "shards": str(path.parent / "no_shards"),
+                                            "timestep": timestep})
     for k, entry in enumerate(table if done else table[:-1]):
         rows = np.arange(entry["first_row"], entry["first_row"] + entry["num_samples"])
         values = {name: np.broadcast_to((offset + rows).reshape(-1, *[1] * len(shape)), (len(rows), *shape))
@@ -160,3 +161,24 @@ def test_images_are_paired_and_augmented_identically(tmp_path: Path) -> None:
         compared += 1
         torch.testing.assert_close(centroid(marker), centroid(lare), atol=0.04, rtol=0)
     assert compared >= 5
+
+
+def test_stores_computed_with_different_settings_are_never_mixed(tmp_path: Path) -> None:
+    train = make_store(tmp_path / "train", 0.0, ["sdv4"])
+    test = make_store(tmp_path / "test", 0.0, ["sdv4"], timestep=300)
+    dm = FeatureCacheDataModule(features=["deu"], train=[str(train.path)], test=[str(test.path)], num_workers=0)
+    with pytest.raises(ValueError, match=r"computed with different settings \(timestep 200 != 300\)"):
+        dm.setup()
+
+
+def test_unlabelled_rows_are_skipped_and_an_empty_split_is_named(tmp_path: Path) -> None:
+    store = make_store(tmp_path / "s", 0.0, ["sdv4"])
+    store.array("label")[:4] = -1
+    dm = FeatureCacheDataModule(features=["deu"], train=[str(store.path)], num_workers=0, batch_size=100)
+    dm.setup("fit")
+    assert sorted(all_batches(dm.train_dataloader())["row"].tolist()) == list(range(4, 10))
+    other = make_store(tmp_path / "other", 0.0, ["adm"])
+    empty = FeatureCacheDataModule(features=["deu"], train=[str(store.path)], test=[str(other.path)],
+                                   generators=["adm"], num_workers=0)
+    with pytest.raises(ValueError, match=r"the train split has no rows after filtering \(generators=\['adm'\]"):
+        empty.setup("fit")

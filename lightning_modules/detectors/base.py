@@ -248,10 +248,8 @@ class DetectorBase(pl.LightningModule):
             return
         self.log_dict({f"hp/val_{m}": overall[f"val_{m}"] for m in ("acc", "ap", "auroc")})
         self._write_predictions(table, "val_predictions.csv")
-        labelled = table["label"] >= 0
-        self.val_threshold.fill_(choose_threshold(Predictions(table["p_fake"][labelled].cpu().numpy(),
-                                                              table["label"][labelled].cpu().numpy(),
-                                                              table["generator"][labelled].cpu().numpy())))
+        self.val_threshold.fill_(choose_threshold(Predictions(*(table[k].cpu().numpy()
+                                                                for k in ("p_fake", "label", "generator")))))
         self.log("val_threshold", self.val_threshold)
 
     def on_test_epoch_end(self) -> None:

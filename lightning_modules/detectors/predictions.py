@@ -22,7 +22,8 @@ class PredictionLog(Metric):
     """Collects (p_fake, label, generator, row, store) for every row; `compute` returns them in batch order.
 
     (store, row) identifies an image: `row` is a row within its store and a split may span several stores.
-    Under DDP the distributed sampler repeats at most world_size − 1 rows to even out the ranks.
+    Under DDP the distributed sampler repeats up to world_size − 1 rows to even out the ranks; `compute`
+    keeps each image once.
     """
 
     full_state_update = False
@@ -41,9 +42,16 @@ class PredictionLog(Metric):
         self.store.append(torch.zeros_like(self.row[-1]) if store is None else store.detach().long())
 
     def compute(self) -> dict[str, torch.Tensor]:
+        """Every (store, row) once, in first-seen order: DDP's padding sampler repeats up to world − 1 rows."""
         if isinstance(self.row, list) and not self.row:  # after a DDP sync the states are tensors
             return {name: torch.empty(0, device=self.device) for name in FIELDS}
-        return {name: dim_zero_cat(getattr(self, name)) for name in FIELDS}
+        table = {name: dim_zero_cat(getattr(self, name)) for name in FIELDS}
+        identity = table["store"] * 2**40 + table["row"]
+        _, inverse = torch.unique(identity, return_inverse=True)
+        first = torch.full((int(inverse.max()) + 1,), len(identity), device=identity.device)
+        first = first.scatter_reduce(0, inverse, torch.arange(len(identity), device=identity.device), "amin")
+        keep = first.sort().values
+        return {name: values[keep] for name, values in table.items()}
 
 
 def binary_metrics(p_fake: torch.Tensor, label: torch.Tensor, threshold: float = 0.5) -> dict[str, torch.Tensor]:
