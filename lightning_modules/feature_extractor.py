@@ -71,12 +71,12 @@ class FeatureExtractor(pl.LightningModule):
             raise ValueError(f"autocast_dtype must be float32, bfloat16 or float16, got {hp.autocast_dtype!r}")
 
     def _load_posterior(self, path: str) -> None:
-        """Load σ²_W, σ²_b and refuse a posterior fitted for another UNet, timestep or prompt (resolution is
+        """Load σ²_W, σ²_b and refuse a posterior fitted for another UNet, timestep, prompt or latent mode (resolution is
         checked on the first batch, since only the data knows it)."""
         posterior = load_posterior(path)
         meta = posterior["metadata"]
         mine = {"unet_hash": self.weight_hashes()["unet"], "timestep": self.hparams.timestep,
-                "prompt": self.hparams.prompt}
+                "prompt": self.hparams.prompt, "latent": self.hparams.latent}
         diff = {k: (meta[k], v) for k, v in mine.items() if meta[k] != v}
         if diff:
             raise ValueError(f"posterior {path} was fitted with other settings (posterior, extractor): {diff}")

@@ -42,11 +42,15 @@ class ClipVisual:
     std: tuple[float, float, float]
     source: str
 
-    def layer3_and_pooled(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Map of layer3 (C×14×14 for RN50 at 224) and the attention-pooled vector."""
+    def layer3(self, images: torch.Tensor) -> torch.Tensor:
+        """Map of layer3 (C×14×14 for RN50 at 224): the trunk up to where DEUA and LaRE² read it."""
         v = self.visual
-        layer3 = v.layer3(v.layer2(v.layer1(v.stem(images))))
-        return layer3, v.attnpool(v.layer4(layer3))
+        return v.layer3(v.layer2(v.layer1(v.stem(images))))
+
+    def layer3_and_pooled(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map of layer3 and the attention-pooled vector."""
+        layer3 = self.layer3(images)
+        return layer3, self.visual.attnpool(self.visual.layer4(layer3))
 
     def normalize(self, images_minus1_1: torch.Tensor) -> torch.Tensor:
         """Resize [-1, 1] images to CLIP's input size and apply its mean/std."""

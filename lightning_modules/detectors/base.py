@@ -132,8 +132,7 @@ class DetectorBase(pl.LightningModule):
             if self.uses_pooled:
                 layer3, pooled = self.clip.layer3_and_pooled(x)
             else:
-                v = self.backbone
-                layer3 = v.layer3(v.layer2(v.layer1(v.stem(x))))
+                layer3 = self.clip.layer3(x)
         if layer3.shape[1:] != (self.visual_channels, self.grid_size, self.grid_size):
             raise ValueError(f"CLIP layer3 map has shape {tuple(layer3.shape[1:])}, the model expects "
                              f"({self.visual_channels}, {self.grid_size}, {self.grid_size}): "
