@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from datamodules.image_io import describe_error
 from datamodules.image_protocols import JPEG_PROTOCOLS, SIZE_PROTOCOLS, ImagePreprocessor, Protocol, \
     fake_side_ranges
-from datamodules.shards import read_manifest, read_shard_index
+from datamodules.shards import read_shard_index
+from feature_cache.manifest import read_manifest_rows
 
 
 def balance(shards: list[dict[str, Any]], parts: int) -> list[list[dict[str, Any]]]:
@@ -52,7 +53,7 @@ def build_preprocessor(shard_dir: str | Path, resolution: int, protocol: Protoco
     qualities: tuple[int, ...] = ()
     ranges = None
     if (protocol in JPEG_PROTOCOLS and jpeg_quality is None) or size_filter:
-        manifest = read_manifest(shard_dir)
+        manifest = read_manifest_rows(shard_dir)
         qualities = tuple(r["jpeg_quality"] for r in manifest if r["label"] == 0 and r["jpeg_quality"])
         if size_filter:
             ranges = fake_side_ranges([r["label"] for r in manifest], [r["generator"] for r in manifest],
@@ -191,7 +192,7 @@ class ImageShardDataModule(pl.LightningDataModule):
         Stored with the features so a format-only reference can show whether a split is confounded.
         """
         columns: dict[str, list] = {"format": [], "jpeg_quality": [], "width": [], "height": []}
-        for row in read_manifest(self.shard_dir):
+        for row in read_manifest_rows(self.shard_dir):
             image_format, quality, width, height = self.preprocess.effective_metadata(
                 row["key"], row["format"], row["jpeg_quality"], row["width"], row["height"])
             for name, value in zip(columns, (image_format, -1 if quality is None else quality, width, height)):

@@ -1,8 +1,9 @@
 """Convert GenImage, DRCT-2M or plain image folders into WebDataset shards plus a global-row manifest.
 
-The shard directory format is the one in docs/contracts.md; this module writes it and owns its readers
-(`read_shard_index`, `read_manifest`). Images are stored as their original bytes (format bias is a
-research question here, so nothing is re-encoded); every file is fully decoded once so unreadable
+The shard directory format is the one in docs/contracts.md; this module writes it and reads shards.json
+(`read_shard_index`); manifest.csv has one parser, `feature_cache.manifest.read_manifest_rows`, which
+the feature store needs too. Images are stored as their original bytes (format bias is a research
+question here, so nothing is re-encoded); every file is fully decoded once so unreadable
 files land in rejected.csv instead of failing phase 1 hours later.
 """
 
@@ -289,15 +290,4 @@ def read_shard_index(shard_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{shard_dir}: no shards.json (not a finished `python -m cli shards` output)")
     return json.loads(path.read_text())
-
-
-def read_manifest(shard_dir: str | Path) -> list[dict]:
-    """manifest.csv rows with row/label/width/height as int and jpeg_quality as int or None."""
-    with (Path(shard_dir) / "manifest.csv").open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    for r in rows:
-        for column in ("row", "label", "width", "height"):
-            r[column] = int(r[column])
-        r["jpeg_quality"] = int(r["jpeg_quality"]) if r["jpeg_quality"] else None
-    return rows
 

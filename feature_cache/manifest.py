@@ -16,8 +16,9 @@ class Manifest:
     generators: list[str]
 
 
-def read_manifest(shard_dir: str | Path) -> Manifest:
-    """Rows of `<shard_dir>/manifest.csv` sorted by `row`; a gap or duplicate is an error (no silent misalignment)."""
+def read_manifest_rows(shard_dir: str | Path) -> list[dict]:
+    """Rows of `<shard_dir>/manifest.csv` sorted by `row`, with row/label/width/height as int and jpeg_quality
+    as int or None; a gap or duplicate row is an error (no silent misalignment)."""
     path = Path(shard_dir) / "manifest.csv"
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path}: not found (write shards with `python -m cli shards`)")
@@ -27,7 +28,16 @@ def read_manifest(shard_dir: str | Path) -> Manifest:
         if int(record["row"]) != expected:
             raise ValueError(f"manifest {path}: rows are not dense 0..{len(records) - 1} "
                              f"(row {record['row']} where {expected} was expected)")
-    return Manifest(keys=[r["key"] for r in records], labels=[int(r["label"]) for r in records],
+        for column in ("row", "label", "width", "height"):
+            record[column] = int(record[column])
+        record["jpeg_quality"] = int(record["jpeg_quality"]) if record["jpeg_quality"] else None
+    return records
+
+
+def read_manifest(shard_dir: str | Path) -> Manifest:
+    """The columns a feature store is preallocated from."""
+    records = read_manifest_rows(shard_dir)
+    return Manifest(keys=[r["key"] for r in records], labels=[r["label"] for r in records],
                     generators=[r["generator"] for r in records])
 
 

@@ -18,7 +18,8 @@ from PIL import Image
 from datamodules.image_io import to_rgb
 from datamodules.image_protocols import center_square
 from datamodules.image_shards import ImageShardDataModule, balance, preprocessor_from_provenance
-from datamodules.shards import convert, read_manifest
+from datamodules.shards import convert
+from feature_cache.manifest import read_manifest_rows
 from image_trees import make_genimage, noise, save
 
 SHARD_SIZE = 4
@@ -59,7 +60,7 @@ def expected_raw(path: Path) -> torch.Tensor:
 def test_batches_follow_the_contract(shard_dir: Path) -> None:
     datamodule = ImageShardDataModule(str(shard_dir), resolution=RESOLUTION, batch_size=5, num_workers=2)
     batches, by_key = collect(datamodule)
-    manifest = {r["key"]: r for r in read_manifest(shard_dir)}
+    manifest = {r["key"]: r for r in read_manifest_rows(shard_dir)}
     assert sorted(by_key) == sorted(manifest)
     for batch in batches:
         size = len(batch["key"])
@@ -154,7 +155,7 @@ def test_rank_split_covers_every_shard_once_and_balances_samples() -> None:
 
 
 def test_jpeg_aligned_reencodes_pngs_deterministically(shard_dir: Path) -> None:
-    manifest = {r["key"]: r for r in read_manifest(shard_dir)}
+    manifest = {r["key"]: r for r in read_manifest_rows(shard_dir)}
     _, raw = collect(ImageShardDataModule(str(shard_dir), resolution=RESOLUTION, num_workers=0))
     aligned = [collect(ImageShardDataModule(str(shard_dir), resolution=RESOLUTION, num_workers=workers,
                                             protocol="jpeg_aligned", jpeg_quality=50))[1] for workers in (0, 2)]
@@ -172,7 +173,7 @@ def test_jpeg_aligned_reencodes_pngs_deterministically(shard_dir: Path) -> None:
 
 
 def test_jpeg_quality_drawn_from_real_images_per_key(shard_dir: Path) -> None:
-    real_qualities = {r["jpeg_quality"] for r in read_manifest(shard_dir) if r["label"] == 0}
+    real_qualities = {r["jpeg_quality"] for r in read_manifest_rows(shard_dir) if r["label"] == 0}
     keys = [f"k{i}" for i in range(200)]
     first, again, other_seed = (ImageShardDataModule(str(shard_dir), protocol="jpeg_aligned", seed=seed).preprocess
                                 for seed in (0, 0, 1))
@@ -195,7 +196,7 @@ def test_jpeg_aligned_needs_a_quality_source(tmp_path: Path) -> None:
 
 
 def test_size_aligned_center_crops_and_filters(shard_dir: Path) -> None:
-    manifest = {r["key"]: r for r in read_manifest(shard_dir)}
+    manifest = {r["key"]: r for r in read_manifest_rows(shard_dir)}
     _, cropped = collect(ImageShardDataModule(str(shard_dir), resolution=RESOLUTION, num_workers=0,
                                               protocol="size_aligned"))
     key = next(k for k, r in manifest.items() if (r["width"], r["height"]) == (56, 40))
@@ -220,7 +221,7 @@ def test_size_aligned_center_crops_and_filters(shard_dir: Path) -> None:
 
 
 def test_jpeg_size_aligned_encodes_then_crops(shard_dir: Path) -> None:
-    manifest = {r["key"]: r for r in read_manifest(shard_dir)}
+    manifest = {r["key"]: r for r in read_manifest_rows(shard_dir)}
     key = next(k for k, r in manifest.items() if (r["width"], r["height"]) == (56, 40))  # a real JPEG, not square
     _, got = collect(ImageShardDataModule(str(shard_dir), resolution=RESOLUTION, num_workers=0,
                                           protocol="jpeg_size_aligned", jpeg_quality=60))
@@ -237,7 +238,7 @@ def test_two_ddp_ranks_see_every_image_exactly_once(tmp_path: Path) -> None:
     for i in range(24):
         save(tmp_path / "images" / f"img{i:02d}.png", Image.fromarray(noise(i, 16, 16)))
     convert("folder", tmp_path / "images", "val", tmp_path / "shards", shard_size=7, workers=1)
-    keys = [r["key"] for r in read_manifest(tmp_path / "shards")]
+    keys = [r["key"] for r in read_manifest_rows(tmp_path / "shards")]
     # Run 1: everything (every reader gets one tar); run 2: two tars left (each rank's second worker gets none);
     # run 3: one tar left (rank 1 reads nothing at all).
     excludes = ["", "shard-000000.tar,shard-000001.tar", "shard-000000.tar,shard-000001.tar,shard-000003.tar"]

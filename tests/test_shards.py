@@ -16,7 +16,8 @@ from PIL import Image
 
 from cli.__main__ import main
 from datamodules.image_io import decode_rgb, estimate_jpeg_quality, to_rgb
-from datamodules.shards import ShardsInputError, convert, read_manifest, read_shard_index
+from datamodules.shards import ShardsInputError, convert, read_shard_index
+from feature_cache.manifest import read_manifest_rows
 from image_trees import make_drct, make_folder, make_genimage, noise, sixteen_bit, truncated
 
 SHARD_SIZE = 4
@@ -39,7 +40,7 @@ def genimage(tmp_path_factory: pytest.TempPathFactory):
 def test_manifest_rows_are_the_decodable_files(genimage) -> None:
     base, expected, summary = genimage
     train = {rel: v for rel, v in expected.accepted.items() if "/train/" in rel}
-    rows = read_manifest(base / "out")
+    rows = read_manifest_rows(base / "out")
     assert [r["path"] for r in rows] == sorted(train)
     assert [r["row"] for r in rows] == list(range(len(train)))
     assert len({r["key"] for r in rows}) == len(rows)
@@ -84,7 +85,7 @@ def test_shard_index_tiles_the_rows(genimage) -> None:
 
 def test_tars_hold_the_original_bytes_under_the_manifest_keys(genimage) -> None:
     base, _, _ = genimage
-    rows = {r["key"]: r for r in read_manifest(base / "out")}
+    rows = {r["key"]: r for r in read_manifest_rows(base / "out")}
     urls = [str(p) for p in sorted((base / "out").glob("shard-*.tar"))]
     seen = []
     for sample in wds.WebDataset(urls, shardshuffle=False):
@@ -146,7 +147,7 @@ def test_awkward_modes_decode_to_rgb() -> None:
 def test_drct_layout(tmp_path: Path) -> None:
     expected = make_drct(tmp_path / "root")
     convert("drct", tmp_path / "root", "train", tmp_path / "out", workers=1)
-    rows = read_manifest(tmp_path / "out")
+    rows = read_manifest_rows(tmp_path / "out")
     assert {r["path"]: (r["label"], r["generator"]) for r in rows} == \
            {rel: (label, generator) for rel, (label, generator, _, _) in expected.accepted.items()}
     index = read_shard_index(tmp_path / "out")
@@ -154,7 +155,7 @@ def test_drct_layout(tmp_path: Path) -> None:
     filtered = convert("drct", tmp_path / "root", "val", tmp_path / "val",
                        generators=["MSCOCO", "stable-diffusion-v1-4"], workers=1)
     assert filtered.generators == ["MSCOCO", "stable-diffusion-v1-4"] and filtered.num_samples == 3
-    assert all("val2017" in r["path"] for r in read_manifest(tmp_path / "val"))
+    assert all("val2017" in r["path"] for r in read_manifest_rows(tmp_path / "val"))
 
 
 @pytest.mark.parametrize("labelled", [True, False])
@@ -162,7 +163,7 @@ def test_folder_layout(tmp_path: Path, labelled: bool) -> None:
     root = tmp_path / "my_images"
     expected = make_folder(root, labelled)
     convert("folder", root, "val", tmp_path / "out", workers=1)
-    rows = read_manifest(tmp_path / "out")
+    rows = read_manifest_rows(tmp_path / "out")
     assert {r["path"]: (r["label"], r["generator"], r["format"], r["jpeg_quality"]) for r in rows} == expected.accepted
     assert {r["path"] for r in read_csv(tmp_path / "out" / "rejected.csv")} == expected.rejected
     assert all(r["class_name"] == "" for r in rows)
@@ -177,7 +178,7 @@ def test_cli_converts_and_filters_generators(genimage, tmp_path: Path) -> None:
     result = _cli("--layout", "genimage", "--root", str(base / "root"), "--split", "val", "--out", str(tmp_path / "o"),
                   "--shard_size", "2", "--generators", "imagenet_glide", "--workers", "1")
     assert result.returncode == 0, result.stderr
-    rows = read_manifest(tmp_path / "o")
+    rows = read_manifest_rows(tmp_path / "o")
     assert len(rows) == 3 and {r["generator"] for r in rows} == {"imagenet_glide"}
     assert [s["num_samples"] for s in read_shard_index(tmp_path / "o")["shards"]] == [2, 1]
 
