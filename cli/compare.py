@@ -13,6 +13,8 @@ from pathlib import Path
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lightning_modules.evaluation import markdown_table
+
 
 def _flatten(tree: object, prefix: str = "") -> dict[str, object]:
     if isinstance(tree, dict):
@@ -77,14 +79,9 @@ def protocol_tables_side_by_side(runs_dir: Path) -> str | None:
         return None
     generators = list(dict.fromkeys(g for table in tables.values() for g in table))
     header = ["generator"] + [f"{run} {metric}" for run in tables for metric in ("ACC", "AUROC")]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for generator in generators:
-        cells = [generator]
-        for table in tables.values():
-            row = table.get(generator)
-            cells += [f"{100 * float(row[m]):.1f}" if row else "" for m in ("acc", "auroc")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    cells = [[generator] + [f"{100 * float(table[generator][m]):.1f}" if generator in table else ""
+                            for table in tables.values() for m in ("acc", "auroc")] for generator in generators]
+    return markdown_table(header, cells)
 
 
 def compare_runs(runs_dir: Path, sort_by: str = "test_acc", metrics: list[str] | None = None) -> list[dict]:
@@ -98,8 +95,7 @@ def compare_runs(runs_dir: Path, sort_by: str = "test_acc", metrics: list[str] |
     rows = comparison_table(runs, metrics, sort_by)
     columns = list(rows[0])
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-    markdown = "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-                         + ["| " + " | ".join(fmt(row[c]) for c in columns) + " |" for row in rows]) + "\n"
+    markdown = markdown_table(columns, [[fmt(row[c]) for c in columns] for row in rows])
     (runs_dir / "compare.md").write_text(markdown)
     with open(runs_dir / "compare.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)

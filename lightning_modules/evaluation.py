@@ -104,19 +104,23 @@ def protocol_table(test: Predictions, threshold: float = 0.5) -> list[dict]:
     return [*rows, average]
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured Markdown table of already formatted cells (every report of the project uses it)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows]) + "\n"
+
+
 def to_markdown(rows: list[dict], title: str = "", published_mean_acc: float | None = None) -> str:
     """The table as Markdown (percent, one decimal); the published mean ACC beside ours when comparable."""
     header = ["generator", "real ACC", "fake ACC", "ACC", "AP", "AUROC"]
     if published_mean_acc is not None:
         header.append("published ACC")
-    lines = [f"### {title}", ""] if title else []
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cells = []
     for row in rows:
-        cells = [row["generator"]] + [f"{100 * row[c]:.1f}" for c in ("real_acc", "fake_acc", "acc", "ap", "auroc")]
+        cells.append([row["generator"]] + [f"{100 * row[c]:.1f}" for c in ("real_acc", "fake_acc", "acc", "ap", "auroc")])
         if published_mean_acc is not None:
-            cells.append(f"{published_mean_acc:.1f}" if row["generator"] == "average" else "")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            cells[-1].append(f"{published_mean_acc:.1f}" if row["generator"] == "average" else "")
+    return (f"### {title}\n\n" if title else "") + markdown_table(header, cells)
 
 
 def write_table(rows: list[dict], out_dir: str | Path, name: str, title: str = "",
