@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from feature_cache.store import FeatureStore
 from lightning_modules.evaluation import (PUBLISHED_DRCT_MEAN_ACC, PUBLISHED_GENIMAGE_MEAN_ACC, Predictions,
-                                          protocol_table, to_markdown, write_table)
+                                          protocol_table, write_table)
 from lightning_modules.format_reference import FormatOnlyClassifier, ImageMetadata
 from lightning_modules.plots import map_histograms, overlay_figure, roc_pr_figure, save_figure
 
@@ -71,9 +71,8 @@ class ProtocolReport(pl.Callback):
         title = (f"{type(pl_module).__name__}, protocol {provenance.get('protocol', 'raw')}, "
                  f"threshold {threshold:.3f} (chosen on validation)")
         published = self._published(type(pl_module).__name__, datamodule, provenance)
-        write_table(rows, out, "protocol_table", title, published)
-        markdown = to_markdown(rows, title, published) + self._confound_note(reference)
-        (out / "protocol_table.md").write_text(markdown)
+        _, markdown_path = write_table(rows, out, "protocol_table", title, published, self._confound_note(reference))
+        markdown = markdown_path.read_text()
         tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         if tensorboard is not None:
             tensorboard.experiment.add_text("protocol_table", markdown)

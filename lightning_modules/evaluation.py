@@ -124,8 +124,8 @@ def to_markdown(rows: list[dict], title: str = "", published_mean_acc: float | N
 
 
 def write_table(rows: list[dict], out_dir: str | Path, name: str, title: str = "",
-                published_mean_acc: float | None = None) -> tuple[Path, Path]:
-    """Write NAME.csv (fractions, full precision) and NAME.md (percent) into out_dir."""
+                published_mean_acc: float | None = None, note: str = "") -> tuple[Path, Path]:
+    """Write NAME.csv (fractions, full precision) and NAME.md (percent, then `note`) into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out / f"{name}.csv", out / f"{name}.md"
@@ -133,5 +133,5 @@ def write_table(rows: list[dict], out_dir: str | Path, name: str, title: str = "
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows({c: row[c] for c in COLUMNS} for row in rows)
-    md_path.write_text(to_markdown(rows, title, published_mean_acc))
+    md_path.write_text(to_markdown(rows, title, published_mean_acc) + note)
     return csv_path, md_path
