@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_modules.evaluation import markdown_table
+from lightning_modules.evaluation import markdown_table, save_rows
 
 
 def _flatten(tree: object, prefix: str = "") -> dict[str, object]:
@@ -93,15 +93,7 @@ def compare_runs(runs_dir: Path, sort_by: str = "test_acc", metrics: list[str] |
     if not runs:
         raise SystemExit(f"python -m cli compare: no TensorBoard runs (events.out.tfevents.*) under {runs_dir}")
     rows = comparison_table(runs, metrics, sort_by)
-    columns = list(rows[0])
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-    markdown = markdown_table(columns, [[fmt(row[c]) for c in columns] for row in rows])
-    (runs_dir / "compare.md").write_text(markdown)
-    with open(runs_dir / "compare.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    print(markdown)
+    print(save_rows(rows, runs_dir, "compare", lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)))
     side_by_side = protocol_tables_side_by_side(runs_dir)
     if side_by_side:
         (runs_dir / "protocol_tables.md").write_text(side_by_side)

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from datamodules.image_files import ImageFilesDataModule
 from datamodules.image_shards import ImageShardDataModule, pixel_settings, preprocessor_from_provenance
 from datamodules.perturbations import ROBUSTNESS_SWEEP
-from lightning_modules.evaluation import Predictions, markdown_table, protocol_table
+from lightning_modules.evaluation import Predictions, protocol_table, save_rows
 from lightning_modules.on_the_fly import OnTheFlyDetector
 
 
@@ -75,15 +75,5 @@ def robustness_sweep(ckpt: str, shards: str, out: str, batch_size: int, num_work
         metrics = protocol_table(preds, model.threshold)[-1]
         results.append({"perturbation": name if name == "none" else f"{name} {parameter:g}", "images": len(rows),
                         **{k: metrics[k] for k in ("acc", "real_acc", "fake_acc", "ap", "auroc")}})
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    columns = list(results[0])
-    markdown = markdown_table(columns, [[str(r[c]) if isinstance(r[c], (str, int)) else f"{100 * r[c]:.1f}"
-                                         for c in columns] for r in results])
-    (out_dir / "robustness.md").write_text(markdown)
-    with open(out_dir / "robustness.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(results)
-    print(markdown)
+    print(save_rows(results, out, "robustness", lambda v: str(v) if isinstance(v, (str, int)) else f"{100 * v:.1f}"))
     return results

@@ -8,6 +8,7 @@ from the test split (thresholds tuned on the test set are a known flaw of the pa
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +109,20 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     """A GitHub-flavoured Markdown table of already formatted cells (every report of the project uses it)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows]) + "\n"
+
+
+def save_rows(rows: list[dict], out_dir: str | Path, name: str, cell: Callable[[object], str]) -> str:
+    """NAME.csv (values as they are) and NAME.md (cells formatted by `cell`) in out_dir; returns the Markdown."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    columns = list(rows[0])
+    with open(out / f"{name}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    markdown = markdown_table(columns, [[cell(row[c]) for c in columns] for row in rows])
+    (out / f"{name}.md").write_text(markdown)
+    return markdown
 
 
 def to_markdown(rows: list[dict], title: str = "", published_mean_acc: float | None = None) -> str:
