@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datamodules.feature_cache import FeatureCacheDataModule  # noqa: E402
+from datamodules.cached_features import FeatureCacheDataModule  # noqa: E402
 from feature_cache.store import FeatureStore  # noqa: E402
 
 SHAPES = {"deu": (4, 32, 32), "lare": (4, 32, 32), "clip_layer3": (1024, 14, 14), "clip_pooled": (1024,)}

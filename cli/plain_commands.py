@@ -76,7 +76,7 @@ def compare(runs_dir: Path, sort_by: str = "test_acc", metrics: list[str] | None
         sort_by: metric to sort by, best first.
         metrics: metric names to show (default: every val*/test* scalar).
     """
-    from cli.compare import compare_runs
+    from reports.compare import compare_runs
 
     compare_runs(runs_dir, sort_by, metrics)
 

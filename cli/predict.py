@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from datamodules.image_files import ImageFilesDataModule
 from datamodules.image_shards import ImageShardDataModule, pixel_settings, preprocessor_from_provenance
 from datamodules.perturbations import ROBUSTNESS_SWEEP
-from lightning_modules.evaluation import Predictions, protocol_table, save_rows
+from reports.evaluation import Predictions, protocol_table, save_rows
 from lightning_modules.on_the_fly import OnTheFlyDetector
 
 

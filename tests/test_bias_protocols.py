@@ -13,7 +13,7 @@ from torchmetrics.functional.classification import binary_auroc
 from datamodules.image_shards import ImageShardDataModule
 from datamodules.shards import convert
 from feature_cache.store import FeatureStore, ProvenanceMismatchError
-from lightning_modules.format_reference import FormatOnlyClassifier, ImageMetadata
+from reports.format_reference import FormatOnlyClassifier, ImageMetadata
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import numpy as np
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
-from cli.compare import compare_runs
-from lightning_modules.evaluation import Predictions, protocol_table, write_table
+from reports.compare import compare_runs
+from reports.evaluation import Predictions, protocol_table, write_table
 
 
 def _run(root, name: str, asym: float, acc: float, protocol: str) -> None:

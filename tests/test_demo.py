@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from feature_cache.store import FeatureStore
-from lightning_modules.evaluation import Predictions, protocol_table
+from reports.evaluation import Predictions, protocol_table
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

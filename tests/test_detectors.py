@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_modules.detectors import DEUADetector, LaRE2Detector
-from lightning_modules.evaluation import Predictions
+from reports.evaluation import Predictions
 
 CHANNELS, POOLED, GRID, MAP = 16, 8, 14, 8
 GENERATORS = ["sdv4", "glide"]

@@ -7,8 +7,8 @@ import csv
 import numpy as np
 import pytest
 
-from lightning_modules.evaluation import Predictions, choose_threshold, protocol_table, write_table
-from lightning_modules.plots import map_histograms, overlay_figure, roc_pr_figure, save_figure
+from reports.evaluation import Predictions, choose_threshold, protocol_table, write_table
+from reports.plots import map_histograms, overlay_figure, roc_pr_figure, save_figure
 
 
 def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.feature_cache import FeatureCacheDataModule, contiguous_runs
+from datamodules.cached_features import FeatureCacheDataModule, contiguous_runs
 from feature_cache.paired_augment import FlipCrop, apply_flip_crop, sample_flip_crop
 from feature_cache.store import FeatureStore
 from feature_cache_fakes import RAW_PROTOCOL, make_shard_dir, marker_image

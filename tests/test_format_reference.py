@@ -6,7 +6,7 @@ import numpy as np
 from torchmetrics.functional.classification import binary_auroc
 import torch
 
-from lightning_modules.format_reference import FormatOnlyClassifier, ImageMetadata
+from reports.format_reference import FormatOnlyClassifier, ImageMetadata
 
 
 def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:

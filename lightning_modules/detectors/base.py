@@ -21,7 +21,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryAveragePrecision, BinaryRecall,
                                          BinarySpecificity)
 
-from lightning_modules.evaluation import Predictions, choose_threshold
+from reports.evaluation import Predictions, choose_threshold
 from lightning_modules.detectors.predictions import PredictionLog, per_generator_metrics, write_predictions_csv
 from lightning_modules.pretrained import ClipVisual, load_clip_rn50
 

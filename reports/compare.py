@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_modules.evaluation import markdown_table, save_rows
+from reports.evaluation import markdown_table, save_rows
 
 
 def _flatten(tree: object, prefix: str = "") -> dict[str, object]:

@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc  # noqa: E402
 
-from lightning_modules.evaluation import Predictions  # noqa: E402
+from reports.evaluation import Predictions  # noqa: E402
 
 
 def roc_pr_figure(preds: Predictions, title: str = "") -> plt.Figure:

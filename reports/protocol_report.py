@@ -15,10 +15,10 @@ import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from feature_cache.store import FeatureStore
-from lightning_modules.evaluation import (PUBLISHED_DRCT_MEAN_ACC, PUBLISHED_GENIMAGE_MEAN_ACC, Predictions,
+from reports.evaluation import (PUBLISHED_DRCT_MEAN_ACC, PUBLISHED_GENIMAGE_MEAN_ACC, Predictions,
                                           protocol_table, write_table)
-from lightning_modules.format_reference import FormatOnlyClassifier, ImageMetadata
-from lightning_modules.plots import map_histograms, overlay_figure, roc_pr_figure, save_figure
+from reports.format_reference import FormatOnlyClassifier, ImageMetadata
+from reports.plots import map_histograms, overlay_figure, roc_pr_figure, save_figure
 
 GENIMAGE_TRAIN = "imagenet_ai_0419_sdv4"
 
@@ -156,7 +156,7 @@ class ProtocolReport(pl.Callback):
 
     def _examples(self, store: FeatureStore, map_name: str):
         """A few real and fake images from the store's shards with their map (summed over channels) on top."""
-        from datamodules.feature_cache import ShardImages
+        from datamodules.cached_features import ShardImages
 
         labels = store.labels()
         picks = np.sort(np.concatenate([np.flatnonzero(labels == 0)[: self.examples // 2],
