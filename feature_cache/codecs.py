@@ -94,7 +94,8 @@ def encode(dtype: str, values: np.ndarray) -> Encoded:
     if dtype == "float8_e4m3":
         stored = torch.from_numpy(values).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
     else:
-        stored = values.astype(_STORAGE[dtype])
+        with np.errstate(over="ignore"):  # overflow is counted above, as non-finite
+            stored = values.astype(_STORAGE[dtype])
     return Encoded(stored, None, non_finite, underflow)
 
 
