@@ -99,6 +99,7 @@ class RunSummary:
     done: int
     total: int
     unfinished: list[str]
+    not_added: list[str]  # requested outputs still not in the store (an incomplete group was resumed first)
     text: str
 
 
@@ -142,6 +143,7 @@ class ZarrFeatureWriter(BasePredictionWriter):
         self.summary: RunSummary | None = None
         self.wait_seconds = 0.0  # time the device loop spent handing batches over (inline: writing them)
         self._lock: Any = None
+        self._requested_outputs: list[str] = []
         self._reset()
 
     def _reset(self) -> None:
@@ -166,6 +168,7 @@ class ZarrFeatureWriter(BasePredictionWriter):
                              "shard_table(), generator_names and exclude_shards()")
         data = datamodule.provenance()
         requested = extractor_provenance(pl_module, trainer, datamodule)
+        self._requested_outputs = list(requested.maps)
         self._reset()
         self.summary = None
         if trainer.is_global_zero:
@@ -385,7 +388,8 @@ class ZarrFeatureWriter(BasePredictionWriter):
         tars = [t["name"] for t in store.shard_table]
         done = store.done_tars(self.group) if self.group is not None else set(tars)
         unfinished = [t for t in tars if t not in done]
-        return RunSummary(self.group, len(done), len(tars), unfinished, store.summary())
+        not_added = [name for name in self._requested_outputs if name not in store.feature_names]
+        return RunSummary(self.group, len(done), len(tars), unfinished, not_added, store.summary())
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """Keep what is complete: the thread writes every tar already whole before the error propagates."""
