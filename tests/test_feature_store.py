@@ -101,9 +101,10 @@ def test_codecs_count_non_finite_and_underflow_per_row() -> None:
     values = np.ones((4, 2, 3, 3), dtype=np.float32)
     values[1, 0, 0, 0] = np.nan
     values[2, 1, 2, 2] = 1e6  # finite in float32, inf in float16
-    values[3, 0, :2, 0] = 1e-6  # subnormal in float16
+    values[3] = 1e-6  # a row of DEU-like values, all subnormal in float16
+    values[0, 0, 0, 0] = 1e-6  # negligible next to its row's 1.0: not counted
     encoded = encode("float16", values)
-    assert encoded.non_finite.tolist() == [0, 1, 1, 0] and encoded.underflow.tolist() == [0, 0, 0, 2]
+    assert encoded.non_finite.tolist() == [0, 1, 1, 0] and encoded.underflow.tolist() == [0, 0, 0, 18]
     with np.errstate(over="ignore"):
         np.testing.assert_array_equal(encoded.values, values.astype(np.float16))
     assert encode("float32", values).non_finite.tolist() == [0, 1, 0, 0]
