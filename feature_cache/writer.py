@@ -38,8 +38,7 @@ def extractor_provenance(model: pl.LightningModule, trainer: pl.Trainer,
     """The model's provenance plus what changes values but only the Trainer and data know: precision,
     batch size (batched kernels reduce in another order) and, on CPU, the thread count (oneDNN splits
     reductions by threads); on an accelerator the CPU thread count changes no value and is None."""
-    raw = model.provenance()
-    provenance = ExtractorProvenance.from_attrs(raw if "maps" in raw else _typed_from_flat(raw))
+    provenance = ExtractorProvenance.from_attrs(model.provenance())
     batch_size = getattr(datamodule, "batch_size", None) or datamodule.hparams.get("batch_size")
     on_cpu = trainer.strategy.root_device.type == "cpu"
     return ExtractorProvenance({**provenance.common, "trainer_precision": str(trainer.precision),
@@ -47,24 +46,9 @@ def extractor_provenance(model: pl.LightningModule, trainer: pl.Trainer,
                                provenance.maps)
 
 
-_FLAT_MAP_SETTINGS = {"deu": ("posterior", "posterior_sha256", "deu_mode", "num_weight_samples"),
-                      "mi": ("posterior", "posterior_sha256", "deu_mode", "num_weight_samples"),
-                      "clip_layer3": ("clip", "clip_hash"), "clip_pooled": ("clip", "clip_hash")}
-
-
-def _typed_from_flat(flat: dict[str, Any]) -> dict[str, Any]:
-    """Adapter until the map registry's extractor reports {common, maps}: split its flat provenance."""
-    specific = {key for keys in _FLAT_MAP_SETTINGS.values() for key in keys}
-    return {"common": {k: v for k, v in flat.items() if k != "outputs" and k not in specific},
-            "maps": {name: {k: flat.get(k) for k in _FLAT_MAP_SETTINGS.get(name, ())} for name in flat["outputs"]}}
-
-
 def select_outputs(model: pl.LightningModule, names: list[str]) -> None:
     """Make the extractor compute only `names` (the group this run writes)."""
-    if hasattr(model, "set_outputs"):
-        model.set_outputs(list(names))
-    else:  # the extractor before the map registry: same adapter as `_typed_from_flat`
-        model.outputs = list(names)
+    model.set_outputs(list(names))
 
 
 @dataclass
