@@ -8,7 +8,7 @@ Rows are RN50-shaped: clip_layer3 (1024, 14, 14) plus four guidance maps (4, 32,
 aleatoric, mi), ReLU-like CLIP activations and positive maps, through a real `Trainer.predict` with the real
 `ZarrFeatureWriter` into a real Zarr store. The extractor stands in for the device: it returns rows from a
 pool and sleeps `--device-ms` per batch (80 ms = 32 images at 400 images/s).
-Figures per configuration:
+First the encoding error of each CLIP dtype on those activations, then per configuration:
 - rows/s: rows written per second of the whole predict (device time 0: the writer's own throughput);
 - wait ms/batch: time the loop spent in `write_on_batch_end` per batch with the device busy `--device-ms`
   per batch (inline: the whole encode + write; background: the hand-over plus any wait on a full queue).
@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from feature_cache_fakes import FakeShardDataModule, make_shard_dir  # noqa: E402
 
+from feature_cache.codecs import encode, widen  # noqa: E402
 from feature_cache.writer import ZarrFeatureWriter  # noqa: E402
 
 MAPS = ("lare", "deu", "aleatoric", "mi")
@@ -75,6 +77,17 @@ def measure(shard_dir: Path, work: Path, batch_size: int, device_ms: float, **wr
     return time.perf_counter() - started, writer.wait_seconds
 
 
+def encoding_errors(values: torch.Tensor) -> None:
+    """Relative L2 and max abs error of each CLIP dtype on ReLU-like (B, 1024, 14, 14) activations."""
+    reference = values.numpy()
+    for dtype in ("float16", "int8_rowscale", "float8_e4m3"):
+        encoded = encode(dtype, reference)
+        error = widen(dtype, encoded.values, encoded.scale).numpy() - reference
+        print(f"encoding error {dtype:14s}: relative L2 {np.linalg.norm(error) / np.linalg.norm(reference):.2e}, "
+              f"max abs {np.abs(error).max():.2e} (values up to {reference.max():.2f}), "
+              f"{encoded.values.itemsize} byte(s)/value")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=512)
@@ -88,6 +101,7 @@ def main() -> None:
         batches = -(-args.rows // args.batch_size)
         print(f"{args.rows} rows (clip_layer3 1024x14x14 + 4 maps 4x32x32), batch {args.batch_size}, "
               f"tars of {args.shard_size}; torch threads {torch.get_num_threads()}")
+        encoding_errors(PoolExtractor(args.batch_size, 0).pool["clip_layer3"])
         print(f"{'clip dtype':14s} {'codec':5s} {'writer':10s} {'rows/s':>8s} "
               f"{'wait ms/batch at ' + format(args.device_ms, 'g') + ' ms device':>32s}")
         for clip_dtype in ("float16", "int8_rowscale", "float8_e4m3"):
