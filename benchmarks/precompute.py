@@ -175,7 +175,7 @@ def model_only(args: argparse.Namespace, sd: Path, posterior: Path, device: torc
             speed = images_per_second(lambda fn=fn: fn(normalise_images(images)), args.batch_size, args.iters,
                                       args.warmup, device)
             results[label] = (speed, flops)
-            line = f"  [{kernel:15s}] {label:28s} {speed:9.2f} img/s  {flops / 1e9:9.1f} GFLOP/img"
+            line = f"  [{kernel:15s}] {label:28s} {speed:9.2f} img/s  {flops / 1e9:9.4g} GFLOP/img"
             if device.type == "cuda":
                 line += f"  {100 * speed * flops / peak:5.1f}% of {peak / 1e12:.0f} TFLOP/s"
             print(line, flush=True)
