@@ -21,6 +21,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryAveragePrecision, BinaryRecall,
                                          BinarySpecificity)
 
+from feature_cache.codecs import widen
 from reports.evaluation import Predictions, choose_threshold
 from lightning_modules.detectors.predictions import PredictionLog, per_generator_metrics, write_predictions_csv
 from lightning_modules.pretrained import ClipVisual, load_clip_rn50
@@ -115,10 +116,11 @@ class DetectorBase(pl.LightningModule):
 
     @staticmethod
     def batch_tensor(batch: dict, name: str) -> torch.Tensor:
-        """batch[name], or one line saying which feature the datamodule must provide."""
+        """batch[name] widened to float32 (batches come in the stored dtype), or one line saying which feature
+        the datamodule must provide."""
         if name not in batch:
             raise KeyError(f"the batch has no {name!r} (it has {sorted(batch)}): request it from the datamodule")
-        return batch[name]
+        return widen(name, batch[name], batch.get(f"{name}__scale"))
 
     def visual_features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """CLIP layer3 map (B, C, g, g) and, if the detector uses it, the pooled vector (B, D)."""
