@@ -25,11 +25,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from datamodules.image_shards import preprocessor_from_provenance
 from datamodules.row_batches import Batches, BlockRows, EpochSettings, ResidentRows, Rows, SplitRows
 from feature_cache.paired_augment import apply_flip_crop, sample_flip_crop
-from feature_cache.store import FeatureStore, config_differences
+from feature_cache.store import FLAG_COLUMNS, FeatureStore, config_differences
 
 RAM_SHARE = 0.5  # in_memory loads into RAM only if the selected rows take at most this share of available RAM
 DEVICE_SHARE = 0.6  # in_memory: device loads only if the rows take at most this share of free accelerator memory
-PER_DATASET = ("shards", "layout", "split")  # provenance keys that differ between the stores of one run
 
 
 class ShardImages:
@@ -40,12 +39,12 @@ class ShardImages:
     """
 
     def __init__(self, store: FeatureStore) -> None:
-        self.shard_dir, self.table = Path(store.provenance["shards"]), store.shard_table
-        try:
-            self.preprocess = preprocessor_from_provenance(store.provenance)
-        except KeyError as missing:
-            raise ValueError(f"feature store {store.path}: provenance has no {missing}, so images=True cannot rebuild "
-                             "phase 1's pixel pipeline (stores written by `python -m cli precompute` have it)") from None
+        self.shard_dir, self.table = Path(store.dataset.shards), store.shard_table
+        missing = [t["name"] for t in self.table if not (self.shard_dir / t["name"]).is_file()]
+        if missing:
+            raise FileNotFoundError(f"feature store {store.path}: images=True reads the images from {self.shard_dir}, "
+                                    f"which lacks {len(missing)} of its tars (e.g. {missing[0]})")
+        self.preprocess = preprocessor_from_provenance({"shards": store.dataset.shards, **store.pixels.to_attrs()})
         self._firsts = [int(s["first_row"]) for s in self.table]
         self._index: dict[int, dict[str, tuple[int, int]]] = {}
 
@@ -118,7 +117,8 @@ class FeatureCacheDataModule(pl.LightningDataModule):
                  test: list[str] = [], generators: list[str] | None = None, batch_size: int = 48,  # noqa: B006
                  num_workers: int = 2, in_memory: bool | Literal["device"] = True, images: bool = False,
                  val_fraction: float = 0.0, seed: int = 0, crop_scale: tuple[float, float] = (0.5, 1.0),
-                 block_rows: int = 32, shuffle_blocks: int = 32) -> None:
+                 block_rows: int = 32, shuffle_blocks: int = 32, allow_shared_images: bool = False,
+                 verify_checksums: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         if not features:
@@ -151,6 +151,8 @@ class FeatureCacheDataModule(pl.LightningDataModule):
             if self.hparams.val_fraction > 0:
                 self.parts["train"], self.parts["val"] = self._split(self.parts["train"])
                 self.stores["val"] = self.stores["train"]
+            if not self.hparams.allow_shared_images:
+                self._refuse_shared_images()
             for split, parts in self.parts.items():
                 if self.stores[split] and not sum(len(p.rows) for p in parts):
                     raise ValueError(f"FeatureCacheDataModule: the {split} split has no rows after filtering "
@@ -162,47 +164,70 @@ class FeatureCacheDataModule(pl.LightningDataModule):
                 self.sources[split] = self._source(split)
 
     def feature_provenance(self) -> dict[str, Any] | None:
-        """Provenance of the first train store: what a checkpoint needs to recompute features from raw images."""
-        return FeatureStore.open(self.stores["train"][0]).provenance if self.stores["train"] else None
+        """What a checkpoint needs to recompute its features from raw images: the first train store's data and
+        pixel provenance, and each requested feature's extractor settings (`extractor` {common, map})."""
+        if not self.stores["train"]:
+            return None
+        store = FeatureStore.open(self.stores["train"][0])
+        return {**store.provenance.to_attrs(),
+                "features": {name: store.feature_provenance(name)["extractor"] for name in self.features}}
+
+    def _settings(self, store: FeatureStore) -> dict[str, Any]:
+        """What must be equal across a run's stores: pixels, and each requested feature's extractor settings and
+        stored form (only the data they were computed from may differ)."""
+        return {"pixels": store.pixels.to_attrs(),
+                **{name: {**store.feature_provenance(name)["extractor"], "stored": vars(store.feature_info(name))}
+                   for name in self.features}}
 
     def _check(self, opened: dict[str, FeatureStore]) -> None:
-        """Every store has every requested feature with one shape, every tar done, known filter names, and the
-        same extractor and pixel settings (only the data they were computed from may differ)."""
+        """Every store has every requested feature computed in full, undamaged (presence and size of its files,
+        checksums with `verify_checksums`), with the same settings and stored form; filter names are known."""
+        for path, store in opened.items():
+            missing = [f for f in self.features if f not in store.feature_names]
+            if missing:
+                raise ValueError(f"feature store {path}: no feature {missing} (it has {store.feature_names})")
         first_path, first = next(iter(opened.items()))
         for path, store in opened.items():
-            differences = config_differences({k: v for k, v in first.provenance.items() if k not in PER_DATASET},
-                                             {k: v for k, v in store.provenance.items() if k not in PER_DATASET})
+            differences = config_differences(self._settings(first), self._settings(store))
             if differences:
                 raise ValueError(f"feature stores {first_path} and {path} were computed with different settings "
                                  f"({', '.join(differences)}); phase 2 never mixes them")
         for path, store in opened.items():
-            missing = [f for f in self.features if f not in store.feature_shapes]
-            if missing:
-                raise ValueError(f"feature store {path}: no feature {missing} (it has {store.feature_names})")
-            for name in self.features:
-                if self.shapes.setdefault(name, store.feature_shapes[name]) != store.feature_shapes[name]:
-                    raise ValueError(f"feature store {path}: {name} has shape {store.feature_shapes[name]}, other "
-                                     f"stores {self.shapes[name]}")
+            for group in sorted({store.group_of(name) for name in self.features}):
+                todo = len(store.shard_table) - len(store.done_tars(group))
+                if todo:
+                    raise ValueError(f"feature store {path}: {todo} of {len(store.shard_table)} tars of group {group} "
+                                     "not computed yet (finish it with `python -m cli precompute`)")
+            damage = store.verify(checksums=self.hparams.verify_checksums)
+            if damage:
+                shown = "; ".join(str(d) for d in damage[:3]) + (f" and {len(damage) - 3} more" if len(damage) > 3 else "")
+                raise ValueError(f"feature store {path}: {len(damage)} damaged files ({shown}); "
+                                 f"`python -m cli verify {path}` lists them, a precompute rerun recomputes them")
             if self.hparams.images:
-                ShardImages(store)  # fail at setup, not in a worker, if the images cannot be paired
-            todo = len(store.shard_table) - len(store.done_shards())
-            if todo:
-                raise ValueError(f"feature store {path}: {todo} of {len(store.shard_table)} tars not computed yet "
-                                 "(finish it with `python -m cli precompute`)")
+                ShardImages(store)  # fail at setup, not mid-epoch, if the images cannot be paired
+        self.shapes = {name: first.feature_info(name).shape for name in self.features}
         unknown = sorted(set(self.hparams.generators or []) - set(self.generator_names))
         if unknown:
             raise ValueError(f"FeatureCacheDataModule: generators {unknown} are in no store "
                              f"(known: {self.generator_names})")
 
     def _rows(self, store: FeatureStore, index: int) -> Rows:
-        """The store's usable rows: no phase-1 error, labelled, generator in the filter; codes remapped to the union."""
+        """The store's usable rows: no phase-1 error, labelled, generator in the filter; codes remapped to the union.
+
+        Rows with non-finite values in a requested feature are refused (training on them gives NaN losses)."""
+        groups = sorted({store.group_of(name) for name in self.features})
+        non_finite = np.logical_or.reduce([store.flags(g)[:, FLAG_COLUMNS.index("non_finite")] > 0 for g in groups])
+        if non_finite.any():
+            keys = store.rows("key")[np.flatnonzero(non_finite)[:3]].tolist()
+            raise ValueError(f"feature store {store.path}: {int(non_finite.sum())} rows have NaN/inf values in groups "
+                             f"{groups} (e.g. keys {keys}); recompute them or select other stores")
         remap = np.array([self.generator_names.index(n) for n in store.generator_names], dtype=np.int64)
-        codes = remap[store.generators()]
-        keep = np.array([not e for e in store.errors()], dtype=bool)
+        codes, labels = remap[store.rows("generator")], store.rows("label")
+        keep = np.logical_and.reduce([store.errors(g) == "" for g in groups])
         failed = int((~keep).sum())
         if failed:
             rank_zero_info(f"feature store {store.path}: skipping {failed} rows whose images failed in phase 1")
-        labelled = store.labels() >= 0
+        labelled = labels >= 0
         if (~labelled & keep).any():
             rank_zero_info(f"feature store {store.path}: skipping {int((~labelled & keep).sum())} unlabelled rows "
                            "(score them with `python -m cli predict`)")
@@ -211,7 +236,21 @@ class FeatureCacheDataModule(pl.LightningDataModule):
             wanted = [self.generator_names.index(n) for n in self.hparams.generators]
             keep &= np.isin(codes, wanted)
         rows = np.flatnonzero(keep)
-        return Rows(index, rows, store.labels()[rows].astype(np.int64), codes[rows], store.array("key")[:][rows])
+        return Rows(index, rows, labels[rows].astype(np.int64), codes[rows], store.rows("key")[rows],
+                    store.rows("sha256")[rows])
+
+    def _refuse_shared_images(self) -> None:
+        """Train, val and test must not share an image (same sha256), unless `allow_shared_images`."""
+        hashes = {split: np.unique(np.concatenate([p.sha256 for p in parts] or [np.zeros(0, str)]))
+                  for split, parts in self.parts.items()}
+        keys = {split: dict(zip((h for p in parts for h in p.sha256), (k for p in parts for k in p.keys)))
+                for split, parts in self.parts.items()}
+        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+            shared = np.intersect1d(hashes[a], hashes[b])
+            if len(shared):
+                shown = ", ".join(f"{keys[a][h]} ({a}) = {keys[b][h]} ({b})" for h in shared[:3])
+                raise ValueError(f"FeatureCacheDataModule: the {a} and {b} splits share {len(shared)} images (same "
+                                 f"sha256), e.g. {shown}; remove the duplicates or set allow_shared_images: true")
 
     def _split(self, parts: list[Rows]) -> tuple[list[Rows], list[Rows]]:
         """Seeded split of the train rows into (train, val) parts."""
@@ -245,8 +284,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         return BlockRows(rows)
 
     def _row_bytes(self, path: str) -> int:
-        store = FeatureStore.open(path)
-        return sum(math.prod(store.feature_shapes[name]) * store.array(name).dtype.itemsize for name in self.features)
+        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in SplitRows.layout(path, self.features).values())
 
     def _batches(self, split: str, shuffle: bool) -> Batches | list:
         if split not in self.sources:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from feature_cache.codecs import scale_channels
 from feature_cache.store import FeatureStore
 
 RING_SLOTS = 4  # batches alive at once: Lightning's one-batch prefetch, the step's batch, the one being filled, a spare
@@ -36,16 +37,18 @@ Window = tuple[np.ndarray, np.ndarray, dict[str, torch.Tensor]]  # (the window's
 
 @dataclass
 class Rows:
-    """The selected rows of one store, sorted, with their labels, remapped generator codes and keys."""
+    """The selected rows of one store, sorted, with their labels, remapped generator codes, keys and sha256."""
 
     store: int
     rows: np.ndarray
     labels: np.ndarray
     generators: np.ndarray
     keys: np.ndarray
+    sha256: np.ndarray
 
     def subset(self, mask: np.ndarray) -> Rows:
-        return Rows(self.store, self.rows[mask], self.labels[mask], self.generators[mask], self.keys[mask])
+        return Rows(self.store, self.rows[mask], self.labels[mask], self.generators[mask], self.keys[mask],
+                    self.sha256[mask])
 
 
 def contiguous_runs(rows: np.ndarray) -> list[tuple[int, int]]:
@@ -83,10 +86,19 @@ def epoch_order(num_rows: int, *, shuffle: bool, block_rows: int, window_rows: i
 
 
 class SplitRows:
-    """A split's rows across its stores as one position axis 0..n-1, with per-position metadata."""
+    """A split's rows across its stores as one position axis 0..n-1, with per-position metadata.
+
+    `arrays` are what a batch carries per feature: the feature in its stored dtype, plus `NAME__scale`
+    (B, C) float32 for int8_rowscale features.
+    """
 
     def __init__(self, paths: list[str], parts: list[Rows], features: list[str]) -> None:
-        self.paths, self.parts, self.features = paths, parts, features
+        self.paths, self.parts = paths, parts
+        self.layout_of = self.layout(paths[parts[0].store], features)
+        self.features = list(self.layout_of)
+        # float8 is stored as uint8 bits (numpy has no float8): batches view them as torch.float8_e4m3fn
+        self.views = {name: torch.float8_e4m3fn for name in features
+                      if FeatureStore.open(paths[parts[0].store]).feature_info(name).dtype == "float8_e4m3"}
         self.bounds = np.cumsum([0] + [len(p.rows) for p in parts])
         self.metadata = {"label": np.concatenate([p.labels for p in parts]).astype(np.int64),
                          "generator": np.concatenate([p.generators for p in parts]).astype(np.int64),
@@ -96,6 +108,17 @@ class SplitRows:
 
     def __len__(self) -> int:
         return int(self.bounds[-1])
+
+    @staticmethod
+    def layout(path: str, features: list[str]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Per-row shape and storage dtype of each array a batch carries for `features` (scales included)."""
+        store, layout = FeatureStore.open(path), {}
+        for name in features:
+            info = store.feature_info(name)
+            layout[name] = (info.shape, info.storage_dtype)
+            if info.has_scale:
+                layout[f"{name}__scale"] = ((scale_channels(info.shape),), np.dtype("float32"))
+        return layout
 
     def store(self, part: int) -> FeatureStore:
         path = self.paths[self.parts[part].store]
@@ -112,8 +135,7 @@ class SplitRows:
                 continue
             store, rows = self.store(part), self.parts[part].rows[positions[a:b] - lo]
             for name in self.features:
-                array = store.array(name)
-                out[name].extend(array[start:stop] for start, stop in contiguous_runs(rows))
+                out[name].extend(store.read(name, start, stop) for start, stop in contiguous_runs(rows))
         return {name: np.concatenate(chunks) for name, chunks in out.items()}
 
 
@@ -205,9 +227,8 @@ class Batches:
         on_host = not isinstance(source, ResidentRows) or source.device.type == "cpu"
         self.ring = None
         if on_host:
-            shapes = {name: tuple(split.store(0).array(name).shape[1:]) for name in split.features}
-            dtypes = {name: torch.from_numpy(np.empty(0, split.store(0).array(name).dtype)).dtype
-                      for name in split.features}
+            shapes = {name: shape for name, (shape, _) in split.layout_of.items()}
+            dtypes = {name: torch.from_numpy(np.empty(0, dtype)).dtype for name, (_, dtype) in split.layout_of.items()}
             self.ring = BatchRing(shapes, dtypes, batch_size, pin=device.type == "cuda")
 
     def order(self) -> np.ndarray:
@@ -239,6 +260,7 @@ class Batches:
                 batch = {name: value.to(self.device, non_blocking=True) for name, value in batch.items()}
                 self.ring.events[slot] = torch.cuda.Event()
                 self.ring.events[slot].record()
+        batch.update({name: batch[name].view(view) for name, view in self.source.split.views.items()})
         if self.decorate is not None:
             self.decorate(batch, positions)
         return batch
