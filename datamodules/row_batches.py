@@ -252,9 +252,11 @@ class Batches:
             batch.update({name: arrays[name].index_select(0, index) for name in self.source.split.features})
         else:
             slot, buffers = self.ring.take()
+            sources = index.tolist()
             for name in self.source.split.features:
-                out = buffers[name][:len(index)]
-                torch.index_select(arrays[name], 0, index, out=out)
+                out, values = buffers[name][:len(sources)], arrays[name]
+                for target, source in enumerate(sources):  # one memcpy per row: CPU index_select on large
+                    out[target].copy_(values[source])      # float16 rows runs at ~1% of memcpy speed (measured)
                 batch[name] = out
             if self.device.type == "cuda":
                 batch = {name: value.to(self.device, non_blocking=True) for name, value in batch.items()}
