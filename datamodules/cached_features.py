@@ -13,6 +13,7 @@ import bisect
 import math
 import os
 import tarfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -286,17 +287,19 @@ class FeatureCacheDataModule(pl.LightningDataModule):
     def _row_bytes(self, path: str) -> int:
         return sum(math.prod(shape) * dtype.itemsize for shape, dtype in SplitRows.layout(path, self.features).values())
 
-    def _batches(self, split: str, shuffle: bool) -> Batches | list:
+    def batches(self, split: str, epoch: Callable[[], int] | None = None) -> Batches | list:
+        """The split's batches (training order for "train"); `epoch` overrides the Trainer's current epoch, for a
+        caller that drives several Trainers from one read (cli/grid_together.py)."""
         if split not in self.sources:
             return []
-        source, trainer = self.sources[split], self.trainer
+        source, trainer, shuffle = self.sources[split], self.trainer, split == "train"
         resident = isinstance(source, ResidentRows)
         block_rows = 1 if resident else self.hparams.block_rows
         step = math.lcm(block_rows, self.hparams.batch_size)  # windows hold whole blocks and whole batches
         settings = EpochSettings(
             shuffle=shuffle, block_rows=block_rows, seed=self.hparams.seed,
             window_rows=math.ceil(block_rows * self.hparams.shuffle_blocks / step) * step,
-            epoch=lambda: trainer.current_epoch if trainer is not None else 0,
+            epoch=epoch or (lambda: trainer.current_epoch if trainer is not None else 0),
             rank=lambda: (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1))
         images = (PairedImages(source.split, self.generator_names, augment=split == "train",
                                crop_scale=self.hparams.crop_scale, threads=self.hparams.num_workers)
@@ -304,10 +307,10 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         return Batches(source, self.hparams.batch_size, settings, self._device(), decorate=images)
 
     def train_dataloader(self) -> Batches | list:
-        return self._batches("train", shuffle=True)
+        return self.batches("train")
 
     def val_dataloader(self) -> Batches | list:
-        return self._batches("val", shuffle=False)
+        return self.batches("val")
 
     def test_dataloader(self) -> Batches | list:
-        return self._batches("test", shuffle=False)
+        return self.batches("test")
