@@ -1,88 +1,210 @@
-"""Phase-2 read throughput of FeatureCacheDataModule's train loader (run by hand; prints a table).
+"""Phase-2 read throughput of FeatureCacheDataModule beside the machine's ceilings (run by hand; prints figures).
 
-    python benchmarks/cache_read.py [--rows 5000] [--shard-size 500] [--dir /tmp/bench_store]
+    python benchmarks/cache_read.py [--rows 3000] [--clip-dtype float16] [--clip-codec none] [--dir DIR]
 
-Builds (once) a synthetic float16 store with realistic per-row sizes: deu and lare 4x32x32 (256 px
-input), clip_layer3 1024x14x14, clip_pooled 1024 (~420 KB per row), then reads one shuffled epoch
-with 0, 1 and 2 workers, in RAM and lazily from disk. Setup time includes loading into RAM.
+Builds (once per setting) a format-2 store of RN50-shaped rows: clip_layer3 1024x14x14 (dtype/codec as
+given) + deu 4x32x32 float32 zstd, through the store's own writer API. Measures the ceilings first:
+memcpy, page-cache read of the store's files, O_DIRECT read of the same files (cold disk, no page
+cache), and the codec's decode speed; then one training epoch of the data module per mode, each line
+`<mode>: <N> rows/s (<GB/s>, <percent> of <ceiling>)`. Cold reads evict the store's files from the page
+cache with posix_fadvise(DONTNEED) (no root needed). Also prints the shuffle's quality on a store sorted
+by label: the spread of each batch's fake fraction against an ideal shuffle's.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import hashlib
+import mmap
+import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import lightning.pytorch as pl
+import numcodecs
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules.cached_features import FeatureCacheDataModule  # noqa: E402
-from feature_cache.store import FeatureStore  # noqa: E402
+from datamodules.row_batches import epoch_order  # noqa: E402
+from feature_cache.codecs import encode, storage_dtype  # noqa: E402
+from feature_cache.provenance import (DatasetProvenance, ExtractorProvenance, FeatureSpec,  # noqa: E402
+                                      PixelProvenance, StoreProvenance)
+from feature_cache.store import FeatureStore, store_lock  # noqa: E402
 
-SHAPES = {"deu": (4, 32, 32), "lare": (4, 32, 32), "clip_layer3": (1024, 14, 14), "clip_pooled": (1024,)}
+CLIP_SHAPE, DEU_SHAPE = (1024, 14, 14), (4, 32, 32)
 
 
-def build_store(path: Path, rows: int, shard_size: int) -> float:
-    """Write the synthetic store; returns seconds per row spent in `write_shard`."""
-    table = [{"name": f"shard-{k:06d}.tar", "first_row": k * shard_size,
-              "num_samples": min(shard_size, rows - k * shard_size)} for k in range(-(-rows // shard_size))]
-    store = FeatureStore.create(path, shards=table, keys=[f"k{r}" for r in range(rows)], labels=[r % 2 for r in range(rows)],
-                                generators=[r % 4 for r in range(rows)], generator_names=["a", "b", "c", "d"],
-                                feature_shapes=SHAPES, feature_dtype="float16", provenance={"benchmark": "cache_read"})
+def build_store(path: Path, rows: int, shard_size: int, clip_dtype: str, clip_codec: str) -> None:
+    """Synthetic ReLU-like activations (|normal|), labels sorted like a GenImage split (fakes first)."""
+    specs = {"clip_layer3": FeatureSpec(CLIP_SHAPE, clip_dtype, clip_codec), "deu": FeatureSpec(DEU_SHAPE, "float32", "zstd")}
+    tars = [{"name": f"shard-{k:06d}.tar", "first_row": k * shard_size, "num_samples": min(shard_size, rows - k * shard_size)}
+            for k in range(-(-rows // shard_size))]
+    provenance = StoreProvenance(DatasetProvenance(str(path.parent), "benchmark", "train", "0" * 64, tars, {}),
+                                 PixelProvenance(resolution=256))
+    table = {"key": [f"k{r}" for r in range(rows)], "label": [int(r < rows // 2) for r in range(rows)],
+             "generator": [0] * rows, "format": ["png"] * rows, "jpeg_quality": [-1] * rows, "width": [256] * rows,
+             "height": [256] * rows, "sha256": [hashlib.sha256(str(r).encode()).hexdigest() for r in range(rows)]}
+    with store_lock(path):
+        store = FeatureStore.create(path, provenance=provenance, rows=table, generator_names=["sdv4"])
+        group = store.add_group(specs, ExtractorProvenance({"benchmark": True}, {name: {} for name in specs}))
     rng = np.random.default_rng(0)
-    spent = 0.0
-    for k, entry in enumerate(table):
-        n = entry["num_samples"]
-        arrays = {name: rng.standard_normal((n, *shape), dtype=np.float32).astype(np.float16)
-                  for name, shape in SHAPES.items()}
-        start = time.perf_counter()
-        store.write_shard(k, arrays, [""] * n)
-        spent += time.perf_counter() - start
-    return spent / rows
+    for k, tar in enumerate(tars):
+        n, arrays = tar["num_samples"], {}
+        for name, spec in specs.items():
+            encoded = encode(spec.dtype, np.abs(rng.standard_normal((n, *spec.shape), dtype=np.float32)))
+            arrays[name] = encoded.values
+            if encoded.scale is not None:
+                arrays[f"{name}__scale"] = encoded.scale
+        store.write_tar(group, k, arrays, [""] * n, np.zeros((n, 2), np.int32))
+        print(f"\rwrote tar {k + 1}/{len(tars)}", end="", flush=True)
+    print()
 
 
-def read_epoch(path: Path, in_memory: bool, workers: int, batch_size: int) -> tuple[float, float, int]:
-    """(setup seconds, samples per second over one shuffled epoch, samples read)."""
+def store_files(path: Path) -> list[Path]:
+    return [p for p in sorted(path.rglob("*")) if p.is_file() and "/c/" in str(p)]
+
+
+def evict(files: list[Path]) -> None:
+    """Drop the files' clean pages from the page cache (what a cold read sees)."""
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def timed(action: Callable[[], int]) -> float:
+    """Bytes per second of `action` (which returns the bytes it moved)."""
     start = time.perf_counter()
-    dm = FeatureCacheDataModule(features=list(SHAPES), train=[str(path)], batch_size=batch_size,
-                                num_workers=workers, in_memory=in_memory)
+    moved = action()
+    return moved / (time.perf_counter() - start)
+
+
+def memcpy_ceiling(bytes_: int = 1 << 29) -> float:
+    source, target = np.ones(bytes_, np.uint8), np.empty(bytes_, np.uint8)
+    np.copyto(target, source)  # fault the target's pages in first
+    return max(timed(lambda: (np.copyto(target, source), bytes_)[1]) for _ in range(3))
+
+
+def file_read(files: list[Path], direct: bool) -> int:
+    """Read every file into one reused page-aligned buffer (O_DIRECT needs alignment); returns bytes read."""
+    buffer = mmap.mmap(-1, 64 << 20)
+    total = 0
+    for file in files:
+        fd = os.open(file, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+        try:
+            while (count := os.readv(fd, [buffer])) > 0:
+                total += count
+        finally:
+            os.close(fd)
+    return total
+
+
+def decode_ceiling(dtype: str, codec: str) -> float | None:
+    """Single-core decode speed of one tar's worth of CLIP maps (bytes out per second); None for `none`."""
+    if codec == "none":
+        return None
+    values = encode(dtype, np.abs(np.random.default_rng(1).standard_normal((32, *CLIP_SHAPE), dtype=np.float32))).values
+    itemsize = storage_dtype(dtype).itemsize
+    blosc = numcodecs.Blosc(cname=codec, clevel=1, shuffle=numcodecs.Blosc.SHUFFLE if itemsize > 1 else numcodecs.Blosc.NOSHUFFLE,
+                            typesize=itemsize)
+    blosc.numthreads = 1
+    packed = blosc.encode(values)
+    return max(timed(lambda: (blosc.decode(packed), values.nbytes)[1]) for _ in range(3))
+
+
+def epoch_rate(path: Path, in_memory: bool | str, batch_size: int, block_rows: int, shuffle_blocks: int) -> tuple[float, float]:
+    """(setup seconds, rows per second over one shuffled training epoch) through the data module."""
+    start = time.perf_counter()
+    dm = FeatureCacheDataModule(features=["clip_layer3", "deu"], train=[str(path)], batch_size=batch_size,
+                                in_memory=in_memory, block_rows=block_rows, shuffle_blocks=shuffle_blocks)
+    if torch.cuda.is_available():  # batches go to the GPU as in training (pinned ring, asynchronous copies)
+        dm.trainer = pl.Trainer(accelerator="gpu", devices=1, logger=False, enable_progress_bar=False)
     dm.setup("fit")
-    loader = dm.train_dataloader()
     setup = time.perf_counter() - start
     start, count = time.perf_counter(), 0
-    for batch in loader:
+    for batch in dm.train_dataloader():
         count += len(batch["row"])
-    return setup, count / (time.perf_counter() - start), count
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return setup, count / (time.perf_counter() - start)
+
+
+def shuffle_quality(rows: int, batch_size: int, block_rows: int, shuffle_blocks: int) -> str:
+    """Std of the per-batch fake fraction on a half-fake store sorted by label, vs an ideal shuffle's."""
+    step = np.lcm(block_rows, batch_size)
+    window = int(np.ceil(block_rows * shuffle_blocks / step) * step)
+    fractions = []
+    for epoch in range(5):
+        order = epoch_order(rows, shuffle=True, block_rows=block_rows, window_rows=window, seed=0, epoch=epoch)
+        labels = (order < rows // 2).astype(float)
+        whole = len(labels) // batch_size * batch_size
+        fractions.append(labels[:whole].reshape(-1, batch_size).mean(axis=1))
+    ideal = np.sqrt(0.25 / batch_size * (rows - batch_size) / (rows - 1))
+    return (f"shuffle quality (block_rows {block_rows}, shuffle_blocks {shuffle_blocks}, batch {batch_size}): "
+            f"std of a batch's fake fraction {np.concatenate(fractions).std():.3f} vs {ideal:.3f} for a full shuffle")
+
+
+def line(mode: str, rows_per_s: float, row_bytes: int, ceiling_name: str, ceiling: float | None) -> str:
+    rate = rows_per_s * row_bytes / 1e9
+    share = f"{100 * rate / (ceiling / 1e9):.0f}% of {ceiling_name}" if ceiling else f"{ceiling_name} unavailable"
+    return f"{mode}: {rows_per_s:,.0f} rows/s ({rate:.2f} GB/s, {share})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=5000)
+    parser.add_argument("--rows", type=int, default=3000)
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=48)
-    parser.add_argument("--dir", type=Path, default=None, help="store location (kept); default: a temporary dir")
+    parser.add_argument("--block-rows", type=int, default=32)
+    parser.add_argument("--shuffle-blocks", type=int, default=32)
+    parser.add_argument("--clip-dtype", default="float16", choices=["float16", "int8_rowscale", "float8_e4m3"])
+    parser.add_argument("--clip-codec", default="none", choices=["none", "lz4", "zstd"])
+    parser.add_argument("--modes", default="ram,device,page_cache,cold_disk")
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "cache_read_bench",
+                        help="where the store is built (kept, reused by later runs with the same settings)")
     args = parser.parse_args()
-    root = args.dir or Path(tempfile.mkdtemp(prefix="cache_read_"))
-    path = root / "store"
+    path = args.dir / f"store-{args.rows}-{args.clip_dtype}-{args.clip_codec}"
+    if not FeatureStore.exists(path):
+        build_store(path, args.rows, args.shard_size, args.clip_dtype, args.clip_codec)
+    files = store_files(path)
+    row_bytes = sum(int(np.prod(s)) * storage_dtype(d).itemsize for s, d in ((CLIP_SHAPE, args.clip_dtype), (DEU_SHAPE, "float32")))
+    row_bytes += 1024 * 4 if args.clip_dtype == "int8_rowscale" else 0
+    print(f"store {path}: {args.rows} rows, {row_bytes / 1e3:.0f} KB per row stored, "
+          f"{sum(f.stat().st_size for f in files) / 1e9:.2f} GB of chunk files, {os.cpu_count()} CPUs")
+
+    memcpy = memcpy_ceiling()
+    file_read(files, direct=False)
+    page_cache = timed(lambda: file_read(files, direct=False))
     try:
-        if not (path / "zarr.json").exists():
-            per_row = build_store(path, args.rows, args.shard_size)
-            print(f"wrote {args.rows} rows ({args.shard_size} per tar) in {per_row * 1e3:.2f} ms/row")
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        print(f"store {path}: {size / 2**30:.2f} GiB on disk\n")
-        print(f"{'in_memory':>9} {'workers':>7} {'setup s':>8} {'samples/s':>10}")
-        for in_memory in (True, False):
-            for workers in (0, 1, 2):
-                setup, rate, count = read_epoch(path, in_memory, workers, args.batch_size)
-                assert count == args.rows
-                print(f"{str(in_memory):>9} {workers:>7} {setup:>8.1f} {rate:>10.0f}", flush=True)
-    finally:
-        if args.dir is None:
-            shutil.rmtree(root)
+        direct: float | None = timed(lambda: file_read(files, direct=True))
+    except OSError as error:  # tmpfs and some overlay file systems refuse O_DIRECT
+        print(f"O_DIRECT unavailable here: {error}")
+        direct = None
+    decode = decode_ceiling(args.clip_dtype, args.clip_codec)
+    print(f"ceiling memcpy: {memcpy / 1e9:.2f} GB/s ({memcpy / row_bytes:,.0f} rows/s)")
+    print(f"ceiling page-cache read: {page_cache / 1e9:.2f} GB/s ({page_cache / row_bytes:,.0f} rows/s)")
+    if direct:
+        print(f"ceiling O_DIRECT read: {direct / 1e9:.2f} GB/s ({direct / row_bytes:,.0f} rows/s)")
+    if decode:
+        print(f"ceiling {args.clip_codec} decode (1 core): {decode / 1e9:.2f} GB/s ({decode / row_bytes:,.0f} rows/s)")
+    cached_ceiling = ("page-cache read", page_cache) if not decode or page_cache < decode else (f"{args.clip_codec} decode", decode)
+    ceilings = {"ram": ("memcpy", memcpy), "device": ("memcpy", memcpy), "page_cache": cached_ceiling,
+                "cold_disk": ("O_DIRECT read", direct)}
+    for mode in args.modes.split(","):
+        in_memory = {"ram": True, "device": "device", "page_cache": False, "cold_disk": False}[mode]
+        if mode == "page_cache":
+            file_read(files, direct=False)
+        if mode == "cold_disk":
+            evict(files)
+        setup, rate = epoch_rate(path, in_memory, args.batch_size, args.block_rows, args.shuffle_blocks)
+        print(line(mode, rate, row_bytes, *ceilings[mode]) + f"  [setup {setup:.1f} s]", flush=True)
+    print(shuffle_quality(324_000, args.batch_size, args.block_rows, args.shuffle_blocks))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from cli.grid_together import run_together
+
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "cli", *args]
@@ -37,7 +39,7 @@ def run_directory(configs: list[str]) -> Path:
 
 
 def grid(rows: Path, base: Path | None = None, extra: list[Path] | None = None, test: bool = True,
-         dry_run: bool = False) -> list[Path]:
+         dry_run: bool = False, together: bool = False) -> list[Path]:
     """Fit (and test) every ablation row in ROWS, one subprocess per Trainer run; returns the run directories.
 
     A row whose fit fails is reported and skipped (no test); the others still run, and the command
@@ -49,6 +51,8 @@ def grid(rows: Path, base: Path | None = None, extra: list[Path] | None = None, 
         extra: configs stacked after each row (machine-specific paths, shorter schedules).
         test: after fitting, test the row's last checkpoint (writes test_predictions.csv to its run dir).
         dry_run: print the commands instead of running them.
+        together: fit the rows in one process on the same batches, one read of the stores for all of them
+            (cli/grid_together.py; rows must share their data and training loop), then test each row.
     """
     rows, extra = Path(rows), [Path(p) for p in extra or []]
     base = Path(base) if base is not None else rows.parent.parent / f"{rows.name}.yaml"
@@ -58,10 +62,16 @@ def grid(rows: Path, base: Path | None = None, extra: list[Path] | None = None, 
         raise SystemExit(f"python -m cli grid: missing config files {missing}" if missing
                          else f"python -m cli grid: no *.yaml rows in {rows}")
     run_dirs, failed = [], []
+    row_configs = {row.stem: [arg for path in (base, row, *extra) for arg in ("--config", str(path))] for row in row_files}
+    if together:
+        print(f"grid rows {', '.join(row_configs)}: fit together in one process", flush=True)
+        failed = [] if dry_run else [f"{name} (fit)" for name in run_together(row_configs)]
     for row in row_files:
-        configs = [arg for path in (base, row, *extra) for arg in ("--config", str(path))]
+        configs = row_configs[row.stem]
         run_dir = run_directory(configs)
-        commands = [_cli("fit", *configs)]
+        if f"{row.stem} (fit)" in failed:
+            continue
+        commands = [] if together else [_cli("fit", *configs)]
         if test:
             commands.append(_cli("test", *configs, "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")))
         for command in commands:

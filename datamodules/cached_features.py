@@ -1,8 +1,10 @@
 """Phase 2 data: rows of one or more feature stores (and, for fine-tuning, their images) as batches.
 
-Batch (docs/contracts.md): one float32 tensor per requested feature, `label` int64, `generator` int64
+Batch (docs/contracts.md): one tensor per requested feature in its STORED dtype (widen with
+`feature_cache.codecs.widen`; the detectors do it in their first op), `label` int64, `generator` int64
 (codes into `generator_names`, the union over all stores), `row` int64 (row in its store), `store` int64
-(index of that store in the split's list), and `image` (B, 3, R, R) in [-1, 1] when `images=True`.
+(index of that store in the split's list), and `image` (B, 3, R, R) float32 in [-1, 1] when `images=True`.
+How rows are read, shuffled and buffered: `datamodules/row_batches.py`.
 """
 
 from __future__ import annotations
@@ -11,44 +13,23 @@ import bisect
 import math
 import os
 import tarfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset
 
 from datamodules.image_shards import preprocessor_from_provenance
+from datamodules.row_batches import Batches, BlockRows, EpochSettings, ResidentRows, Rows, SplitRows
 from feature_cache.paired_augment import apply_flip_crop, sample_flip_crop
-from feature_cache.store import FeatureStore, config_differences
+from feature_cache.store import FLAG_COLUMNS, FeatureStore, config_differences
 
-_RAM_SHARE = 0.5
-PER_DATASET = ("shards", "layout", "split")  # provenance keys that differ between the stores of one run  # in_memory loads only if the selected rows take at most this share of available RAM
-
-
-@dataclass
-class _Rows:
-    """The selected rows of one store, sorted, with their labels, remapped generator codes and keys."""
-
-    store: int
-    rows: np.ndarray
-    labels: np.ndarray
-    generators: np.ndarray
-    keys: np.ndarray
-
-    def subset(self, mask: np.ndarray) -> _Rows:
-        return _Rows(self.store, self.rows[mask], self.labels[mask], self.generators[mask], self.keys[mask])
-
-
-def contiguous_runs(rows: np.ndarray) -> list[tuple[int, int]]:
-    """Sorted rows as [start, stop) runs: one zarr call per run instead of one per row."""
-    if len(rows) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    return [(int(run[0]), int(run[-1]) + 1) for run in np.split(rows, breaks)]
+RAM_SHARE = 0.5  # in_memory loads into RAM only if the selected rows take at most this share of available RAM
+DEVICE_SHARE = 0.6  # in_memory: device loads only if the rows take at most this share of free accelerator memory
 
 
 class ShardImages:
@@ -59,12 +40,12 @@ class ShardImages:
     """
 
     def __init__(self, store: FeatureStore) -> None:
-        self.shard_dir, self.table = Path(store.provenance["shards"]), store.shard_table
-        try:
-            self.preprocess = preprocessor_from_provenance(store.provenance)
-        except KeyError as missing:
-            raise ValueError(f"feature store {store.path}: provenance has no {missing}, so images=True cannot rebuild "
-                             "phase 1's pixel pipeline (stores written by `python -m cli precompute` have it)") from None
+        self.shard_dir, self.table = Path(store.dataset.shards), store.shard_table
+        missing = [t["name"] for t in self.table if not (self.shard_dir / t["name"]).is_file()]
+        if missing:
+            raise FileNotFoundError(f"feature store {store.path}: images=True reads the images from {self.shard_dir}, "
+                                    f"which lacks {len(missing)} of its tars (e.g. {missing[0]})")
+        self.preprocess = preprocessor_from_provenance({"shards": store.dataset.shards, **store.pixels.to_attrs()})
         self._firsts = [int(s["first_row"]) for s in self.table]
         self._index: dict[int, dict[str, tuple[int, int]]] = {}
 
@@ -88,138 +69,74 @@ class ShardImages:
             return self.preprocess(f.read(size), key, label, generator)
 
 
-class FeatureRows(Dataset):
-    """Rows of several stores; `__getitems__` reads a whole batch, sorted, so lazy reads are run-wise."""
+class PairedImages:
+    """Adds `image` to a batch: decoded (threads), and in training flipped/cropped with every spatial map."""
 
-    def __init__(self, paths: list[str], parts: list[_Rows], shapes: dict[str, tuple[int, ...]],
-                 generator_names: list[str], in_memory: bool, images: bool, augment: bool,
-                 crop_scale: tuple[float, float]) -> None:
-        self.paths, self.parts, self.shapes, self.features = paths, parts, shapes, list(shapes)
-        self.generator_names = generator_names
-        self.images, self.augment, self.crop_scale = images, augment, crop_scale
-        self.part_of = np.concatenate([np.full(len(p.rows), k) for k, p in enumerate(parts)] or [np.zeros(0, int)])
-        self.position = np.concatenate([np.arange(len(p.rows)) for p in parts] or [np.zeros(0, int)])
-        self._opened: tuple[int, list[FeatureStore], list[ShardImages | None]] | None = None
-        self.memory = [self._load(p) for p in parts] if in_memory else None
+    def __init__(self, split: SplitRows, generator_names: list[str], augment: bool,
+                 crop_scale: tuple[float, float], threads: int) -> None:
+        self.split, self.generator_names, self.augment, self.crop_scale = split, generator_names, augment, crop_scale
+        self.readers = [ShardImages(FeatureStore.open(path)) for path in split.paths]
+        self.keys = np.concatenate([p.keys for p in split.parts])
+        self.pool = ThreadPoolExecutor(max_workers=threads) if threads > 0 else None
 
-    def __len__(self) -> int:
-        return len(self.part_of)
+    def _image(self, position: int) -> torch.Tensor:
+        meta = {name: int(values[position]) for name, values in self.split.metadata.items()}
+        return self.readers[meta["store"]].read(meta["row"], str(self.keys[position]), meta["label"],
+                                                self.generator_names[meta["generator"]])
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Spawned workers reopen the stores themselves instead of receiving open handles."""
-        return {**self.__dict__, "_opened": None}
-
-    def _stores(self) -> tuple[list[FeatureStore], list[ShardImages | None]]:
-        """Stores opened in this process (the zarr sync API's event loop must not cross a fork)."""
-        if self._opened is None or self._opened[0] != os.getpid():
-            stores = [FeatureStore.open(path) for path in self.paths]
-            images = [ShardImages(s) if self.images else None for s in stores]
-            self._opened = (os.getpid(), stores, images)
-        return self._opened[1], self._opened[2]
-
-    def _load(self, part: _Rows) -> dict[str, np.ndarray]:
-        """The part's rows of every feature in storage dtype, read one tar (whole Zarr shard) at a time."""
-        store = self._stores()[0][part.store]
-        out = {}
-        for name in self.features:
-            array = store.array(name)
-            values = np.empty((len(part.rows), *array.shape[1:]), dtype=array.dtype)
-            for start, stop in (store.shard_rows(k) for k in range(len(store.shard_table))):
-                lo, hi = np.searchsorted(part.rows, [start, stop])
-                if hi - lo == stop - start:
-                    values[lo:hi] = array[start:stop]
-                elif hi > lo:
-                    values[lo:hi] = array[start:stop][part.rows[lo:hi] - start]
-            out[name] = values
-        return out
-
-    def _read(self, k: int, positions: np.ndarray) -> dict[str, np.ndarray]:
-        """Part k's features at `positions`, in that order: from RAM, or from disk by sorted contiguous runs."""
-        if self.memory is not None:
-            return {name: self.memory[k][name][positions] for name in self.features}
-        order = np.argsort(positions, kind="stable")
-        store, runs = self._stores()[0][self.parts[k].store], contiguous_runs(self.parts[k].rows[positions[order]])
-        restore = np.argsort(order)
-        return {name: np.concatenate([store.array(name)[a:b] for a, b in runs])[restore] for name in self.features}
-
-    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """The whole batch at once, written straight into float32 tensors (float16 is widened in the copy)."""
-        indices = np.asarray(indices)
-        parts, positions = self.part_of[indices], self.position[indices]
-        batch = {name: torch.empty((len(indices), *self.shapes[name])) for name in self.features}
-        for name in ("label", "generator", "row", "store"):
-            batch[name] = torch.empty(len(indices), dtype=torch.int64)
-        for k in np.unique(parts):
-            slots = np.flatnonzero(parts == k)
-            part, where = self.parts[k], positions[slots]
-            columns = {**self._read(int(k), where), "label": part.labels[where],
-                       "generator": part.generators[where], "row": part.rows[where],
-                       "store": np.full(len(where), part.store)}
-            contiguous = slots[-1] - slots[0] + 1 == len(slots)
-            for name, values in columns.items():
-                source = torch.from_numpy(values)
-                if contiguous:
-                    batch[name][slots[0]:slots[-1] + 1].copy_(source)
-                else:
-                    batch[name][torch.from_numpy(slots)] = source.to(batch[name].dtype)
-        if self.images:
-            self._add_images(batch, parts, positions)
-        return batch
-
-    def _add_images(self, batch: dict[str, torch.Tensor], parts: np.ndarray, positions: np.ndarray) -> None:
-        """Decode each row's image; in training, crop/flip it and every spatial map with one shared box."""
-        readers = self._stores()[1]
-        images = []
-        for i, (k, position) in enumerate(zip(parts.tolist(), positions.tolist())):
-            part = self.parts[k]
-            reader = readers[part.store]
-            assert reader is not None
-            image = reader.read(int(part.rows[position]), str(part.keys[position]), int(part.labels[position]),
-                                self.generator_names[part.generators[position]])
-            if self.augment:
-                box = sample_flip_crop(self.crop_scale)
-                image = apply_flip_crop(image, box)
-                for name in self.features:
+    def __call__(self, batch: dict[str, torch.Tensor], positions: np.ndarray) -> None:
+        images = list(self.pool.map(self._image, positions.tolist()) if self.pool else map(self._image, positions.tolist()))
+        if self.augment:
+            for i, box in enumerate(sample_flip_crop(self.crop_scale) for _ in images):
+                images[i] = apply_flip_crop(images[i], box)
+                for name in self.split.features:
                     if batch[name].ndim == 4:
                         batch[name][i] = apply_flip_crop(batch[name][i], box)
-            images.append(image)
         batch["image"] = torch.stack(images)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {k: v[0] for k, v in self.__getitems__([index]).items()}
-
-
-def _passthrough(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`__getitems__` already returns a collated batch."""
-    return batch
 
 
 class FeatureCacheDataModule(pl.LightningDataModule):
-    """Train/val/test rows from feature stores; RAM-resident when they fit, else sorted lazy reads.
+    """Train/val/test rows from feature stores: resident in RAM or on the device when they fit, else block reads.
 
     Rows whose phase-1 `error` is set are dropped (and counted). `generators` keeps only rows of those
     generator names (in every split). With `val_fraction` and no `val` stores, a seeded permutation of
     the train rows gives the validation split. `images=True` pairs each row with its image from the
     store's shard directory (`provenance["shards"]`) and, for training, applies one random flip +
     resized crop (`crop_scale` = area fraction range) identically to the image and every spatial map.
+
+    Reading (`datamodules/row_batches.py`): `in_memory` true loads the split once into RAM (if it takes at
+    most RAM_SHARE of free RAM, else reads from disk), `device` into accelerator memory (if it fits
+    DEVICE_SHARE of the free memory, else as `true`), false reads from disk. Training order: a seeded
+    per-epoch permutation of blocks of `block_rows` consecutive rows (resident data: single rows), then
+    a permutation within windows of `shuffle_blocks` blocks; every batch mixes rows of ~`shuffle_blocks`
+    blocks, so a store sorted by label gives batches whose fake fraction varies like `shuffle_blocks`
+    independent draws (README: the shuffle's measured quality). No worker processes: `num_workers` is
+    the number of threads decoding images (`images=True` only).
     """
 
     def __init__(self, features: list[str], train: list[str] = [], val: list[str] = [],  # noqa: B006
                  test: list[str] = [], generators: list[str] | None = None, batch_size: int = 48,  # noqa: B006
-                 num_workers: int = 2, in_memory: bool = True, images: bool = False, val_fraction: float = 0.0,
-                 seed: int = 0, crop_scale: tuple[float, float] = (0.5, 1.0)) -> None:
+                 num_workers: int = 2, in_memory: bool | Literal["device"] = True, images: bool = False,
+                 val_fraction: float = 0.0, seed: int = 0, crop_scale: tuple[float, float] = (0.5, 1.0),
+                 block_rows: int = 32, shuffle_blocks: int = 32, allow_shared_images: bool = False,
+                 verify_checksums: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         if not features:
             raise ValueError("FeatureCacheDataModule: features must name at least one array (e.g. ['deu'])")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"FeatureCacheDataModule: val_fraction must be in [0, 1), got {val_fraction}")
+        if min(batch_size, block_rows, shuffle_blocks) < 1:
+            raise ValueError(f"FeatureCacheDataModule: batch_size, block_rows and shuffle_blocks must be >= 1, got "
+                             f"{batch_size}, {block_rows}, {shuffle_blocks}")
+        if images and in_memory == "device":
+            raise ValueError("FeatureCacheDataModule: images=True decodes on the host; use in_memory true or false")
         self.features = list(features)
         self.stores = {"train": list(train), "val": list(val), "test": list(test)}
         self.generator_names: list[str] = []
         self.shapes: dict[str, tuple[int, ...]] = {}
-        self.parts: dict[str, list[_Rows]] = {}  # selected rows per split (cheap: metadata only)
-        self.datasets: dict[str, FeatureRows] = {}  # loaded splits (RAM-resident when in_memory)
+        self.parts: dict[str, list[Rows]] = {}  # selected rows per split (cheap: metadata only)
+        self.sources: dict[str, ResidentRows | BlockRows] = {}  # loaded splits
 
     def setup(self, stage: str | None = None) -> None:
         """Select rows for every split, but load only the splits this stage reads (test needs no train RAM)."""
@@ -235,6 +152,8 @@ class FeatureCacheDataModule(pl.LightningDataModule):
             if self.hparams.val_fraction > 0:
                 self.parts["train"], self.parts["val"] = self._split(self.parts["train"])
                 self.stores["val"] = self.stores["train"]
+            if not self.hparams.allow_shared_images:
+                self._refuse_shared_images()
             for split, parts in self.parts.items():
                 if self.stores[split] and not sum(len(p.rows) for p in parts):
                     raise ValueError(f"FeatureCacheDataModule: the {split} split has no rows after filtering "
@@ -242,51 +161,74 @@ class FeatureCacheDataModule(pl.LightningDataModule):
                                      f"stores {self.stores[split]})")
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ("train", "val", "test"))
         for split in wanted:
-            if self.stores[split] and split not in self.datasets:
-                self.datasets[split] = self._dataset(split, self.parts[split])
+            if self.stores[split] and split not in self.sources:
+                self.sources[split] = self._source(split)
 
     def feature_provenance(self) -> dict[str, Any] | None:
-        """Provenance of the first train store: what a checkpoint needs to recompute features from raw images."""
-        return FeatureStore.open(self.stores["train"][0]).provenance if self.stores["train"] else None
+        """What a checkpoint needs to recompute its features from raw images: the first train store's data and
+        pixel provenance, and each requested feature's extractor settings (`extractor` {common, map})."""
+        if not self.stores["train"]:
+            return None
+        store = FeatureStore.open(self.stores["train"][0])
+        return {**store.provenance.to_attrs(),
+                "features": {name: store.feature_provenance(name)["extractor"] for name in self.features}}
+
+    def _settings(self, store: FeatureStore) -> dict[str, Any]:
+        """What must be equal across a run's stores: pixels, and each requested feature's extractor settings and
+        stored form (only the data they were computed from may differ)."""
+        return {"pixels": store.pixels.to_attrs(),
+                **{name: {**store.feature_provenance(name)["extractor"], "stored": vars(store.feature_info(name))}
+                   for name in self.features}}
 
     def _check(self, opened: dict[str, FeatureStore]) -> None:
-        """Every store has every requested feature with one shape, every tar done, known filter names, and the
-        same extractor and pixel settings (only the data they were computed from may differ)."""
+        """Every store has every requested feature computed in full, undamaged (presence and size of its files,
+        checksums with `verify_checksums`), with the same settings and stored form; filter names are known."""
+        for path, store in opened.items():
+            missing = [f for f in self.features if f not in store.feature_names]
+            if missing:
+                raise ValueError(f"feature store {path}: no feature {missing} (it has {store.feature_names})")
         first_path, first = next(iter(opened.items()))
         for path, store in opened.items():
-            differences = config_differences({k: v for k, v in first.provenance.items() if k not in PER_DATASET},
-                                             {k: v for k, v in store.provenance.items() if k not in PER_DATASET})
+            differences = config_differences(self._settings(first), self._settings(store))
             if differences:
                 raise ValueError(f"feature stores {first_path} and {path} were computed with different settings "
                                  f"({', '.join(differences)}); phase 2 never mixes them")
         for path, store in opened.items():
-            missing = [f for f in self.features if f not in store.feature_shapes]
-            if missing:
-                raise ValueError(f"feature store {path}: no feature {missing} (it has {store.feature_names})")
-            for name in self.features:
-                if self.shapes.setdefault(name, store.feature_shapes[name]) != store.feature_shapes[name]:
-                    raise ValueError(f"feature store {path}: {name} has shape {store.feature_shapes[name]}, other "
-                                     f"stores {self.shapes[name]}")
+            for group in sorted({store.group_of(name) for name in self.features}):
+                todo = len(store.shard_table) - len(store.done_tars(group))
+                if todo:
+                    raise ValueError(f"feature store {path}: {todo} of {len(store.shard_table)} tars of group {group} "
+                                     "not computed yet (finish it with `python -m cli precompute`)")
+            damage = store.verify(checksums=self.hparams.verify_checksums)
+            if damage:
+                shown = "; ".join(str(d) for d in damage[:3]) + (f" and {len(damage) - 3} more" if len(damage) > 3 else "")
+                raise ValueError(f"feature store {path}: {len(damage)} damaged files ({shown}); "
+                                 f"`python -m cli verify {path}` lists them, a precompute rerun recomputes them")
             if self.hparams.images:
-                ShardImages(store)  # fail at setup, not in a worker, if the images cannot be paired
-            todo = len(store.shard_table) - len(store.done_shards())
-            if todo:
-                raise ValueError(f"feature store {path}: {todo} of {len(store.shard_table)} tars not computed yet "
-                                 "(finish it with `python -m cli precompute`)")
+                ShardImages(store)  # fail at setup, not mid-epoch, if the images cannot be paired
+        self.shapes = {name: first.feature_info(name).shape for name in self.features}
         unknown = sorted(set(self.hparams.generators or []) - set(self.generator_names))
         if unknown:
             raise ValueError(f"FeatureCacheDataModule: generators {unknown} are in no store "
                              f"(known: {self.generator_names})")
 
-    def _rows(self, store: FeatureStore, index: int) -> _Rows:
-        """The store's usable rows: no phase-1 error, labelled, generator in the filter; codes remapped to the union."""
+    def _rows(self, store: FeatureStore, index: int) -> Rows:
+        """The store's usable rows: no phase-1 error, labelled, generator in the filter; codes remapped to the union.
+
+        Rows with non-finite values in a requested feature are refused (training on them gives NaN losses)."""
+        groups = sorted({store.group_of(name) for name in self.features})
+        non_finite = np.logical_or.reduce([store.flags(g)[:, FLAG_COLUMNS.index("non_finite")] > 0 for g in groups])
+        if non_finite.any():
+            keys = store.rows("key")[np.flatnonzero(non_finite)[:3]].tolist()
+            raise ValueError(f"feature store {store.path}: {int(non_finite.sum())} rows have NaN/inf values in groups "
+                             f"{groups} (e.g. keys {keys}); recompute them or select other stores")
         remap = np.array([self.generator_names.index(n) for n in store.generator_names], dtype=np.int64)
-        codes = remap[store.generators()]
-        keep = np.array([not e for e in store.errors()], dtype=bool)
+        codes, labels = remap[store.rows("generator")], store.rows("label")
+        keep = np.logical_and.reduce([store.errors(g) == "" for g in groups])
         failed = int((~keep).sum())
         if failed:
             rank_zero_info(f"feature store {store.path}: skipping {failed} rows whose images failed in phase 1")
-        labelled = store.labels() >= 0
+        labelled = labels >= 0
         if (~labelled & keep).any():
             rank_zero_info(f"feature store {store.path}: skipping {int((~labelled & keep).sum())} unlabelled rows "
                            "(score them with `python -m cli predict`)")
@@ -295,9 +237,23 @@ class FeatureCacheDataModule(pl.LightningDataModule):
             wanted = [self.generator_names.index(n) for n in self.hparams.generators]
             keep &= np.isin(codes, wanted)
         rows = np.flatnonzero(keep)
-        return _Rows(index, rows, store.labels()[rows].astype(np.int64), codes[rows], store.array("key")[:][rows])
+        return Rows(index, rows, labels[rows].astype(np.int64), codes[rows], store.rows("key")[rows],
+                    store.rows("sha256")[rows])
 
-    def _split(self, parts: list[_Rows]) -> tuple[list[_Rows], list[_Rows]]:
+    def _refuse_shared_images(self) -> None:
+        """Train, val and test must not share an image (same sha256), unless `allow_shared_images`."""
+        hashes = {split: np.unique(np.concatenate([p.sha256 for p in parts] or [np.zeros(0, str)]))
+                  for split, parts in self.parts.items()}
+        keys = {split: dict(zip((h for p in parts for h in p.sha256), (k for p in parts for k in p.keys)))
+                for split, parts in self.parts.items()}
+        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+            shared = np.intersect1d(hashes[a], hashes[b])
+            if len(shared):
+                shown = ", ".join(f"{keys[a][h]} ({a}) = {keys[b][h]} ({b})" for h in shared[:3])
+                raise ValueError(f"FeatureCacheDataModule: the {a} and {b} splits share {len(shared)} images (same "
+                                 f"sha256), e.g. {shown}; remove the duplicates or set allow_shared_images: true")
+
+    def _split(self, parts: list[Rows]) -> tuple[list[Rows], list[Rows]]:
         """Seeded split of the train rows into (train, val) parts."""
         total = sum(len(p.rows) for p in parts)
         is_val = np.zeros(total, dtype=bool)
@@ -306,35 +262,55 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         masks = [is_val[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         return [p.subset(~m) for p, m in zip(parts, masks)], [p.subset(m) for p, m in zip(parts, masks)]
 
-    def _dataset(self, split: str, parts: list[_Rows]) -> FeatureRows:
-        in_memory = self.hparams.in_memory
-        if in_memory:
-            needed = sum(len(p.rows) * self._row_bytes(self.stores[split][p.store]) for p in parts)
+    def _device(self) -> torch.device:
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+
+    def _source(self, split: str) -> ResidentRows | BlockRows:
+        """Resident in the memory `in_memory` asks for when the split fits there, else read block-wise from disk."""
+        rows = SplitRows(self.stores[split], self.parts[split], self.features)
+        needed = sum(len(p.rows) * self._row_bytes(self.stores[split][p.store]) for p in self.parts[split])
+        device = self._device()
+        if self.hparams.in_memory == "device" and device.type != "cpu":
+            free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+            if needed <= DEVICE_SHARE * free:
+                return ResidentRows(rows, device)
+            rank_zero_info(f"FeatureCacheDataModule: {split} needs {needed / 2**30:.1f} GiB, more than "
+                           f"{DEVICE_SHARE:.0%} of the {free / 2**30:.1f} GiB free on {device}; loading into RAM")
+        if self.hparams.in_memory:
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            if needed > _RAM_SHARE * available:
-                rank_zero_info(f"FeatureCacheDataModule: {split} needs {needed / 2**30:.1f} GiB, more than "
-                               f"{_RAM_SHARE:.0%} of the {available / 2**30:.1f} GiB free; reading from disk instead")
-                in_memory = False
-        return FeatureRows(self.stores[split], parts, self.shapes, self.generator_names, in_memory, self.hparams.images,
-                           augment=split == "train", crop_scale=self.hparams.crop_scale)
+            if needed <= RAM_SHARE * available:
+                return ResidentRows(rows, torch.device("cpu"))
+            rank_zero_info(f"FeatureCacheDataModule: {split} needs {needed / 2**30:.1f} GiB, more than "
+                           f"{RAM_SHARE:.0%} of the {available / 2**30:.1f} GiB free; reading from disk instead")
+        return BlockRows(rows)
 
     def _row_bytes(self, path: str) -> int:
-        store = FeatureStore.open(path)
-        itemsize = np.dtype(store.feature_dtype).itemsize
-        return sum(math.prod(store.feature_shapes[name]) * itemsize for name in self.features)
+        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in SplitRows.layout(path, self.features).values())
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader | list:
-        if split not in self.datasets:
+    def batches(self, split: str, epoch: Callable[[], int] | None = None) -> Batches | list:
+        """The split's batches (training order for "train"); `epoch` overrides the Trainer's current epoch, for a
+        caller that drives several Trainers from one read (cli/grid_together.py)."""
+        if split not in self.sources:
             return []
-        workers = self.hparams.num_workers
-        return DataLoader(self.datasets[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          num_workers=workers, persistent_workers=workers > 0, collate_fn=_passthrough)
+        source, trainer, shuffle = self.sources[split], self.trainer, split == "train"
+        resident = isinstance(source, ResidentRows)
+        block_rows = 1 if resident else self.hparams.block_rows
+        step = math.lcm(block_rows, self.hparams.batch_size)  # windows hold whole blocks and whole batches
+        settings = EpochSettings(
+            shuffle=shuffle, block_rows=block_rows, seed=self.hparams.seed,
+            window_rows=math.ceil(block_rows * self.hparams.shuffle_blocks / step) * step,
+            epoch=epoch or (lambda: trainer.current_epoch if trainer is not None else 0),
+            rank=lambda: (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1))
+        images = (PairedImages(source.split, self.generator_names, augment=split == "train",
+                               crop_scale=self.hparams.crop_scale, threads=self.hparams.num_workers)
+                  if self.hparams.images else None)
+        return Batches(source, self.hparams.batch_size, settings, self._device(), decorate=images)
 
-    def train_dataloader(self) -> DataLoader | list:
-        return self._loader("train", shuffle=True)
+    def train_dataloader(self) -> Batches | list:
+        return self.batches("train")
 
-    def val_dataloader(self) -> DataLoader | list:
-        return self._loader("val", shuffle=False)
+    def val_dataloader(self) -> Batches | list:
+        return self.batches("val")
 
-    def test_dataloader(self) -> DataLoader | list:
-        return self._loader("test", shuffle=False)
+    def test_dataloader(self) -> Batches | list:
+        return self.batches("test")

@@ -2,36 +2,66 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from datamodules.cached_features import FeatureCacheDataModule, contiguous_runs
+from datamodules.cached_features import FeatureCacheDataModule
+from lightning_modules.detectors.base import DetectorBase
+from datamodules.row_batches import RING_SLOTS, contiguous_runs, epoch_order
 from feature_cache.paired_augment import FlipCrop, apply_flip_crop, sample_flip_crop
-from feature_cache.store import FeatureStore
+from feature_cache.codecs import encode
+from feature_cache.provenance import (DatasetProvenance, ExtractorProvenance, FeatureSpec, PixelProvenance,
+                                      StoreProvenance)
+from feature_cache.store import FeatureStore, store_lock
 from feature_cache_fakes import RAW_PROTOCOL, make_shard_dir, marker_image
 
-SHAPES = {"deu": (4, 4, 4), "clip_pooled": (6,)}
+SPECS = {"deu": FeatureSpec((4, 4, 4), "float32", "zstd"), "clip_pooled": FeatureSpec((6,), "float16", "lz4")}
 
 
-def make_store(path: Path, offset: float, names: list[str], num_rows: int = 10, shard_size: int = 4,
-               error_rows: tuple[int, ...] = (), done: bool = True, timestep: int = 200) -> FeatureStore:
-    """A store whose features are exact functions of (offset, row); generator code = row % len(names)."""
-    table = [{"name": f"shard-{k:06d}.tar", "first_row": k * shard_size,
-              "num_samples": min(shard_size, num_rows - k * shard_size)} for k in range(-(-num_rows // shard_size))]
-    store = FeatureStore.create(path, shards=table, keys=[f"k{r}" for r in range(num_rows)],
-                                labels=[r % 2 for r in range(num_rows)], generators=[r % len(names) for r in range(num_rows)],
-                                generator_names=names, feature_shapes=SHAPES, feature_dtype="float16",
-                                provenance={"resolution": 32, "shards": str(path.parent / "no_shards"),
-                                            "timestep": timestep})
-    for k, entry in enumerate(table if done else table[:-1]):
-        rows = np.arange(entry["first_row"], entry["first_row"] + entry["num_samples"])
-        values = {name: np.broadcast_to((offset + rows).reshape(-1, *[1] * len(shape)), (len(rows), *shape))
-                  for name, shape in SHAPES.items()}
-        store.write_shard(k, values, ["bad file" if r in error_rows else "" for r in rows])
+def write_store(path: Path, values: Callable[[np.ndarray], dict[str, np.ndarray]], specs: dict[str, FeatureSpec],
+                generator_names: list[str], num_rows: int = 10, shard_size: int = 4, keys: list[str] | None = None,
+                labels: list[int] | None = None, error_rows: tuple[int, ...] = (), done: bool = True,
+                timestep: int = 200, shards: str = "no_shards", pixels: dict | None = None,
+                identity: str = "") -> FeatureStore:
+    """A format-2 store through the store's own API: features `values(rows)` (float32, encoded to each spec's
+    dtype), generator code = row % len(names), label = row % 2, sha256 from (`identity`, row)."""
+    tars = [{"name": f"shard-{k:06d}.tar", "first_row": k * shard_size,
+             "num_samples": min(shard_size, num_rows - k * shard_size)} for k in range(-(-num_rows // shard_size))]
+    provenance = StoreProvenance(DatasetProvenance(str(path.parent / shards), "fake", "train", "0" * 64, tars, {}),
+                                 PixelProvenance.from_attrs(pixels or {"resolution": 32}))
+    keys = keys or [f"k{r}" for r in range(num_rows)]
+    rows = {"key": keys, "label": labels or [r % 2 for r in range(num_rows)],
+            "generator": [r % len(generator_names) for r in range(num_rows)], "format": ["png"] * num_rows,
+            "jpeg_quality": [-1] * num_rows, "width": [32] * num_rows, "height": [32] * num_rows,
+            "sha256": [hashlib.sha256(f"{identity}{r}".encode()).hexdigest() for r in range(num_rows)]}
+    with store_lock(path):
+        store = FeatureStore.create(path, provenance=provenance, rows=rows, generator_names=generator_names)
+        group = store.add_group(specs, ExtractorProvenance({"timestep": timestep}, {name: {} for name in specs}))
+    for k, tar in enumerate(tars if done else tars[:-1]):
+        index = np.arange(tar["first_row"], tar["first_row"] + tar["num_samples"])
+        arrays, flags = {}, np.zeros((len(index), 2), dtype=np.int32)
+        for name, raw in values(index).items():
+            encoded = encode(specs[name].dtype, raw)
+            arrays[name] = encoded.values
+            if encoded.scale is not None:
+                arrays[f"{name}__scale"] = encoded.scale
+            flags[:, 0] += encoded.non_finite
+        store.write_tar(group, k, arrays, ["bad file" if r in error_rows else "" for r in index], flags)
     return store
+
+
+def make_store(path: Path, offset: float, names: list[str], num_rows: int = 10, **kwargs: Any) -> FeatureStore:
+    """A store whose features are exact functions of (offset, row)."""
+    def values(rows: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: np.broadcast_to((offset + rows).reshape(-1, *[1] * len(spec.shape)),
+                                      (len(rows), *spec.shape)).astype(np.float32) for name, spec in SPECS.items()}
+    return write_store(path, values, SPECS, names, num_rows, identity=kwargs.pop("identity", str(offset)), **kwargs)
 
 
 @pytest.fixture
@@ -42,19 +72,22 @@ def stores(tmp_path: Path) -> tuple[str, str]:
 
 
 def all_batches(loader: torch.utils.data.DataLoader) -> dict[str, torch.Tensor]:
-    batches = list(loader)
+    batches = [{k: v.clone() for k, v in b.items()} for b in loader]  # host batches live in reused buffers
     return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
 
 
-@pytest.mark.parametrize(("in_memory", "num_workers"), [(True, 0), (False, 0), (False, 1)])
-def test_batches_follow_the_contract_across_two_stores(stores: tuple[str, str], in_memory: bool,
-                                                       num_workers: int) -> None:
+@pytest.mark.parametrize(("in_memory", "block_rows"), [(True, 1), ("device", 1), (False, 3), (False, 1)])
+def test_batches_follow_the_contract_across_two_stores(stores: tuple[str, str], in_memory: bool | str,
+                                                       block_rows: int) -> None:
+    """Catches rows lost or repeated at block/window/store boundaries, metadata gathered out of step with the
+    features, or batches widened on the host (the contract is the stored dtype)."""
     dm = FeatureCacheDataModule(features=["deu", "clip_pooled"], train=list(stores), batch_size=4,
-                                num_workers=num_workers, in_memory=in_memory)
+                                in_memory=in_memory, block_rows=block_rows, shuffle_blocks=2)
     dm.setup("fit")
     assert dm.generator_names == ["adm", "glide", "sdv4"]
     first = next(iter(dm.train_dataloader()))
     assert first["deu"].dtype == torch.float32 and first["deu"].shape == (4, 4, 4, 4)
+    assert first["clip_pooled"].dtype == torch.float16
     assert first["clip_pooled"].shape == (4, 6)
     assert {first[k].dtype for k in ("label", "generator", "row")} == {torch.int64}
     data = all_batches(dm.train_dataloader())
@@ -62,7 +95,7 @@ def test_batches_follow_the_contract_across_two_stores(stores: tuple[str, str], 
     from_b = data["deu"][:, 0, 0, 0] >= 100
     rows_a, rows_b = data["row"][~from_b], data["row"][from_b]
     assert sorted(rows_a.tolist()) == [0, 1, 2, 4, 5, 6, 7, 8, 9] and sorted(rows_b.tolist()) == list(range(7))
-    torch.testing.assert_close(data["clip_pooled"][:, 3], data["row"].float() + 100 * from_b)
+    torch.testing.assert_close(data["clip_pooled"][:, 3].float(), data["row"].float() + 100 * from_b)
     assert torch.equal(data["label"], data["row"] % 2)
     expected_generator = torch.where(from_b, torch.tensor([1, 2])[data["row"] % 2], torch.tensor([0, 2])[data["row"] % 2])
     assert torch.equal(data["generator"], expected_generator)
@@ -89,10 +122,10 @@ def test_clear_errors_for_bad_requests(tmp_path: Path, stores: tuple[str, str]) 
         FeatureCacheDataModule(features=["clip_layer3"], train=[stores[0]]).setup("fit")
     with pytest.raises(ValueError, match=r"generators \['midjourney'\] are in no store"):
         FeatureCacheDataModule(features=["deu"], train=[stores[0]], generators=["midjourney"]).setup("fit")
-    with pytest.raises(ValueError, match=r"provenance has no 'protocol', so images=True cannot rebuild"):
+    with pytest.raises(FileNotFoundError, match=r"images=True reads the images from .*no_shards, which lacks 3 of"):
         FeatureCacheDataModule(features=["deu"], train=[stores[0]], images=True).setup("fit")
     unfinished = make_store(tmp_path / "c", 0.0, ["adm"], done=False)
-    with pytest.raises(ValueError, match="1 of 3 tars not computed yet"):
+    with pytest.raises(ValueError, match="1 of 3 tars of group g0 not computed yet"):
         FeatureCacheDataModule(features=["deu"], test=[str(unfinished.path)]).setup("test")
 
 
@@ -130,18 +163,15 @@ def test_paired_flip_crop_keeps_image_and_map_aligned() -> None:
 
 
 def test_images_are_paired_and_augmented_identically(tmp_path: Path) -> None:
-    shard_dir = make_shard_dir(tmp_path / "shards", num_rows=10, shard_size=4, images=True, image_size=32)
-    table = [{"name": f"shard-{k:06d}.tar", "first_row": 4 * k, "num_samples": min(4, 10 - 4 * k)} for k in range(3)]
-    store = FeatureStore.create(tmp_path / "store", shards=table, keys=[f"img{r:05d}" for r in range(10)],
-                                labels=[0] * 10, generators=[0] * 10, generator_names=["nature"],
-                                feature_shapes={"lare": (1, 16, 16)}, feature_dtype="float32",
-                                provenance={"resolution": 32, "shards": str(shard_dir), **RAW_PROTOCOL})
-    for k, entry in enumerate(table):
-        rows = range(entry["first_row"], entry["first_row"] + entry["num_samples"])
-        maps = np.stack([marker_image(r, 32)[..., 0].reshape(16, 2, 16, 2).mean((1, 3))[None] / 255 for r in rows])
-        store.write_shard(k, {"lare": maps}, [""] * len(rows))
+    shard_dir = make_shard_dir(tmp_path / "shards", num_rows=10, shard_size=4, image_size=32)
+    def lare(rows: np.ndarray) -> dict[str, np.ndarray]:
+        return {"lare": np.stack([marker_image(r, 32)[..., 0].reshape(16, 2, 16, 2).mean((1, 3))[None] / 255
+                                  for r in rows]).astype(np.float32)}
+    store = write_store(tmp_path / "store", lare, {"lare": FeatureSpec((1, 16, 16), "float32", "zstd")}, ["nature"],
+                        keys=[f"img{r:05d}" for r in range(10)], labels=[0] * 10, shards="shards",
+                        pixels={"resolution": 32, **RAW_PROTOCOL})
     dm = FeatureCacheDataModule(features=["lare"], train=[str(store.path)], test=[str(store.path)], images=True,
-                                batch_size=5, num_workers=0, crop_scale=(0.7, 1.0))
+                                batch_size=5, num_workers=0, crop_scale=(0.7, 1.0), allow_shared_images=True)
     dm.setup()  # every split: this test reads train and test
     test = all_batches(dm.test_dataloader())  # no augmentation: the decoded image itself
     expected = torch.stack([torch.from_numpy(marker_image(r, 32)).permute(2, 0, 1).float() / 127.5 - 1
@@ -167,13 +197,12 @@ def test_stores_computed_with_different_settings_are_never_mixed(tmp_path: Path)
     train = make_store(tmp_path / "train", 0.0, ["sdv4"])
     test = make_store(tmp_path / "test", 0.0, ["sdv4"], timestep=300)
     dm = FeatureCacheDataModule(features=["deu"], train=[str(train.path)], test=[str(test.path)], num_workers=0)
-    with pytest.raises(ValueError, match=r"computed with different settings \(timestep 200 != 300\)"):
+    with pytest.raises(ValueError, match=r"computed with different settings \(deu.common.timestep 200 != 300\)"):
         dm.setup()
 
 
 def test_unlabelled_rows_are_skipped_and_an_empty_split_is_named(tmp_path: Path) -> None:
-    store = make_store(tmp_path / "s", 0.0, ["sdv4"])
-    store.array("label")[:4] = -1
+    store = make_store(tmp_path / "s", 0.0, ["sdv4"], labels=[-1] * 4 + [r % 2 for r in range(4, 10)])
     dm = FeatureCacheDataModule(features=["deu"], train=[str(store.path)], num_workers=0, batch_size=100)
     dm.setup("fit")
     assert sorted(all_batches(dm.train_dataloader())["row"].tolist()) == list(range(4, 10))
@@ -182,3 +211,93 @@ def test_unlabelled_rows_are_skipped_and_an_empty_split_is_named(tmp_path: Path)
                                    generators=["adm"], num_workers=0)
     with pytest.raises(ValueError, match=r"the train split has no rows after filtering \(generators=\['adm'\]"):
         empty.setup("fit")
+
+
+def test_block_shuffle_covers_every_row_once_and_deals_ranks_disjoint_blocks() -> None:
+    """Catches a block permutation that drops or repeats rows (last short block, window edges), the same
+    order every epoch, ranks reading the same blocks, and a within-window shuffle that leaks across windows."""
+    kwargs = dict(shuffle=True, block_rows=8, window_rows=24, seed=3)
+    first, second = epoch_order(101, epoch=0, **kwargs), epoch_order(101, epoch=1, **kwargs)
+    assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(101))
+    assert not np.array_equal(first, second) and np.array_equal(first, epoch_order(101, epoch=0, **kwargs))
+    for start in range(0, 101, 24):  # each window is a union of whole blocks (one read per block)
+        blocks = set((first[start:start + 24] // 8).tolist())
+        assert sum(min(8, 101 - 8 * b) for b in blocks) == len(first[start:start + 24])
+    ranks = [epoch_order(101, epoch=0, rank=r, world_size=2, **kwargs) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 50  # equal steps per rank
+    assert not set((ranks[0] // 8).tolist()) & set((ranks[1] // 8).tolist())
+    evaluation = [epoch_order(5, shuffle=False, block_rows=8, window_rows=24, seed=0, epoch=0, rank=r, world_size=2)
+                  for r in (0, 1)]
+    assert [e.tolist() for e in evaluation] == [[0, 1, 2], [3, 4, 0]]  # padded like DistributedSampler
+
+
+def test_same_seed_same_batches_and_host_batches_reuse_their_buffers(stores: tuple[str, str]) -> None:
+    """Catches an order that depends on anything but (seed, epoch) (grid rows trained together must see the
+    batches they would see alone) and a reader that allocates a fresh batch per step."""
+    def rows_in_order(in_memory: bool) -> tuple[list[int], set[int]]:
+        dm = FeatureCacheDataModule(features=["deu"], train=list(stores), batch_size=2, in_memory=in_memory,
+                                    block_rows=2, shuffle_blocks=2, seed=5)
+        dm.setup("fit")
+        batches = list(dm.train_dataloader())
+        return [int(r) for b in batches for r in b["row"]], {b["deu"].data_ptr() for b in batches}
+
+    order, buffers = rows_in_order(False)
+    assert rows_in_order(False)[0] == order and len(order) == 16
+    assert len(buffers) == RING_SLOTS  # 8 batches through 4 reused slots
+
+
+def test_splits_sharing_an_image_are_refused_unless_allowed(tmp_path: Path) -> None:
+    """Catches a check by row or key instead of content (these stores share no key but two images) and an
+    opt-in that does not open."""
+    train = make_store(tmp_path / "train", 0.0, ["sdv4"], identity="x")
+    keys = [f"test{r}" for r in range(6)]
+    test = make_store(tmp_path / "test", 50.0, ["sdv4"], num_rows=6, keys=keys, identity="x")  # sha of rows 0..5
+    other = make_store(tmp_path / "other", 50.0, ["sdv4"], num_rows=6, keys=keys, identity="y")
+    dm = FeatureCacheDataModule(features=["deu"], train=[str(train.path)], test=[str(test.path)])
+    with pytest.raises(ValueError, match=r"the train and test splits share 6 images \(same sha256\), e\.g\. "
+                                         r"k\d \(train\) = test\d \(test\)"):
+        dm.setup()
+    FeatureCacheDataModule(features=["deu"], train=[str(train.path)], test=[str(test.path)],
+                           allow_shared_images=True).setup()
+    FeatureCacheDataModule(features=["deu"], train=[str(train.path)], test=[str(other.path)]).setup()
+
+
+def test_non_finite_rows_and_damaged_files_are_refused(tmp_path: Path) -> None:
+    """Catches training on rows the writer flagged NaN/inf, and reading a store whose shard file was deleted
+    or truncated (zarr would read fill values: silent zeros)."""
+    def poisoned(rows: np.ndarray) -> dict[str, np.ndarray]:
+        values = {name: np.ones((len(rows), *spec.shape), np.float32) for name, spec in SPECS.items()}
+        values["deu"][rows == 5] = np.nan
+        return values
+    bad = write_store(tmp_path / "bad", poisoned, SPECS, ["sdv4"])
+    with pytest.raises(ValueError, match=r"bad: 1 rows have NaN/inf values in groups \['g0'\] \(e\.g\. keys \['k5'\]\)"):
+        FeatureCacheDataModule(features=["deu"], train=[str(bad.path)]).setup("fit")
+    store = make_store(tmp_path / "s", 0.0, ["sdv4"])
+    shard = next((store.path / "g0" / "clip_pooled").rglob("c/1/*"))
+    shard.write_bytes(shard.read_bytes()[:-3])
+    with pytest.raises(ValueError, match=r"s: 1 damaged files \(g0 shard-000001.tar: g0/clip_pooled/c/1/0 .*"
+                                         r"python -m cli verify"):
+        FeatureCacheDataModule(features=["deu"], train=[str(store.path)]).setup("fit")
+
+
+@pytest.mark.parametrize("dtype", ["int8_rowscale", "float8_e4m3"])
+def test_eight_bit_maps_arrive_narrow_and_widen_to_the_stored_values(tmp_path: Path, dtype: str) -> None:
+    """Catches a reader that drops `NAME__scale`, gathers scales out of step with their rows, or hands float8
+    bits over as plain uint8 (the model would widen them as integers)."""
+    specs = {"clip_layer3": FeatureSpec((3, 2, 2), dtype, "lz4")}
+    rng = np.random.default_rng(0)
+    raw = rng.standard_normal((10, 3, 2, 2)).astype(np.float32) * np.array([0.01, 1.0, 30.0], np.float32)[:, None, None]
+    store = write_store(tmp_path / "s", lambda rows: {"clip_layer3": raw[rows]}, specs, ["sdv4"])
+    dm = FeatureCacheDataModule(features=["clip_layer3"], train=[str(store.path)], batch_size=4)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["clip_layer3"].dtype == {"int8_rowscale": torch.int8, "float8_e4m3": torch.float8_e4m3fn}[dtype]
+    widened = DetectorBase.batch_tensor(batch, "clip_layer3")
+    original = torch.from_numpy(raw[batch["row"].numpy()])
+    if dtype == "float8_e4m3":
+        expected = original.to(torch.float8_e4m3fn).float()
+    else:  # the codec's definition: s = max|x| / 127 per row and channel, q = round(x / s)
+        scale = original.abs().amax(dim=(2, 3), keepdim=True) / 127
+        expected = torch.round(original / scale) * scale
+    assert widened.dtype == torch.float32
+    torch.testing.assert_close(widened, expected, rtol=1e-6, atol=0)

@@ -21,6 +21,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryAveragePrecision, BinaryRecall,
                                          BinarySpecificity)
 
+from feature_cache.codecs import widen
 from reports.evaluation import Predictions, choose_threshold
 from lightning_modules.detectors.predictions import PredictionLog, per_generator_metrics, write_predictions_csv
 from lightning_modules.pretrained import ClipVisual, load_clip_rn50
@@ -29,6 +30,8 @@ GuidanceName = Literal["deu", "lare", "aleatoric", "mi"]
 Backbone = Literal["frozen", "finetune"]
 MAP_CHANNELS = 4  # every cached guidance map lives in SD's 4-channel latent space
 STAGES = ("train", "val", "test")
+# Stored dtypes (feature_cache.codecs) of features that batches carry narrow; widened in the model's first op.
+NARROW_DTYPES = {torch.float16: "float16", torch.int8: "int8_rowscale", torch.float8_e4m3fn: "float8_e4m3"}
 # Registered once in TensorBoard's hparams tab; logged under these tags at validation/test epoch ends.
 HP_METRICS = ("hp/val_acc", "hp/val_ap", "hp/val_auroc", "hp/test_acc", "hp/test_ap", "hp/test_auroc",
               "hp/test_real_acc", "hp/test_fake_acc", "hp/test_mean_generator_acc")
@@ -115,10 +118,13 @@ class DetectorBase(pl.LightningModule):
 
     @staticmethod
     def batch_tensor(batch: dict, name: str) -> torch.Tensor:
-        """batch[name], or one line saying which feature the datamodule must provide."""
+        """batch[name] widened to float32 (batches come in the stored dtype), or one line saying which feature
+        the datamodule must provide."""
         if name not in batch:
             raise KeyError(f"the batch has no {name!r} (it has {sorted(batch)}): request it from the datamodule")
-        return batch[name]
+        value = batch[name]
+        stored = NARROW_DTYPES.get(value.dtype)
+        return widen(stored, value, batch.get(f"{name}__scale")) if stored else value
 
     def visual_features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """CLIP layer3 map (B, C, g, g) and, if the detector uses it, the pooled vector (B, D)."""

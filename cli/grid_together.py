@@ -1,0 +1,223 @@
+"""`python -m cli grid ROWS --together`: fit several grid rows in one process on the same batches.
+
+Each row is instantiated from its own command line exactly as `python -m cli fit ARGS` would (LightningCLI:
+its own seed, detector, optimiser, Trainer, TensorBoard run, checkpoints and saved config) and runs
+`trainer.fit` in its own thread. The rows' data configs must be equal: one FeatureCacheDataModule is set
+up once (one read of the stores, resident in RAM or on the device), and `SharedBatches` hands every batch
+to every row. Rows advance in lockstep (a batch is produced when every row still training has asked
+for it), so one read serves all rows and reused batch buffers are never overwritten under a row.
+The order of epoch e is the one a row trained alone sees in its epoch e (`epoch_order` depends only on
+the data seed and the epoch), so each row's numbers equal its alone run's within float tolerance
+(tests/test_grid_together.py). Rows must share their loop settings (epochs, limits, validation
+schedule) and run on one device; validation's sanity check is skipped (it changes no number).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+
+from datamodules.cached_features import FeatureCacheDataModule
+
+LOOP_SETTINGS = ("max_epochs", "max_steps", "limit_train_batches", "limit_val_batches", "check_val_every_n_epoch",
+                 "val_check_interval", "num_devices")
+
+
+class SharedBatches:
+    """One split's batches, read once per epoch and handed to `consumers` rows in lockstep."""
+
+    def __init__(self, make: Callable[[int], Any], consumers: int) -> None:
+        self.make, self.consumers = make, consumers
+        self.cond = threading.Condition()
+        self.retired: set[int] = set()
+        self.epochs: dict[int, dict[str, Any]] = {}  # epoch -> {iterator, batches, freed, asked, left, end}
+        self.length = len(make(0))
+
+    def view(self, consumer: int) -> RowBatches:
+        return RowBatches(self, consumer)
+
+    def retire(self, consumer: int) -> None:
+        """The row stopped training (finished, stopped early or failed): nobody waits for it any more."""
+        with self.cond:
+            self.retired.add(consumer)
+            self.cond.notify_all()
+
+    def _state(self, epoch: int) -> dict[str, Any]:
+        if epoch not in self.epochs:
+            self.epochs[epoch] = {"iterator": iter(self.make(epoch)), "batches": {}, "freed": 0, "asked": {},
+                                  "left": set(), "end": None}
+        return self.epochs[epoch]
+
+    def _everyone_asked(self, state: dict[str, Any], index: int) -> bool:
+        waiting = set(range(self.consumers)) - self.retired - state["left"]
+        return all(state["asked"].get(c, -1) >= index for c in waiting)
+
+    def get(self, consumer: int, epoch: int, index: int) -> Any:
+        """Batch `index` of `epoch` (StopIteration at the end), produced once every active row asked for it."""
+        with self.cond:
+            state = self._state(epoch)
+            state["asked"][consumer] = index
+            self.cond.notify_all()
+            while index not in state["batches"]:
+                if state["end"] is not None and index >= state["end"]:
+                    raise StopIteration
+                if index == len(state["batches"]) + state["freed"] and self._everyone_asked(state, index):
+                    batch = next(state["iterator"], None)
+                    if batch is None:
+                        state["end"] = index
+                    else:
+                        state["batches"][index] = batch
+                    self.cond.notify_all()
+                else:
+                    self.cond.wait()
+            batch = state["batches"][index]
+            for old in [k for k in state["batches"] if self._everyone_asked(state, k + 2)]:
+                del state["batches"][old]  # every row has stepped past it (Lightning prefetches one batch)
+                state["freed"] += 1
+            return batch
+
+    def leave(self, consumer: int, epoch: int) -> None:
+        """The row ended its epoch (exhausted or broke off): later batches of it need not wait for this row."""
+        with self.cond:
+            state = self._state(epoch)
+            state["left"].add(consumer)
+            if state["left"] | self.retired >= set(range(self.consumers)):
+                del self.epochs[epoch]
+            self.cond.notify_all()
+
+
+class RowBatches:
+    """One row's view of SharedBatches: a sized iterable whose k-th iteration is epoch k."""
+
+    def __init__(self, shared: SharedBatches, consumer: int) -> None:
+        self.shared, self.consumer, self.epoch = shared, consumer, -1
+
+    def __len__(self) -> int:
+        return self.shared.length
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._batches()
+
+    def _batches(self) -> Iterator[Any]:
+        # counted at the first batch, not at iter(): Lightning calls iter() once to check a loader is iterable
+        self.epoch += 1
+        epoch, index = self.epoch, 0
+        try:
+            while True:
+                try:
+                    batch = self.shared.get(self.consumer, epoch, index)
+                except StopIteration:
+                    return
+                yield batch
+                index += 1
+        finally:
+            self.shared.leave(self.consumer, epoch)
+
+
+class RowDataModule(pl.LightningDataModule):
+    """What one row's Trainer and detector see: the shared module's names, provenance and hparams, its own views."""
+
+    def __init__(self, shared: FeatureCacheDataModule, train: RowBatches, val: RowBatches | None) -> None:
+        super().__init__()
+        self.shared, self.train, self.val = shared, train, val
+        self.generator_names = shared.generator_names
+        self._hparams, self._hparams_initial = shared.hparams, shared.hparams_initial
+        self._log_hyperparams = shared._log_hyperparams
+
+    def feature_provenance(self) -> dict[str, Any] | None:
+        return self.shared.feature_provenance()
+
+    def train_dataloader(self) -> RowBatches:
+        return self.train
+
+    def val_dataloader(self) -> RowBatches | list:
+        return self.val if self.val is not None else []
+
+
+def _instantiate(args: list[str]) -> Any:
+    """A row's model, datamodule and Trainer as `python -m cli fit ARGS` builds them (seeded, not run)."""
+    from cli.lightning_cli import ForensicsCLI, SaveConfigBesideOutput
+    from cli.trainer import ForensicsTrainer
+
+    return ForensicsCLI(trainer_class=ForensicsTrainer, subclass_mode_model=True, subclass_mode_data=True,
+                        save_config_callback=SaveConfigBesideOutput, save_config_kwargs={"overwrite": True},
+                        args=args, run=False, parser_kwargs={"prog": "python -m cli grid --together"})
+
+
+def _check_alike(rows: list[Any], names: list[str]) -> None:
+    """Rows trained together read the same data with the same loop; each on one device."""
+    datas = [json.dumps(row.config["data"], sort_keys=True, default=str) for row in rows]
+    loops = [{name: getattr(row.trainer, name) for name in LOOP_SETTINGS} for row in rows]
+    for name, data, loop, row in zip(names, datas, loops, rows):
+        if not isinstance(row.datamodule, FeatureCacheDataModule):
+            raise ValueError(f"row {name}: --together needs a FeatureCacheDataModule, got {type(row.datamodule).__name__}")
+        if data != datas[0]:
+            raise ValueError(f"rows {names[0]} and {name} read different data; --together trains rows of one data config")
+        if loop != loops[0]:
+            raise ValueError(f"rows {names[0]} and {name} differ in their training loop ({loops[0]} != {loop})")
+    if loops[0]["num_devices"] != 1:
+        raise ValueError("--together runs every row on one device (got trainer.devices > 1)")
+
+
+def fit_together(row_args: list[list[str]], names: list[str]) -> list[str]:
+    """Fit the rows given by their `fit` argument lists in one process; returns the names of rows that failed."""
+    rows = [_instantiate(args) for args in row_args]
+    _check_alike(rows, names)
+    shared = rows[0].datamodule
+    shared.trainer = rows[0].trainer  # the device to load onto; epochs are driven below, not by this Trainer
+    shared.setup("fit")
+    train = SharedBatches(lambda epoch: shared.batches("train", epoch=lambda: epoch), len(rows))
+    val = SharedBatches(lambda epoch: shared.batches("val"), len(rows)) if shared.sources.get("val") else None
+    failed: dict[str, BaseException] = {}
+
+    def fit(k: int) -> None:
+        row = rows[k]
+        row.trainer.num_sanity_val_steps = 0
+        try:
+            row.trainer.fit(row.model, datamodule=RowDataModule(shared, train.view(k), val.view(k) if val else None))
+        except BaseException as error:  # noqa: BLE001  one failed row must not stop the others; reported below
+            failed[names[k]] = error
+        finally:
+            train.retire(k)
+            if val is not None:
+                val.retire(k)
+
+    threads = [threading.Thread(target=fit, args=(k,), name=f"grid-row-{names[k]}") for k in range(len(rows))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name, error in failed.items():
+        print(f"grid row {name} failed: {type(error).__name__}: {error}", file=sys.stderr)
+    return list(failed)
+
+
+def run_together(rows: dict[str, list[str]]) -> list[str]:
+    """Fit `rows` ({name: fit arguments}) together in one subprocess (a crash there cannot take the grid with it);
+    returns the names of rows that did not fit."""
+    with tempfile.TemporaryDirectory(prefix="grid_together_") as folder:
+        spec, result = Path(folder) / "rows.json", Path(folder) / "failed.json"
+        spec.write_text(json.dumps({"names": list(rows), "args": list(rows.values()), "result": str(result)}))
+        code = subprocess.run([sys.executable, "-m", "cli.grid_together", str(spec)]).returncode
+        return json.loads(result.read_text()) if result.is_file() else (list(rows) if code else [])
+
+
+def main(argv: list[str]) -> None:
+    """`python -m cli.grid_together ROWS.json` ({"names", "args": [fit arguments per row], "result": path})."""
+    spec = json.loads(Path(argv[0]).read_text())
+    failed = fit_together(spec["args"], spec["names"])
+    Path(spec["result"]).write_text(json.dumps(failed))
+    if failed:
+        sys.exit(f"python -m cli grid --together: rows failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

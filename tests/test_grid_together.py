@@ -1,0 +1,130 @@
+"""`grid --together`: rows trained in one process on shared batches end where they end when trained alone."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cli.grid_together import SharedBatches
+from test_feature_cache_datamodule import write_store
+from feature_cache.provenance import FeatureSpec
+
+CHANNELS = 8
+SPECS = {"clip_layer3": FeatureSpec((CHANNELS, 14, 14), "float16", "lz4"),
+         "deu": FeatureSpec((4, 8, 8), "float32", "zstd")}
+
+
+def _values(rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Label-independent CLIP noise; fakes (odd rows) have DEU shifted up, so the detectors learn."""
+    rng = np.random.default_rng(rows[0])
+    shift = (rows % 2).reshape(-1, 1, 1, 1).astype(np.float32)
+    return {"clip_layer3": rng.random((len(rows), CHANNELS, 14, 14), dtype=np.float32),
+            "deu": rng.random((len(rows), 4, 8, 8), dtype=np.float32) + shift}
+
+
+def _write_configs(root: Path, store: Path) -> tuple[Path, dict[str, Path]]:
+    base = {"seed_everything": 3,
+            "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 2, "enable_progress_bar": False,
+                        "enable_model_summary": False,
+                        "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                   "init_args": {"save_dir": str(root / "runs"), "name": "deua", "version": "x",
+                                                 "default_hp_metric": False}},
+                        "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                       "init_args": {"save_last": True}}]},
+            "model": {"class_path": "lightning_modules.detectors.DEUADetector",
+                      "init_args": {"guidance": ["deu"], "visual_channels": CHANNELS, "num_heads": 2,
+                                    "guidance_dim": 8, "lr": 1e-3}},
+            "data": {"class_path": "datamodules.cached_features.FeatureCacheDataModule",
+                     "init_args": {"features": ["clip_layer3", "deu"], "train": [str(store)], "val_fraction": 0.25,
+                                   "batch_size": 8, "seed": 1}}}
+    rows = {"deu": {"trainer": {"logger": {"init_args": {"version": "deu"}}}, "model": {"init_args": {"asym_weight": 0.0}}},
+            "asym": {"trainer": {"logger": {"init_args": {"version": "asym"}}},
+                     "model": {"init_args": {"guidance": [], "asym_weight": 0.5}}}}
+    (root / "rows").mkdir(parents=True)
+    (root / "base.yaml").write_text(yaml.safe_dump(base))
+    for name, row in rows.items():
+        (root / "rows" / f"{name}.yaml").write_text(yaml.safe_dump(row))
+    return root / "base.yaml", {name: root / "rows" / f"{name}.yaml" for name in rows}
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")["state_dict"]
+
+
+@pytest.mark.slow
+def test_rows_trained_together_equal_rows_trained_alone(tmp_path: Path) -> None:
+    """Catches rows that see other batches together than alone (order tied to a Trainer, a shared RNG), rows
+    that share a model, optimiser or run directory, and a fan-out that skips or repeats batches."""
+    store = write_store(tmp_path / "store", _values, SPECS, ["sdv4", "nature"], num_rows=48, shard_size=16)
+    alone_root, together_root = tmp_path / "alone", tmp_path / "together"
+    for root in (alone_root, together_root):
+        _write_configs(root, store.path)
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    for name in ("deu", "asym"):
+        subprocess.run([sys.executable, "-m", "cli", "fit", "--config", str(alone_root / "base.yaml"), "--config",
+                        str(alone_root / "rows" / f"{name}.yaml")], check=True, env=env, capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "cli", "grid", str(together_root / "rows"), "--base",
+                           str(together_root / "base.yaml"), "--together", "true", "--test", "false"],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fit together in one process" in done.stdout
+    weights = {}
+    for name in ("deu", "asym"):
+        alone, together = _weights(alone_root / "runs" / "deua" / name), _weights(together_root / "runs" / "deua" / name)
+        assert list(together) == list(alone)
+        for key in alone:
+            torch.testing.assert_close(together[key], alone[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+        assert list((together_root / "runs" / "deua" / name).glob("events.out.tfevents.*"))
+        weights[name] = together
+    common = set(weights["deu"]) & set(weights["asym"])  # the rows are different models, not one shared
+    assert any(not torch.equal(weights["deu"][k], weights["asym"][k]) for k in common)
+
+
+def test_shared_batches_reach_every_row_once_in_order_and_are_produced_once() -> None:
+    """Catches a fan-out that re-reads a batch per row, lets a fast row run ahead into buffers a slow row still
+    holds, or hangs when a row stops early."""
+    produced: list[tuple[int, int]] = []
+
+    class Source:
+        def __init__(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __len__(self) -> int:
+            return 5
+
+        def __iter__(self):
+            for k in range(5):
+                produced.append((self.epoch, k))
+                yield (self.epoch, k)
+
+    shared = SharedBatches(Source, consumers=3)
+    seen: dict[int, list] = {c: [] for c in range(3)}
+    lead: list[int] = []
+
+    def consume(c: int) -> None:
+        view = shared.view(c)
+        for epoch in range(2):
+            for k, batch in enumerate(view):
+                seen[c].append(batch)
+                lead.append(len(produced) - len(seen[c]) if c == 0 else 0)
+                if c == 2 and epoch == 1 and k == 1:
+                    break  # this row stops early (e.g. early stopping)
+        shared.retire(c)
+
+    threads = [threading.Thread(target=consume, args=(c,)) for c in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    expected = [(e, k) for e in range(2) for k in range(5)]
+    assert produced == expected  # each batch read once for all rows
+    assert seen[0] == seen[1] == expected and seen[2] == expected[:7]
+    assert max(lead) <= 2  # production never runs more than a prefetch ahead of a row
