@@ -1,7 +1,7 @@
 """Phase-1 writer throughput on the host: inline vs background thread, per CLIP dtype and codec (CPU only).
 
 Run by hand (prints, asserts nothing):
-    python benchmarks/writer.py                        # 512 rows, batch 32, tars of 128 rows
+    python benchmarks/writer.py                        # 512 rows, batch 32, tars of 64 rows, queue of 1 tar
     python benchmarks/writer.py --rows 1024 --device-ms 80
 
 Rows are RN50-shaped: clip_layer3 (1024, 14, 14) plus four guidance maps (4, 32, 32) (lare, deu,
@@ -12,6 +12,8 @@ First the encoding error of each CLIP dtype on those activations, then per confi
 - rows/s: rows written per second of the whole predict (device time 0: the writer's own throughput);
 - wait ms/batch: time the loop spent in `write_on_batch_end` per batch with the device busy `--device-ms`
   per batch (inline: the whole encode + write; background: the hand-over plus any wait on a full queue).
+  The run must be several queues long (rows >> queue_tars x shard size) to show the steady state, where
+  the background wait is about max(0, write time - device time) per batch.
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ def encoding_errors(values: torch.Tensor) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=512)
-    parser.add_argument("--shard-size", type=int, default=128)
+    parser.add_argument("--shard-size", type=int, default=64)
+    parser.add_argument("--queue-tars", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device-ms", type=float, default=80.0)
     args = parser.parse_args()
@@ -100,18 +103,20 @@ def main() -> None:
         shard_dir = make_shard_dir(work / "shards", args.rows, args.shard_size, image_size=8)
         batches = -(-args.rows // args.batch_size)
         print(f"{args.rows} rows (clip_layer3 1024x14x14 + 4 maps 4x32x32), batch {args.batch_size}, "
-              f"tars of {args.shard_size}; torch threads {torch.get_num_threads()}")
+              f"tars of {args.shard_size}, queue of {args.queue_tars} tar(s); torch threads {torch.get_num_threads()}")
         encoding_errors(PoolExtractor(args.batch_size, 0).pool["clip_layer3"])
         print(f"{'clip dtype':14s} {'codec':5s} {'writer':10s} {'rows/s':>8s} "
               f"{'wait ms/batch at ' + format(args.device_ms, 'g') + ' ms device':>32s}")
-        for clip_dtype in ("float16", "int8_rowscale", "float8_e4m3"):
-            for codec in ("none", "lz4", "zstd"):
-                for background in (False, True):
-                    kwargs = {"clip_dtype": clip_dtype, "clip_codec": codec, "background": background}
-                    seconds, _ = measure(shard_dir, work, args.batch_size, 0.0, **kwargs)
-                    _, waited = measure(shard_dir, work, args.batch_size, args.device_ms, **kwargs)
-                    print(f"{clip_dtype:14s} {codec:5s} {'background' if background else 'inline':10s} "
-                          f"{args.rows / seconds:8.0f} {1000 * waited / batches:32.1f}")
+        configs = [("float16", "none"), ("float16", "lz4"), ("float16", "zstd"), ("int8_rowscale", "lz4"),
+                   ("float8_e4m3", "lz4")]
+        for clip_dtype, codec in configs:
+            for background in (False, True):
+                kwargs = {"clip_dtype": clip_dtype, "clip_codec": codec, "background": background,
+                          "queue_tars": args.queue_tars}
+                seconds, _ = measure(shard_dir, work, args.batch_size, 0.0, **kwargs)
+                _, waited = measure(shard_dir, work, args.batch_size, args.device_ms, **kwargs)
+                print(f"{clip_dtype:14s} {codec:5s} {'background' if background else 'inline':10s} "
+                      f"{args.rows / seconds:8.0f} {1000 * waited / batches:32.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -71,36 +71,42 @@ def compressor(codec: str, itemsize: int) -> BloscCodec | None:
     return BloscCodec(cname=codec, clevel=1, shuffle="shuffle" if itemsize > 1 else "noshuffle", typesize=itemsize)
 
 
-def _per_row(mask: np.ndarray) -> np.ndarray:
-    return mask.reshape(len(mask), -1).sum(axis=1, dtype=np.int64).astype(np.int32)
+def _count_per_row(mask: np.ndarray) -> np.ndarray:
+    return np.count_nonzero(mask.reshape(len(mask), -1), axis=1).astype(np.int32)
 
 
 def encode(dtype: str, values: np.ndarray) -> Encoded:
-    """float32 rows (B, ...) → stored form, counting non-finite and underflowing values per row."""
+    """float32 rows (B, ...) → stored form, counting non-finite and underflowing values per row.
+
+    Written as few full passes as possible: it runs on every output row (the writer thread's main cost).
+    """
     check_dtype(dtype)
     values = np.asarray(values, dtype=np.float32)
-    finite = np.isfinite(values)
-    magnitude = np.abs(np.where(finite, values, 0))
+    magnitude = np.abs(values)  # NaN stays NaN: every comparison below is False for it
+    rows = magnitude.reshape(len(values), -1)
     if dtype == "int8_rowscale":
         channels = scale_channels(values.shape[1:])
-        grouped = magnitude.reshape(len(values), channels, -1)
-        scale = (grouped.max(axis=2) / 127).astype(np.float32)
+        finite = np.isfinite(values)
+        scale = (np.where(finite, magnitude, 0).reshape(len(values), channels, -1).max(axis=2) / 127).astype(np.float32)
         safe = np.where(scale > 0, scale, 1).reshape(len(values), channels, *([1] * (values.ndim - 2)))
         quantized = np.rint(np.where(finite, values, 0) / safe).clip(-127, 127).astype(np.int8)
         # A per-channel scale keeps every value within half a step of max/127: nothing non-negligible underflows.
-        return Encoded(quantized, scale, _per_row(~finite), np.zeros(len(values), dtype=np.int32))
+        return Encoded(quantized, scale, _count_per_row(~finite), np.zeros(len(values), dtype=np.int32))
     tiny, largest, eps = _FLOAT_LIMITS[dtype]
-    non_finite = _per_row(~finite | (magnitude > largest))
+    non_finite = len(rows[0]) - np.count_nonzero(rows <= largest, axis=1)  # NaN, inf and beyond the dtype's range
     # Precision lost beyond the dtype's own relative precision of the row: a subnormal (or flushed) value that
     # is not negligible next to the row's largest one (e.g. a float16 DEU row whose values are all ~1e-6).
-    row_max = magnitude.reshape(len(values), -1).max(axis=1, initial=0).reshape(-1, *([1] * (values.ndim - 1)))
-    underflow = _per_row((magnitude > 0) & (magnitude < tiny) & (magnitude >= row_max * eps))
-    if dtype == "float8_e4m3":
+    row_max = np.fmax.reduce(rows, axis=1) if rows.size else np.zeros(len(values), np.float32)
+    lower = np.maximum(row_max * eps, np.finfo(np.float32).smallest_subnormal)[:, None]
+    underflow = np.count_nonzero(rows < tiny, axis=1) - np.count_nonzero(rows < lower, axis=1)
+    underflow = np.maximum(underflow, 0)  # lower >= tiny (large rows): nothing in between
+    if dtype == "float32":
+        stored = values
+    elif dtype == "float8_e4m3":
         stored = torch.from_numpy(values).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
-    else:
-        with np.errstate(over="ignore"):  # overflow is counted above, as non-finite
-            stored = values.astype(_STORAGE[dtype])
-    return Encoded(stored, None, non_finite, underflow)
+    else:  # torch's vectorised cast: numpy's float32 → float16 is ~8x slower (measured 1.8 s vs 0.23 s, 25M values)
+        stored = torch.from_numpy(values).to(torch.float16).numpy()
+    return Encoded(stored, None, non_finite.astype(np.int32), underflow.astype(np.int32))
 
 
 def widen(dtype: str, values: torch.Tensor | np.ndarray, scale: torch.Tensor | np.ndarray | None = None

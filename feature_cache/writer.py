@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar
 
-from feature_cache.codecs import encode, has_scale
+from feature_cache.codecs import encode
 from feature_cache.manifest import read_rejected, store_rows
 from feature_cache.provenance import (DatasetProvenance, ExtractorProvenance, FeatureSpec, PixelProvenance,
                                       StoreProvenance, config_differences)
@@ -44,11 +44,6 @@ def extractor_provenance(model: pl.LightningModule, trainer: pl.Trainer,
     return ExtractorProvenance({**provenance.common, "trainer_precision": str(trainer.precision),
                                 "batch_size": batch_size, "cpu_threads": torch.get_num_threads() if on_cpu else None},
                                provenance.maps)
-
-
-def select_outputs(model: pl.LightningModule, names: list[str]) -> None:
-    """Make the extractor compute only `names` (the group this run writes)."""
-    model.set_outputs(list(names))
 
 
 @dataclass
@@ -169,7 +164,7 @@ class ZarrFeatureWriter(BasePredictionWriter):
         if self.group is None:
             datamodule.exclude_shards({t["name"] for t in self.store.shard_table})
         else:
-            select_outputs(pl_module, list(self.store.groups[self.group].features))
+            pl_module.set_outputs(list(self.store.groups[self.group].features))  # compute this group only
             datamodule.exclude_shards(self.store.done_tars(self.group))
         self._done_before = 0 if self.group is None else len(self.store.done_tars(self.group))
         if self.background:
@@ -324,7 +319,7 @@ class ZarrFeatureWriter(BasePredictionWriter):
             assert store is not None and group is not None
             start, stop = store.tar_rows(shard_index)
             arrays = {name: np.zeros((stop - start, *shape), dtype=dtype)
-                      for name, shape, dtype in store._tar_array_shapes(group, stop - start)}
+                      for name, shape, dtype in store.tar_array_shapes(group)}
             self._pending[shard_index] = _TarBuffer(arrays=arrays, errors=[""] * (stop - start))
         return self._pending[shard_index]
 
