@@ -4,7 +4,7 @@ Exactly once (NOTES.md): every rank computes the same to-do list (shards.json mi
 takes its part (balanced by sample count), and its workers split that list (`wds.split_by_worker`); a tar
 goes to one worker of one rank. No sampler, no padding, no repeats; ranks or workers with no shard simply
 yield nothing. Every row of a tar comes out: images a truncated or unreadable tar lost come out as error
-rows (zeros, reason in `error`), so the run finishes and the rows are recorded as rejected.
+rows (blank images, reason in `error`), so the run finishes and the rows are recorded as rejected.
 Images are uint8 (pinned when CUDA is there) and normalised on the device; `sha256` of each image's
 original bytes keys its noise. Batch format: docs/contracts.md.
 """
@@ -79,7 +79,7 @@ def preprocessor_from_provenance(provenance: Mapping[str, Any]) -> ImagePreproce
 
 
 def blank_image(resolution: int) -> torch.Tensor:
-    """The uint8 image of a row that could not be read (normalises to zeros, as before)."""
+    """The uint8 image of a row that could not be read: all 127, ≈ 0 after normalisation (the old zero image)."""
     return torch.full((3, resolution, resolution), 127, dtype=torch.uint8)
 
 
@@ -265,7 +265,7 @@ class ImageShardDataModule(pl.LightningDataModule):
         return balance(todo, world_size)[rank]
 
     def predict_dataloader(self) -> DataLoader:
-        """This rank's tars, split over workers by WebDataset; each image exactly once over all ranks × workers."""
+        """This rank's tars, split over its workers; each image exactly once over all ranks × workers."""
         mine = self.rank_shards(*self._rank_and_world())
         decoder = SampleDecoder(self.preprocess, {name: code for code, name in enumerate(self.generator_names)},
                                 {entry["name"]: k for k, entry in enumerate(self._index["shards"])})
