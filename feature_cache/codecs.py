@@ -27,9 +27,9 @@ DTYPES = (GUIDANCE_DTYPE, *CLIP_DTYPES)
 CODECS = ("none", "lz4", "zstd")
 _STORAGE = {"float32": np.dtype("float32"), "float16": np.dtype("float16"), "int8_rowscale": np.dtype("int8"),
             "float8_e4m3": np.dtype("uint8")}
-_FLOAT_LIMITS = {"float32": (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)),
-                 "float16": (float(np.finfo(np.float16).tiny), float(np.finfo(np.float16).max)),
-                 "float8_e4m3": (torch.finfo(torch.float8_e4m3fn).tiny, torch.finfo(torch.float8_e4m3fn).max)}
+_FLOAT_LIMITS = {name: (float(info.tiny), float(info.max), float(info.eps))  # smallest normal, largest, eps
+                 for name, info in (("float32", np.finfo(np.float32)), ("float16", np.finfo(np.float16)),
+                                    ("float8_e4m3", torch.finfo(torch.float8_e4m3fn)))}
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Encoded:
     values: np.ndarray  # stored dtype
     scale: np.ndarray | None  # (B, C) float32 for int8_rowscale, else None
     non_finite: np.ndarray  # (B,) int32: NaN/inf in the input, or values beyond the stored dtype's range
-    underflow: np.ndarray  # (B,) int32: non-zero values stored as zero or subnormal (precision lost)
+    underflow: np.ndarray  # (B,) int32: values stored subnormal or as zero that are not negligible in their row
 
 
 def check_dtype(dtype: str) -> None:
@@ -87,10 +87,14 @@ def encode(dtype: str, values: np.ndarray) -> Encoded:
         scale = (grouped.max(axis=2) / 127).astype(np.float32)
         safe = np.where(scale > 0, scale, 1).reshape(len(values), channels, *([1] * (values.ndim - 2)))
         quantized = np.rint(np.where(finite, values, 0) / safe).clip(-127, 127).astype(np.int8)
-        return Encoded(quantized, scale, _per_row(~finite), _per_row((magnitude > 0) & (quantized == 0)))
-    tiny, largest = _FLOAT_LIMITS[dtype]
+        # A per-channel scale keeps every value within half a step of max/127: nothing non-negligible underflows.
+        return Encoded(quantized, scale, _per_row(~finite), np.zeros(len(values), dtype=np.int32))
+    tiny, largest, eps = _FLOAT_LIMITS[dtype]
     non_finite = _per_row(~finite | (magnitude > largest))
-    underflow = _per_row((magnitude > 0) & (magnitude < tiny))
+    # Precision lost beyond the dtype's own relative precision of the row: a subnormal (or flushed) value that
+    # is not negligible next to the row's largest one (e.g. a float16 DEU row whose values are all ~1e-6).
+    row_max = magnitude.reshape(len(values), -1).max(axis=1, initial=0).reshape(-1, *([1] * (values.ndim - 1)))
+    underflow = _per_row((magnitude > 0) & (magnitude < tiny) & (magnitude >= row_max * eps))
     if dtype == "float8_e4m3":
         stored = torch.from_numpy(values).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
     else:

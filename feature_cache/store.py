@@ -305,10 +305,7 @@ class FeatureStore:
 
     def _group_arrays(self, group: str) -> list[str]:
         """Array names of a group (features, their scales, error, flags)."""
-        names = []
-        for feature, spec in self.groups[group].features.items():
-            names += [feature] + ([f"{feature}__scale"] if has_scale(spec.dtype) else [])
-        return names + ["error", "flags"]
+        return [name for name, _, _ in self.tar_array_shapes(group)] + ["error", "flags"]
 
     # ---- layout ----------------------------------------------------------------------------------------------
 
@@ -446,11 +443,8 @@ class FeatureStore:
 
     def tar_files(self, group: str, index: int) -> list[str]:
         """Relative paths of the files a tar owns in a group."""
-        ndims = {"error": 1, "flags": 2}
-        for feature, spec in self.groups[group].features.items():
-            ndims[feature] = 1 + len(spec.shape)
-            if has_scale(spec.dtype):
-                ndims[f"{feature}__scale"] = 2
+        ndims = {name: 1 + len(shape) for name, shape, _ in self.tar_array_shapes(group)}
+        ndims.update(error=1, flags=2)
         return [_chunk_file(f"{group}/{name}", index, ndim) for name, ndim in ndims.items()]
 
     def write_tar(self, group: str, index: int, values: Mapping[str, np.ndarray], errors: Sequence[str],
@@ -461,7 +455,7 @@ class FeatureStore:
         """
         start, stop = self.tar_rows(index)
         count, tar = stop - start, self.shard_table[index]["name"]
-        expected = {name: ((count, *shape), dtype) for name, shape, dtype in self._tar_array_shapes(group, count)}
+        expected = {name: ((count, *shape), dtype) for name, shape, dtype in self.tar_array_shapes(group)}
         if set(values) != set(expected):
             raise ValueError(f"feature store {self.path}: tar {tar} of {group} got arrays {sorted(values)}, "
                              f"expected {sorted(expected)}")
@@ -480,7 +474,8 @@ class FeatureStore:
         _write_atomically(self._marker_path(group, tar), {"rows": count, "files": files,
                                                           "flagged": int((flags.sum(axis=1) > 0).sum())})
 
-    def _tar_array_shapes(self, group: str, count: int) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+    def tar_array_shapes(self, group: str) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+        """(array name, per-row shape, stored numpy dtype) of what `write_tar` takes for a group."""
         shapes = []
         for feature, spec in self.groups[group].features.items():
             shapes.append((feature, spec.shape, storage_dtype(spec.dtype)))

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar
 
-from feature_cache.codecs import encode, has_scale
+from feature_cache.codecs import encode
 from feature_cache.manifest import read_rejected, store_rows
 from feature_cache.provenance import (DatasetProvenance, ExtractorProvenance, FeatureSpec, PixelProvenance,
                                       StoreProvenance, config_differences)
@@ -38,33 +38,12 @@ def extractor_provenance(model: pl.LightningModule, trainer: pl.Trainer,
     """The model's provenance plus what changes values but only the Trainer and data know: precision,
     batch size (batched kernels reduce in another order) and, on CPU, the thread count (oneDNN splits
     reductions by threads); on an accelerator the CPU thread count changes no value and is None."""
-    raw = model.provenance()
-    provenance = ExtractorProvenance.from_attrs(raw if "maps" in raw else _typed_from_flat(raw))
+    provenance = ExtractorProvenance.from_attrs(model.provenance())
     batch_size = getattr(datamodule, "batch_size", None) or datamodule.hparams.get("batch_size")
     on_cpu = trainer.strategy.root_device.type == "cpu"
     return ExtractorProvenance({**provenance.common, "trainer_precision": str(trainer.precision),
                                 "batch_size": batch_size, "cpu_threads": torch.get_num_threads() if on_cpu else None},
                                provenance.maps)
-
-
-_FLAT_MAP_SETTINGS = {"deu": ("posterior", "posterior_sha256", "deu_mode", "num_weight_samples"),
-                      "mi": ("posterior", "posterior_sha256", "deu_mode", "num_weight_samples"),
-                      "clip_layer3": ("clip", "clip_hash"), "clip_pooled": ("clip", "clip_hash")}
-
-
-def _typed_from_flat(flat: dict[str, Any]) -> dict[str, Any]:
-    """Adapter until the map registry's extractor reports {common, maps}: split its flat provenance."""
-    specific = {key for keys in _FLAT_MAP_SETTINGS.values() for key in keys}
-    return {"common": {k: v for k, v in flat.items() if k != "outputs" and k not in specific},
-            "maps": {name: {k: flat.get(k) for k in _FLAT_MAP_SETTINGS.get(name, ())} for name in flat["outputs"]}}
-
-
-def select_outputs(model: pl.LightningModule, names: list[str]) -> None:
-    """Make the extractor compute only `names` (the group this run writes)."""
-    if hasattr(model, "set_outputs"):
-        model.set_outputs(list(names))
-    else:  # the extractor before the map registry: same adapter as `_typed_from_flat`
-        model.outputs = list(names)
 
 
 @dataclass
@@ -185,7 +164,7 @@ class ZarrFeatureWriter(BasePredictionWriter):
         if self.group is None:
             datamodule.exclude_shards({t["name"] for t in self.store.shard_table})
         else:
-            select_outputs(pl_module, list(self.store.groups[self.group].features))
+            pl_module.set_outputs(list(self.store.groups[self.group].features))  # compute this group only
             datamodule.exclude_shards(self.store.done_tars(self.group))
         self._done_before = 0 if self.group is None else len(self.store.done_tars(self.group))
         if self.background:
@@ -340,7 +319,7 @@ class ZarrFeatureWriter(BasePredictionWriter):
             assert store is not None and group is not None
             start, stop = store.tar_rows(shard_index)
             arrays = {name: np.zeros((stop - start, *shape), dtype=dtype)
-                      for name, shape, dtype in store._tar_array_shapes(group, stop - start)}
+                      for name, shape, dtype in store.tar_array_shapes(group)}
             self._pending[shard_index] = _TarBuffer(arrays=arrays, errors=[""] * (stop - start))
         return self._pending[shard_index]
 
