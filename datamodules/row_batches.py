@@ -129,20 +129,25 @@ class SplitRows:
             self._stores[path] = FeatureStore.open(path)
         return self._stores[path]
 
-    def read(self, positions: np.ndarray, out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """Features of sorted `positions`, stored dtype, read per store as contiguous runs of rows straight into
-        `out` (arrays of at least len(positions) rows, reused by the caller) or into new arrays."""
-        out = out if out is not None else {name: np.empty((len(positions), *shape), dtype)
-                                           for name, (shape, dtype) in self.layout_of.items()}
+    def read(self, positions: np.ndarray, out: dict[str, np.ndarray] | None = None,
+             names: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Arrays `names` (default all) of sorted `positions`, stored dtype, read per store as contiguous runs of
+        at most READ_ROWS rows straight into `out` (at least len(positions) rows, reused by the caller) or into
+        new arrays."""
+        names = names or self.features
+        out = out if out is not None else {name: np.empty((len(positions), *self.layout_of[name][0]),
+                                                          self.layout_of[name][1]) for name in names}
         filled = 0
         for part, (lo, hi) in enumerate(zip(self.bounds[:-1], self.bounds[1:])):
-            a, b = np.searchsorted(positions, [lo, hi])
-            store, rows = self.store(part), self.parts[part].rows[positions[a:b] - lo]
-            for start, stop in ((a, min(a + READ_ROWS, b)) for a, b in contiguous_runs(rows) for a in range(a, b, READ_ROWS)):
-                for name in self.features:
+            first, last = np.searchsorted(positions, [lo, hi])
+            store, rows = self.store(part), self.parts[part].rows[positions[first:last] - lo]
+            calls = [(start, min(start + READ_ROWS, stop)) for run_start, stop in contiguous_runs(rows)
+                     for start in range(run_start, stop, READ_ROWS)]
+            for start, stop in calls:
+                for name in names:
                     store.read(name, start, stop, out=out[name][filled:filled + stop - start])
                 filled += stop - start
-        return {name: values[:len(positions)] for name, values in out.items()}
+        return {name: out[name][:len(positions)] for name in names}
 
 
 class BatchRing:
@@ -174,7 +179,7 @@ class ResidentRows:
         positions = np.arange(len(split))
         self.tensors: dict[str, torch.Tensor] = {}
         for name in split.features:  # one feature at a time: peak host memory is one feature's host copy
-            self.tensors[name] = torch.from_numpy(split.read(positions)[name]).to(device)
+            self.tensors[name] = torch.from_numpy(split.read(positions, names=[name])[name]).to(device)
         self.tensors.update({name: torch.from_numpy(values).to(device) for name, values in split.metadata.items()})
 
     def windows(self, order: np.ndarray, window_rows: int) -> Iterator[Window]:
