@@ -101,7 +101,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
     Rows whose phase-1 `error` is set are dropped (and counted). `generators` keeps only rows of those
     generator names (in every split). With `val_fraction` and no `val` stores, a seeded permutation of
     the train rows gives the validation split. `images=True` pairs each row with its image from the
-    store's shard directory (`provenance["shards"]`) and, for training, applies one random flip +
+    store's shard directory (`store.dataset.shards`) and, for training, applies one random flip +
     resized crop (`crop_scale` = area fraction range) identically to the image and every spatial map.
 
     Reading (`datamodules/row_batches.py`): `in_memory` true loads the split once into RAM (if it takes at

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.buffer.cpu import NDBuffer
 
 from feature_cache.codecs import compressor, has_scale, scale_channels, storage_dtype
 from feature_cache.provenance import (ExtractorProvenance, FeatureSpec, GroupInfo, StoreProvenance,
@@ -372,9 +373,16 @@ class FeatureStore:
 
     # ---- reads -----------------------------------------------------------------------------------------------
 
-    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows [start, stop) of a feature (or `NAME__scale`) in its stored dtype; whole tars decode fastest."""
-        return self._feature_array(name)[start:self.num_rows if stop is None else stop]
+    def read(self, name: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [start, stop) of a feature (or `NAME__scale`) in its stored dtype; whole tars decode fastest.
+
+        `out` (C-contiguous, the rows' shape and storage dtype) receives the rows instead of a new array: a
+        reader that reuses its buffers avoids page-faulting fresh memory on every read."""
+        selection = slice(start, self.num_rows if stop is None else stop)
+        if out is None:
+            return self._feature_array(name)[selection]
+        self._feature_array(name).get_basic_selection(selection, out=NDBuffer.from_numpy_array(out))
+        return out
 
     def read_rows(self, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """Sorted rows of a feature (or `NAME__scale`), one contiguous read per tar they fall in."""
