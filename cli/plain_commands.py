@@ -24,7 +24,7 @@ def tiny_models(out_dir: Path, seed: int = 0) -> None:
 
 def shards(*, layout: Literal["genimage", "drct", "folder"], root: Path, split: Literal["train", "val"], out: Path,
            shard_size: int = 1000, generators: str | None = None, workers: int | None = None,
-           overwrite: bool = False) -> None:
+           overwrite: bool = False, check_against: str | None = None) -> None:
     """Convert GenImage, DRCT-2M or plain image folders into WebDataset shards plus a manifest.
 
     Keyword-only parameters so that jsonargparse makes them named options (--layout, --root, ...).
@@ -39,16 +39,21 @@ def shards(*, layout: Literal["genimage", "drct", "folder"], root: Path, split: 
         generators: comma-separated generator folder names to keep (DRCT: add MSCOCO to keep the reals).
         workers: decoding processes (default: all CPU cores; 1 = no pool).
         overwrite: replace shards already in OUT.
+        check_against: comma-separated other shard directories (e.g. the other splits' outputs); images of
+            this split found there (same sha256 of the original bytes) are listed in duplicates.csv.
     """
     from datamodules.shards import ShardsInputError, convert
 
     names = [g.strip() for g in generators.split(",") if g.strip()] if generators else None
+    others = [Path(d.strip()) for d in check_against.split(",") if d.strip()] if check_against else None
     try:
-        summary = convert(layout, root, split, out, shard_size, names, workers, overwrite)
+        summary = convert(layout, root, split, out, shard_size, names, workers, overwrite, others)
     except ShardsInputError as error:
         raise SystemExit(f"python -m cli shards: {error}") from None
+    shared = "".join(f", {count} also in {directory}" for directory, count in (summary.duplicates_across or {}).items())
     print(f"{summary.num_samples} images in {summary.num_shards} shards, {summary.num_rejected} rejected "
-          f"(see rejected.csv), generators {','.join(summary.generators)}: {summary.out}")
+          f"(see rejected.csv), {summary.duplicates_within} exact duplicates within the split{shared} "
+          f"(see duplicates.csv), generators {','.join(summary.generators)}: {summary.out}")
 
 
 def demo(out: Path = Path("demo_out"), sd: str | None = None, clip: str | None = None, images_per_class: int = 24,
