@@ -1,0 +1,100 @@
+"""`python -m cli robustness`: a trained detector's accuracy under each level of a perturbation sweep.
+
+Perturbed features depend only on (images, perturbation, extractor settings), not on the detector, so
+each level's features are computed once into a feature store by the same exactly-once, resumable
+writer as `precompute` (the perturbation is in the store's provenance) and reused by every later
+checkpoint with the same extractor. Detectors that fine-tune CLIP need the pixels themselves and are
+scored on the fly instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from datamodules.image_shards import ImageShardDataModule, pixel_settings
+from datamodules.perturbations import ROBUSTNESS_SWEEP, parse_sweep, perturbation_label
+from feature_cache.store import FeatureStore
+from feature_cache.writer import ZarrFeatureWriter, merged_provenance
+from lightning_modules.on_the_fly import OnTheFlyDetector
+from reports.evaluation import Predictions, protocol_table, save_rows
+from cli.predict import run_predict
+
+METRICS = ("n_real", "n_fake", "acc", "real_acc", "fake_acc", "ap", "auroc")
+
+
+def cache_path(cache: Path, label: str, provenance: dict[str, Any]) -> Path:
+    """One store per (perturbation, extractor + pixel + data provenance): equal inputs find the same store."""
+    digest = hashlib.sha256(json.dumps(provenance, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return cache / f"{label.replace(' ', '-')}-{digest}"
+
+
+def cached_features(model: OnTheFlyDetector, datamodule: ImageShardDataModule, cache: Path, label: str,
+                    accelerator: str) -> FeatureStore:
+    """The level's feature store, computed now for the tars it lacks (none when another run made it)."""
+    provenance = merged_provenance(model.extractor.provenance(), datamodule.provenance())
+    path = cache_path(cache, label, provenance)
+    writer = ZarrFeatureWriter(str(path), feature_dtype="float32")  # the values predict would compute
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, callbacks=[writer],
+                         enable_model_summary=False)
+    trainer.predict(model.extractor, datamodule=datamodule, return_predictions=False)
+    return FeatureStore.open(path)
+
+
+@torch.no_grad()
+def score_store(detector: torch.nn.Module, store: FeatureStore) -> Predictions:
+    """The detector's p_fake on every labelled, error-free row of a store, read one tar at a time."""
+    names, labels, codes = store.generator_names, store.labels(), store.generators()
+    keep = (np.array([error == "" for error in store.errors()])) & (labels >= 0)
+    scores = np.full(store.num_rows, np.nan)
+    for index in range(len(store.shard_table)):
+        start, stop = store.shard_rows(index)
+        batch = {name: torch.from_numpy(store.array(name)[start:stop]).float() for name in store.feature_names}
+        scores[start:stop] = detector(batch).logits.softmax(dim=-1)[:, 1].numpy()
+    return Predictions(scores[keep], labels[keep].astype(np.int64), np.array(names, dtype=object)[codes[keep]])
+
+
+def on_the_fly_scores(model: OnTheFlyDetector, datamodule: ImageShardDataModule, accelerator: str) -> Predictions:
+    rows = [r for r in run_predict(model, datamodule, accelerator) if not r["error"] and r["label"] >= 0]
+    names = datamodule.generator_names
+    return Predictions(np.array([r["p_fake"] for r in rows]), np.array([r["label"] for r in rows]),
+                       np.array([names[r["generator"]] for r in rows], dtype=object))
+
+
+def robustness_sweep(ckpt: str, shards: str, out: str, batch_size: int, num_workers: int, accelerator: str,
+                     levels: str | None = None, cache: str | None = None, **paths: str | None) -> list[dict[str, Any]]:
+    """Per-generator and average metrics of a trained detector at each sweep level; two tables in `out`."""
+    sweep = parse_sweep(levels) if levels else ROBUSTNESS_SWEEP
+    model, provenance = OnTheFlyDetector.from_checkpoint(ckpt, **paths)
+    cache_dir = Path(cache) if cache else Path(shards) / "robustness_cache"
+    cached = model.detector.clip is None  # a fine-tuned CLIP reads pixels, which no store holds
+    rows: list[dict[str, Any]] = []
+    for number, (name, parameter) in enumerate(sweep, 1):
+        label, started = perturbation_label(name, parameter), time.monotonic()
+        print(f"robustness [{number}/{len(sweep)}] {label}: "
+              + (f"features from the cache in {cache_dir}" if cached else "features on the fly (fine-tuned CLIP)"),
+              flush=True)
+        settings = {**pixel_settings(provenance), "perturbation": (name, parameter)}
+        datamodule = ImageShardDataModule(shards, batch_size=batch_size, num_workers=num_workers, **settings)
+        if cached:
+            predictions = score_store(model.detector, cached_features(model, datamodule, cache_dir, label, accelerator))
+        else:
+            predictions = on_the_fly_scores(model, datamodule, accelerator)
+        for row in protocol_table(predictions, model.threshold):
+            rows.append({"perturbation": label, "generator": row["generator"], **{k: row[k] for k in METRICS}})
+        print(f"robustness [{number}/{len(sweep)}] {label}: done in {time.monotonic() - started:.1f} s", flush=True)
+
+    def cell(value: object) -> str:
+        return str(value) if isinstance(value, (str, int)) else f"{100 * value:.1f}"
+
+    save_rows(rows, out, "robustness_per_generator", cell)
+    overall = [r for r in rows if r["generator"] == "average"]
+    print(save_rows([{k: v for k, v in r.items() if k != "generator"} for r in overall], out, "robustness", cell))
+    return overall
