@@ -36,7 +36,7 @@ def safe_torch_load(path: str | Path, what: str) -> Any:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Weights only load failed" in str(error):
+        if "GLOBAL" in str(error):  # a class or function to import and call: what code execution needs
             raise ValueError(f"{what} {file}: refused, it holds objects other than tensors and plain data, which "
                              f"could run code when loaded ({_one_line(error)})") from None
         raise ValueError(f"{what} {file}: not a readable PyTorch file ({_one_line(error)})") from None

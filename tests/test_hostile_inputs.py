@@ -208,3 +208,94 @@ def test_duplicates_within_and_across_splits_are_reported(labelled: Path, tmp_pa
          "duplicate_of": "fake/b.png", "duplicate_in": ""},
         {"sha256": read_manifest_rows(tmp_path / "test_out")[0]["sha256"], "path": "real/a.jpg",
          "duplicate_of": "real/same_as_a.jpg", "duplicate_in": str(tmp_path / "test_out")}]
+
+
+class RunsCode:
+    """Unpickling this calls os.system: what a malicious checkpoint carries."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real checkpoint of a fitted (one step) DEUA detector, as `fit` writes it, with a feature provenance."""
+    import lightning.pytorch as pl
+    from test_detectors import SyntheticDataModule, _detector
+
+    path = tmp_path_factory.mktemp("ckpt") / "last.ckpt"
+    detector = _detector("deua", ["deu"])
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, max_steps=1, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(detector, datamodule=SyntheticDataModule(n_train=32, n_eval=32))
+    detector.feature_provenance = {"unet_hash": "aaaa", "posterior_sha256": "bbbb", "timestep": 200,
+                                   "shards": "/data/train", "split": "train", "resolution": 64}
+    trainer.save_checkpoint(path)
+    return path
+
+
+def predict_cli(ckpt: Path, data: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli", "predict", "--ckpt", str(ckpt), "--data", str(data),
+                           "--out", str(out), "--num_workers", "0"], capture_output=True, text=True, timeout=300)
+
+
+def test_checkpoint_records_its_class_path_and_loads_weights_only(checkpoint: Path) -> None:
+    """Bug caught: the class was recorded by bare name (a hand-kept dict to resolve it) and loading ran pickle."""
+    import torch
+
+    from lightning_modules.checkpoints import load_detector
+    from lightning_modules.detectors import DEUADetector
+
+    assert torch.load(checkpoint, weights_only=True)["detector_class"] == "lightning_modules.detectors.deua.DEUADetector"
+    detector, provenance = load_detector(checkpoint)
+    assert type(detector) is DEUADetector and provenance["unet_hash"] == "aaaa" and not detector.training
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "malicious"])
+def test_damaged_or_malicious_checkpoint_is_one_line(checkpoint: Path, tmp_path: Path, damage: str) -> None:
+    """Bug caught: torch.load(weights_only=False) ran a checkpoint's pickled code, and damaged checkpoints gave
+    tracebacks. Through the real `predict` command: exit non-zero, one line naming the file, no code run."""
+    import torch
+
+    bad, marker = tmp_path / f"{damage}.ckpt", tmp_path / "code_ran"
+    data = checkpoint.read_bytes()
+    if damage == "malicious":
+        torch.save({**torch.load(checkpoint, weights_only=True), "hook": RunsCode(marker)}, bad)
+    else:
+        bad.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "garbage": b"\x80\x02 not a checkpoint " * 64}[damage])
+    image = save(tmp_path / "x.png", Image.fromarray(noise(1, 16, 16)))
+    result = predict_cli(bad, image, tmp_path / "p.csv")
+    assert result.returncode != 0 and not marker.exists()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"python -m cli predict: checkpoint {bad}: "), result.stderr
+    expected = "refused, it holds objects other than tensors" if damage == "malicious" else "not a readable PyTorch file"
+    assert expected in lines[0]
+
+
+def test_predict_out_is_checked_before_any_work(checkpoint: Path, tmp_path: Path) -> None:
+    """Bug caught: `--out` naming a directory failed only after every prediction was computed. A checkpoint
+    that cannot even be loaded proves the check runs first: the message is about --out, not the model."""
+    (tmp_path / "results").mkdir()
+    result = predict_cli(tmp_path / "no_such.ckpt", tmp_path, tmp_path / "results")
+    assert result.returncode != 0
+    assert result.stderr.strip() == (f"python -m cli predict: --out {tmp_path / 'results'}: is a directory; give a "
+                                     f"CSV file path such as {tmp_path / 'results' / 'predictions.csv'}  "
+                                     "(CLI_TRACEBACK=1 for the traceback)")
+
+
+def test_feature_provenance_mismatch_names_the_fields(checkpoint: Path) -> None:
+    """Bug caught: a checkpoint trained on one UNet's/posterior's features was tested on a store made with
+    others, rc=0. Per-dataset fields (shards, split) may differ; weight hashes and settings may not."""
+    from cli.provenance_checks import check_feature_provenance
+    from lightning_modules.checkpoints import safe_torch_load
+
+    trained = safe_torch_load(checkpoint, "checkpoint")["feature_provenance"]
+    same_settings = {**trained, "shards": "/data/test", "split": "val"}
+    check_feature_provenance(trained, {"test.zarr": same_settings}, "last.ckpt")
+    other = {**same_settings, "unet_hash": "cccc", "posterior_sha256": "dddd"}
+    with pytest.raises(ValueError, match=r"feature store other.zarr was computed otherwise .*\(posterior_sha256 bbbb "
+                                         r"!= dddd; unet_hash aaaa != cccc\)"):
+        check_feature_provenance(trained, {"test.zarr": same_settings, "other.zarr": other}, "last.ckpt")
