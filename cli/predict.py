@@ -69,7 +69,8 @@ def predictions_table(rows: list[dict], generator_names: list[str], threshold: f
     table["threshold"] = round(threshold, 6)
     table["prediction"] = (table["p_fake"].where(~failed, 0) >= threshold).map({True: "fake", False: "real"})
     table.loc[failed, "prediction"] = ""
-    table["jpeg_quality"] = table["jpeg_quality"].astype("Int64")
+    for column in ("jpeg_quality", "width", "height"):
+        table[column] = table[column].astype("Int64")
     return table.sort_values("path")[list(PREDICT_COLUMNS)]
 
 

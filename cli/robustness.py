@@ -37,15 +37,22 @@ def cache_path(cache: Path, label: str, provenance: dict[str, Any]) -> Path:
 
 
 def cached_features(model: OnTheFlyDetector, datamodule: ImageShardDataModule, cache: Path, label: str,
-                    accelerator: str) -> FeatureStore:
-    """The level's feature store, computed now for the tars it lacks (none when another run made it)."""
+                    accelerator: str) -> tuple[FeatureStore, int]:
+    """The level's feature store and how many tars it already held: only missing tars are computed."""
     provenance = merged_provenance(model.extractor.provenance(), datamodule.provenance())
     path = cache_path(cache, label, provenance)
+    try:
+        store = FeatureStore.open(path, expected_provenance=provenance)
+        reused = len(store.done_shards())
+        if reused == len(store.shard_table):
+            return store, reused
+    except FileNotFoundError:  # not made yet (or its creation was interrupted: the writer redoes it)
+        reused = 0
     writer = ZarrFeatureWriter(str(path), feature_dtype="float32")  # the values predict would compute
     trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, callbacks=[writer],
                          enable_model_summary=False)
     trainer.predict(model.extractor, datamodule=datamodule, return_predictions=False)
-    return FeatureStore.open(path)
+    return FeatureStore.open(path), reused
 
 
 @torch.no_grad()
@@ -83,13 +90,17 @@ def robustness_sweep(ckpt: str, shards: str, out: str, batch_size: int, num_work
               flush=True)
         settings = {**pixel_settings(provenance), "perturbation": (name, parameter)}
         datamodule = ImageShardDataModule(shards, batch_size=batch_size, num_workers=num_workers, **settings)
+        reused = ""
         if cached:
-            predictions = score_store(model.detector, cached_features(model, datamodule, cache_dir, label, accelerator))
+            store, done_before = cached_features(model, datamodule, cache_dir, label, accelerator)
+            predictions = score_store(model.detector, store)
+            reused = f", {done_before}/{len(store.shard_table)} tars reused from {store.path}"
         else:
             predictions = on_the_fly_scores(model, datamodule, accelerator)
         for row in protocol_table(predictions, model.threshold):
             rows.append({"perturbation": label, "generator": row["generator"], **{k: row[k] for k in METRICS}})
-        print(f"robustness [{number}/{len(sweep)}] {label}: done in {time.monotonic() - started:.1f} s", flush=True)
+        print(f"robustness [{number}/{len(sweep)}] {label}: done in {time.monotonic() - started:.1f} s{reused}",
+              flush=True)
 
     def cell(value: object) -> str:
         return str(value) if isinstance(value, (str, int)) else f"{100 * value:.1f}"

@@ -49,14 +49,14 @@ class ImageFiles(Dataset):
         size = self.preprocess.resolution
         row: dict[str, Any] = {"image": torch.zeros(3, size, size), "key": key, "row": index, "label": label,
                                "generator": generator, "shard_index": 0, "error": error, "path": str(path),
-                               "sha256": "", "format": "", "jpeg_quality": None, "width": 0, "height": 0}
+                               "sha256": "", "format": "", "jpeg_quality": None, "width": None, "height": None}
         if error:
             return row
         try:
             data = read_regular_file(path)  # read once: the hash is of the bytes that were scored
             row["sha256"] = hashlib.sha256(data).hexdigest()
+            row["image"] = self.preprocess(data, key, label, "")  # decodes fully: refuses bombs, damage
             row.update(header_metadata(data))
-            row["image"] = self.preprocess(data, key, label, "")
         except Exception as failure:  # noqa: BLE001  reported per file; one bad file never stops the run
             row["error"] = describe_error(failure)
         return row

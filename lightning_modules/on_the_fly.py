@@ -54,7 +54,8 @@ def extractor_from_provenance(provenance: dict[str, Any], **paths: str | None) -
 
 
 class OnTheFlyDetector(pl.LightningModule):
-    """predict_step: images → extractor maps → detector → probability of fake, per image."""
+    """predict_step: images → extractor maps → detector → probability of fake, per image, with the batch's
+    other fields (key, label, file metadata...) passed through for the writer."""
 
     def __init__(self, detector: DetectorBase, extractor: FeatureExtractor) -> None:
         super().__init__()
@@ -71,5 +72,4 @@ class OnTheFlyDetector(pl.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         features = self.extractor.predict_step(batch, batch_idx)
         p_fake = self.detector({**features, "image": batch["image"]}).logits.softmax(dim=-1)[:, 1]
-        return {"key": batch["key"], "p_fake": p_fake, "label": batch["label"], "generator": batch["generator"],
-                "error": batch["error"]}
+        return {**{name: value for name, value in batch.items() if name != "image"}, "p_fake": p_fake}
