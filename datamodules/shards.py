@@ -71,7 +71,7 @@ class FileInfo:
     width: int = 0
     height: int = 0
     extension: str = ""
-    sha256: str = ""
+    sha256: str = ""  # hex sha256 of the original file bytes: the row's identity in feature stores
 
 
 @dataclass(frozen=True)
