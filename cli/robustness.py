@@ -19,53 +19,73 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from cli.predict import run_predict
 from datamodules.image_shards import ImageShardDataModule, pixel_settings
 from datamodules.perturbations import ROBUSTNESS_SWEEP, parse_sweep, perturbation_label
+from feature_cache.codecs import widen
 from feature_cache.store import FeatureStore
-from feature_cache.writer import ZarrFeatureWriter, merged_provenance
+from feature_cache.writer import ZarrFeatureWriter, select_outputs
 from lightning_modules.on_the_fly import OnTheFlyDetector
 from reports.evaluation import Predictions, protocol_table, save_rows
-from cli.predict import run_predict
 
 METRICS = ("n_real", "n_fake", "acc", "real_acc", "fake_acc", "ap", "auroc")
 
 
-def cache_path(cache: Path, label: str, provenance: dict[str, Any]) -> Path:
-    """One store per (perturbation, extractor + pixel + data provenance): equal inputs find the same store."""
-    digest = hashlib.sha256(json.dumps(provenance, sort_keys=True, default=str).encode()).hexdigest()[:12]
+def cache_path(cache: Path, label: str, identity: dict[str, Any]) -> Path:
+    """One store per (data, pixels incl. perturbation, extractor settings but its list of outputs, batch size,
+    threads): everything the writer would refuse to mix. A checkpoint needing more outputs grows the store."""
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return cache / f"{label.replace(' ', '-')}-{digest}"
+
+
+def done_everywhere(path: Path, names: list[str]) -> int:
+    """How many tars hold every feature in `names` already (0 when the store does not exist yet)."""
+    if not FeatureStore.exists(path):
+        return 0
+    store = FeatureStore.open(path)
+    if not set(names) <= set(store.feature_names):
+        return 0
+    done = [store.done_tars(store.group_of(name)) for name in names]
+    return len(set.intersection(*done))
 
 
 def cached_features(model: OnTheFlyDetector, datamodule: ImageShardDataModule, cache: Path, label: str,
                     accelerator: str) -> tuple[FeatureStore, int]:
-    """The level's feature store and how many tars it already held: only missing tars are computed."""
-    provenance = merged_provenance(model.extractor.provenance(), datamodule.provenance())
-    path = cache_path(cache, label, provenance)
-    try:
-        store = FeatureStore.open(path, expected_provenance=provenance)
-        reused = len(store.done_shards())
-        if reused == len(store.shard_table):
-            return store, reused
-    except FileNotFoundError:  # not made yet (or its creation was interrupted: the writer redoes it)
-        reused = 0
-    writer = ZarrFeatureWriter(str(path), feature_dtype="float32")  # the values predict would compute
-    trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, callbacks=[writer],
-                         enable_model_summary=False)
-    trainer.predict(model.extractor, datamodule=datamodule, return_predictions=False)
+    """The level's feature store and how many of its tars were reused: only what is missing is computed."""
+    extractor = model.extractor
+    identity = {"data": datamodule.provenance(), "batch_size": datamodule.hparams.batch_size,
+                "cpu_threads": torch.get_num_threads(),
+                "extractor": {k: v for k, v in extractor.provenance().items() if k != "outputs"}}
+    path = cache_path(cache, label, identity)
+    names = list(extractor.outputs)
+    reused = done_everywhere(path, names)
+    if reused < len(datamodule.shard_table()):
+        writer = ZarrFeatureWriter(str(path))  # the exactly-once, resumable writer of `precompute`
+        trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, callbacks=[writer],
+                             enable_model_summary=False)
+        trainer.predict(extractor, datamodule=datamodule, return_predictions=False)
+        select_outputs(extractor, names)  # the writer selected the outputs the store lacked; scoring needs all
     return FeatureStore.open(path), reused
 
 
 @torch.no_grad()
-def score_store(detector: torch.nn.Module, store: FeatureStore) -> Predictions:
-    """The detector's p_fake on every labelled, error-free row of a store, read one tar at a time."""
-    names, labels, codes = store.generator_names, store.labels(), store.generators()
-    keep = (np.array([error == "" for error in store.errors()])) & (labels >= 0)
+def score_store(detector: torch.nn.Module, store: FeatureStore, names: list[str]) -> Predictions:
+    """The detector's p_fake on every labelled row without a phase-1 error, read and widened one tar at a time."""
+    labels, codes = store.rows("label").astype(np.int64), store.rows("generator").astype(np.int64)
+    failed = np.zeros(store.num_rows, dtype=bool)
+    for group in {store.group_of(name) for name in names}:
+        failed |= store.errors(group) != ""
     scores = np.full(store.num_rows, np.nan)
     for index in range(len(store.shard_table)):
-        start, stop = store.shard_rows(index)
-        batch = {name: torch.from_numpy(store.array(name)[start:stop]).float() for name in store.feature_names}
+        start, stop = store.tar_rows(index)
+        batch = {}
+        for name in names:
+            info = store.feature_info(name)
+            scale = store.read(f"{name}__scale", start, stop) if info.has_scale else None
+            batch[name] = widen(info.dtype, store.read(name, start, stop), scale)
         scores[start:stop] = detector(batch).logits.softmax(dim=-1)[:, 1].numpy()
-    return Predictions(scores[keep], labels[keep].astype(np.int64), np.array(names, dtype=object)[codes[keep]])
+    keep = ~failed & (labels >= 0)
+    return Predictions(scores[keep], labels[keep], np.array(store.generator_names, dtype=object)[codes[keep]])
 
 
 def on_the_fly_scores(model: OnTheFlyDetector, datamodule: ImageShardDataModule, accelerator: str) -> Predictions:
@@ -93,7 +113,7 @@ def robustness_sweep(ckpt: str, shards: str, out: str, batch_size: int, num_work
         reused = ""
         if cached:
             store, done_before = cached_features(model, datamodule, cache_dir, label, accelerator)
-            predictions = score_store(model.detector, store)
+            predictions = score_store(model.detector, store, list(model.extractor.outputs))
             reused = f", {done_before}/{len(store.shard_table)} tars reused from {store.path}"
         else:
             predictions = on_the_fly_scores(model, datamodule, accelerator)
