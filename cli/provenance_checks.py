@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from feature_cache.store import FeatureStore, config_differences
+from feature_cache.provenance import config_differences
 from lightning_modules.checkpoints import safe_torch_load
 
 # Provenance sections and keys that describe which images a store holds, not how its features were
@@ -43,12 +43,16 @@ def check_feature_provenance(trained: Mapping[str, Any], stores: Mapping[str, Ma
                              "settings or use a matching checkpoint")
 
 
-def check_checkpoint_against_stores(checkpoint_path: str | Path, store_paths: Iterable[str | Path]) -> None:
-    """`test`'s guard: every store it scores must hold features made as the checkpoint's training features were."""
+def check_checkpoint_against_stores(checkpoint_path: str | Path, stores: Mapping[str, Mapping[str, Any]]) -> None:
+    """`test`'s guard: every store it scores holds features made as the checkpoint's training features were.
+
+    `stores` maps each test store's path to its feature provenance, as the datamodule reports it for the
+    checkpoint (`DetectorBase` records `datamodule.feature_provenance()`): the same function must produce
+    both sides, so only real differences show. Called by `ForensicsTrainer.test` before scoring.
+    """
     checkpoint = safe_torch_load(checkpoint_path, "checkpoint")
     trained = checkpoint.get("feature_provenance") if isinstance(checkpoint, dict) else None
     if not trained:
         raise ValueError(f"checkpoint {checkpoint_path} records no feature provenance, so the stores it is tested "
                          "on cannot be checked against its training features")
-    check_feature_provenance(trained, {str(p): FeatureStore.open(p).provenance for p in store_paths},
-                             str(checkpoint_path))
+    check_feature_provenance(trained, stores, str(checkpoint_path))

@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from cli.predict import run_predict
+from cli.predict import pixel_provenance, run_predict
 from datamodules.image_shards import ImageShardDataModule, pixel_settings
 from datamodules.perturbations import ROBUSTNESS_SWEEP, parse_sweep, perturbation_label
 from feature_cache.codecs import widen
@@ -108,7 +108,7 @@ def robustness_sweep(ckpt: str, shards: str, out: str, batch_size: int, num_work
         print(f"robustness [{number}/{len(sweep)}] {label}: "
               + (f"features from the cache in {cache_dir}" if cached else "features on the fly (fine-tuned CLIP)"),
               flush=True)
-        settings = {**pixel_settings(provenance), "perturbation": (name, parameter)}
+        settings = {**pixel_settings(pixel_provenance(provenance)), "perturbation": (name, parameter)}
         datamodule = ImageShardDataModule(shards, batch_size=batch_size, num_workers=num_workers, **settings)
         reused = ""
         if cached:

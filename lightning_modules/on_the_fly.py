@@ -25,9 +25,29 @@ MODEL_PATHS = ("sd", "clip", "posterior")  # where the weights are: may differ; 
 SOURCES = ("sd_source",)  # where SD was loaded from, recorded for the reader only
 
 
-def _plain(value: Any) -> Any:
-    """JSON round trip: provenance read back from a store or checkpoint has lists where settings have tuples."""
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
+def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested provenance as dotted leaves, JSON-normalised (tuples read back as lists)."""
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _leaves(item, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: json.loads(json.dumps(value, default=str))}
+
+
+def extractor_part(provenance: dict[str, Any]) -> dict[str, Any]:
+    """The extractor's provenance inside a checkpoint's feature provenance: flat (format-1 stores, every
+    setting at the top level), or typed {common, maps} (format 2, possibly under `extractor`)."""
+    typed = provenance.get("extractor", provenance)
+    return typed if isinstance(typed, dict) and "common" in typed else provenance
+
+
+def extractor_settings(recorded: dict[str, Any]) -> dict[str, Any]:
+    """FeatureExtractor arguments from its recorded provenance: every leaf named like an argument, and the
+    outputs (the typed form's map names)."""
+    names = set(inspect.signature(FeatureExtractor).parameters)
+    settings = {key.rsplit(".", 1)[-1]: value for key, value in _leaves(recorded).items()
+                if key.rsplit(".", 1)[-1] in names}
+    if "maps" in recorded:
+        settings["outputs"] = list(recorded["maps"])
+    return settings
 
 
 def extractor_from_provenance(provenance: dict[str, Any], **paths: str | None) -> FeatureExtractor:
@@ -36,16 +56,17 @@ def extractor_from_provenance(provenance: dict[str, Any], **paths: str | None) -
     `paths` overrides `sd`, `clip` or `posterior` (None keeps the recorded one). Every setting and hash
     the rebuilt extractor reports must equal the recorded one; the error names each that differs.
     """
-    settings = {k: provenance[k] for k in inspect.signature(FeatureExtractor).parameters if k in provenance}
+    recorded = extractor_part(provenance)
+    settings = extractor_settings(recorded)
     settings.update({name: path for name, path in paths.items() if path is not None})
     for name in MODEL_PATHS:
         if settings.get(name) and not Path(settings[name]).expanduser().exists() and settings[name] != "openai":
             raise FileNotFoundError(f"the checkpoint's {name} {settings[name]} does not exist here: pass --{name} PATH "
                                     "(the weights are checked against the hashes the checkpoint recorded)")
     extractor = FeatureExtractor(**settings)
-    current = extractor.provenance()
-    different = [f"{k} {provenance[k]} != {current[k]}" for k in sorted(current)
-                 if k not in MODEL_PATHS + SOURCES and k in provenance and _plain(provenance[k]) != _plain(current[k])]
+    before, now = _leaves(recorded), _leaves(extractor.provenance())
+    different = [f"{key} {before[key]} != {now[key]}" for key in sorted(before.keys() & now.keys())
+                 if key.rsplit(".", 1)[-1] not in MODEL_PATHS + SOURCES and before[key] != now[key]]
     if different:
         raise ValueError(f"the extractor rebuilt from {', '.join(f'{n}={settings.get(n)}' for n in MODEL_PATHS)} "
                          f"differs from the one the detector's features came from (checkpoint != here: "

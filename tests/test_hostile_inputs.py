@@ -249,7 +249,8 @@ def test_checkpoint_records_its_class_path_and_loads_weights_only(checkpoint: Pa
     from lightning_modules.checkpoints import load_detector
     from lightning_modules.detectors import DEUADetector
 
-    assert torch.load(checkpoint, weights_only=True)["detector_class"] == "lightning_modules.detectors.deua.DEUADetector"
+    recorded = torch.load(checkpoint, weights_only=True)["detector_class"]
+    assert recorded == "lightning_modules.detectors.deua.DEUADetector"
     detector, provenance = load_detector(checkpoint)
     assert type(detector) is DEUADetector and provenance["unet_hash"] == "aaaa" and not detector.training
 
@@ -265,14 +266,15 @@ def test_damaged_or_malicious_checkpoint_is_one_line(checkpoint: Path, tmp_path:
     if damage == "malicious":
         torch.save({**torch.load(checkpoint, weights_only=True), "hook": RunsCode(marker)}, bad)
     else:
-        bad.write_bytes({"empty": b"", "truncated": data[: len(data) // 2], "garbage": b"\x80\x02 not a checkpoint " * 64}[damage])
+        damaged = {"empty": b"", "truncated": data[: len(data) // 2], "garbage": b"\x80\x02 not a checkpoint " * 64}
+        bad.write_bytes(damaged[damage])
     image = save(tmp_path / "x.png", Image.fromarray(noise(1, 16, 16)))
     result = predict_cli(bad, image, tmp_path / "p.csv")
     assert result.returncode != 0 and not marker.exists()
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"python -m cli predict: checkpoint {bad}: "), result.stderr
-    expected = "refused, it holds objects other than tensors" if damage == "malicious" else "not a readable PyTorch file"
-    assert expected in lines[0]
+    refused = "refused, it holds objects other than tensors"
+    assert (refused if damage == "malicious" else "not a readable PyTorch file") in lines[0]
 
 
 def test_predict_out_is_checked_before_any_work(checkpoint: Path, tmp_path: Path) -> None:
@@ -299,3 +301,14 @@ def test_feature_provenance_mismatch_names_the_fields(checkpoint: Path) -> None:
     with pytest.raises(ValueError, match=r"feature store other.zarr was computed otherwise .*\(posterior_sha256 bbbb "
                                          r"!= dddd; unet_hash aaaa != cccc\)"):
         check_feature_provenance(trained, {"test.zarr": same_settings, "other.zarr": other}, "last.ckpt")
+
+
+def test_checkpoint_against_test_stores_reads_the_checkpoint(checkpoint: Path) -> None:
+    """Bug caught: `test` scoring a store made with another posterior (rc=0, numbers printed); the guard
+    `ForensicsTrainer.test` calls reads the real checkpoint's recorded provenance and refuses."""
+    from cli.provenance_checks import check_checkpoint_against_stores
+
+    trained = {"unet_hash": "aaaa", "posterior_sha256": "bbbb", "timestep": 200, "resolution": 64}
+    check_checkpoint_against_stores(checkpoint, {"test.zarr": {**trained, "shards": "/data/test"}})
+    with pytest.raises(ValueError, match=r"test.zarr .*\(resolution 64 != 128\)"):
+        check_checkpoint_against_stores(checkpoint, {"test.zarr": {**trained, "resolution": 128}})
