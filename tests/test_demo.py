@@ -140,3 +140,28 @@ def test_robustness_sweep_caches_features_and_reports_per_generator(demo, tmp_pa
     assert [(r["perturbation"], r["generator"]) for r in per_generator[:3]] == [
         ("none", "demo_smooth"), ("none", "demo_upsample"), ("none", "average")]
     assert len(list(cache.iterdir())) == 3
+
+
+def test_cached_robustness_scores_equal_on_the_fly_scores(demo, tmp_path):
+    """Bug caught: the cache scoring other rows, other features or a wrong decoding of the stored dtypes than
+    the on-the-fly path (the two must agree up to the CLIP maps' float16 storage)."""
+    from cli.predict import pixel_provenance
+    from cli.robustness import cached_features, on_the_fly_scores, score_store
+    from datamodules.image_shards import ImageShardDataModule, pixel_settings
+    from lightning_modules.on_the_fly import OnTheFlyDetector
+
+    model, provenance = OnTheFlyDetector.from_checkpoint(str(demo / "runs" / "deua" / "demo" / "checkpoints" /
+                                                             "last.ckpt"))
+    settings = {**pixel_settings(pixel_provenance(provenance)), "perturbation": ("jpeg", 75.0)}
+
+    def data() -> ImageShardDataModule:
+        return ImageShardDataModule(str(demo / "shards" / "val"), batch_size=8, num_workers=0, **settings)
+
+    store, reused = cached_features(model, data(), tmp_path, "jpeg 75", "cpu")
+    cached = score_store(model.detector, store, list(model.extractor.outputs))
+    direct = on_the_fly_scores(model, data(), "cpu")
+    assert reused == 0 and store.pixels.perturbation == ["jpeg", 75.0]
+    np.testing.assert_array_equal(cached.label, direct.label)
+    np.testing.assert_array_equal(cached.generator, direct.generator)
+    np.testing.assert_allclose(cached.p_fake, direct.p_fake, atol=2e-3)
+    assert cached_features(model, data(), tmp_path, "jpeg 75", "cpu")[1] == len(store.shard_table)
