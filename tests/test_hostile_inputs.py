@@ -229,7 +229,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "last.ckpt"
     detector = _detector("deua", ["deu"])
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, max_steps=1, limit_val_batches=1, num_sanity_val_steps=0)
+                         enable_model_summary=False, max_steps=1, limit_val_batches=1, num_sanity_val_steps=0,
+                         default_root_dir=path.parent)
     trainer.fit(detector, datamodule=SyntheticDataModule(n_train=32, n_eval=32))
     detector.feature_provenance = {"unet_hash": "aaaa", "posterior_sha256": "bbbb", "timestep": 200,
                                    "shards": "/data/train", "split": "train", "resolution": 64}
