@@ -207,9 +207,17 @@ def _discover_folder(root: Path, rejected: list[tuple[str, str]]) -> list[Source
     return files
 
 
+def _generator_folder(layout: Layout, generator: str) -> str:
+    """The relative folder holding a generator's files (where its walk's skipped entries are too)."""
+    if layout == "drct":
+        return f"{DRCT_REAL_GENERATOR}/" if generator == DRCT_REAL_GENERATOR else f"DRCT-2M/{generator}/"
+    return f"{generator}/"
+
+
 def discover(layout: Layout, root: Path, split: Split,
              generators: list[str] | None = None) -> tuple[list[SourceFile], list[tuple[str, str]]]:
-    """Candidate files sorted by relative path (rows follow this order), and files rejected by the layout."""
+    """Candidate files sorted by relative path (rows follow this order), and (path, reason) of what the layout
+    or the folder walk rejected."""
     if not root.is_dir():
         raise ShardsInputError(f"--root {root}: not a directory")
     rejected: list[tuple[str, str]] = []
@@ -227,6 +235,8 @@ def discover(layout: Layout, root: Path, split: Split,
         if unknown:
             raise ShardsInputError(f"--generators {','.join(unknown)}: not found under {root}; found {','.join(found)}")
         files = [f for f in files if f.generator in generators]
+        dropped = tuple(_generator_folder(layout, name) for name in found if name not in generators)
+        rejected = [(path, reason) for path, reason in rejected if not path.startswith(dropped)]
     # Python's codepoint order, not the locale's: the same tree gives the same rows on every machine.
     return sorted(files, key=lambda f: f.rel), sorted(rejected)
 

@@ -313,3 +313,14 @@ def test_checkpoint_against_test_stores_reads_the_checkpoint(checkpoint: Path) -
     check_checkpoint_against_stores(checkpoint, {"test.zarr": {**trained, "shards": "/data/test"}})
     with pytest.raises(ValueError, match=r"test.zarr .*\(resolution 64 != 128\)"):
         check_checkpoint_against_stores(checkpoint, {"test.zarr": {**trained, "resolution": 128}})
+
+
+def test_generator_filter_drops_the_other_generators_skipped_files(tmp_path: Path) -> None:
+    """Bug caught: with --generators, the skipped files of generators that were not asked for still filled
+    rejected.csv (reasons for files the user excluded)."""
+    for generator in ("glide", "sdv4"):
+        save(tmp_path / "root" / generator / "train" / "ai" / "a.png", Image.fromarray(noise(1, 16, 16)))
+        save(tmp_path / "root" / generator / "train" / "ai" / ".hidden.png", Image.fromarray(noise(2, 16, 16)))
+    convert("genimage", tmp_path / "root", "train", tmp_path / "out", workers=1, generators=["sdv4"])
+    assert read_csv(tmp_path / "out" / "rejected.csv") == [{"path": "sdv4/train/ai/.hidden.png",
+                                                            "reason": "hidden file"}]
