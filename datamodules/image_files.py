@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.image_io import describe_error, estimate_jpeg_quality, read_regular_file
 from datamodules.image_protocols import ImagePreprocessor
-from datamodules.image_shards import collate_samples
+from datamodules.image_shards import blank_image, collate_samples
 from datamodules.shards import walk_files
 
 FOLDER_LABELS = {"real": 0, "fake": 1}
@@ -46,8 +45,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, label, generator, error = self.rows[index]
         key = path.name if path == self.root else path.relative_to(self.root).as_posix()
-        size = self.preprocess.resolution
-        row: dict[str, Any] = {"image": torch.zeros(3, size, size), "key": key, "row": index, "label": label,
+        row: dict[str, Any] = {"image": blank_image(self.preprocess.resolution), "key": key, "row": index, "label": label,
                                "generator": generator, "shard_index": 0, "error": error, "path": str(path),
                                "sha256": "", "format": "", "jpeg_quality": None, "width": None, "height": None}
         if error:
@@ -55,7 +53,7 @@ class ImageFiles(Dataset):
         try:
             data = read_regular_file(path)  # read once: the hash is of the bytes that were scored
             row["sha256"] = hashlib.sha256(data).hexdigest()
-            row["image"] = self.preprocess(data, key, label, "")  # decodes fully: refuses bombs, damage
+            row["image"] = self.preprocess.pixels(data, key, label, "")  # uint8, as image shards give it
             row.update(header_metadata(data))
         except Exception as failure:  # noqa: BLE001  reported per file; one bad file never stops the run
             row["error"] = describe_error(failure)

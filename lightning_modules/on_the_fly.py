@@ -19,6 +19,7 @@ import torch
 
 from lightning_modules.checkpoints import load_detector
 from lightning_modules.detectors import DetectorBase
+from lightning_modules.diffusion_pass import normalise_images
 from lightning_modules.feature_extractor import FeatureExtractor
 
 MODEL_PATHS = ("sd", "clip", "posterior")  # where the weights are: may differ; their hashes may not
@@ -92,5 +93,5 @@ class OnTheFlyDetector(pl.LightningModule):
     @torch.no_grad()
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         features = self.extractor.predict_step(batch, batch_idx)
-        p_fake = self.detector({**features, "image": batch["image"]}).logits.softmax(dim=-1)[:, 1]
+        p_fake = self.detector({**features, "image": normalise_images(batch["image"])}).logits.softmax(dim=-1)[:, 1]
         return {**{name: value for name, value in batch.items() if name != "image"}, "p_fake": p_fake}
