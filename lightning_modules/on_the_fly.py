@@ -23,7 +23,8 @@ from lightning_modules.diffusion_pass import normalise_images
 from lightning_modules.feature_extractor import FeatureExtractor
 
 MODEL_PATHS = ("sd", "clip", "posterior")  # where the weights are: may differ; their hashes may not
-SOURCES = ("sd_source",)  # where SD was loaded from, recorded for the reader only
+# Recorded for the reader only: where SD was loaded from, and the extractor's class (bare name in format 1).
+SOURCES = ("sd_source", "extractor")
 
 
 def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -31,6 +32,12 @@ def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(value, dict) and value:
         return {k: v for key, item in value.items() for k, v in _leaves(item, f"{prefix}{key}.").items()}
     return {prefix[:-1]: json.loads(json.dumps(value, default=str))}
+
+
+def _by_name(provenance: dict[str, Any]) -> dict[str, Any]:
+    """Leaves keyed by their own name (`common.seed` → `seed`; a map's `posterior_sha256` is the same file
+    for every map that has it)."""
+    return {key.rsplit(".", 1)[-1]: value for key, value in _leaves(provenance).items()}
 
 
 def extractor_part(provenance: dict[str, Any]) -> dict[str, Any]:
@@ -44,8 +51,7 @@ def extractor_settings(recorded: dict[str, Any]) -> dict[str, Any]:
     """FeatureExtractor arguments from its recorded provenance: every leaf named like an argument, and the
     outputs (the typed form's map names)."""
     names = set(inspect.signature(FeatureExtractor).parameters)
-    settings = {key.rsplit(".", 1)[-1]: value for key, value in _leaves(recorded).items()
-                if key.rsplit(".", 1)[-1] in names}
+    settings = {name: value for name, value in _by_name(recorded).items() if name in names}
     if "maps" in recorded:
         settings["outputs"] = list(recorded["maps"])
     return settings
@@ -65,9 +71,10 @@ def extractor_from_provenance(provenance: dict[str, Any], **paths: str | None) -
             raise FileNotFoundError(f"the checkpoint's {name} {settings[name]} does not exist here: pass --{name} PATH "
                                     "(the weights are checked against the hashes the checkpoint recorded)")
     extractor = FeatureExtractor(**settings)
-    before, now = _leaves(recorded), _leaves(extractor.provenance())
-    different = [f"{key} {before[key]} != {now[key]}" for key in sorted(before.keys() & now.keys())
-                 if key.rsplit(".", 1)[-1] not in MODEL_PATHS + SOURCES and before[key] != now[key]]
+    # Compared by setting name, so flat (format 1) and typed ({common, maps}) provenance compare alike.
+    before, now = _by_name(recorded), _by_name(extractor.provenance())
+    different = [f"{name} {before[name]} != {now[name]}" for name in sorted(before.keys() & now.keys())
+                 if name not in MODEL_PATHS + SOURCES and before[name] != now[name]]
     if different:
         raise ValueError(f"the extractor rebuilt from {', '.join(f'{n}={settings.get(n)}' for n in MODEL_PATHS)} "
                          f"differs from the one the detector's features came from (checkpoint != here: "
