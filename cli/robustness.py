@@ -53,9 +53,10 @@ def cached_features(model: OnTheFlyDetector, datamodule: ImageShardDataModule, c
                     accelerator: str) -> tuple[FeatureStore, int]:
     """The level's feature store and how many of its tars were reused: only what is missing is computed."""
     extractor = model.extractor
+    settings = extractor.provenance()
     identity = {"data": datamodule.provenance(), "batch_size": datamodule.hparams.batch_size,
-                "cpu_threads": torch.get_num_threads(),
-                "extractor": {k: v for k, v in extractor.provenance().items() if k != "outputs"}}
+                "cpu_threads": torch.get_num_threads(),  # the settings every output shares; a map's own are
+                "extractor": settings.get("common", settings)}  # checked by the writer when it grows the store
     path = cache_path(cache, label, identity)
     names = list(extractor.outputs)
     reused = done_everywhere(path, names)
