@@ -24,7 +24,7 @@ def tiny_models(out_dir: Path, seed: int = 0) -> None:
 
 def shards(*, layout: Literal["genimage", "drct", "folder"], root: Path, split: Literal["train", "val"], out: Path,
            shard_size: int = 1000, generators: str | None = None, workers: int | None = None,
-           overwrite: bool = False) -> None:
+           overwrite: bool = False, check_against: str | None = None) -> None:
     """Convert GenImage, DRCT-2M or plain image folders into WebDataset shards plus a manifest.
 
     Keyword-only parameters so that jsonargparse makes them named options (--layout, --root, ...).
@@ -39,16 +39,21 @@ def shards(*, layout: Literal["genimage", "drct", "folder"], root: Path, split: 
         generators: comma-separated generator folder names to keep (DRCT: add MSCOCO to keep the reals).
         workers: decoding processes (default: all CPU cores; 1 = no pool).
         overwrite: replace shards already in OUT.
+        check_against: comma-separated other shard directories (e.g. the other splits' outputs); images of
+            this split found there (same sha256 of the original bytes) are listed in duplicates.csv.
     """
     from datamodules.shards import ShardsInputError, convert
 
     names = [g.strip() for g in generators.split(",") if g.strip()] if generators else None
+    others = [Path(d.strip()) for d in check_against.split(",") if d.strip()] if check_against else None
     try:
-        summary = convert(layout, root, split, out, shard_size, names, workers, overwrite)
+        summary = convert(layout, root, split, out, shard_size, names, workers, overwrite, others)
     except ShardsInputError as error:
         raise SystemExit(f"python -m cli shards: {error}") from None
+    shared = "".join(f", {count} also in {directory}" for directory, count in (summary.duplicates_across or {}).items())
     print(f"{summary.num_samples} images in {summary.num_shards} shards, {summary.num_rejected} rejected "
-          f"(see rejected.csv), generators {','.join(summary.generators)}: {summary.out}")
+          f"(see rejected.csv), {summary.duplicates_within} exact duplicates within the split{shared} "
+          f"(see duplicates.csv), generators {','.join(summary.generators)}: {summary.out}")
 
 
 def demo(out: Path = Path("demo_out"), sd: str | None = None, clip: str | None = None, images_per_class: int = 24,
@@ -82,39 +87,56 @@ def compare(runs_dir: Path, sort_by: str = "test_acc", metrics: list[str] | None
 
 
 def predict(*, ckpt: str, data: str, out: str = "predictions.csv", batch_size: int = 8, num_workers: int = 2,
-            accelerator: str = "auto") -> None:
+            accelerator: str = "auto", overwrite: bool = False, sd: str | None = None, clip: str | None = None,
+            posterior: str | None = None) -> None:
     """Score raw images (a file or a folder, any size or format) with a trained detector; write a CSV.
 
     Features are computed on the fly with the extractor the detector's cache was made with (no cache).
+    Every file gets a row: unreadable and skipped ones (hidden, not a regular file) with the reason.
 
     Args:
         ckpt: detector checkpoint from `python -m cli fit`.
-        data: an image file or a folder (searched recursively); unreadable files get a row with the error.
-        out: CSV with path, p_fake, prediction, error.
+        data: an image file or a folder (searched recursively; real/ and fake/ subfolders give labels).
+        out: CSV with path, key, sha256, generator, label, format, jpeg_quality, width, height, p_fake,
+            threshold, prediction, error; checked before any work.
         batch_size: images per batch.
         num_workers: decoding processes.
         accelerator: cpu, gpu or auto.
+        overwrite: replace an existing OUT.
+        sd: Stable Diffusion directory, if not where the checkpoint says (checked against its weight hashes).
+        clip: CLIP weights, if not where the checkpoint says (checked against its weight hash).
+        posterior: posterior file, if not where the checkpoint says (checked against its sha256).
     """
     from cli.predict import predict_folder
 
-    predict_folder(ckpt, data, out, batch_size, num_workers, accelerator)
+    predict_folder(ckpt, data, out, batch_size, num_workers, accelerator, overwrite, sd=sd, clip=clip,
+                   posterior=posterior)
 
 
 def robustness(*, ckpt: str, shards: str, out: str = "robustness", batch_size: int = 8, num_workers: int = 2,
-               accelerator: str = "auto") -> None:
-    """Accuracy and AP of a trained detector under JPEG (95/75/50), downscaling (0.75/0.5) and blur.
+               accelerator: str = "auto", levels: str | None = None, cache: str | None = None,
+               sd: str | None = None, clip: str | None = None, posterior: str | None = None) -> None:
+    """Accuracy and AP of a trained detector under JPEG, downscaling and blur, per generator and overall.
 
     Args:
         ckpt: detector checkpoint from `python -m cli fit`.
         shards: labelled shard directory to evaluate on (e.g. the test split's).
-        out: directory for robustness.md and robustness.csv.
+        out: directory for robustness.md/.csv (overall) and robustness_per_generator.md/.csv.
         batch_size: images per batch.
         num_workers: decoding processes.
         accelerator: cpu, gpu or auto.
+        levels: sweep levels as `none,jpeg:95,jpeg:75,jpeg:50,downscale:0.75,downscale:0.5,blur:1,blur:2`
+            (the default).
+        cache: directory of the perturbed-feature stores, reused by every checkpoint with the same extractor
+            (default SHARDS/robustness_cache).
+        sd: Stable Diffusion directory, if not where the checkpoint says (checked against its weight hashes).
+        clip: CLIP weights, if not where the checkpoint says (checked against its weight hash).
+        posterior: posterior file, if not where the checkpoint says (checked against its sha256).
     """
-    from cli.predict import robustness_sweep
+    from cli.robustness import robustness_sweep
 
-    robustness_sweep(ckpt, shards, out, batch_size, num_workers, accelerator)
+    robustness_sweep(ckpt, shards, out, batch_size, num_workers, accelerator, levels, cache, sd=sd, clip=clip,
+                     posterior=posterior)
 
 
 def verify(store: Path, checksums: bool = False) -> None:

@@ -1,28 +1,30 @@
 """`python -m cli predict` (raw images → CSV) and `python -m cli robustness` (a perturbation sweep table).
 
-Both run a trained detector with its phase-1 extractor on the fly (lightning_modules/on_the_fly.py)
-through Trainer.predict, with a BasePredictionWriter collecting rows as batches finish.
+Both run a trained detector with its phase-1 extractor rebuilt from the checkpoint's feature provenance
+(lightning_modules/on_the_fly.py). `predict` computes features on the fly; `robustness` caches each
+perturbation's features as a feature store (cli/robustness_cache.py), so a second checkpoint with the
+same extractor reuses them.
 """
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
+import pandas as pd
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from datamodules.image_files import ImageFilesDataModule
-from datamodules.image_shards import ImageShardDataModule, pixel_settings, preprocessor_from_provenance
-from datamodules.perturbations import ROBUSTNESS_SWEEP
-from reports.evaluation import Predictions, protocol_table, save_rows
+from datamodules.image_files import METADATA, ImageFilesDataModule
+from datamodules.image_shards import preprocessor_from_provenance
 from lightning_modules.on_the_fly import OnTheFlyDetector
+
+PREDICT_COLUMNS = ("path", "key", "sha256", "generator", "label", "format", "jpeg_quality", "width", "height",
+                   "p_fake", "threshold", "prediction", "error")
 
 
 class RowCollector(BasePredictionWriter):
-    """Keeps each image's (key, p_fake, label, generator, error) on the CPU as batches finish."""
+    """Keeps each image's outputs and metadata on the CPU as batches finish (nothing kept per epoch)."""
 
     def __init__(self) -> None:
         super().__init__(write_interval="batch")
@@ -31,49 +33,67 @@ class RowCollector(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx) -> None:
         for i, key in enumerate(prediction["key"]):
-            self.rows.append({"key": key, "p_fake": float(prediction["p_fake"][i]),
-                              "label": int(prediction["label"][i]), "generator": int(prediction["generator"][i]),
-                              "error": prediction["error"][i]})
+            row = {"key": key, "p_fake": float(prediction["p_fake"][i]), "label": int(prediction["label"][i]),
+                   "generator": int(prediction["generator"][i]), "error": prediction["error"][i]}
+            row.update({name: prediction[name][i] for name in METADATA if name in prediction})
+            self.rows.append(row)
 
 
-def _predict(model: OnTheFlyDetector, datamodule: pl.LightningDataModule, accelerator: str) -> list[dict[str, Any]]:
+def run_predict(model: pl.LightningModule, datamodule: pl.LightningDataModule, accelerator: str) -> list[dict]:
     collector = RowCollector()
-    trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, callbacks=[collector])
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, callbacks=[collector],
+                         enable_model_summary=False)
     trainer.predict(model, datamodule=datamodule, return_predictions=False)
     return collector.rows
 
 
-def predict_folder(ckpt: str, data: str, out: str, batch_size: int, num_workers: int, accelerator: str) -> Path:
-    """One CSV row per file: path, p_fake, prediction (real/fake at the validation threshold), error."""
-    model, provenance = OnTheFlyDetector.from_checkpoint(ckpt)
-    datamodule = ImageFilesDataModule(data, preprocessor_from_provenance(provenance), batch_size, num_workers)
-    rows = _predict(model, datamodule, accelerator)
-    out_path = Path(out)
+def check_output_file(out: str | Path, overwrite: bool) -> Path:
+    """The CSV path, checked before any work: not a directory, not an existing file unless `overwrite`."""
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out {out}: is a directory; give a CSV file path such as {path / 'predictions.csv'}")
+    if path.exists() and not overwrite:
+        raise ValueError(f"--out {out}: exists; pass --overwrite true to replace it")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"--out {out}: {path.parent} is not a directory")
+    return path
+
+
+def predictions_table(rows: list[dict], generator_names: list[str], threshold: float) -> pd.DataFrame:
+    """One row per input file, sorted by path, in PREDICT_COLUMNS order; unknown values are empty."""
+    table = pd.DataFrame(rows)
+    failed = table["error"] != ""
+    table["generator"] = [generator_names[code] for code in table["generator"]]
+    table["label"] = table["label"].map({0: "real", 1: "fake"}).fillna("")
+    table["p_fake"] = table["p_fake"].round(6).astype(object).where(~failed, "")
+    table["threshold"] = round(threshold, 6)
+    table["prediction"] = (table["p_fake"].where(~failed, 0) >= threshold).map({True: "fake", False: "real"})
+    table.loc[failed, "prediction"] = ""
+    for column in ("jpeg_quality", "width", "height"):
+        table[column] = table[column].astype("Int64")
+    return table.sort_values("path")[list(PREDICT_COLUMNS)]
+
+
+def pixel_provenance(provenance: dict[str, Any]) -> dict[str, Any]:
+    """The pixel settings and shard directory a checkpoint's features were made with, flat as
+    `ImageShardDataModule.provenance()` gives them: format-1 provenance is flat already, format 2 nests
+    them under `pixels` and `dataset`."""
+    if "pixels" in provenance:
+        return {**provenance["pixels"], "shards": provenance["dataset"]["shards"]}
+    return provenance
+
+
+def predict_folder(ckpt: str, data: str, out: str, batch_size: int, num_workers: int, accelerator: str,
+                   overwrite: bool = False, **paths: str | None) -> Path:
+    """Score every file under `data`; one CSV row per file (PREDICT_COLUMNS)."""
+    out_path = check_output_file(out, overwrite)
+    model, provenance = OnTheFlyDetector.from_checkpoint(ckpt, **paths)
+    preprocess = preprocessor_from_provenance(pixel_provenance(provenance))
+    datamodule = ImageFilesDataModule(data, preprocess, batch_size, num_workers)
+    rows = run_predict(model, datamodule, accelerator)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "p_fake", "prediction", "error"])
-        for row in sorted(rows, key=lambda r: r["key"]):
-            failed = bool(row["error"])
-            writer.writerow([row["key"], "" if failed else f"{row['p_fake']:.6f}",
-                             "" if failed else ("fake" if row["p_fake"] >= model.threshold else "real"), row["error"]])
-    print(f"predict: {len(rows)} files ({sum(bool(r['error']) for r in rows)} unreadable) → {out_path}")
+    table = predictions_table(rows, datamodule.generator_names, model.threshold)
+    table.to_csv(out_path, index=False)
+    failed = int((table["error"] != "").sum())
+    print(f"predict: {len(table)} files ({failed} not scored: unreadable or skipped, reason in `error`) → {out_path}")
     return out_path
-
-
-def robustness_sweep(ckpt: str, shards: str, out: str, batch_size: int, num_workers: int,
-                     accelerator: str) -> list[dict[str, Any]]:
-    """Accuracy and AP of a trained detector under each perturbation of ROBUSTNESS_SWEEP, as one table."""
-    model, provenance = OnTheFlyDetector.from_checkpoint(ckpt)
-    results = []
-    for name, parameter in ROBUSTNESS_SWEEP:
-        settings = {**pixel_settings(provenance), "perturbation": (name, parameter)}
-        datamodule = ImageShardDataModule(shards, batch_size=batch_size, num_workers=num_workers, **settings)
-        rows = [r for r in _predict(model, datamodule, accelerator) if not r["error"] and r["label"] >= 0]
-        preds = Predictions(np.array([r["p_fake"] for r in rows]), np.array([r["label"] for r in rows]),
-                            np.array(["all"] * len(rows)))
-        metrics = protocol_table(preds, model.threshold)[-1]
-        results.append({"perturbation": name if name == "none" else f"{name} {parameter:g}", "images": len(rows),
-                        **{k: metrics[k] for k in ("acc", "real_acc", "fake_acc", "ap", "auroc")}})
-    print(save_rows(results, out, "robustness", lambda v: str(v) if isinstance(v, (str, int)) else f"{100 * v:.1f}"))
-    return results

@@ -39,6 +39,37 @@ PERTURBATIONS: dict[str, Callable[[Image.Image, float], Image.Image]] = {
     "none": lambda image, _: image, "jpeg": jpeg, "downscale": downscale, "blur": blur}
 
 
+# Valid strength per perturbation: JPEG quality, downscale factor, blur sigma in pixels.
+STRENGTHS = {"none": (0, 0), "jpeg": (1, 100), "downscale": (0.01, 1), "blur": (0, 100)}
+
+
+def perturbation_label(name: str, parameter: float) -> str:
+    """`none`, `jpeg 75`, `blur 1`: how a sweep level is shown in tables and progress lines."""
+    return name if name == "none" else f"{name} {parameter:g}"
+
+
+def parse_sweep(text: str) -> tuple[tuple[str, float], ...]:
+    """Sweep levels from `none,jpeg:95,downscale:0.5,blur:1` (names from PERTURBATIONS; `none` has no value)."""
+    levels = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        name, _, value = item.partition(":")
+        if name not in PERTURBATIONS:
+            raise ValueError(f"--levels {item!r}: unknown perturbation {name!r}; choose from {sorted(PERTURBATIONS)}")
+        if name != "none" and not value:
+            raise ValueError(f"--levels {item!r}: give its strength as {name}:VALUE (e.g. jpeg:75, blur:1)")
+        try:
+            strength = float(value or 0)
+        except ValueError:
+            raise ValueError(f"--levels {item!r}: {value!r} is not a number") from None
+        low, high = STRENGTHS[name]
+        if not low <= strength <= high:
+            raise ValueError(f"--levels {item!r}: {name} strength must be within {low:g}..{high:g}")
+        levels.append((name, strength))
+    if not levels:
+        raise ValueError(f"--levels {text!r}: no levels given")
+    return tuple(levels)
+
+
 def perturb(image: Image.Image, name: str, parameter: float) -> Image.Image:
     """Apply the named perturbation; unknown names are an error naming the choices."""
     if name not in PERTURBATIONS:

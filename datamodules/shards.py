@@ -3,8 +3,11 @@
 The shard directory format is the one in docs/contracts.md; this module writes it and reads shards.json
 (`read_shard_index`); manifest.csv has one parser, `feature_cache.manifest.read_manifest_rows`, which
 the feature store needs too. Images are stored as their original bytes (format bias is a research
-question here, so nothing is re-encoded); every file is fully decoded once so unreadable
-files land in rejected.csv instead of failing phase 1 hours later.
+question here, so nothing is re-encoded); every file is read once, fully decoded and hashed, and the
+bytes that were checked are the bytes written, so unreadable files land in rejected.csv instead of
+failing phase 1 hours later and a file changed or deleted meanwhile cannot slip in unchecked.
+Exact duplicates (same sha256 of the original bytes) within the split and against other shard
+directories are reported in duplicates.csv: a train/test overlap inflates every number.
 """
 
 from __future__ import annotations
@@ -14,17 +17,22 @@ import hashlib
 import io
 import json
 import os
+import stat
 import tarfile
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from multiprocessing import Pool
+from itertools import islice
 from pathlib import Path
 from typing import Literal
 
 from rich.progress import track
 
 from datamodules.image_io import FORMAT_EXTENSIONS, KNOWN_EXTENSIONS, decode_rgb, describe_error, \
-    estimate_jpeg_quality
+    estimate_jpeg_quality, read_regular_file
+from feature_cache.manifest import read_manifest_rows
 
 Layout = Literal["genimage", "drct", "folder"]
 Split = Literal["train", "val"]
@@ -32,6 +40,7 @@ Split = Literal["train", "val"]
 MANIFEST_COLUMNS = ("key", "row", "label", "generator", "path", "shard", "format", "jpeg_quality", "width",
                     "height", "class_name", "sha256")
 REJECTED_COLUMNS = ("path", "reason")
+DUPLICATE_COLUMNS = ("sha256", "path", "duplicate_of", "duplicate_in")
 SHARD_PATTERN = "shard-{:06d}.tar"
 EXTENSION_ALIASES = {"jpeg": "jpg", "jpe": "jpg", "jfif": "jpg", "tiff": "tif"}
 GENIMAGE_CLASSES = (("ai", 1), ("nature", 0))
@@ -54,7 +63,7 @@ class SourceFile:
 
 @dataclass(frozen=True)
 class FileInfo:
-    """Result of fully decoding one file: metadata for the manifest, or the reason it was rejected."""
+    """Result of reading and fully decoding one file: metadata for the manifest, or the reason it was rejected."""
 
     reason: str = ""
     format: str = ""
@@ -74,54 +83,107 @@ class ConversionSummary:
     num_rejected: int
     num_shards: int
     generators: list[str]
+    duplicates_within: int = 0
+    duplicates_across: dict[str, int] | None = None
 
 
-def walk_files(folder: Path) -> Iterator[Path]:
-    """Every non-hidden regular file under `folder`, following symlinks (datasets are often linked in)."""
-    for directory, subdirs, files in os.walk(folder, followlinks=True):
-        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
-        for name in files:
-            if not name.startswith("."):
-                yield Path(directory) / name
+_FILE_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+               (stat.S_ISBLK, "a device"))
 
 
-def _collect(root: Path, folder: Path, label: int, generator: str) -> list[SourceFile]:
-    return [SourceFile(path, path.relative_to(root).as_posix(), label, generator) for path in walk_files(folder)]
+def walk_files(folder: Path, visited: set[tuple[int, int]] | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Regular files under `folder` (sorted), and everything else found there with the reason it was skipped.
+
+    Symlinks are followed (datasets are often linked in), but each folder is walked once, by its real
+    identity (device, inode), so a link to a parent or two links to one folder cannot repeat rows or loop.
+    Only regular files are returned: opening a FIFO named `*.png` would block forever. Hidden names are
+    skipped, but recorded, as are broken links and unreadable folders. `visited` is shared across calls
+    that must not walk a folder twice.
+    """
+    visited = set() if visited is None else visited
+    files: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    pending = [folder]
+    while pending:
+        directory = pending.pop()
+        try:
+            identity = os.stat(directory)
+            if (identity.st_dev, identity.st_ino) in visited:
+                skipped.append((directory, f"folder already walked (same folder as {os.path.realpath(directory)})"))
+                continue
+            visited.add((identity.st_dev, identity.st_ino))
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as error:
+            skipped.append((directory, f"folder not readable: {describe_error(error)}"))
+            continue
+        subfolders = []
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.name.startswith("."):
+                skipped.append((path, "hidden folder, not searched" if entry.is_dir() else "hidden file"))
+                continue
+            try:
+                mode = os.stat(path).st_mode  # follows links; ELOOP for a link to itself
+            except OSError as error:
+                skipped.append((path, f"broken or looping symlink: {describe_error(error)}"))
+                continue
+            if stat.S_ISDIR(mode):
+                subfolders.append(path)
+            elif stat.S_ISREG(mode):
+                files.append(path)
+            else:
+                skipped.append((path, "not a regular file: " + next(n for test, n in _FILE_KINDS if test(mode))))
+        pending.extend(reversed(subfolders))
+    return sorted(files), skipped
 
 
-def _discover_genimage(root: Path, split: Split) -> list[SourceFile]:
+def _collect(root: Path, folder: Path, label: int, generator: str, visited: set,
+             rejected: list[tuple[str, str]]) -> list[SourceFile]:
+    """The files of one labelled folder; what the walk skipped goes to `rejected` with its reason."""
+    files, skipped = walk_files(folder, visited)
+    rejected += [(_relative(path, root), reason) for path, reason in skipped]
+    return [SourceFile(path, _relative(path, root), label, generator) for path in files]
+
+
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _discover_genimage(root: Path, split: Split, rejected: list[tuple[str, str]]) -> list[SourceFile]:
     """`<root>/<generator>/<split>/{ai,nature}`: ai is fake (1), nature real (0)."""
     files: list[SourceFile] = []
+    visited: set[tuple[int, int]] = set()
     for generator_dir in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
         for class_folder, label in GENIMAGE_CLASSES:
             folder = generator_dir / split / class_folder
             if folder.is_dir():
-                files += _collect(root, folder, label, generator_dir.name)
+                files += _collect(root, folder, label, generator_dir.name, visited, rejected)
     if not files:
         raise ShardsInputError(f"--root {root}: no <generator>/{split}/ai or <generator>/{split}/nature folders "
                                "with files (is --layout genimage right?)")
     return files
 
 
-def _discover_drct(root: Path, split: Split) -> list[SourceFile]:
+def _discover_drct(root: Path, split: Split, rejected: list[tuple[str, str]]) -> list[SourceFile]:
     """Reals in `<root>/MSCOCO/<split>2017` (label 0), fakes in `<root>/DRCT-2M/<generator>/<split>2017`."""
     subdir = f"{split}2017"
     files: list[SourceFile] = []
+    visited: set[tuple[int, int]] = set()
     real = root / DRCT_REAL_GENERATOR / subdir
     if real.is_dir():
-        files += _collect(root, real, 0, DRCT_REAL_GENERATOR)
+        files += _collect(root, real, 0, DRCT_REAL_GENERATOR, visited, rejected)
     fakes = root / "DRCT-2M"
     if fakes.is_dir():
         for generator_dir in sorted(d for d in fakes.iterdir() if d.is_dir() and not d.name.startswith(".")):
             if (generator_dir / subdir).is_dir():
-                files += _collect(root, generator_dir / subdir, 1, generator_dir.name)
+                files += _collect(root, generator_dir / subdir, 1, generator_dir.name, visited, rejected)
     if not files:
         raise ShardsInputError(f"--root {root}: no MSCOCO/{subdir} or DRCT-2M/<generator>/{subdir} folders with "
                                "files (is --layout drct right?)")
     return files
 
 
-def _discover_folder(root: Path) -> tuple[list[SourceFile], list[tuple[str, str]]]:
+def _discover_folder(root: Path, rejected: list[tuple[str, str]]) -> list[SourceFile]:
     """`<root>/real` (0) and `<root>/fake` (1) when either exists, else every file unlabelled (-1).
 
     Labelled: generator is "real" or "fake", and files outside those folders are rejected (not silently
@@ -129,30 +191,42 @@ def _discover_folder(root: Path) -> tuple[list[SourceFile], list[tuple[str, str]
     """
     labelled = [(name, label) for name, label in (("fake", 1), ("real", 0)) if (root / name).is_dir()]
     if not labelled:
-        files = _collect(root, root, -1, root.resolve().name or "images")
+        files = _collect(root, root, -1, root.resolve().name or "images", set(), rejected)
         if not files:
             raise ShardsInputError(f"--root {root}: no files found")
-        return files, []
-    files = [f for name, label in labelled for f in _collect(root, root / name, label, name)]
+        return files
+    visited: set[tuple[int, int]] = set()
+    files = [f for name, label in labelled for f in _collect(root, root / name, label, name, visited, rejected)]
+    everything, skipped = walk_files(root)
     inside = {name for name, _ in labelled}
-    outside = [(p.relative_to(root).as_posix(), "outside real/ and fake/ in a labelled folder layout")
-               for p in walk_files(root) if p.relative_to(root).parts[0] not in inside]
+    rejected += [(_relative(p, root), "outside real/ and fake/ in a labelled folder layout") for p in everything
+                 if p.relative_to(root).parts[0] not in inside]
+    rejected += [(_relative(p, root), reason) for p, reason in skipped if p.relative_to(root).parts[0] not in inside]
     if not files:
         raise ShardsInputError(f"--root {root}: real/ and fake/ hold no files")
-    return files, outside
+    return files
+
+
+def _generator_folder(layout: Layout, generator: str) -> str:
+    """The relative folder holding a generator's files (where its walk's skipped entries are too)."""
+    if layout == "drct":
+        return f"{DRCT_REAL_GENERATOR}/" if generator == DRCT_REAL_GENERATOR else f"DRCT-2M/{generator}/"
+    return f"{generator}/"
 
 
 def discover(layout: Layout, root: Path, split: Split,
              generators: list[str] | None = None) -> tuple[list[SourceFile], list[tuple[str, str]]]:
-    """Candidate files sorted by relative path (rows follow this order), and files rejected by the layout."""
+    """Candidate files sorted by relative path (rows follow this order), and (path, reason) of what the layout
+    or the folder walk rejected."""
     if not root.is_dir():
         raise ShardsInputError(f"--root {root}: not a directory")
+    rejected: list[tuple[str, str]] = []
     if layout == "genimage":
-        files, outside = _discover_genimage(root, split), []
+        files = _discover_genimage(root, split, rejected)
     elif layout == "drct":
-        files, outside = _discover_drct(root, split), []
+        files = _discover_drct(root, split, rejected)
     elif layout == "folder":
-        files, outside = _discover_folder(root)
+        files = _discover_folder(root, rejected)
     else:
         raise ShardsInputError(f"--layout {layout!r}: expected one of genimage, drct, folder")
     if generators is not None:
@@ -161,8 +235,10 @@ def discover(layout: Layout, root: Path, split: Split,
         if unknown:
             raise ShardsInputError(f"--generators {','.join(unknown)}: not found under {root}; found {','.join(found)}")
         files = [f for f in files if f.generator in generators]
+        dropped = tuple(_generator_folder(layout, name) for name in found if name not in generators)
+        rejected = [(path, reason) for path, reason in rejected if not path.startswith(dropped)]
     # Python's codepoint order, not the locale's: the same tree gives the same rows on every machine.
-    return sorted(files, key=lambda f: f.rel), sorted(outside)
+    return sorted(files, key=lambda f: f.rel), sorted(rejected)
 
 
 def _member_extension(path: Path, image_format: str) -> str:
@@ -174,17 +250,21 @@ def _member_extension(path: Path, image_format: str) -> str:
     return FORMAT_EXTENSIONS.get(image_format, image_format.lower() or "bin")
 
 
-def inspect_file(path: Path) -> FileInfo:
-    """Decode the whole file; any failure (truncated, empty, not an image, unreadable) becomes a reason."""
+def check_file(path: Path) -> tuple[FileInfo, bytes]:
+    """Read the file once, decode all of it and hash it: (metadata, the checked bytes) or (reason, b"").
+
+    Any failure (truncated, empty, not an image, vanished, not a regular file, too many pixels) becomes
+    a reason; the bytes returned are the ones that were decoded, so they are what the tar will hold.
+    """
     try:
-        data = path.read_bytes()
+        data = read_regular_file(path)
         original, _ = decode_rgb(data)
     except Exception as error:  # noqa: BLE001  every failure is recorded in rejected.csv, none is fatal
-        return FileInfo(reason=describe_error(error))
+        return FileInfo(reason=describe_error(error)), b""
     image_format = original.format or ""
     return FileInfo(format=image_format, jpeg_quality=estimate_jpeg_quality(original), width=original.width,
                     height=original.height, extension=_member_extension(path, image_format),
-                    sha256=hashlib.sha256(data).hexdigest())
+                    sha256=hashlib.sha256(data).hexdigest()), data
 
 
 def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
@@ -196,27 +276,70 @@ def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
     return info, io.BytesIO(data)
 
 
-def write_shard(out_path: Path, samples: list[tuple[str, Path, str, dict]]) -> None:
-    """Write (key, source, extension, metadata) samples to one tar, atomically (temp file, then rename)."""
-    temp = out_path.with_name(out_path.name + ".tmp")
-    with tarfile.open(temp, "w", format=tarfile.PAX_FORMAT) as tar:
-        for key, source, extension, metadata in samples:
-            tar.addfile(*_tar_member(f"{key}.{extension}", source.read_bytes()))
-            tar.addfile(*_tar_member(f"{key}.json", json.dumps(metadata, sort_keys=True).encode()))
-    os.replace(temp, out_path)
+class ShardSequence:
+    """Consecutive tars of `shard_size` samples, each written to a temp file and renamed when full.
+
+    `close()` finishes the last tar; `abort()` removes an unfinished one, so a failed run leaves no
+    `.tar.tmp` behind (and no shards.json, so the directory reads as unfinished).
+    """
+
+    def __init__(self, out: Path, shard_size: int) -> None:
+        self.out, self.shard_size = out, shard_size
+        self.table: list[dict] = []
+        self._tar: tarfile.TarFile | None = None
+        self._temp = self._final = Path()
+
+    def shard_of(self, row: int) -> str:
+        return SHARD_PATTERN.format(row // self.shard_size)
+
+    def add(self, key: str, extension: str, data: bytes, record: dict) -> None:
+        if record["row"] % self.shard_size == 0:
+            self.close()
+            self._final = self.out / self.shard_of(record["row"])
+            self._temp = self._final.with_name(self._final.name + ".tmp")
+            self._tar = tarfile.open(self._temp, "w", format=tarfile.PAX_FORMAT)
+            self.table.append({"name": self._final.name, "first_row": record["row"], "num_samples": 0})
+        self._tar.addfile(*_tar_member(f"{key}.{extension}", data))
+        self._tar.addfile(*_tar_member(f"{key}.json", json.dumps(record, sort_keys=True).encode()))
+        self.table[-1]["num_samples"] += 1
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            os.replace(self._temp, self._final)
+            self._tar = None
+
+    def abort(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._temp.unlink(missing_ok=True)
+            self._tar = None
 
 
-def _write_shard_args(args: tuple[Path, list[tuple[str, Path, str, dict]]]) -> None:
-    write_shard(*args)
+def _ordered_map(function: Callable, items: list, workers: int, description: str) -> Iterator:
+    """Ordered map with a progress bar; a process pool when workers > 1 (decoding is CPU-bound).
 
-
-def _parallel_map(function: Callable, items: list, workers: int, description: str) -> Iterator:
-    """Ordered map with a progress bar; a process pool when workers > 1 (decoding is CPU-bound)."""
+    At most `16 * workers` results are in flight, so memory stays flat however large the dataset.
+    A worker that dies (killed, out of memory, a crashing codec) is an error naming the files in flight
+    instead of the endless wait `multiprocessing.Pool` gives.
+    """
     if workers <= 1 or len(items) <= 1:
         yield from track(map(function, items), description=description, total=len(items))
         return
-    with Pool(workers) as pool:
-        yield from track(pool.imap(function, items, chunksize=16), description=description, total=len(items))
+    with ProcessPoolExecutor(workers) as pool:
+        source = iter(items)
+        window = deque((item, pool.submit(function, item)) for item in islice(source, 16 * workers))
+        for _ in track(range(len(items)), description=description):
+            item, future = window.popleft()
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                suspects = [item] + [other for other, _ in islice(window, workers)]
+                raise ShardsInputError(f"a {description} process died (killed, out of memory or a crashing decoder) "
+                                       f"while reading one of {', '.join(map(str, suspects))}; the output is "
+                                       "unfinished (no shards.json): rerun with --overwrite true") from None
+            window.extend((next_item, pool.submit(function, next_item)) for next_item in islice(source, 1))
+            yield result
 
 
 def _write_csv(path: Path, columns: tuple[str, ...], rows: Iterable[dict]) -> None:
@@ -232,60 +355,92 @@ def _prepare_out(out: Path, root: Path, overwrite: bool) -> None:
     existing = [p for p in (out / "shards.json", out / "manifest.csv") if p.exists()] + sorted(out.glob("shard-*.tar"))
     if existing and not overwrite:
         raise ShardsInputError(f"--out {out}: already holds shards; pass --overwrite true or choose another directory")
-    for path in [*existing, out / "rejected.csv"]:
+    for path in [*existing, out / "rejected.csv", out / "duplicates.csv", *out.glob("shard-*.tar.tmp")]:
         path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
 
+def _hashes_of(shard_dir: Path) -> dict[str, str]:
+    """sha256 → first path of another shard directory's manifest, for the cross-split duplicate check."""
+    rows = read_manifest_rows(shard_dir)
+    if rows and not all(r.get("sha256") for r in rows):
+        raise ShardsInputError(f"--check_against {shard_dir}: its manifest.csv has no sha256 column (converted "
+                               "before content hashes were recorded); convert it again")
+    first: dict[str, str] = {}
+    for r in rows:
+        first.setdefault(r["sha256"], r["path"])
+    return first
+
+
+def find_duplicates(manifest: list[dict], others: dict[str, dict[str, str]]) -> list[dict]:
+    """Rows of duplicates.csv: each later copy of an image within the split (duplicate_in empty), and each
+    image of the split also found in another shard directory (duplicate_in = that directory)."""
+    found: list[dict] = []
+    first: dict[str, str] = {}
+    for record in manifest:
+        if record["sha256"] in first:
+            found.append({"sha256": record["sha256"], "path": record["path"],
+                          "duplicate_of": first[record["sha256"]], "duplicate_in": ""})
+        first.setdefault(record["sha256"], record["path"])
+    for directory, theirs in others.items():
+        found += [{"sha256": r["sha256"], "path": r["path"], "duplicate_of": theirs[r["sha256"]],
+                   "duplicate_in": directory} for r in manifest if r["sha256"] in theirs]
+    return found
+
+
 def convert(layout: Layout, root: Path, split: Split, out: Path, shard_size: int = 1000,
             generators: list[str] | None = None, workers: int | None = None,
-            overwrite: bool = False) -> ConversionSummary:
-    """Discover, decode-check, and shard the images of one split; shards.json is written last (= complete)."""
+            overwrite: bool = False, check_against: list[Path] | None = None) -> ConversionSummary:
+    """Discover, read once, decode-check, hash and shard the images of one split; shards.json is written last.
+
+    `check_against`: other shard directories (e.g. the other splits) whose images must not reappear here;
+    shared images are reported, not removed (which copy to drop is the user's call).
+    """
     root, out = Path(root), Path(out)
     if shard_size < 1:
         raise ShardsInputError(f"--shard_size {shard_size}: must be at least 1")
     workers = (os.cpu_count() or 1) if workers is None else workers
+    # Every input is checked before any work: a bad --check_against fails now, not after an hour of decoding.
+    others = {str(Path(d)): _hashes_of(Path(d)) for d in check_against or []}
     files, rejected = discover(layout, root, split, generators)
     _prepare_out(out, root, overwrite)
 
-    infos = list(_parallel_map(inspect_file, [f.path for f in files], workers, "decoding"))
-    accepted: list[tuple[SourceFile, FileInfo]] = []
-    for source, info in zip(files, infos):
-        if info.reason:
-            rejected.append((source.rel, info.reason))
-        else:
-            accepted.append((source, info))
+    manifest: list[dict] = []
+    shards = ShardSequence(out, shard_size)
+    try:
+        checked = _ordered_map(check_file, [f.path for f in files], workers, "decoding")
+        for source, (info, data) in zip(files, checked):
+            if info.reason:
+                rejected.append((source.rel, info.reason))
+                continue
+            row = len(manifest)
+            key = f"{row:09d}"  # dot-free and unique: WebDataset splits keys from extensions at the first dot
+            record = {"key": key, "row": row, "label": source.label, "generator": source.generator,
+                      "path": source.rel, "shard": shards.shard_of(row), "format": info.format,
+                      "jpeg_quality": "" if info.jpeg_quality is None else info.jpeg_quality,
+                      "width": info.width, "height": info.height,
+                      # No layout names the class in a folder; parsing file names for it is what STYLE.md warns against.
+                      "class_name": "", "sha256": info.sha256}
+            shards.add(key, info.extension, data, record)
+            manifest.append(record)
+        shards.close()
+    finally:
+        shards.abort()
     _write_csv(out / "rejected.csv", REJECTED_COLUMNS,
                ({"path": path, "reason": reason} for path, reason in sorted(rejected)))
-    if not accepted:
+    if not manifest:
         raise ShardsInputError(f"--root {root}: all {len(rejected)} files were rejected; see {out / 'rejected.csv'}")
-
-    manifest: list[dict] = []
-    shard_jobs: list[tuple[Path, list[tuple[str, Path, str, dict]]]] = []
-    for row, (source, info) in enumerate(accepted):
-        shard = SHARD_PATTERN.format(row // shard_size)
-        key = f"{row:09d}"  # dot-free and unique: WebDataset splits keys from extensions at the first dot
-        record = {"key": key, "row": row, "label": source.label, "generator": source.generator, "path": source.rel,
-                  "shard": shard, "format": info.format,
-                  "jpeg_quality": "" if info.jpeg_quality is None else info.jpeg_quality,
-                  "width": info.width, "height": info.height,
-                  # No layout names the class in a folder; parsing file names for it is what STYLE.md warns against.
-                  "class_name": "", "sha256": info.sha256}
-        manifest.append(record)
-        if row % shard_size == 0:
-            shard_jobs.append((out / shard, []))
-        shard_jobs[-1][1].append((key, source.path, info.extension, record))
-    for _ in _parallel_map(_write_shard_args, shard_jobs, workers, "writing shards"):
-        pass
     _write_csv(out / "manifest.csv", MANIFEST_COLUMNS, manifest)
+    duplicates = find_duplicates(manifest, others)
+    _write_csv(out / "duplicates.csv", DUPLICATE_COLUMNS, duplicates)
 
     names = sorted({r["generator"] for r in manifest})
     index = {"shard_size": shard_size, "num_samples": len(manifest), "generators": names, "layout": layout,
-             "split": split, "root": str(root.resolve()), "num_rejected": len(rejected),
-             "shards": [{"name": path.name, "first_row": int(samples[0][3]["row"]), "num_samples": len(samples)}
-                        for path, samples in shard_jobs]}
+             "split": split, "root": str(root.resolve()), "num_rejected": len(rejected), "shards": shards.table}
     (out / "shards.json").write_text(json.dumps(index, indent=1) + "\n")
-    return ConversionSummary(out, len(manifest), len(rejected), len(shard_jobs), names)
+    across = {d: sum(r["duplicate_in"] == d for r in duplicates) for d in others}
+    return ConversionSummary(out, len(manifest), len(rejected), len(shards.table), names,
+                             sum(not r["duplicate_in"] for r in duplicates), across)
 
 
 def read_shard_index(shard_dir: str | Path) -> dict:

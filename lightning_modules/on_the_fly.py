@@ -2,52 +2,89 @@
 
 No cache is needed: the checkpoint records the feature provenance of the store it was trained on
 (extractor settings, weight hashes, pixel pipeline), the same extractor is rebuilt from it, and
-weights that hash differently are refused, so predictions use exactly the features it learned from.
+weights or settings that differ are refused, so predictions use exactly the features it learned from.
+The model paths may be overridden (`--sd`, `--clip`, `--posterior`) for a checkpoint moved to another
+machine: the files are then identified by their hashes, not their paths.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-from lightning_modules.detectors import DEUADetector, DetectorBase, LaRE2Detector
+from lightning_modules.checkpoints import load_detector
+from lightning_modules.detectors import DetectorBase
+from lightning_modules.diffusion_pass import normalise_images
 from lightning_modules.feature_extractor import FeatureExtractor
 
-DETECTORS = {cls.__name__: cls for cls in (DEUADetector, LaRE2Detector)}
+MODEL_PATHS = ("sd", "clip", "posterior")  # where the weights are: may differ; their hashes may not
+# Recorded for the reader only: where SD was loaded from, and the extractor's class (bare name in format 1).
+SOURCES = ("sd_source", "extractor")
 
 
-def load_detector(checkpoint_path: str) -> tuple[DetectorBase, dict[str, Any]]:
-    """The detector in a checkpoint and the feature provenance it was trained with."""
-    if not Path(checkpoint_path).is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint_path}: no such file (a last.ckpt from `python -m cli fit`)")
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    name, provenance = checkpoint.get("detector_class"), checkpoint.get("feature_provenance")
-    if name not in DETECTORS or not provenance:
-        raise ValueError(f"checkpoint {checkpoint_path} has no detector_class/feature_provenance: it was not "
-                         "written by a DEUA/LaRE² fit on a feature store")
-    detector = DETECTORS[name].load_from_checkpoint(checkpoint_path, map_location="cpu")
-    return detector.eval(), provenance
+def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested provenance as dotted leaves, JSON-normalised (tuples read back as lists)."""
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _leaves(item, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: json.loads(json.dumps(value, default=str))}
 
 
-def extractor_from_provenance(provenance: dict[str, Any]) -> FeatureExtractor:
-    """Rebuild the FeatureExtractor a store was computed with and check its weights are the same."""
-    settings = {k: provenance[k] for k in inspect.signature(FeatureExtractor).parameters if k in provenance}
+def _by_name(provenance: dict[str, Any]) -> dict[str, Any]:
+    """Leaves keyed by their own name (`common.seed` → `seed`; a map's `posterior_sha256` is the same file
+    for every map that has it)."""
+    return {key.rsplit(".", 1)[-1]: value for key, value in _leaves(provenance).items()}
+
+
+def extractor_part(provenance: dict[str, Any]) -> dict[str, Any]:
+    """The extractor's provenance inside a checkpoint's feature provenance: flat (format-1 stores, every
+    setting at the top level), or typed {common, maps} (format 2, possibly under `extractor`)."""
+    typed = provenance.get("extractor", provenance)
+    return typed if isinstance(typed, dict) and "common" in typed else provenance
+
+
+def extractor_settings(recorded: dict[str, Any]) -> dict[str, Any]:
+    """FeatureExtractor arguments from its recorded provenance: every leaf named like an argument, and the
+    outputs (the typed form's map names)."""
+    names = set(inspect.signature(FeatureExtractor).parameters)
+    settings = {name: value for name, value in _by_name(recorded).items() if name in names}
+    if "maps" in recorded:
+        settings["outputs"] = list(recorded["maps"])
+    return settings
+
+
+def extractor_from_provenance(provenance: dict[str, Any], **paths: str | None) -> FeatureExtractor:
+    """Rebuild the FeatureExtractor a store was computed with and check it computes the same features.
+
+    `paths` overrides `sd`, `clip` or `posterior` (None keeps the recorded one). Every setting and hash
+    the rebuilt extractor reports must equal the recorded one; the error names each that differs.
+    """
+    recorded = extractor_part(provenance)
+    settings = extractor_settings(recorded)
+    settings.update({name: path for name, path in paths.items() if path is not None})
+    for name in MODEL_PATHS:
+        if settings.get(name) and not Path(settings[name]).expanduser().exists() and settings[name] != "openai":
+            raise FileNotFoundError(f"the checkpoint's {name} {settings[name]} does not exist here: pass --{name} PATH "
+                                    "(the weights are checked against the hashes the checkpoint recorded)")
     extractor = FeatureExtractor(**settings)
-    recorded = {k: v for k, v in provenance.items() if k.endswith("_hash") or k == "posterior_sha256"}
-    current = extractor.provenance()
-    different = sorted(k for k, v in recorded.items() if current.get(k) != v)
+    # Compared by setting name, so flat (format 1) and typed ({common, maps}) provenance compare alike.
+    before, now = _by_name(recorded), _by_name(extractor.provenance())
+    different = [f"{name} {before[name]} != {now[name]}" for name in sorted(before.keys() & now.keys())
+                 if name not in MODEL_PATHS + SOURCES and before[name] != now[name]]
     if different:
-        raise ValueError(f"the weights at {settings.get('sd')} / {settings.get('clip')} / {settings.get('posterior')} "
-                         f"differ from those the detector was trained on ({', '.join(different)})")
+        raise ValueError(f"the extractor rebuilt from {', '.join(f'{n}={settings.get(n)}' for n in MODEL_PATHS)} "
+                         f"differs from the one the detector's features came from (checkpoint != here: "
+                         f"{'; '.join(different)})")
     return extractor
 
 
 class OnTheFlyDetector(pl.LightningModule):
-    """predict_step: images → extractor maps → detector → probability of fake, per image."""
+    """predict_step: images → extractor maps → detector → probability of fake, per image, with the batch's
+    other fields (key, label, file metadata...) passed through for the writer."""
 
     def __init__(self, detector: DetectorBase, extractor: FeatureExtractor) -> None:
         super().__init__()
@@ -55,13 +92,13 @@ class OnTheFlyDetector(pl.LightningModule):
         self.threshold = float(getattr(detector, "val_threshold", 0.5))
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_path: str) -> tuple[OnTheFlyDetector, dict[str, Any]]:
+    def from_checkpoint(cls, checkpoint_path: str, **paths: str | None) -> tuple[OnTheFlyDetector, dict[str, Any]]:
+        """The checkpoint's detector with its extractor (model paths overridable, see `extractor_from_provenance`)."""
         detector, provenance = load_detector(checkpoint_path)
-        return cls(detector, extractor_from_provenance(provenance)), provenance
+        return cls(detector, extractor_from_provenance(provenance, **paths)), provenance
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         features = self.extractor.predict_step(batch, batch_idx)
-        p_fake = self.detector({**features, "image": batch["image"]}).logits.softmax(dim=-1)[:, 1]
-        return {"key": batch["key"], "p_fake": p_fake, "label": batch["label"], "generator": batch["generator"],
-                "error": batch["error"]}
+        p_fake = self.detector({**features, "image": normalise_images(batch["image"])}).logits.softmax(dim=-1)[:, 1]
+        return {**{name: value for name, value in batch.items() if name != "image"}, "p_fake": p_fake}

@@ -75,30 +75,94 @@ def test_demo_writes_consistent_stores_checkpoints_events_and_tables(demo):
 
 
 def test_predict_scores_every_file_and_reports_unreadable_ones(demo, tmp_path):
+    """Bugs caught: a hidden file or a FIFO without a row (or a hang on the FIFO), metadata columns missing,
+    an unreadable file scored."""
     folder = tmp_path / "incoming"
     (folder / "nested").mkdir(parents=True)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)).save(folder / "photo.png")
-    Image.fromarray(rng.integers(0, 256, (90, 120, 4), dtype=np.uint8), "CMYK").save(folder / "nested" / "cmyk.jpg")
+    Image.fromarray(rng.integers(0, 256, (90, 120, 4), dtype=np.uint8), "CMYK").save(folder / "nested" / "cmyk.jpg",
+                                                                                     quality=80)
     (folder / "broken.jpg").write_bytes((folder / "photo.png").read_bytes()[:100])
+    (folder / ".hidden.png").write_bytes((folder / "photo.png").read_bytes())
+    os.mkfifo(folder / "pipe.png")
     out = tmp_path / "predictions.csv"
     result = _cli("predict", "--ckpt", str(demo / "runs" / "deua" / "demo" / "checkpoints" / "last.ckpt"),
                   "--data", str(folder), "--out", str(out), "--num_workers", "0", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = {Path(r["path"]).name: r for r in _read_csv(out)}
-    assert set(rows) == {"photo.png", "cmyk.jpg", "broken.jpg"}
+    table = _read_csv(out)
+    assert list(table[0]) == ["path", "key", "sha256", "generator", "label", "format", "jpeg_quality", "width",
+                              "height", "p_fake", "threshold", "prediction", "error"]
+    rows = {r["key"]: r for r in table}
+    assert set(rows) == {"photo.png", "nested/cmyk.jpg", "broken.jpg", ".hidden.png", "pipe.png"}
+    assert rows[".hidden.png"]["error"] == "skipped: hidden file"
+    assert rows["pipe.png"]["error"] == "skipped: not a regular file: a named pipe (FIFO)"
     assert rows["broken.jpg"]["error"] and not rows["broken.jpg"]["p_fake"]
-    for name in ("photo.png", "cmyk.jpg"):
+    assert (rows["nested/cmyk.jpg"]["format"], rows["nested/cmyk.jpg"]["jpeg_quality"]) == ("JPEG", "80")
+    assert (rows["photo.png"]["width"], rows["photo.png"]["height"]) == ("200", "300")
+    for name in ("photo.png", "nested/cmyk.jpg"):
         assert not rows[name]["error"] and 0 <= float(rows[name]["p_fake"]) <= 1
-        assert rows[name]["prediction"] in ("real", "fake")
+        assert rows[name]["prediction"] == ("fake" if float(rows[name]["p_fake"]) >= float(rows[name]["threshold"])
+                                            else "real")
 
 
-def test_robustness_sweep_gives_one_row_per_perturbation(demo, tmp_path):
-    result = _cli("robustness", "--ckpt", str(demo / "runs" / "lare2" / "demo" / "checkpoints" / "last.ckpt"),
-                  "--shards", str(demo / "shards" / "val"), "--out", str(tmp_path), "--num_workers", "0",
-                  cwd=tmp_path)
+def test_predict_with_other_weights_is_refused_naming_the_hashes(demo, tmp_path):
+    """Bug caught: `--sd` pointing at other weights would give features the detector never saw; the override
+    is checked against the checkpoint's weight hashes. The demo's own models under another path pass."""
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
+    checkpoint = str(demo / "runs" / "deua" / "demo" / "checkpoints" / "last.ckpt")
+    assert _cli("tiny-models", str(tmp_path / "other"), "--seed", "1", cwd=tmp_path).returncode == 0
+    result = _cli("predict", "--ckpt", checkpoint, "--data", str(image), "--out", str(tmp_path / "a.csv"),
+                  "--sd", str(tmp_path / "other" / "sd"), "--num_workers", "0", cwd=tmp_path)
+    # Refused at the first mismatch found: the posterior (fitted for the demo's UNet) or the weight hashes.
+    message = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and message.startswith("python -m cli predict: ") and "unet_hash" in message
+    os.symlink(demo / "models", tmp_path / "moved")
+    result = _cli("predict", "--ckpt", checkpoint, "--data", str(image), "--out", str(tmp_path / "b.csv"),
+                  "--sd", str(tmp_path / "moved" / "sd"), "--num_workers", "0", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = _read_csv(tmp_path / "robustness.csv")
-    assert [r["perturbation"] for r in rows] == ["none", "jpeg 95", "jpeg 75", "jpeg 50", "downscale 0.75",
-                                                 "downscale 0.5", "blur 1", "blur 2"]
-    assert all(int(r["images"]) == 16 and 0 <= float(r["acc"]) <= 1 for r in rows)
+
+
+def test_robustness_sweep_caches_features_and_reports_per_generator(demo, tmp_path):
+    """Bugs caught: features recomputed for every checkpoint, a level list that cannot be chosen, only an overall
+    row. The second checkpoint (same extractor) must reuse every tar and agree with on-the-fly `predict`."""
+    cache = tmp_path / "cache"
+    for detector in ("lare2", "deua"):
+        result = _cli("robustness", "--ckpt", str(demo / "runs" / detector / "demo" / "checkpoints" / "last.ckpt"),
+                      "--shards", str(demo / "shards" / "val"), "--out", str(tmp_path / detector), "--num_workers",
+                      "0", "--levels", "none,jpeg:75,blur:1", "--cache", str(cache), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "robustness [3/3] blur 1: done in" in result.stdout and "1/1 tars reused" in result.stdout
+    rows = _read_csv(tmp_path / "deua" / "robustness.csv")
+    assert [r["perturbation"] for r in rows] == ["none", "jpeg 75", "blur 1"]
+    assert all(int(r["n_real"]) + int(r["n_fake"]) == 16 and 0 <= float(r["acc"]) <= 1 for r in rows)
+    per_generator = _read_csv(tmp_path / "deua" / "robustness_per_generator.csv")
+    assert [(r["perturbation"], r["generator"]) for r in per_generator[:3]] == [
+        ("none", "demo_smooth"), ("none", "demo_upsample"), ("none", "average")]
+    assert len(list(cache.iterdir())) == 3
+
+
+def test_cached_robustness_scores_equal_on_the_fly_scores(demo, tmp_path):
+    """Bug caught: the cache scoring other rows, other features or a wrong decoding of the stored dtypes than
+    the on-the-fly path (the two must agree up to the CLIP maps' float16 storage)."""
+    from cli.predict import pixel_provenance
+    from cli.robustness import cached_features, on_the_fly_scores, score_store
+    from datamodules.image_shards import ImageShardDataModule, pixel_settings
+    from lightning_modules.on_the_fly import OnTheFlyDetector
+
+    model, provenance = OnTheFlyDetector.from_checkpoint(str(demo / "runs" / "deua" / "demo" / "checkpoints" /
+                                                             "last.ckpt"))
+    settings = {**pixel_settings(pixel_provenance(provenance)), "perturbation": ("jpeg", 75.0)}
+
+    def data() -> ImageShardDataModule:
+        return ImageShardDataModule(str(demo / "shards" / "val"), batch_size=8, num_workers=0, **settings)
+
+    store, reused = cached_features(model, data(), tmp_path, "jpeg 75", "cpu")
+    cached = score_store(model.detector, store, list(model.extractor.outputs))
+    direct = on_the_fly_scores(model, data(), "cpu")
+    assert reused == 0 and store.pixels.perturbation == ["jpeg", 75.0]
+    np.testing.assert_array_equal(cached.label, direct.label)
+    np.testing.assert_array_equal(cached.generator, direct.generator)
+    np.testing.assert_allclose(cached.p_fake, direct.p_fake, atol=2e-3)
+    assert cached_features(model, data(), tmp_path, "jpeg 75", "cpu")[1] == len(store.shard_table)

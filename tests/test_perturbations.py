@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules.perturbations import ROBUSTNESS_SWEEP, perturb
+from datamodules.perturbations import ROBUSTNESS_SWEEP, parse_sweep, perturb, perturbation_label
 
 
 @pytest.fixture
@@ -33,3 +33,15 @@ def test_sweep_names_are_valid_and_unknown_names_fail(image):
         assert perturb(image, name, parameter).mode == "RGB"
     with pytest.raises(ValueError, match=r"unknown perturbation 'sharpen'; choose from \['blur'"):
         perturb(image, "sharpen", 1)
+
+
+def test_sweep_levels_parse_and_bad_levels_name_the_item():
+    """Bugs caught: a level list that cannot be chosen, a typo or an impossible strength accepted silently."""
+    assert parse_sweep("none, jpeg:75,blur:1.5") == (("none", 0.0), ("jpeg", 75.0), ("blur", 1.5))
+    assert [perturbation_label(*level) for level in parse_sweep("none,jpeg:75,downscale:0.5")] == [
+        "none", "jpeg 75", "downscale 0.5"]
+    for text, message in (("jpg:75", "unknown perturbation 'jpg'"), ("jpeg", "give its strength as jpeg:VALUE"),
+                          ("jpeg:abc", "'abc' is not a number"), ("jpeg:0", "jpeg strength must be within 1..100"),
+                          ("downscale:2", "within 0.01..1"), (" , ", "no levels given")):
+        with pytest.raises(ValueError, match=message):
+            parse_sweep(text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import subprocess
@@ -99,6 +100,8 @@ def test_tars_hold_the_original_bytes_under_the_manifest_keys(genimage) -> None:
         expected_extension = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[row["format"]]
         assert images == [expected_extension]
         assert sample[expected_extension] == (base / "root" / row["path"]).read_bytes()  # never re-encoded
+        # The hash is of the bytes in the tar (read once, checked, hashed, written), in manifest and json alike.
+        assert meta["sha256"] == row["sha256"] == hashlib.sha256(sample[expected_extension]).hexdigest()
         assert Path(sample["__url__"]).name == row["shard"]
     assert sorted(seen) == sorted(rows) and len(seen) == len(set(seen))
 

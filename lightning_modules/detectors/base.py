@@ -233,7 +233,7 @@ class DetectorBase(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record what `predict` needs to rebuild the inputs from raw images: the class and feature provenance."""
-        checkpoint["detector_class"] = type(self).__name__
+        checkpoint["detector_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
         checkpoint["feature_provenance"] = self.feature_provenance
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
