@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -75,10 +76,11 @@ def validation_metrics(maps: torch.Tensor, labels: torch.Tensor, epochs: int) ->
                                                             map(torch.stack, zip(*items)))))
 
     model = DEUADetector(guidance=[], lr=1e-4)
-    trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0)
-    trainer.fit(model, loader(slice(0, split), True), loader(slice(split, None), False))
-    result = trainer.validate(model, loader(slice(split, None), False), verbose=False)[0]
+    with tempfile.TemporaryDirectory() as root:  # the detector writes val_predictions.csv to the run's dir
+        trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=root)
+        trainer.fit(model, loader(slice(0, split), True), loader(slice(split, None), False))
+        result = trainer.validate(model, loader(slice(split, None), False), verbose=False)[0]
     return f"val acc {result['val_acc']:.3f}, val AUROC {result['val_auroc']:.3f}"
 
 
