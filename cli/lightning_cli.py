@@ -1,4 +1,4 @@
-"""LightningCLI for the Trainer runs over configs: fit, validate, test, precompute, laplace-fit.
+"""LightningCLI for the Trainer runs over configs: fit, validate, test, precompute, laplace-fit, generate.
 
 `predict` (raw images with a trained detector) is a plain command: it builds its Trainer from a checkpoint.
 """
@@ -15,7 +15,8 @@ from cli.trainer import ForensicsTrainer
 
 # Subcommand names as typed; LightningCLI needs the Trainer method's name.
 TRAINER_SUBCOMMANDS = {"fit": "fit", "validate": "validate", "test": "test",
-                       "precompute": "precompute", "laplace-fit": "laplace_fit"}
+                       "precompute": "precompute", "laplace-fit": "laplace_fit",
+                       "generate": "generate"}
 
 
 class ForensicsCLI(LightningCLI):
@@ -25,7 +26,8 @@ class ForensicsCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(),
                 "precompute": {"model", "datamodule"},
-                "laplace_fit": {"model", "datamodule"}}
+                "laplace_fit": {"model", "datamodule"},
+                "generate": {"model"}}
 
 
 def run_lightning_cli(argv: list[str]) -> None:
