@@ -8,7 +8,8 @@ import lightning.pytorch as pl
 
 
 class ForensicsTrainer(pl.Trainer):
-    """Lightning's Trainer plus `precompute` (phase 1), `laplace_fit` (the DEU posterior) and `generate`."""
+    """Lightning's Trainer plus `precompute` (phase 1), `laplace_fit` (the DEU posterior), `generate`
+    and `ensemble_fit` (DECU's members)."""
 
     def precompute(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None,
                    store: str | None = None, feature_dtype: Literal["float16", "float32"] = "float16") -> None:
@@ -94,3 +95,19 @@ class ForensicsTrainer(pl.Trainer):
         if table is not None:
             kept = int((table["status"] == "kept").sum())
             print(f"generate: {kept}/{len(table)} images kept in {out}/fake, scores in {out}/generation.csv")
+
+    def ensemble_fit(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None) -> None:
+        """Train DECU's ensemble members (conditioning embeddings or conv_out heads) over calibration shards."""
+        from lightning_modules.ensemble_fit import EnsembleFit
+
+        if not isinstance(model, EnsembleFit):
+            raise SystemExit(f"python -m cli ensemble-fit: --model must be EnsembleFit, got {type(model).__name__}")
+        # The members train (with gradients) at the end of the predict pass that encodes the images.
+        inference_mode, self.predict_loop.inference_mode = self.predict_loop.inference_mode, False
+        try:
+            self.predict(model, datamodule=datamodule, return_predictions=False)
+        finally:
+            self.predict_loop.inference_mode = inference_mode
+        if self.is_global_zero:
+            print(f"ensemble-fit: {model.hparams.num_members} {model.hparams.kind} members written to "
+                  f"{model.hparams.output}")

@@ -4,12 +4,16 @@ and the members' fit through Lightning on the tiny models."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from cli.trainer import ForensicsTrainer
+from lightning_modules.ensemble_fit import MATCHED_SETTINGS, EnsembleFit, check_members, load_members
 from lightning_modules.ensemble_uncertainty import conv_out_member_means, ensemble_variance, paide_mutual_information
+from test_laplace_fit import TinyCalibrationData
 
 # (member means, σ²): overlapping, well separated, nearly identical, two members, eight members.
 MIXTURES = [([0.0, 0.5, 1.0, -0.3], 1.0), ([0.0, 3.0, 6.0, 9.0, 12.0], 1.0), ([0.0, 0.1, 0.05], 0.5),
@@ -72,3 +76,44 @@ def test_conv_out_member_means_and_variance_match_a_loop() -> None:
     expected = torch.stack([F.conv2d(phi, weights[k], biases[k], padding=1) for k in range(3)], dim=1)
     torch.testing.assert_close(means, expected)
     torch.testing.assert_close(ensemble_variance(means), ((expected - expected.mean(1, keepdim=True)) ** 2).mean(1))
+
+
+# ---- the members' fit (`python -m cli ensemble-fit`) ----
+
+def fit_members(sd: Path, out: Path, kind: str, **settings: object) -> dict:
+    """Members through the real Trainer subcommand method and Lightning's predict loop."""
+    model = EnsembleFit(str(sd), output=str(out), kind=kind, num_members=3, steps=4, batch_size=2,
+                        timestep=200, **settings)
+    ForensicsTrainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False).ensemble_fit(model, TinyCalibrationData())
+    return load_members(out)
+
+
+@pytest.mark.parametrize("kind", ["conv_out", "embedding"])
+def test_ensemble_fit_writes_distinct_members_with_their_metadata(kind: str, tiny_model_paths: dict[str, Path],
+                                                                  tmp_path: Path) -> None:
+    """K distinct trained members of the right shape, σ² > 0 per channel, the settings an extractor is checked
+    against, and bit-identical files from two runs. Catches members that share one seed (MI would be 0),
+    training that never moves a member from its start, and non-deterministic draws."""
+    first = fit_members(tiny_model_paths["sd"], tmp_path / "a.pt", kind)
+    second = fit_members(tiny_model_paths["sd"], tmp_path / "b.pt", kind)
+    tensors = first["weights"] if kind == "conv_out" else first["embeddings"]
+    assert tensors.shape[0] == 3 and len(set(first["seeds"])) == 3
+    assert not torch.equal(tensors[0], tensors[1]) and not torch.equal(tensors[1], tensors[2])
+    assert first["sigma2"].shape == (4,) and (first["sigma2"] > 0).all()
+    meta = first["metadata"]
+    assert (meta["timestep"], meta["prompt"], meta["resolution"], meta["num_images"]) == (200, "a photo", 64, 4)
+    for name in ("weights", "biases", "embeddings", "sigma2"):
+        assert (first[name] is None and second[name] is None) or torch.equal(first[name], second[name])
+    assert meta["data_sha256"] == second["metadata"]["data_sha256"]
+
+
+def test_ensemble_members_refused_for_other_settings(tiny_model_paths: dict[str, Path], tmp_path: Path) -> None:
+    """Catches members silently used at another timestep or prompt: the error names both fields and values."""
+    members = fit_members(tiny_model_paths["sd"], tmp_path / "m.pt", "conv_out")
+    expected = {name: members["metadata"][name] for name in MATCHED_SETTINGS} | {"timestep": 300, "prompt": "x"}
+    with pytest.raises(ValueError, match=r"other settings.*'timestep': \(200, 300\).*'prompt': \('a photo', 'x'\)"):
+        check_members(members, tmp_path / "m.pt", expected)
+    with pytest.raises(ValueError, match="not a decu-members-v1 file"):
+        torch.save({"format": "conv_out-diag-laplace-v1"}, tmp_path / "posterior.pt")
+        load_members(tmp_path / "posterior.pt")

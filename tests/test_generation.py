@@ -125,7 +125,9 @@ def test_guided_update_changes_eps_only_above_the_percentile(tiny_model_paths: d
 # ---- the command: exactly once over ranks, resume after kill -9, output read by the shard converter ----
 
 def cli(*args: str, **popen: object) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    # One thread per process in every run: Lightning gives each CPU DDP rank cores/ranks threads otherwise, and a
+    # different reduction order moves some pixel across a rounding boundary (on GPUs the kernels decide).
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **popen)
 
