@@ -118,6 +118,7 @@ class EnsembleFit(pl.LightningModule):
         order = sorted(range(len(keys)), key=keys.__getitem__)
         keys, latents = [keys[i] for i in order], latents[order]
         self.resolution = max(s[2] for s in shards)
+        self.latent_size = list(latents.shape[-2:])
         digest = hashlib.sha256("\n".join(keys).encode())
         digest.update(latents.numpy().tobytes())
         mine = {k: self.train_member(k, latents) for k in range(self.hparams.num_members) if k % world
@@ -195,7 +196,8 @@ class EnsembleFit(pl.LightningModule):
             "sigma2": torch.stack([m["sigma2"] for m in trained]).mean(0).float(),
             "final_losses": [m["final_loss"] for m in trained],
             "metadata": {"unet_hash": weights_hash(self.unet), "timestep": hp.timestep, "prompt": hp.prompt,
-                         "latent": hp.latent, "resolution": self.resolution, "num_images": num_images,
+                         "latent": hp.latent, "resolution": self.resolution, "latent_size": self.latent_size,
+                         "num_images": num_images,
                          "data_sha256": data_sha256, "sd": self.sd_source, "bootstrap": hp.bootstrap,
                          "steps": hp.steps, "batch_size": hp.batch_size, "lr": hp.lr, "init_noise": hp.init_noise,
                          "seed": hp.seed},
