@@ -15,7 +15,7 @@ initialises members randomly), its noise and minibatch draws, and (`bootstrap`) 
 resample of the calibration set. Loss: the ε-MSE at the extractor's timestep.
 
 Run: a predict pass encodes the calibration images once (exactly once over ranks, rows with a decode
-error skipped); at its end the latents are gathered on every rank, sorted by key (so the result does not
+error skipped); at its end the latents are gathered on every rank, sorted by image sha256 (so the result does not
 depend on rank count), each rank trains the members k ≡ rank (mod world), the members are gathered, and
 rank 0 writes the members file. σ² (per latent channel) is the mean over members of their residual
 ε-MSE on the calibration set, the Gaussian variance PaiDE needs.
@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lightning_modules.diffusion_pass import DiffusionPass, key_generator
+from lightning_modules.diffusion_pass import DiffusionPass, key_generator, normalise_images
 from lightning_modules.pretrained import load_stable_diffusion, weights_hash
 
 MEMBERS_FORMAT = "decu-members-v1"
@@ -94,11 +94,14 @@ class EnsembleFit(pl.LightningModule):
         valid = [i for i, err in enumerate(batch["error"]) if not err]
         if not valid:
             return
-        images = batch["image"][valid]
+        if "sha256" not in batch:
+            raise ValueError("batch has no 'sha256' (content hash per image): read the calibration images through "
+                             "ImageShardDataModule")
+        images = normalise_images(batch["image"][valid])
         if self.resolution not in (0, images.shape[-1]):
             raise ValueError(f"calibration images changed resolution from {self.resolution} to {images.shape[-1]}")
         self.resolution = images.shape[-1]
-        keys = [batch["key"][i] for i in valid]
+        keys = [batch["sha256"][i] for i in valid]  # content keys: the draw and the order do not depend on rows
         latent_eps, _ = self.diffusion.draw([key_generator(self.hparams.seed, k) for k in keys], self.resolution)
         dist_ = self.vae.encode(images.to(self.vae.dtype)).latent_dist
         x0 = dist_.mean.float() + (dist_.std.float() * latent_eps.to(self.device) if self.hparams.latent == "sample"

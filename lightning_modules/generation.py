@@ -159,7 +159,7 @@ class UncertaintyGenerator(pl.LightningModule):
 
     def _load_posterior(self, path: str) -> None:
         """σ²_W, σ²_b of conv_out; refused if fitted on another UNet (timestep and prompt do not matter here)."""
-        posterior = load_posterior(path)
+        posterior = load_posterior(path, conv_out_shape=tuple(self.unet.conv_out.weight.shape))
         fitted_on = posterior["metadata"]["unet_hash"]
         if fitted_on != weights_hash(self.unet):
             raise ValueError(f"posterior {path} was fitted on UNet {fitted_on}, not on the UNet of {self.sd_source}")

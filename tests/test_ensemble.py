@@ -11,8 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from cli.trainer import ForensicsTrainer
+from lightning_modules.diffusion_pass import DiffusionPass, key_generator
+from lightning_modules.feature_extractor import FeatureExtractor
+from lightning_modules.laplace_fit import file_sha256
+from lightning_modules.maps import available_maps, map_channels
+from lightning_modules.pretrained import load_stable_diffusion
 from lightning_modules.ensemble_fit import MATCHED_SETTINGS, EnsembleFit, check_members, load_members
 from lightning_modules.ensemble_uncertainty import conv_out_member_means, ensemble_variance, paide_mutual_information
+from test_feature_extractor import as_float, make_batch
 from test_laplace_fit import TinyCalibrationData
 
 # (member means, σ²): overlapping, well separated, nearly identical, two members, eight members.
@@ -108,12 +114,84 @@ def test_ensemble_fit_writes_distinct_members_with_their_metadata(kind: str, tin
     assert meta["data_sha256"] == second["metadata"]["data_sha256"]
 
 
-def test_ensemble_members_refused_for_other_settings(tiny_model_paths: dict[str, Path], tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def members_file(tiny_model_paths: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """conv_out members fitted once for the map tests."""
+    path = tmp_path_factory.mktemp("members") / "members.pt"
+    fit_members(tiny_model_paths["sd"], path, "conv_out")
+    return path
+
+
+def test_ensemble_members_refused_for_other_settings(members_file: Path, tmp_path: Path) -> None:
     """Catches members silently used at another timestep or prompt: the error names both fields and values."""
-    members = fit_members(tiny_model_paths["sd"], tmp_path / "m.pt", "conv_out")
+    members = load_members(members_file)
     expected = {name: members["metadata"][name] for name in MATCHED_SETTINGS} | {"timestep": 300, "prompt": "x"}
     with pytest.raises(ValueError, match=r"other settings.*'timestep': \(200, 300\).*'prompt': \('a photo', 'x'\)"):
-        check_members(members, tmp_path / "m.pt", expected)
+        check_members(members, members_file, expected)
     with pytest.raises(ValueError, match="not a decu-members-v1 file"):
         torch.save({"format": "conv_out-diag-laplace-v1"}, tmp_path / "posterior.pt")
         load_members(tmp_path / "posterior.pt")
+
+
+# ---- the registered maps, computed by the FeatureExtractor's fused pass ----
+
+ENSEMBLE_MODULES = ["lightning_modules.maps.builtin", "lightning_modules.maps.ensemble"]
+
+
+def ensemble_extractor(sd: Path, members: Path, **settings: object) -> FeatureExtractor:
+    kwargs = {"timestep": 200, "num_noises": 3, "outputs": ["ensemble_mi", "ensemble_var"],
+              "map_modules": ENSEMBLE_MODULES,
+              "map_settings": {"ensemble_members": str(members), "ensemble_distance": "bhattacharyya"}} | settings
+    return FeatureExtractor(str(sd), **kwargs)
+
+
+@torch.no_grad()
+def test_ensemble_maps_equal_each_member_run_as_the_unets_conv_out(tiny_model_paths: dict[str, Path],
+                                                                   members_file: Path) -> None:
+    """Independent computation: for each member, the real fused pass with that member's weights loaded into the
+    UNet's conv_out, averaged over the same N noises. Catches a broken linearity shortcut (heads on φ̄), members
+    paired with the wrong bias, σ² not per channel, and noises that differ from the extractor's."""
+    batch = make_batch(["e0", "e1"])
+    maps = ensemble_extractor(tiny_model_paths["sd"], members_file).predict_step(batch, 0)
+    members = load_members(members_file)
+    parts = load_stable_diffusion(str(tiny_model_paths["sd"]))
+    means = []
+    for k in range(members["num_members"]):
+        parts.unet.conv_out.weight.copy_(members["weights"][k])
+        parts.unet.conv_out.bias.copy_(members["biases"][k])
+        out = DiffusionPass(parts, 200, 3, "a photo", "sample")(as_float(batch["image"]),
+                                                                 [key_generator(0, s) for s in batch["sha256"]])
+        means.append(out.eps_hat.mean(dim=1))
+    means = torch.stack(means, dim=1)
+    torch.testing.assert_close(maps["ensemble_var"], means.var(dim=1, correction=0), rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(maps["ensemble_mi"],
+                               paide_mutual_information(means, members["sigma2"].view(-1, 1, 1)), rtol=1e-4, atol=1e-7)
+    assert (maps["ensemble_mi"] > 0).all() and (maps["ensemble_mi"] <= math.log(3)).all()
+
+
+@torch.no_grad()
+def test_ensemble_maps_are_batch_invariant_and_registered(tiny_model_paths: dict[str, Path],
+                                                          members_file: Path) -> None:
+    """A row's maps do not depend on its batch (so neither on rank nor on resume, since noise is keyed by the
+    image's content), and the names are in the registry with the latent's channels. Catches members or draws
+    indexed by batch position."""
+    fe = ensemble_extractor(tiny_model_paths["sd"], members_file)
+    assert {"ensemble_mi", "ensemble_var"} <= set(available_maps()) and map_channels("ensemble_mi") == 4
+    names = ["b0", "b1", "b2"]
+    together = fe.predict_step(make_batch(names), 0)
+    for i, name_ in enumerate(names):
+        single = fe.predict_step(make_batch([name_]), 0)
+        for name in ("ensemble_mi", "ensemble_var"):
+            torch.testing.assert_close(together[name][i], single[name][0], rtol=5e-5, atol=1e-7)
+    maps = fe.provenance()["maps"]["ensemble_mi"]
+    assert maps["ensemble_members_sha256"] == file_sha256(members_file) and maps["ensemble_distance"] == "bhattacharyya"
+
+
+def test_ensemble_maps_refuse_members_of_other_settings(tiny_model_paths: dict[str, Path], members_file: Path) -> None:
+    """An extractor at another timestep, or without the members setting, fails with one line naming why."""
+    with pytest.raises(ValueError, match=r"trained with other settings.*'timestep': \(200, 300\)"):
+        ensemble_extractor(tiny_model_paths["sd"], members_file, timestep=300).predict_step(make_batch(["r"]), 0)
+    with pytest.raises(ValueError, match="need map_settings: {ensemble_members: PATH}"):
+        ensemble_extractor(tiny_model_paths["sd"], members_file,
+                           map_settings={"ensemble_members": "", "ensemble_distance": "kl"}).predict_step(
+            make_batch(["r"]), 0)

@@ -32,19 +32,19 @@ _LOADED: dict[str, dict[str, Any]] = {}
 
 
 def _members(ctx: MapContext) -> dict[str, Any]:
-    """The members file named by the extractor's map_settings, loaded and checked once per process."""
+    """The members file named by the extractor's map_settings (loaded once per process), checked against the
+    extractor's settings on every batch (a dict comparison)."""
     path = ctx.settings.get("ensemble_members")
     if not path:
         raise ValueError("maps ensemble_mi/ensemble_var need map_settings: {ensemble_members: PATH} "
                          "(a file from `python -m cli ensemble-fit`)")
     if path not in _LOADED:
-        members = load_members(path)
-        if members["kind"] != "conv_out":
-            raise ValueError(f"ensemble members {path} are of kind {members['kind']!r}; the phase-1 maps evaluate "
-                             "kind 'conv_out' heads on the fused pass (embedding members need K UNet calls with x_t)")
-        check_members(members, path, {k: ctx.settings[k] for k in ("unet_hash", "timestep", "prompt", "latent")})
-        _LOADED[path] = members
+        _LOADED[path] = load_members(path)
     members = _LOADED[path]
+    if members["kind"] != "conv_out":
+        raise ValueError(f"ensemble members {path} are of kind {members['kind']!r}; the phase-1 maps evaluate "
+                         "kind 'conv_out' heads on the fused pass (embedding members need K UNet calls with x_t)")
+    check_members(members, path, {k: ctx.settings[k] for k in ("unet_hash", "timestep", "prompt", "latent")})
     latent_size = tuple(members["metadata"]["latent_size"])
     if tuple(ctx.phi.shape[-2:]) != latent_size:
         raise ValueError(f"ensemble members {path} were trained on {latent_size} latents but the images give "
