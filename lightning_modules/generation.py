@@ -231,7 +231,7 @@ class UncertaintyGenerator(pl.LightningModule):
                 maps.append(uncertainty)
                 fractions.append(fraction)
             else:
-                eps = eps_fn(scheduler.scale_model_input(x, t), t)
+                eps = eps_fn(x, t)  # both schedulers are VP ε-schedulers: their input scaling is the identity
             x = scheduler.step(eps, t, x).prev_sample
         if not maps:
             return x, None, None

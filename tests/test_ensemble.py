@@ -4,6 +4,9 @@ and the members' fit through Lightning on the tiny models."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from cli.trainer import ForensicsTrainer
+from datamodules.shards import convert
 from lightning_modules.diffusion_pass import DiffusionPass, key_generator
 from lightning_modules.feature_extractor import FeatureExtractor
 from lightning_modules.laplace_fit import file_sha256
@@ -21,6 +25,7 @@ from lightning_modules.ensemble_uncertainty import conv_out_member_means, ensemb
 from test_feature_extractor import as_float, make_batch
 from test_laplace_fit import TinyCalibrationData
 
+REPO = Path(__file__).resolve().parents[1]
 # (member means, σ²): overlapping, well separated, nearly identical, two members, eight members.
 MIXTURES = [([0.0, 0.5, 1.0, -0.3], 1.0), ([0.0, 3.0, 6.0, 9.0, 12.0], 1.0), ([0.0, 0.1, 0.05], 0.5),
             ([0.0, 1.5], 0.25), ([0.0, 2.0, 2.5, 4.0, -1.0, 0.3, 7.0, 1.0], 1.3)]
@@ -195,3 +200,35 @@ def test_ensemble_maps_refuse_members_of_other_settings(tiny_model_paths: dict[s
         ensemble_extractor(tiny_model_paths["sd"], members_file,
                            map_settings={"ensemble_members": "", "ensemble_distance": "kl"}).predict_step(
             make_batch(["r"]), 0)
+
+
+@pytest.mark.slow
+def test_ensemble_fit_cli_is_rank_count_invariant(tiny_model_paths: dict[str, Path], tmp_path: Path) -> None:
+    """`python -m cli ensemble-fit` on real shards with 1 and 2 gloo ranks writes the same members (each image
+    encoded once, latents ordered by content, member k trained from its own seed on whichever rank). Catches
+    an image encoded twice or dropped across ranks, rank-ordered data, and members gathered in the wrong order."""
+    from PIL import Image
+
+    for i in range(5):
+        path = tmp_path / "images" / "real" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(torch.randint(0, 256, (48, 40, 3), generator=torch.Generator().manual_seed(i),
+                                      dtype=torch.uint8).numpy()).save(path)
+    convert("folder", tmp_path / "images", "val", tmp_path / "shards", shard_size=2, workers=1)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    files = {}
+    for devices in ("1", "2"):
+        files[devices] = tmp_path / f"members_{devices}.pt"
+        result = subprocess.run(
+            [sys.executable, "-m", "cli", "ensemble-fit", "--config", str(REPO / "configs/ensemble_fit.yaml"),
+             "--model.init_args.sd", str(tiny_model_paths["sd"]), "--model.init_args.output", str(files[devices]),
+             "--model.init_args.num_members", "3", "--model.init_args.steps", "3", "--model.init_args.batch_size", "2",
+             "--data.init_args.shards", str(tmp_path / "shards"), "--data.init_args.resolution", "64",
+             "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
+             "--trainer.accelerator", "cpu", "--trainer.devices", devices, "--trainer.strategy",
+             "ddp" if devices == "2" else "auto"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    one, two = load_members(files["1"]), load_members(files["2"])
+    assert one["metadata"]["num_images"] == 5 and one["metadata"] == two["metadata"]
+    for name in ("weights", "biases", "sigma2"):
+        assert torch.equal(one[name], two[name]), name
