@@ -225,7 +225,8 @@ def test_ensemble_fit_cli_is_rank_count_invariant(tiny_model_paths: dict[str, Pa
              "--model.init_args.num_members", "3", "--model.init_args.steps", "3", "--model.init_args.batch_size", "2",
              "--data.init_args.shards", str(tmp_path / "shards"), "--data.init_args.resolution", "64",
              "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
-             "--trainer.accelerator", "cpu", "--trainer.devices", devices, "--trainer.strategy",
+             "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / f"run_{devices}"),
+             "--trainer.devices", devices, "--trainer.strategy",
              "ddp" if devices == "2" else "auto"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     one, two = load_members(files["1"]), load_members(files["2"])

@@ -137,7 +137,8 @@ def generate_args(paths: dict[str, Path], prompts: Path, out: Path, num_images: 
             "--model.init_args.resolution", str(RES), "--model.init_args.num_inference_steps", "3",
             "--model.init_args.aleatoric_steps", "[1]", "--model.init_args.num_perturbations", "2",
             "--prompts", str(prompts), "--num_images", str(num_images), "--out", str(out),
-            "--trainer.accelerator", "cpu", "--trainer.callbacks", "[]", *extra]
+            "--trainer.accelerator", "cpu", "--trainer.callbacks", "[]",
+            "--trainer.default_root_dir", str(out.parent / f"{out.name}_run"), *extra]  # its config.yaml
 
 
 def finished(process: subprocess.Popen, timeout: float = 600) -> str:
