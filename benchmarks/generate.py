@@ -9,8 +9,8 @@ aleatoric:  + De Vita's map at one step: K more CFG ε̂ calls (one batched call
 generative: + M regenerations from x_T with `posterior_steps` steps each (one batched trunk pass per step,
             M conv_out weight samples), M decodes and M CLIP RN50 embeddings (Jazbec et al.).
 guided:     aleatoric + De Vita's guided update (a backward pass through the K+1 ε̂ calls).
-`--arch sd15` swaps in SD v1.5's published architecture with random weights and open_clip's RN50 without
-weights (no download; speed depends on shapes, not values); the posterior variances are random too.
+`--arch sd15` writes SD v1.5's published architecture with random weights and open_clip's RN50 with random
+weights to disk (no download; speed depends on shapes, not values); the posterior variances are random too.
 """
 
 from __future__ import annotations
@@ -18,46 +18,42 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from benchmarks.precompute import sd15_random_parts
+from benchmarks.precompute import write_posterior, write_sd15_random
 from lightning_modules.generation import UncertaintyGenerator
-from lightning_modules.pretrained import ClipVisual, load_clip_rn50
 from lightning_modules.tiny_models import build_tiny_models
 
-MODES = {"plain": {}, "aleatoric": {"aleatoric_steps": [5]}, "generative": {"posterior": "random"},
-         "both": {"aleatoric_steps": [5], "posterior": "random"},
+MODES = {"plain": {}, "aleatoric": {"aleatoric_steps": [5]}, "generative": {"posterior": "on"},
+         "both": {"aleatoric_steps": [5], "posterior": "on"},
          "guided": {"aleatoric_steps": [5], "guided": True}}
 
 
-def rn50_without_weights(device: str) -> ClipVisual:
+def rn50_without_weights(out: Path) -> Path:
+    """open_clip's RN50 with its random initial weights, saved as a checkpoint file `load_clip_rn50` reads."""
     import open_clip
 
-    model, _, preprocess = open_clip.create_model_and_transforms("RN50", pretrained=None)
-    normalize = next(t for t in preprocess.transforms if type(t).__name__ == "Normalize")
-    return ClipVisual(model.visual.to(device).eval(), 224, tuple(normalize.mean), tuple(normalize.std), "RN50 random")
+    torch.save(open_clip.create_model("RN50", pretrained=None).state_dict(), out)
+    return out
 
 
-def build(args: argparse.Namespace, folder: str) -> UncertaintyGenerator:
-    """The generator on the tiny models, or on SD v1.5's architecture; posterior variances set for `generative`."""
-    paths = build_tiny_models(folder)
-    model = UncertaintyGenerator(str(paths["sd"]), resolution=args.resolution, num_inference_steps=args.steps,
+def build(args: argparse.Namespace, folder: Path) -> UncertaintyGenerator:
+    """The generator with a posterior and CLIP loaded through the real loaders (tiny models or SD v1.5's shapes)."""
+    paths = build_tiny_models(folder / "tiny")
+    sd, clip = paths["sd"], paths["clip"]
+    if args.arch == "sd15":
+        sd, clip = write_sd15_random(sd, folder / "sd15"), rn50_without_weights(folder / "rn50.pt")
+    model = UncertaintyGenerator(str(sd), posterior=str(write_posterior(sd, folder / "posterior.pt", args.resolution)),
+                                 clip=str(clip), resolution=args.resolution, num_inference_steps=args.steps,
                                  num_posterior_samples=args.posterior_samples, posterior_steps=args.posterior_steps,
                                  num_perturbations=args.perturbations, autocast_dtype=args.dtype)
-    if args.arch == "sd15":
-        parts = sd15_random_parts(model.parts)
-        model.parts, model.vae, model.unet, model.text_encoder = parts, parts.vae, parts.unet, parts.text_encoder
-        model.clip_model = rn50_without_weights(args.device)
-    else:
-        model.clip_model = load_clip_rn50(str(paths["clip"]))
-    conv = model.unet.conv_out
-    model.register_buffer("var_w", torch.rand(conv.weight.shape) * 1e-4, persistent=False)
-    model.register_buffer("var_b", torch.rand(conv.out_channels) * 1e-4, persistent=False)
-    return model.to(args.device)
+    return model.to(args.device).eval()
 
 
 def images_per_second(model: UncertaintyGenerator, mode: dict, batch: int, iters: int, device: str) -> float:
+    # The settings are read per call: the posterior and CLIP stay loaded, `posterior: None` skips the regenerations.
     model.hparams.update({"aleatoric_steps": [], "posterior": None, "guided": False, **mode})
     keys = [f"bench-{i}" for i in range(batch)]
     model.generate(keys, ["a photo"] * batch)  # warm-up (kernels, caches)
@@ -86,7 +82,7 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
-        model = build(args, folder)
+        model = build(args, Path(folder))
         rates = {name: images_per_second(model, MODES[name], args.batch_size, args.iters, args.device)
                  for name in args.modes.split(",")}
     print(f"{args.arch} on {args.device}, {args.resolution}px, {args.steps} steps, M={args.posterior_samples} x "

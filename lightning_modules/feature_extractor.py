@@ -166,7 +166,8 @@ class FeatureExtractor(pl.LightningModule):
         return {k: v for k, v in self._hashes.items() if k != "posterior_sha256"}
 
     def setting(self, name: str) -> Any:
-        """One setting a map may depend on: an init argument, the posterior's hash, or its σ mode."""
+        """One setting a map may depend on: an init argument (e.g. the posterior's path), its hash, or its σ; an entry
+        of map_settings (and X_sha256 for a file entry X); a weight hash such as unet_hash."""
         if name == "posterior_sha256":
             return self._hashes.get("posterior_sha256")
         if name == "sigma":
@@ -198,10 +199,7 @@ class FeatureExtractor(pl.LightningModule):
         maps: dict[str, dict[str, Any]] = {}
         for name in self.outputs:
             if name in MAP_REGISTRY:
-                settings = {s: self.setting(s) for s in MAP_REGISTRY[name].settings}
-                if name in ("deu", "mi") or "num_weight_samples" in settings:
-                    settings["posterior"] = hp.posterior
-                maps[name] = settings
+                maps[name] = {s: self.setting(s) for s in MAP_REGISTRY[name].settings}
             else:
                 maps[name] = {"clip": hp.clip, "clip_hash": self._hashes.get("clip")}
         return {"common": common, "maps": maps}

@@ -370,3 +370,22 @@ def test_provenance_splits_common_and_per_map_settings(extractor: FeatureExtract
     assert maps["deu"]["deu_mode"] == "closed_form" and maps["deu"]["sigma"] == {"mode": "fixed", "value": 1.0}
     assert maps["mi"] == maps["deu"]
     assert maps["clip_pooled"]["clip_hash"] == extractor.weight_hashes()["clip"]
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_padded_batches_match_eager(tiny_model_paths: dict[str, Path], posterior: Path) -> None:
+    """compile=True pads a 2-row batch to compile_batch_size=3 and compiles the UNet (~3 min on 2 CPU cores): maps
+    equal eager ones to float32 round-off and have the batch's rows only. Catches padding rows leaking into the
+    output, or a compiled UNet whose conv_out hook no longer captures φ."""
+    kwargs = dict(sd=str(tiny_model_paths["sd"]), posterior=str(posterior), outputs=BUILTIN, timestep=T, num_noises=N)
+    batch = make_batch(["c0", "c1"])
+    eager = FeatureExtractor(**kwargs).predict_step(batch, 0)
+    compiled_fe = FeatureExtractor(**kwargs, compile=True, compile_batch_size=3)
+    compiled = compiled_fe.predict_step(batch, 0)
+    for name in BUILTIN:
+        assert compiled[name].shape == eager[name].shape
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-6)
+    assert compiled_fe.provenance()["common"]["compile_batch_size"] == 3
+    with pytest.raises(ValueError, match="exceeds compile_batch_size"):
+        compiled_fe.predict_step(make_batch(["a", "b", "c", "d"]), 0)

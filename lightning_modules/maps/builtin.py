@@ -12,7 +12,8 @@ from lightning_modules.maps.registry import latent_channels, register_map
 from lightning_modules.uncertainty import (aleatoric_variance, closed_form_deu, latent_reconstruction_error, mc_deu,
                                            mutual_information)
 
-POSTERIOR_SETTINGS = ("deu_mode", "num_weight_samples", "posterior_sha256", "sigma")
+# The posterior's path is what `predict` rebuilds the extractor from; its hash is what identifies it.
+POSTERIOR_SETTINGS = ("deu_mode", "num_weight_samples", "posterior", "posterior_sha256", "sigma")
 
 
 @register_map("lare", channels=latent_channels, description="LaRE: mean_j (eps_hat_j - eps_j)^2 over the N noises")
