@@ -78,14 +78,10 @@ def perturbed_eps_variance(eps_fn: EpsFn, x0_hat: torch.Tensor, alpha_bar: float
     return eps_k.float().var(dim=1, correction=0)
 
 
-def uncertainty_guided_eps(eps: torch.Tensor, uncertainty: torch.Tensor, gradient: torch.Tensor,
-                           percentile: float, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """ε̂ + λ·mask⊙∇U with mask = U above its per-image percentile; returns (ε̂', mask)."""
-    if not 0 <= percentile < 100:
-        raise ValueError(f"guidance_percentile must be in [0, 100), got {percentile}")
-    threshold = torch.quantile(uncertainty.flatten(1).float(), percentile / 100, dim=1)
-    mask = uncertainty > threshold.view(-1, *[1] * (uncertainty.dim() - 1))
-    return eps + strength * mask * gradient, mask
+def above_percentile(uncertainty: torch.Tensor, percentile: float) -> torch.Tensor:
+    """Mask of the elements above each image's `percentile` of its (B, ...) uncertainty (De Vita's threshold τ)."""
+    threshold = torch.quantile(uncertainty.detach().flatten(1).float(), percentile / 100, dim=1)
+    return uncertainty.detach() > threshold.view(-1, *[1] * (uncertainty.dim() - 1))
 
 
 def per_row_conv3x3(phi: torch.Tensor, weights: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
@@ -152,6 +148,8 @@ class UncertaintyGenerator(pl.LightningModule):
                              f"[0, {hp.num_inference_steps})")
         if hp.aleatoric_steps and hp.num_perturbations < 2:
             raise ValueError(f"num_perturbations must be >= 2 (a variance), got {hp.num_perturbations}")
+        if not 0 <= hp.guidance_percentile < 100:
+            raise ValueError(f"guidance_percentile must be in [0, 100), got {hp.guidance_percentile}")
         if hp.guided and not hp.aleatoric_steps:
             raise ValueError("guided=true needs aleatoric_steps (the steps whose uncertainty guides sampling)")
         if hp.resolution % 8:
@@ -249,12 +247,10 @@ class UncertaintyGenerator(pl.LightningModule):
             uncertainty = perturbed_eps_variance(eps_fn, x0_hat, alpha_bar, t, noise)
             if not hp.guided:
                 return eps.detach(), uncertainty.detach(), uncertainty.new_zeros(x.shape[0])
-            threshold = torch.quantile(uncertainty.detach().flatten(1), hp.guidance_percentile / 100, dim=1)
-            above = uncertainty.detach() > threshold.view(-1, 1, 1, 1)
+            above = above_percentile(uncertainty, hp.guidance_percentile)
             (gradient,) = torch.autograd.grad((uncertainty * above).sum(), x)
-        guided, mask = uncertainty_guided_eps(eps.detach(), uncertainty.detach(), gradient, hp.guidance_percentile,
-                                              hp.guidance_strength)
-        return guided, uncertainty.detach(), mask.flatten(1).float().mean(1)
+        guided = eps.detach() + hp.guidance_strength * above * gradient
+        return guided, uncertainty.detach(), above.flatten(1).float().mean(1)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → images in [-1, 1] (fp32)."""
