@@ -10,6 +10,9 @@ Model-only (the extractor's own `compute_maps`, uint8 images already on the devi
   fused MC (M):      the same pass, DEU as the MC variance over M conv_out weight samples of φ̄.
   naive MC (M):      DEU as DEUA Eq. 13 spells it, with its N noises batched (the fair baseline): one UNet call
                      on the B·N latents per weight sample (conv_out perturbed), plus one for LaRE: (M+1) calls.
+  ensemble conv_out (K): fused closed form + DECU's ensemble_mi/ensemble_var from K conv_out heads on its φ̄.
+  ensemble embedding (K): fused closed form + K more UNet calls on its B·N noised latents, one per member's
+                     conditioning embedding (DECU's design; its maps are not in the registry, the cost is).
   The FLOP ratio naive/fused is the bound on the speed-up (×3.87 at M = N = 4, 256², ×12.5 at M = 16); the
   measured throughput ratio is printed beside it.
 End to end (--end-to-end): `python -m cli precompute` on synthetic JPEG/PNG shards (decode → features → store),
@@ -39,6 +42,8 @@ from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
 from lightning_modules.diffusion_pass import autocast_context, key_generator, normalise_images
+from lightning_modules.ensemble_fit import MEMBERS_FORMAT
+from lightning_modules.ensemble_uncertainty import ensemble_variance, paide_mutual_information
 from lightning_modules.feature_extractor import FeatureExtractor
 from lightning_modules.laplace_fit import POSTERIOR_FORMAT
 from lightning_modules.pretrained import load_stable_diffusion, weights_hash
@@ -95,6 +100,36 @@ def write_posterior(sd: Path, out: Path, resolution: int) -> Path:
     return out
 
 
+def write_members(sd: Path, out: Path, num_members: int, resolution: int) -> Path:
+    """A conv_out members file with small random perturbations that the ensemble maps accept for `sd`."""
+    unet = load_stable_diffusion(str(sd)).unet
+    conv = unet.conv_out
+    torch.save({"format": MEMBERS_FORMAT, "kind": "conv_out", "num_members": num_members,
+                "weights": conv.weight.detach() + 1e-2 * torch.randn(num_members, *conv.weight.shape),
+                "biases": conv.bias.detach() + 1e-2 * torch.randn(num_members, *conv.bias.shape),
+                "embeddings": None, "sigma2": torch.ones(conv.out_channels),
+                "metadata": {"unet_hash": weights_hash(unet), "timestep": 200, "prompt": "a photo", "latent": "sample",
+                             "latent_size": [resolution // 8, resolution // 8]}}, out)
+    return out
+
+
+def ensemble_embedding(fe: FeatureExtractor, images: torch.Tensor, sha256: list[str], num_members: int) -> object:
+    """The fused closed-form pass plus K UNet calls on its noised latents x_t, one per member's text embedding."""
+    unet, captured = fe.unet, []
+    hook = unet.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    try:
+        maps = fe.compute_maps(images, sha256, ["lare", "deu"])
+    finally:
+        hook.remove()
+    x_t, diffusion = captured[0], fe.diffusion
+    t = torch.full((x_t.shape[0],), diffusion.timestep, device=x_t.device, dtype=torch.long)
+    text = diffusion.text_embedding(x_t.device).expand(x_t.shape[0], -1, -1).to(unet.dtype)
+    with autocast_context(x_t.device, diffusion.autocast_dtype):
+        means = torch.stack([unet(x_t, t, encoder_hidden_states=text + 1e-2 * k).sample.float()
+                             .unflatten(0, (images.shape[0], diffusion.num_noises)).mean(1) for k in range(num_members)], 1)
+    return maps, paide_mutual_information(means, 1.0), ensemble_variance(means)
+
+
 def naive_mc(fe: FeatureExtractor, images: torch.Tensor, sha256: list[str], num_samples: int) -> torch.Tensor:
     """LaRE + DEU with (M+1) UNet calls on the B·N batched latents, conv_out perturbed per weight sample."""
     diffusion, unet = fe.diffusion, fe.unet
@@ -147,6 +182,8 @@ def images_per_second(fn: Callable[[], object], batch: int, iters: int, warmup: 
 def extractor_kwargs(args: argparse.Namespace, sd: Path, posterior: Path, kernel: str) -> dict[str, object]:
     return dict(sd=str(sd), posterior=str(posterior), outputs=["lare", "deu", "aleatoric", "mi"],
                 num_noises=args.num_noises, autocast_dtype=args.dtype, compile_batch_size=args.batch_size,
+                map_modules=["lightning_modules.maps.builtin", "lightning_modules.maps.ensemble"],
+                map_settings={"ensemble_members": str(args.members), "ensemble_distance": "bhattacharyya"},
                 **KERNELS[kernel])
 
 
@@ -170,6 +207,10 @@ def model_only(args: argparse.Namespace, sd: Path, posterior: Path, device: torc
         if kernel == args.kernels[0]:
             for m in args.num_weight_samples:
                 runs[f"naive MC (M={m}, N batched)"] = lambda x, m=m: naive_mc(fe, x, sha256[:len(x)], m)
+            k = args.num_members
+            runs[f"ensemble conv_out (K={k})"] = lambda x: fe.compute_maps(
+                x, sha256[:len(x)], ["lare", "deu", "ensemble_mi", "ensemble_var"])
+            runs[f"ensemble embedding (K={k})"] = lambda x: ensemble_embedding(fe, x, sha256[:len(x)], k)
         results: dict[str, tuple[float, float]] = {}
         for label, fn in runs.items():
             if label not in flops_by_label:  # counted once, uncompiled (FLOPs do not depend on kernel settings)
@@ -190,6 +231,9 @@ def model_only(args: argparse.Namespace, sd: Path, posterior: Path, device: torc
                 speed, flops = results[f"naive MC (M={m}, N batched)"]
                 print(f"  fused closed form vs naive MC at M={m}: throughput ×{fused_speed / speed:.2f}, "
                       f"FLOP bound ×{flops / fused_flops:.2f}")
+        for label in (label for label in results if label.startswith("ensemble")):  # cost vs LaRE + closed-form DEU
+            speed, flops = results[label]
+            print(f"  {label} vs fused closed form: time ×{fused_speed / speed:.2f}, FLOPs ×{flops / fused_flops:.2f}")
         del fe
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -274,6 +318,7 @@ def main() -> None:
     parser.add_argument("--num-weight-samples", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="autocast dtype of the UNet/VAE forwards")
+    parser.add_argument("--num-members", type=int, default=5, help="DECU ensemble size K")
     parser.add_argument("--kernels", nargs="+", choices=sorted(KERNELS), default=["default"])
     parser.add_argument("--peak-flops", type=float, default=None, help="dense peak of --dtype (default: H100 SXM)")
     parser.add_argument("--end-to-end", action="store_true", help="also time `python -m cli precompute`")
@@ -290,6 +335,7 @@ def main() -> None:
         if args.arch == "sd15":
             sd = write_sd15_random(sd, work / "sd15")
         posterior = write_posterior(sd, work / "posterior.pt", args.resolution)
+        args.members = write_members(sd, work / "members.pt", args.num_members, args.resolution)
         model_only(args, sd, posterior, device)
         if args.end_to_end:
             end_to_end(args, sd, posterior, work)

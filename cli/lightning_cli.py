@@ -1,4 +1,5 @@
-"""LightningCLI for the Trainer runs over configs: fit, validate, test, precompute, laplace-fit.
+"""LightningCLI for the Trainer runs over configs: fit, validate, test, precompute, laplace-fit, generate,
+ensemble-fit.
 
 `predict` (raw images with a trained detector) is a plain command: it builds its Trainer from a checkpoint.
 """
@@ -16,7 +17,8 @@ from cli.trainer import ForensicsTrainer
 
 # Subcommand names as typed; LightningCLI needs the Trainer method's name.
 TRAINER_SUBCOMMANDS = {"fit": "fit", "validate": "validate", "test": "test",
-                       "precompute": "precompute", "laplace-fit": "laplace_fit"}
+                       "precompute": "precompute", "laplace-fit": "laplace_fit",
+                       "generate": "generate", "ensemble-fit": "ensemble_fit"}
 
 
 class SaveConfigBesideOutput(SaveConfigCallback):
@@ -40,7 +42,9 @@ class ForensicsCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(),
                 "precompute": {"model", "datamodule"},
-                "laplace_fit": {"model", "datamodule"}}
+                "laplace_fit": {"model", "datamodule"},
+                "generate": {"model"},
+                "ensemble_fit": {"model", "datamodule"}}
 
 
 def run_lightning_cli(argv: list[str]) -> None:

@@ -12,7 +12,8 @@ Codec = Literal["none", "lz4", "zstd"]
 
 
 class ForensicsTrainer(pl.Trainer):
-    """Lightning's Trainer plus `precompute` (phase 1) and `laplace_fit` (the DEU posterior)."""
+    """Lightning's Trainer plus `precompute` (phase 1), `laplace_fit` (the DEU posterior), `generate`
+    and `ensemble_fit` (DECU's members)."""
 
     def precompute(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None,
                    store: str | None = None, clip_dtype: ClipDtype = "float16", clip_codec: Codec = "lz4",
@@ -67,3 +68,66 @@ class ForensicsTrainer(pl.Trainer):
         self.predict(model, datamodule=datamodule, return_predictions=False)
         if self.is_global_zero:
             print(f"laplace-fit: posterior written to {model.hparams.output}")
+
+    def generate(self, model: pl.LightningModule, prompts: str, num_images: int, out: str,
+                 image_format: Literal["png", "jpeg"] = "png", jpeg_quality: int | None = None,
+                 jpeg_quality_from: str | None = None, keep_quantile: float = 1.0,
+                 rank_by: Literal["generative", "aleatoric"] = "generative", batch_size: int = 1) -> None:
+        """Generate fakes with a local SD, scored by generative and pixel-wise aleatoric uncertainty (OUT/fake).
+
+        Args:
+            prompts: text file, one prompt per line.
+            num_images: images per prompt.
+            out: output folder (OUT/fake, OUT/generation.csv); rerunning the same command resumes.
+            image_format: png, or jpeg at `jpeg_quality` or at a quality drawn per image from the real images
+                of the shard directory `jpeg_quality_from` (its manifest's measured qualities).
+            keep_quantile: keep the q least uncertain images (by `rank_by`) in OUT/fake; the rest are listed
+                as filtered in generation.csv.
+            batch_size: images per step; 1 makes every image bit-identical at any rank count.
+        """
+        from torch.utils.data import DataLoader
+
+        from feature_cache.manifest import read_manifest_rows
+        from lightning_modules.generation import UncertaintyGenerator
+        from lightning_modules.generation_writer import GenerationItems, GenerationWriter, read_prompts
+
+        if not isinstance(model, UncertaintyGenerator):
+            raise SystemExit(f"python -m cli generate: --model must be UncertaintyGenerator, got {type(model).__name__}")
+        qualities: tuple[int, ...] = ()
+        if jpeg_quality is not None:
+            qualities = (jpeg_quality,)
+        elif jpeg_quality_from is not None:
+            qualities = tuple(r["jpeg_quality"] for r in read_manifest_rows(jpeg_quality_from)
+                              if r["label"] == 0 and r["jpeg_quality"])
+            if not qualities:
+                raise ValueError(f"--jpeg_quality_from {jpeg_quality_from}: no real JPEG image in its manifest")
+        items = GenerationItems(read_prompts(prompts), num_images)
+        writer = GenerationWriter(out, items, image_format, qualities, keep_quantile, rank_by)
+        self.callbacks.append(writer)
+        # Guided sampling differentiates the uncertainty w.r.t. x_t: no inference tensors then.
+        inference_mode, self.predict_loop.inference_mode = self.predict_loop.inference_mode, not model.hparams.guided
+        try:
+            self.predict(model, dataloaders=DataLoader(items, batch_size=batch_size), return_predictions=False)
+            table = writer.finish(self)
+        finally:
+            self.callbacks.remove(writer)
+            self.predict_loop.inference_mode = inference_mode
+        if table is not None:
+            kept = int((table["status"] == "kept").sum())
+            print(f"generate: {kept}/{len(table)} images kept in {out}/fake, scores in {out}/generation.csv")
+
+    def ensemble_fit(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None) -> None:
+        """Train DECU's ensemble members (conditioning embeddings or conv_out heads) over calibration shards."""
+        from lightning_modules.ensemble_fit import EnsembleFit
+
+        if not isinstance(model, EnsembleFit):
+            raise SystemExit(f"python -m cli ensemble-fit: --model must be EnsembleFit, got {type(model).__name__}")
+        # The members train (with gradients) at the end of the predict pass that encodes the images.
+        inference_mode, self.predict_loop.inference_mode = self.predict_loop.inference_mode, False
+        try:
+            self.predict(model, datamodule=datamodule, return_predictions=False)
+        finally:
+            self.predict_loop.inference_mode = inference_mode
+        if self.is_global_zero:
+            print(f"ensemble-fit: {model.hparams.num_members} {model.hparams.kind} members written to "
+                  f"{model.hparams.output}")

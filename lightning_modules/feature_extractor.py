@@ -41,6 +41,9 @@ class FeatureExtractor(pl.LightningModule):
         outputs: registered map names (lightning_modules.maps) and/or CLIP outputs to compute.
         deu_mode / num_weight_samples: DEU in closed form or Monte Carlo over M conv_out weight samples.
         map_modules: modules imported to register maps (the built-ins, plus a user's own map file).
+        map_settings: settings of maps from map_modules that are not extractor arguments (e.g.
+            {ensemble_members: PATH}); a map declares the names it reads, and a file setting X also
+            provides X_sha256 (its content hash) for the provenance.
         channels_last, weights_dtype, cudnn_benchmark, compile, compile_batch_size: kernel settings; each
             changes the numerics, so each is recorded in the provenance. With `compile`, every batch is
             padded to `compile_batch_size` rows so compiled kernels see one shape.
@@ -54,7 +57,8 @@ class FeatureExtractor(pl.LightningModule):
                  autocast_dtype: AutocastDtype = "float32",
                  map_modules: list[str] = list(BUILTIN_MAP_MODULES),  # noqa: B006
                  channels_last: bool = False, weights_dtype: WeightsDtype = "float32", cudnn_benchmark: bool = False,
-                 compile: bool = False, compile_batch_size: int = 32) -> None:
+                 compile: bool = False, compile_batch_size: int = 32,
+                 map_settings: dict[str, Any] = {}) -> None:  # noqa: B006
         super().__init__()
         self.save_hyperparameters()
         import_map_modules(map_modules)
@@ -64,6 +68,7 @@ class FeatureExtractor(pl.LightningModule):
         self.vae, self.unet, self.text_encoder = parts.vae, parts.unet, parts.text_encoder
         self.sd_source = parts.source
         self._hashes: dict[str, str] = {}
+        self._file_hashes: dict[str, str] = {}  # of files named in map_settings
         self.weight_hashes()  # of the weights as loaded, before any dtype cast
         self._apply_kernel_settings()
         self.diffusion = DiffusionPass(parts, timestep, num_noises, prompt, latent, autocast_dtype,
@@ -161,11 +166,24 @@ class FeatureExtractor(pl.LightningModule):
         return {k: v for k, v in self._hashes.items() if k != "posterior_sha256"}
 
     def setting(self, name: str) -> Any:
-        """One setting a map may depend on: an init argument (e.g. the posterior's path), its hash, or its σ."""
+        """One setting a map may depend on: an init argument (e.g. the posterior's path), its hash, or its σ; an entry
+        of map_settings (and X_sha256 for a file entry X); a weight hash such as unet_hash."""
         if name == "posterior_sha256":
             return self._hashes.get("posterior_sha256")
         if name == "sigma":
             return getattr(self, "_posterior_sigma", None)
+        extra = self.hparams.map_settings
+        if name in extra:
+            return extra[name]
+        if name.endswith("_sha256") and name.removesuffix("_sha256") in extra:
+            path = extra[name.removesuffix("_sha256")]
+            if path and name not in self._file_hashes:
+                self._file_hashes[name] = file_sha256(path)  # once: files named in settings do not change in a run
+            return self._file_hashes.get(name)
+        if name.endswith("_hash") and name.removesuffix("_hash") in self.weight_hashes():
+            return self.weight_hashes()[name.removesuffix("_hash")]
+        if name not in self.hparams:
+            raise KeyError(f"map setting {name!r} is neither an extractor argument nor in map_settings")
         return self.hparams[name]
 
     def provenance(self) -> dict[str, Any]:
@@ -224,7 +242,8 @@ class FeatureExtractor(pl.LightningModule):
         padded, padded_generators = self._pad(images, generators)
         out = self.diffusion(padded, padded_generators)
         conv = self.unet.conv_out
-        ctx = MapContext(out, padded_generators, {k: self.setting(k) for k in ("deu_mode", "num_weight_samples")},
+        wanted = {"deu_mode", "num_weight_samples"} | {s for name in names for s in MAP_REGISTRY[name].settings}
+        ctx = MapContext(out, padded_generators, {k: self.setting(k) for k in sorted(wanted)},
                          conv.weight.float(), conv.bias.float(), getattr(self, "var_w", None),
                          getattr(self, "var_b", None))
         return {name: ctx.map(name)[:rows] for name in names}

@@ -1,0 +1,73 @@
+"""DECU's ensemble maps (Berry, Brando, Meger, arXiv 2406.18580) in the map registry: `ensemble_mi`, `ensemble_var`.
+
+Enable them in the extractor config (the first maps added the registry way: this file plus YAML lines):
+
+    map_modules: [lightning_modules.maps.builtin, lightning_modules.maps.ensemble]
+    map_settings: {ensemble_members: members/sd15_conv_out_t200.pt, ensemble_distance: bhattacharyya}
+    outputs: [lare, deu, ensemble_mi, ensemble_var]
+
+The members file comes from `python -m cli ensemble-fit` with kind `conv_out`: the K heads run on the fused
+pass's φ̄ (no extra UNet call), μ_k = W_k∗φ̄ + b_k = E_j ε̂_k(x_t^j) by linearity. `ensemble_var` = Var_k μ_k;
+`ensemble_mi` = PaiDE's I(y; k) for the mixture of N(μ_k, σ²), σ² per channel from the fit's residuals.
+Members of kind `embedding` need K UNet calls per noise with the pass's x_t, which the map context does not
+carry: they are refused here with that reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lightning_modules.ensemble_fit import check_members, load_members
+from lightning_modules.ensemble_uncertainty import conv_out_member_means, ensemble_variance, paide_mutual_information
+from lightning_modules.maps.context import MapContext
+from lightning_modules.maps.registry import latent_channels, register_map
+
+# What the maps depend on: the members file (path and content hash), the PaiDE distance, and the settings the
+# members must have been trained with (checked on first use).
+ENSEMBLE_SETTINGS = ("ensemble_members", "ensemble_members_sha256", "ensemble_distance", "unet_hash", "timestep",
+                     "prompt", "latent")
+_LOADED: dict[str, dict[str, Any]] = {}
+
+
+def _members(ctx: MapContext) -> dict[str, Any]:
+    """The members file named by the extractor's map_settings (loaded once per process), checked against the
+    extractor's settings on every batch (a dict comparison)."""
+    path = ctx.settings.get("ensemble_members")
+    if not path:
+        raise ValueError("maps ensemble_mi/ensemble_var need map_settings: {ensemble_members: PATH} "
+                         "(a file from `python -m cli ensemble-fit`)")
+    if path not in _LOADED:
+        _LOADED[path] = load_members(path)
+    members = _LOADED[path]
+    if members["kind"] != "conv_out":
+        raise ValueError(f"ensemble members {path} are of kind {members['kind']!r}; the phase-1 maps evaluate "
+                         "kind 'conv_out' heads on the fused pass (embedding members need K UNet calls with x_t)")
+    check_members(members, path, {k: ctx.settings[k] for k in ("unet_hash", "timestep", "prompt", "latent")})
+    latent_size = tuple(members["metadata"]["latent_size"])
+    if tuple(ctx.phi.shape[-2:]) != latent_size:
+        raise ValueError(f"ensemble members {path} were trained on {latent_size} latents but the images give "
+                         f"{tuple(ctx.phi.shape[-2:])}: refit them at this resolution (ensemble-fit)")
+    return members
+
+
+def member_means(ctx: MapContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ (B, K, C, h, w) on the pass's device, σ² (C, 1, 1)) for this batch."""
+    members = _members(ctx)
+    device = ctx.phi.device
+    means = conv_out_member_means(ctx.phi_bar, members["weights"].to(device), members["biases"].to(device))
+    return means, members["sigma2"].to(device).view(-1, 1, 1)
+
+
+@register_map("ensemble_var", channels=latent_channels, settings=ENSEMBLE_SETTINGS,
+              description="DECU ensemble variance: Var_k of the members' noise-averaged eps prediction")
+def ensemble_var(ctx: MapContext) -> torch.Tensor:
+    return ensemble_variance(member_means(ctx)[0])
+
+
+@register_map("ensemble_mi", channels=latent_channels, settings=ENSEMBLE_SETTINGS,
+              description="DECU: PaiDE mutual information I(y; member) of the members' Gaussian mixture, per pixel")
+def ensemble_mi(ctx: MapContext) -> torch.Tensor:
+    means, sigma2 = member_means(ctx)
+    return paide_mutual_information(means, sigma2, ctx.settings.get("ensemble_distance") or "bhattacharyya")

@@ -1,0 +1,235 @@
+"""DECU: PaiDE against a Monte Carlo estimate of a Gaussian mixture's mutual information, the member heads,
+and the members' fit through Lightning on the tiny models."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cli.trainer import ForensicsTrainer
+from datamodules.shards import convert
+from lightning_modules.diffusion_pass import DiffusionPass, key_generator
+from lightning_modules.feature_extractor import FeatureExtractor
+from lightning_modules.laplace_fit import file_sha256
+from lightning_modules.maps import available_maps, map_channels
+from lightning_modules.pretrained import load_stable_diffusion
+from lightning_modules.ensemble_fit import MATCHED_SETTINGS, EnsembleFit, check_members, load_members
+from lightning_modules.ensemble_uncertainty import conv_out_member_means, ensemble_variance, paide_mutual_information
+from test_feature_extractor import as_float, make_batch
+from test_laplace_fit import TinyCalibrationData
+
+REPO = Path(__file__).resolve().parents[1]
+# (member means, σ²): overlapping, well separated, nearly identical, two members, eight members.
+MIXTURES = [([0.0, 0.5, 1.0, -0.3], 1.0), ([0.0, 3.0, 6.0, 9.0, 12.0], 1.0), ([0.0, 0.1, 0.05], 0.5),
+            ([0.0, 1.5], 0.25), ([0.0, 2.0, 2.5, 4.0, -1.0, 0.3, 7.0, 1.0], 1.3)]
+
+
+def monte_carlo_mixture_mi(means: list[float], sigma2: float, samples: int = 100_000) -> tuple[float, float]:
+    """I(y; k) = E_k E_{y~p_k}[ln p_k(y) − ln (1/K)Σ_j p_j(y)] by sampling, with its standard error."""
+    mu = torch.tensor(means, dtype=torch.float64)
+    k = len(means)
+    y = mu[:, None] + math.sqrt(sigma2) * torch.randn(k, samples, generator=torch.Generator().manual_seed(0),
+                                                       dtype=torch.float64)
+    log_p = -(y[:, :, None] - mu[None, None, :]).square() / (2 * sigma2)  # shared normaliser cancels
+    terms = (log_p[torch.arange(k), :, torch.arange(k)] - (torch.logsumexp(log_p, dim=2) - math.log(k))).flatten()
+    return terms.mean().item(), terms.std().item() / math.sqrt(terms.numel())
+
+
+@pytest.mark.parametrize("means,sigma2", MIXTURES)
+def test_paide_brackets_the_monte_carlo_mutual_information(means: list[float], sigma2: float) -> None:
+    """Error bound stated: Kolchinsky & Tracey's Î_Bhattacharyya ≤ I ≤ Î_KL, checked against a Monte Carlo I
+    with a tolerance of 5 standard errors (~1e-3 nats here). Catches a wrong distance constant (1/8 vs 1/2),
+    a missing −ln K, or logsumexp over the wrong axis, each of which breaks one side of the bracket."""
+    mi, stderr = monte_carlo_mixture_mi(means, sigma2)
+    row = torch.tensor(means)[None, :]
+    lower = paide_mutual_information(row, sigma2, "bhattacharyya").item()
+    upper = paide_mutual_information(row, sigma2, "kl").item()
+    assert lower - 5 * stderr <= mi <= upper + 5 * stderr
+    assert 0 <= lower <= upper <= math.log(len(means)) + 1e-6
+
+
+def test_paide_reaches_log_k_for_separated_members_and_zero_for_identical_ones() -> None:
+    """Identical members carry no epistemic information (exactly 0, no NaN); members 40σ apart carry ln K.
+    Catches a missing diagonal term or a per-pixel normalisation that leaks across pixels."""
+    identical = torch.full((2, 5, 4, 3, 3), 0.7)
+    assert torch.equal(paide_mutual_information(identical, torch.ones(4, 1, 1)), torch.zeros(2, 4, 3, 3))
+    separated = (torch.arange(5.0) * 40).view(1, 5, 1).expand(1, 5, 6)
+    for distance in ("bhattacharyya", "kl"):
+        torch.testing.assert_close(paide_mutual_information(separated, 1.0, distance),
+                                   torch.full((1, 6), math.log(5)))
+
+
+def test_paide_is_per_element_and_batch_invariant() -> None:
+    """Each latent element is its own mixture and σ² is per channel: a row alone equals the row in a batch,
+    and one element equals a scalar computation. Catches broadcasting σ² over the wrong axis."""
+    gen = torch.Generator().manual_seed(0)
+    means, sigma2 = torch.randn(3, 4, 2, 5, 5, generator=gen), torch.tensor([0.5, 2.0]).view(2, 1, 1)
+    batch = paide_mutual_information(means, sigma2)
+    assert torch.equal(paide_mutual_information(means[1:2], sigma2), batch[1:2])
+    element = paide_mutual_information(means[2:3, :, 1, 3, 4], 2.0)
+    torch.testing.assert_close(batch[2, 1, 3, 4], element[0])
+
+
+def test_conv_out_member_means_and_variance_match_a_loop() -> None:
+    """K heads in one convolution equal K separate conv_out calls; the variance is the population variance
+    over members. Catches a reshape that pairs one member's weights with another's bias."""
+    gen = torch.Generator().manual_seed(1)
+    phi, weights, biases = torch.randn(2, 6, 5, 5, generator=gen), torch.randn(3, 4, 6, 3, 3, generator=gen), \
+        torch.randn(3, 4, generator=gen)
+    means = conv_out_member_means(phi, weights, biases)
+    expected = torch.stack([F.conv2d(phi, weights[k], biases[k], padding=1) for k in range(3)], dim=1)
+    torch.testing.assert_close(means, expected)
+    torch.testing.assert_close(ensemble_variance(means), ((expected - expected.mean(1, keepdim=True)) ** 2).mean(1))
+
+
+# ---- the members' fit (`python -m cli ensemble-fit`) ----
+
+def fit_members(sd: Path, out: Path, kind: str, **settings: object) -> dict:
+    """Members through the real Trainer subcommand method and Lightning's predict loop."""
+    model = EnsembleFit(str(sd), output=str(out), kind=kind, num_members=3, steps=4, batch_size=2,
+                        timestep=200, **settings)
+    ForensicsTrainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False).ensemble_fit(model, TinyCalibrationData())
+    return load_members(out)
+
+
+@pytest.mark.parametrize("kind", ["conv_out", "embedding"])
+def test_ensemble_fit_writes_distinct_members_with_their_metadata(kind: str, tiny_model_paths: dict[str, Path],
+                                                                  tmp_path: Path) -> None:
+    """K distinct trained members of the right shape, σ² > 0 per channel, the settings an extractor is checked
+    against, and bit-identical files from two runs. Catches members that share one seed (MI would be 0),
+    training that never moves a member from its start, and non-deterministic draws."""
+    first = fit_members(tiny_model_paths["sd"], tmp_path / "a.pt", kind)
+    second = fit_members(tiny_model_paths["sd"], tmp_path / "b.pt", kind)
+    tensors = first["weights"] if kind == "conv_out" else first["embeddings"]
+    assert tensors.shape[0] == 3 and len(set(first["seeds"])) == 3
+    assert not torch.equal(tensors[0], tensors[1]) and not torch.equal(tensors[1], tensors[2])
+    assert first["sigma2"].shape == (4,) and (first["sigma2"] > 0).all()
+    meta = first["metadata"]
+    assert (meta["timestep"], meta["prompt"], meta["resolution"], meta["num_images"]) == (200, "a photo", 64, 4)
+    for name in ("weights", "biases", "embeddings", "sigma2"):
+        assert (first[name] is None and second[name] is None) or torch.equal(first[name], second[name])
+    assert meta["data_sha256"] == second["metadata"]["data_sha256"]
+
+
+@pytest.fixture(scope="module")
+def members_file(tiny_model_paths: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """conv_out members fitted once for the map tests."""
+    path = tmp_path_factory.mktemp("members") / "members.pt"
+    fit_members(tiny_model_paths["sd"], path, "conv_out")
+    return path
+
+
+def test_ensemble_members_refused_for_other_settings(members_file: Path, tmp_path: Path) -> None:
+    """Catches members silently used at another timestep or prompt: the error names both fields and values."""
+    members = load_members(members_file)
+    expected = {name: members["metadata"][name] for name in MATCHED_SETTINGS} | {"timestep": 300, "prompt": "x"}
+    with pytest.raises(ValueError, match=r"other settings.*'timestep': \(200, 300\).*'prompt': \('a photo', 'x'\)"):
+        check_members(members, members_file, expected)
+    with pytest.raises(ValueError, match="not a decu-members-v1 file"):
+        torch.save({"format": "conv_out-diag-laplace-v1"}, tmp_path / "posterior.pt")
+        load_members(tmp_path / "posterior.pt")
+
+
+# ---- the registered maps, computed by the FeatureExtractor's fused pass ----
+
+ENSEMBLE_MODULES = ["lightning_modules.maps.builtin", "lightning_modules.maps.ensemble"]
+
+
+def ensemble_extractor(sd: Path, members: Path, **settings: object) -> FeatureExtractor:
+    kwargs = {"timestep": 200, "num_noises": 3, "outputs": ["ensemble_mi", "ensemble_var"],
+              "map_modules": ENSEMBLE_MODULES,
+              "map_settings": {"ensemble_members": str(members), "ensemble_distance": "bhattacharyya"}} | settings
+    return FeatureExtractor(str(sd), **kwargs)
+
+
+@torch.no_grad()
+def test_ensemble_maps_equal_each_member_run_as_the_unets_conv_out(tiny_model_paths: dict[str, Path],
+                                                                   members_file: Path) -> None:
+    """Independent computation: for each member, the real fused pass with that member's weights loaded into the
+    UNet's conv_out, averaged over the same N noises. Catches a broken linearity shortcut (heads on φ̄), members
+    paired with the wrong bias, σ² not per channel, and noises that differ from the extractor's."""
+    batch = make_batch(["e0", "e1"])
+    maps = ensemble_extractor(tiny_model_paths["sd"], members_file).predict_step(batch, 0)
+    members = load_members(members_file)
+    parts = load_stable_diffusion(str(tiny_model_paths["sd"]))
+    means = []
+    for k in range(members["num_members"]):
+        parts.unet.conv_out.weight.copy_(members["weights"][k])
+        parts.unet.conv_out.bias.copy_(members["biases"][k])
+        out = DiffusionPass(parts, 200, 3, "a photo", "sample")(as_float(batch["image"]),
+                                                                 [key_generator(0, s) for s in batch["sha256"]])
+        means.append(out.eps_hat.mean(dim=1))
+    means = torch.stack(means, dim=1)
+    torch.testing.assert_close(maps["ensemble_var"], means.var(dim=1, correction=0), rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(maps["ensemble_mi"],
+                               paide_mutual_information(means, members["sigma2"].view(-1, 1, 1)), rtol=1e-4, atol=1e-7)
+    assert (maps["ensemble_mi"] > 0).all() and (maps["ensemble_mi"] <= math.log(3)).all()
+
+
+@torch.no_grad()
+def test_ensemble_maps_are_batch_invariant_and_registered(tiny_model_paths: dict[str, Path],
+                                                          members_file: Path) -> None:
+    """A row's maps do not depend on its batch (so neither on rank nor on resume, since noise is keyed by the
+    image's content), and the names are in the registry with the latent's channels. Catches members or draws
+    indexed by batch position."""
+    fe = ensemble_extractor(tiny_model_paths["sd"], members_file)
+    assert {"ensemble_mi", "ensemble_var"} <= set(available_maps()) and map_channels("ensemble_mi") == 4
+    names = ["b0", "b1", "b2"]
+    together = fe.predict_step(make_batch(names), 0)
+    for i, name_ in enumerate(names):
+        single = fe.predict_step(make_batch([name_]), 0)
+        for name in ("ensemble_mi", "ensemble_var"):
+            torch.testing.assert_close(together[name][i], single[name][0], rtol=5e-5, atol=1e-7)
+    maps = fe.provenance()["maps"]["ensemble_mi"]
+    assert maps["ensemble_members_sha256"] == file_sha256(members_file) and maps["ensemble_distance"] == "bhattacharyya"
+
+
+def test_ensemble_maps_refuse_members_of_other_settings(tiny_model_paths: dict[str, Path], members_file: Path) -> None:
+    """An extractor at another timestep, or without the members setting, fails with one line naming why."""
+    with pytest.raises(ValueError, match=r"trained with other settings.*'timestep': \(200, 300\)"):
+        ensemble_extractor(tiny_model_paths["sd"], members_file, timestep=300).predict_step(make_batch(["r"]), 0)
+    with pytest.raises(ValueError, match="need map_settings: {ensemble_members: PATH}"):
+        ensemble_extractor(tiny_model_paths["sd"], members_file,
+                           map_settings={"ensemble_members": "", "ensemble_distance": "kl"}).predict_step(
+            make_batch(["r"]), 0)
+
+
+@pytest.mark.slow
+def test_ensemble_fit_cli_is_rank_count_invariant(tiny_model_paths: dict[str, Path], tmp_path: Path) -> None:
+    """`python -m cli ensemble-fit` on real shards with 1 and 2 gloo ranks writes the same members (each image
+    encoded once, latents ordered by content, member k trained from its own seed on whichever rank). Catches
+    an image encoded twice or dropped across ranks, rank-ordered data, and members gathered in the wrong order."""
+    from PIL import Image
+
+    for i in range(5):
+        path = tmp_path / "images" / "real" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(torch.randint(0, 256, (48, 40, 3), generator=torch.Generator().manual_seed(i),
+                                      dtype=torch.uint8).numpy()).save(path)
+    convert("folder", tmp_path / "images", "val", tmp_path / "shards", shard_size=2, workers=1)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    files = {}
+    for devices in ("1", "2"):
+        files[devices] = tmp_path / f"members_{devices}.pt"
+        result = subprocess.run(
+            [sys.executable, "-m", "cli", "ensemble-fit", "--config", str(REPO / "configs/ensemble_fit.yaml"),
+             "--model.init_args.sd", str(tiny_model_paths["sd"]), "--model.init_args.output", str(files[devices]),
+             "--model.init_args.num_members", "3", "--model.init_args.steps", "3", "--model.init_args.batch_size", "2",
+             "--data.init_args.shards", str(tmp_path / "shards"), "--data.init_args.resolution", "64",
+             "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
+             "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / f"run_{devices}"),
+             "--trainer.devices", devices, "--trainer.strategy",
+             "ddp" if devices == "2" else "auto"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    one, two = load_members(files["1"]), load_members(files["2"])
+    assert one["metadata"]["num_images"] == 5 and one["metadata"] == two["metadata"]
+    for name in ("weights", "biases", "sigma2"):
+        assert torch.equal(one[name], two[name]), name
