@@ -22,7 +22,7 @@ current one is summarised; only the (rows × summaries) table stays in memory.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,8 +91,8 @@ def map_summaries(values: np.ndarray) -> np.ndarray:
     """(B, len(SUMMARIES)) float64 summaries of B maps (B, C, H, W) in any float dtype (see module docstring)."""
     maps = values.astype(np.float32, copy=False)
     count = maps.shape[0]
-    flat = maps.reshape(count, -1)
-    size = flat.shape[1]
+    size = math.prod(maps.shape[1:])
+    flat = maps.reshape(count, size)
     positions = {q: (size - 1) * q for q in (0.5, 0.95)}
     kth = sorted({k for p in positions.values() for k in (math.floor(p), math.ceil(p))})
     part = np.partition(flat, kth, axis=1)  # linear-time selection, as numpy.quantile does internally
@@ -105,24 +105,20 @@ def map_summaries(values: np.ndarray) -> np.ndarray:
     laplacian = 4 * maps[..., 1:-1, 1:-1]
     for neighbour in (maps[..., :-2, 1:-1], maps[..., 2:, 1:-1], maps[..., 1:-1, :-2], maps[..., 1:-1, 2:]):
         laplacian -= neighbour
-    laplacian = laplacian.reshape(count, -1)
+    laplacian = laplacian.reshape(count, math.prod(laplacian.shape[1:]))
     return np.stack([flat.mean(1, dtype=np.float64), quantile(0.5), quantile(0.95),
-                     maps.mean(1).reshape(count, -1).std(1, dtype=np.float64),
+                     maps.mean(1).reshape(count, math.prod(maps.shape[2:])).std(1, dtype=np.float64),
                      np.einsum("ij,ij->i", laplacian, laplacian, dtype=np.float64) / laplacian.shape[1]], axis=1)
 
 
 def _summarise_block(block: dict[str, np.ndarray], pool: ThreadPoolExecutor, workers: int) -> dict[str, np.ndarray]:
     """Each map's summaries, the rows split across `workers` threads (numpy's selection releases the GIL)."""
-    out = {}
-    for name, values in block.items():
-        pieces = np.array_split(np.arange(len(values)), workers)
-        out[name] = np.concatenate(list(pool.map(lambda p: map_summaries(values[p[0]:p[-1] + 1] if len(p) else
-                                                                         values[:0]), pieces)))
-    return out
+    return {name: np.concatenate(list(pool.map(map_summaries, np.array_split(values, workers))))
+            for name, values in block.items()}
 
 
 def summarise_store(store: FeatureStore, names: list[str], workers: int = 2,
-                    progress: object | None = None) -> dict[str, np.ndarray]:
+                    progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """{map: (num_rows, len(SUMMARIES)) float32} over every row, streaming one tar at a time."""
     summaries = {name: np.zeros((store.num_rows, len(SUMMARIES)), dtype=np.float32) for name in names}
     blocks = map_blocks(store, names)
@@ -341,6 +337,7 @@ def separability_report(stores: list[Path], out: Path, direction_from: Path | No
         if missing:
             raise ValueError(f"feature store {direction_from} (--direction-from): lacks the maps {missing}")
     out = Path(out)
+    stems = [r.store.path.stem for r in scored]
     records, notes, figures = [], {}, {}
     with Progress() as progress:
         def bar(store: FeatureStore):
@@ -375,7 +372,9 @@ def separability_report(stores: list[Path], out: Path, direction_from: Path | No
                                         "double_jpeg_auroc": reference_auroc["double-JPEG"].get(row["generator"], np.nan)})
                     averages.append(records[-1]["auroc"])
                 best = int(np.nanargmax(averages))
-                figures[f"{rows.store.path.stem}_{name}"] = _figure(
+                stem = rows.store.path.stem
+                stem = stem if stems.count(stem) == 1 else f"{rows.store.path.parent.name}_{stem}"
+                figures[f"{stem}_{name}"] = _figure(
                     values, rows, best, directions[name, SUMMARIES[best]], f"{name} · {path} · protocol {rows.protocol}")
     table = pd.DataFrame(records)
     out.mkdir(parents=True, exist_ok=True)
