@@ -141,6 +141,25 @@ def separability(*, stores: list[Path], out: Path, direction_from: Path | None =
     print(f"separability table: {out / 'separability.md'} (and .csv, plots/)")
 
 
+def verify(store: Path, checksums: bool = False) -> None:
+    """Check a feature store's files (presence and size; sha256 with --checksums true); exit 1 if any is damaged.
+
+    Args:
+        store: the feature store directory (from `python -m cli precompute`).
+        checksums: also read every file back and compare its sha256 with the one recorded when it was written.
+    """
+    from feature_cache.store import FeatureStore
+
+    opened = FeatureStore.open(store)
+    print(opened.summary())
+    damage = opened.verify(checksums)
+    if damage:
+        print("\n".join(f"damaged: {d}" for d in damage))
+        tars = sorted({d.tar or "all tars" for d in damage})
+        raise SystemExit(f"python -m cli verify: {store}: {len(damage)} damaged files in {', '.join(tars)}; "
+                         "rerun the same precompute command to recompute them")
+    print(f"verify: {store}: no damage found ({'sizes and checksums' if checksums else 'presence and sizes'})")
+
+
 PLAIN_COMMANDS = {"shards": shards, "tiny-models": tiny_models, "demo": demo, "compare": compare, "grid": grid,
-                  "predict": predict, "robustness": robustness,
-                  "separability": separability}
+                  "predict": predict, "robustness": robustness, "verify": verify, "separability": separability}

@@ -10,6 +10,7 @@ files land in rejected.csv instead of failing phase 1 hours later.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -29,7 +30,7 @@ Layout = Literal["genimage", "drct", "folder"]
 Split = Literal["train", "val"]
 
 MANIFEST_COLUMNS = ("key", "row", "label", "generator", "path", "shard", "format", "jpeg_quality", "width",
-                    "height", "class_name")
+                    "height", "class_name", "sha256")
 REJECTED_COLUMNS = ("path", "reason")
 SHARD_PATTERN = "shard-{:06d}.tar"
 EXTENSION_ALIASES = {"jpeg": "jpg", "jpe": "jpg", "jfif": "jpg", "tiff": "tif"}
@@ -61,6 +62,7 @@ class FileInfo:
     width: int = 0
     height: int = 0
     extension: str = ""
+    sha256: str = ""  # hex sha256 of the original file bytes: the row's identity in feature stores
 
 
 @dataclass(frozen=True)
@@ -175,12 +177,14 @@ def _member_extension(path: Path, image_format: str) -> str:
 def inspect_file(path: Path) -> FileInfo:
     """Decode the whole file; any failure (truncated, empty, not an image, unreadable) becomes a reason."""
     try:
-        original, _ = decode_rgb(path.read_bytes())
+        data = path.read_bytes()
+        original, _ = decode_rgb(data)
     except Exception as error:  # noqa: BLE001  every failure is recorded in rejected.csv, none is fatal
         return FileInfo(reason=describe_error(error))
     image_format = original.format or ""
     return FileInfo(format=image_format, jpeg_quality=estimate_jpeg_quality(original), width=original.width,
-                    height=original.height, extension=_member_extension(path, image_format))
+                    height=original.height, extension=_member_extension(path, image_format),
+                    sha256=hashlib.sha256(data).hexdigest())
 
 
 def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
@@ -266,7 +270,7 @@ def convert(layout: Layout, root: Path, split: Split, out: Path, shard_size: int
                   "jpeg_quality": "" if info.jpeg_quality is None else info.jpeg_quality,
                   "width": info.width, "height": info.height,
                   # No layout names the class in a folder; parsing file names for it is what STYLE.md warns against.
-                  "class_name": ""}
+                  "class_name": "", "sha256": info.sha256}
         manifest.append(record)
         if row % shard_size == 0:
             shard_jobs.append((out / shard, []))

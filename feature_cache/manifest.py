@@ -3,17 +3,7 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
 from pathlib import Path
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """Per-row metadata of a shard directory, indexed by global row (dense 0..n-1)."""
-
-    keys: list[str]
-    labels: list[int]
-    generators: list[str]
 
 
 def read_manifest_rows(shard_dir: str | Path) -> list[dict]:
@@ -34,13 +24,6 @@ def read_manifest_rows(shard_dir: str | Path) -> list[dict]:
     return records
 
 
-def read_manifest(shard_dir: str | Path) -> Manifest:
-    """The columns a feature store is preallocated from."""
-    records = read_manifest_rows(shard_dir)
-    return Manifest(keys=[r["key"] for r in records], labels=[r["label"] for r in records],
-                    generators=[r["generator"] for r in records])
-
-
 def read_rejected(shard_dir: str | Path) -> list[dict[str, str]]:
     """The converter's rejects `{path, reason}` from `<shard_dir>/rejected.csv` (none if the file is absent)."""
     path = Path(shard_dir) / "rejected.csv"
@@ -48,3 +31,26 @@ def read_rejected(shard_dir: str | Path) -> list[dict[str, str]]:
         return []
     with path.open(newline="") as f:
         return [{"path": r["path"], "reason": r["reason"]} for r in csv.DictReader(f)]
+
+
+def store_rows(shard_dir: str | Path, generator_names: list[str],
+               row_metadata: dict[str, list] | None = None) -> dict[str, list]:
+    """A feature store's rows/ columns from the manifest: key, sha256, label, generator code, and format,
+    jpeg_quality (-1: not JPEG), width, height (from `row_metadata` when the read-time protocol changes them)."""
+    path = Path(shard_dir) / "manifest.csv"
+    records = read_manifest_rows(shard_dir)
+    if records and not all(r.get("sha256") for r in records):
+        raise ValueError(f"manifest {path}: no sha256 column (written by an older `python -m cli shards`); "
+                         "re-convert the images, the content hash is each row's identity")
+    code = {name: index for index, name in enumerate(generator_names)}
+    unknown = sorted({r["generator"] for r in records} - code.keys())
+    if unknown:
+        raise ValueError(f"manifest {path}: generators {unknown} are not in the datamodule's generator_names "
+                         f"{generator_names}")
+    rows = {"key": [r["key"] for r in records], "sha256": [r["sha256"] for r in records],
+            "label": [r["label"] for r in records], "generator": [code[r["generator"]] for r in records],
+            "format": [r["format"] for r in records],
+            "jpeg_quality": [-1 if r["jpeg_quality"] is None else r["jpeg_quality"] for r in records],
+            "width": [r["width"] for r in records], "height": [r["height"] for r in records]}
+    rows.update(row_metadata or {})
+    return rows

@@ -1,277 +1,558 @@
-"""One Zarr v3 group holding the phase-1 features of one (dataset split, extractor config).
+"""The feature store, format 2: one Zarr v3 group per dataset split, features in groups that grow.
 
-Layout (sample axis first everywhere; S = the shard table's shard size, n = number of rows):
+Layout (docs/contracts.md, "Feature store, format 2"; S = shard size, n = rows, sample axis first):
 
-- one float array per feature (`lare`, `deu`, `clip_layer3`, ...), dtype float16 or float32, sharded
-  with `shards=(S, ...)`: one WebDataset tar = one Zarr shard file, so the process that computed a
-  tar is the only writer of that file (NOTES: writers sharing a chunk or shard lose data). Inner
-  chunks hold about 64 KiB (1 row of `clip_layer3`, 8 rows of a 4x32x32 float16 map): measured on
-  zarr 3.1.6, a single-row read costs ~1 ms of per-call overhead until the chunk it decodes grows
-  past ~100 KB (1-row chunks 1.7 ms, 16-row 8.9 ms, one chunk per tar 220 ms for `clip_layer3`),
-  while larger chunks make whole-tar writes and in-memory loads ~10x faster for small maps.
-  Codec: blosc zstd-1 with byte shuffle (see `_feature_compressor`).
-- `label` int8, `generator` int16 (codes into attrs `generator_names`), `key` str: written once,
-  at creation, from the manifest.
-- `error` str per row ("" when fine), one chunk per tar, written with the tar's features; the
-  features of an error row keep the fill value 0.
-- `done` bool, one chunk per tar: set only after the tar's rows are fully written, because
-  `write_empty_chunks=False` makes "chunk exists" useless as a marker.
-- attrs: `provenance` (the extractor and data settings), `features` (per-row shapes),
-  `feature_dtype`, `shards` (the shard table), `generator_names`, `rejected_inputs` (the shard
-  converter's rejects, path + reason: rare, written once by rank 0, so attrs rather than arrays),
-  and `feature_store` {format, complete}: `complete` is set last, so a creation killed halfway is
-  recognised and redone.
+- `rows/{key, sha256, label, generator, format, jpeg_quality, width, height}`: per-row facts written once
+  at creation, one chunk per tar; `sha256` (of the image's original bytes) is the row's identity.
+  `rows.checksums.json` records every rows/ file (and is the creation marker of rows/).
+- `GROUP/FEATURE`: one array per feature, one Zarr shard file per tar (`shards=(S, ...)`), so the process
+  that computed a tar is the only writer of its files (NOTES: writers sharing a shard lose data); inner
+  chunks ~64 KiB, because a single-row read costs ~1 ms per call until the decoded chunk passes ~100 KB
+  while bigger chunks make whole-tar writes and loads faster. Dtype and codec per feature (`codecs`).
+  `FEATURE__scale` (n, C) float32 for int8_rowscale; `error` str and `flags` int32 (n, 2) =
+  (non-finite values, underflowed values) per row.
+- `GROUP/done/TAR.json`: a tar's done marker with the size and sha256 of each file it wrote, written
+  atomically after the files are on disk; a file zarr did not write (chunk = fill value) is recorded
+  as {bytes: 0, sha256: null}.
+- attrs: `feature_store` {format: 2, complete}, `provenance` (`StoreProvenance`), `groups`
+  ({name: `GroupInfo`}), `generator_names`, `rejected_inputs`. Only the holder of `.lock` writes them.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
-import math
-from collections.abc import Mapping, Sequence
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
 
-FORMAT_VERSION = 1
-FEATURE_DTYPES = ("float16", "float32")
+from feature_cache.codecs import compressor, has_scale, scale_channels, storage_dtype
+from feature_cache.provenance import (ExtractorProvenance, FeatureSpec, GroupInfo, StoreProvenance,
+                                      config_differences, file_sha256, normalized)
+
+__all__ = ["FeatureStore", "FeatureInfo", "Damage", "ProvenanceMismatchError", "StoreLockedError", "store_lock",
+           "config_differences", "FORMAT_VERSION", "ROW_COLUMNS", "FLAG_COLUMNS"]
+
+FORMAT_VERSION = 2
+ROW_COLUMNS = {"key": str, "sha256": str, "label": "int8", "generator": "int16", "format": str,
+               "jpeg_quality": "int16", "width": "int32", "height": "int32"}
+FLAG_COLUMNS = ("non_finite", "underflow")
+_ROW_FILL = {"label": -1, "generator": -1, "jpeg_quality": -1, "width": 0, "height": 0}
 _INNER_CHUNK_BYTES = 64 * 1024
-_METADATA_ARRAYS = ("label", "generator", "key", "error", "done")
+_ROWS_CHECKSUMS = "rows.checksums.json"
+_LOCK = ".lock"
 
 
 class ProvenanceMismatchError(ValueError):
-    """A store exists but was made with a different configuration than the one requested."""
+    """A store exists but was made with a different configuration or other data than the one requested."""
 
 
-def _normalized(value: Any) -> Any:
-    """The value as it reads back from JSON attrs (tuples become lists), so comparisons are fair."""
-    return json.loads(json.dumps(value))
+class StoreLockedError(ValueError):
+    """Another run is creating or growing the store."""
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as dotted keys, so a mismatch names the exact leaf field."""
-    if isinstance(value, dict) and value:
-        flat: dict[str, Any] = {}
-        for key, item in value.items():
-            flat.update(_flatten(item, f"{prefix}{key}."))
-        return flat
-    return {prefix[:-1]: value}
+@dataclass(frozen=True)
+class Damage:
+    """One damaged file: which group (or `rows`) and tar it belongs to (None: every tar), and what is wrong."""
+
+    group: str
+    tar: str | None
+    file: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.group} {self.tar or 'all tars'}: {self.file} {self.problem}"
 
 
-def config_differences(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:
-    """Every differing field as `name stored != requested` (`<missing>` where one side lacks it)."""
-    left, right = _flatten(_normalized(dict(stored))), _flatten(_normalized(dict(requested)))
-    missing = "<missing>"
-    return [f"{name} {left.get(name, missing)} != {right.get(name, missing)}"
-            for name in sorted(left.keys() | right.keys()) if left.get(name, missing) != right.get(name, missing)]
+@dataclass(frozen=True)
+class FeatureInfo:
+    """Where a feature lives and how it is stored."""
+
+    group: str
+    shape: tuple[int, ...]
+    dtype: str  # stored dtype name (codecs.DTYPES)
+    codec: str
+
+    @property
+    def storage_dtype(self) -> np.dtype:
+        return storage_dtype(self.dtype)
+
+    @property
+    def has_scale(self) -> bool:
+        return has_scale(self.dtype)
+
+
+@contextmanager
+def store_lock(path: str | Path) -> Iterator[None]:
+    """Exclusive, non-blocking lock on `path/.lock`; the loser gets one line naming the holder's pid."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"feature store {path}: is a file, not a store directory; choose another --store")
+    path.mkdir(parents=True, exist_ok=True)
+    handle = (path / _LOCK).open("a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise StoreLockedError(f"feature store {path} is being created/grown by another run "
+                                   f"(lock held by pid {holder})") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing releases the flock
 
 
 def _inner_rows(shard_size: int, row_shape: tuple[int, ...], itemsize: int) -> int:
     """Rows per inner chunk: the largest divisor of the shard size within ~64 KiB (at least 1)."""
-    target = max(1, _INNER_CHUNK_BYTES // max(1, math.prod(row_shape) * itemsize))
+    target = max(1, _INNER_CHUNK_BYTES // max(1, int(np.prod(row_shape)) * itemsize))
     return max(d for d in range(1, min(target, shard_size) + 1) if shard_size % d == 0)
 
 
-def _feature_compressor(itemsize: int) -> BloscCodec:
-    """Blosc zstd level 1 with byte shuffle: on ReLU-like float16 maps it compresses as well as zarr's
-    default zstd (1.7x) but whole-tar reads decode ~3.5x faster (measured: 273 vs 77 MB/s)."""
-    return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=itemsize)
+def _chunk_file(array: str, index: int, ndim: int) -> str:
+    """Relative path of the chunk (or shard) file `index` along the sample axis of an array."""
+    return "/".join([array, "c", str(index), *["0"] * (ndim - 1)])
 
 
-def _check_shard_table(shards: Sequence[Mapping[str, Any]], num_rows: int) -> int:
-    """The common shard size S, after checking the table tiles rows 0..n-1 as the contract says."""
-    if not shards:
+def _file_record(path: Path) -> dict[str, Any]:
+    """Size and sha256 of a file after fsync (so a done marker never points at data still in flight)."""
+    if not path.exists():
+        return {"bytes": 0, "sha256": None}
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def _write_atomically(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w") as f:
+        json.dump(payload, f, indent=0, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _file_problem(path: Path, record: Mapping[str, Any], checksums: bool) -> str | None:
+    """What is wrong with one recorded file, or None."""
+    if record["sha256"] is None:
+        return "present but recorded as fill value (absent)" if path.exists() else None
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        return f"size {size} != recorded {record['bytes']} (truncated or replaced)"
+    if checksums and file_sha256(path) != record["sha256"]:
+        return "checksum mismatch (bytes changed)"
+    return None
+
+
+def _check_tars(tars: Sequence[Mapping[str, Any]]) -> int:
+    """The common shard size S, after checking the tars tile rows 0..n-1 as the contract says."""
+    if not tars:
         raise ValueError("feature store: the shard table is empty")
-    size = int(shards[0]["num_samples"])
-    expected_first = 0
-    for index, shard in enumerate(shards):
-        first, count = int(shard["first_row"]), int(shard["num_samples"])
-        is_last = index == len(shards) - 1
+    size, expected_first = int(tars[0]["num_samples"]), 0
+    for index, tar in enumerate(tars):
+        first, count = int(tar["first_row"]), int(tar["num_samples"])
+        is_last = index == len(tars) - 1
         if first != expected_first or count <= 0 or (count != size if not is_last else count > size):
-            raise ValueError(f"feature store: shard table entry {shard['name']} (first_row {first}, "
+            raise ValueError(f"feature store: shard table entry {tar['name']} (first_row {first}, "
                              f"num_samples {count}) breaks the layout rows [k*{size}, k*{size}+n_k)")
         expected_first += count
-    if expected_first != num_rows:
-        raise ValueError(f"feature store: the shard table covers {expected_first} rows but the manifest has {num_rows}")
     return size
 
 
 class FeatureStore:
-    """Phase-1 features on disk: create once on rank 0, then open anywhere to write tars or read rows."""
+    """A format-2 store: `create` (under `store_lock`) or `open`, then `add_group`/`write_tar` or read."""
 
-    def __init__(self, path: Path, group: zarr.Group) -> None:
+    def __init__(self, path: Path, root: zarr.Group) -> None:
         self.path = path
-        self._group = group
-        attrs = group.attrs.asdict()
-        self.provenance: dict[str, Any] = attrs["provenance"]
-        self.feature_shapes: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in attrs["features"].items()}
-        self.feature_dtype: str = attrs["feature_dtype"]
-        self.shard_table: list[dict[str, Any]] = attrs["shards"]
-        self.generator_names: list[str] = attrs["generator_names"]
-        self.row_metadata_names: list[str] = attrs.get("row_metadata", [])
+        self._root = root
+        attrs = root.attrs.asdict()
+        self.provenance = StoreProvenance.from_attrs(attrs["provenance"])
+        self.groups: dict[str, GroupInfo] = {g: GroupInfo.from_attrs(v) for g, v in attrs.get("groups", {}).items()}
+        self.generator_names: list[str] = list(attrs["generator_names"])
+        self._rejected_inputs: list[dict[str, str]] = list(attrs.get("rejected_inputs", []))
+        self.shard_size = _check_tars(self.shard_table)
         self._arrays: dict[str, zarr.Array] = {}
 
-    @classmethod
-    def create(cls, path: str | Path, *, shards: Sequence[Mapping[str, Any]], keys: Sequence[str],
-               labels: Sequence[int], generators: Sequence[int], generator_names: Sequence[str],
-               feature_shapes: Mapping[str, Sequence[int]],
-               feature_dtype: Literal["float16", "float32"], provenance: Mapping[str, Any],
-               rejected: Sequence[Mapping[str, str]] = (),
-               row_metadata: Mapping[str, Sequence[Any]] | None = None) -> FeatureStore:
-        """Preallocate every array (call on rank 0 only, before any writer starts).
-
-        A complete store already at `path` made with the same provenance and layout is opened
-        instead (resume); a different one raises `ProvenanceMismatchError`.
-        """
-        path = Path(path)
-        if feature_dtype not in FEATURE_DTYPES:
-            raise ValueError(f"feature store {path}: feature_dtype {feature_dtype!r} is not one of {FEATURE_DTYPES}")
-        row_metadata = dict(row_metadata or {})
-        clash = (set(feature_shapes) | set(row_metadata)) & set(_METADATA_ARRAYS) | set(feature_shapes) & set(row_metadata)
-        if clash:
-            raise ValueError(f"feature store {path}: array names {sorted(clash)} are used twice or reserved for metadata")
-        num_rows = len(keys)
-        if not len(labels) == len(generators) == num_rows:
-            raise ValueError(f"feature store {path}: {num_rows} keys, {len(labels)} labels, {len(generators)} generators")
-        shard_size = _check_shard_table(shards, num_rows)
-        layout = {"features": {k: list(v) for k, v in feature_shapes.items()}, "feature_dtype": feature_dtype,
-                  "shards": [dict(s) for s in shards], "generator_names": list(generator_names),
-                  "row_metadata": sorted(row_metadata)}
-        if cls._is_complete(path):
-            store = cls.open(path, expected_provenance=provenance, writable=True)
-            stored_layout = {"features": {k: list(v) for k, v in store.feature_shapes.items()},
-                             "feature_dtype": store.feature_dtype, "shards": store.shard_table,
-                             "generator_names": store.generator_names, "row_metadata": store.row_metadata_names}
-            store._raise_on_differences(stored_layout, layout)
-            return store
-        if path.exists() and any(path.iterdir()) and not (path / "zarr.json").exists():
-            raise ValueError(f"feature store {path}: the directory exists and is not a feature store; choose another path")
-
-        group = zarr.open_group(path, mode="w")
-        group.attrs.update(_normalized({"feature_store": {"format": FORMAT_VERSION, "complete": False},
-                                        "provenance": dict(provenance), **layout,
-                                        "rejected_inputs": [{"path": r["path"], "reason": r["reason"]}
-                                                            for r in rejected]}))
-        itemsize = np.dtype(feature_dtype).itemsize
-        for name, row_shape in feature_shapes.items():
-            row_shape = tuple(int(d) for d in row_shape)
-            group.create_array(name, shape=(num_rows, *row_shape), dtype=feature_dtype, fill_value=0,
-                               chunks=(_inner_rows(shard_size, row_shape, itemsize), *row_shape),
-                               shards=(shard_size, *row_shape), compressors=_feature_compressor(itemsize))
-        per_row = {"chunks": (shard_size,), "shape": (num_rows,)}
-        group.create_array("label", dtype="int8", fill_value=-1, **per_row)[:] = np.asarray(labels, dtype=np.int8)
-        group.create_array("generator", dtype="int16", fill_value=-1, **per_row)[:] = np.asarray(generators, dtype=np.int16)
-        group.create_array("key", dtype=str, **per_row)[:] = np.asarray(list(keys), dtype=str)
-        group.create_array("error", dtype=str, **per_row)
-        for name, values in row_metadata.items():  # per-image facts beside the features, e.g. file format
-            values = np.asarray(list(values))
-            if len(values) != num_rows:
-                raise ValueError(f"feature store {path}: row metadata {name} has {len(values)} values for {num_rows} rows")
-            group.create_array(name, dtype=str if values.dtype.kind in "UO" else values.dtype, **per_row)[:] = values
-        group.create_array("done", shape=(len(shards),), chunks=(1,), dtype=bool, fill_value=False)
-        group.attrs["feature_store"] = {"format": FORMAT_VERSION, "complete": True}
-        return cls(path, group)
-
-    @staticmethod
-    def _is_complete(path: Path) -> bool:
-        """Whether `path` holds a feature store whose creation finished."""
-        if not (path / "zarr.json").exists():
-            return False
-        marker = zarr.open_group(path, mode="r").attrs.get("feature_store", {})
-        return bool(marker.get("complete"))
+    # ---- creation, opening, growing --------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | Path, expected_provenance: Mapping[str, Any] | None = None,
-             writable: bool = False) -> FeatureStore:
-        """Open a complete store; with `expected_provenance`, refuse one made with a different config."""
+    def create(cls, path: str | Path, *, provenance: StoreProvenance, rows: Mapping[str, Sequence[Any]],
+               generator_names: Sequence[str], rejected: Sequence[Mapping[str, str]] = ()) -> FeatureStore:
+        """Write a new store's rows/ and attrs (hold `store_lock(path)`); an incomplete one is wiped first."""
         path = Path(path)
-        if not cls._is_complete(path):
-            raise FileNotFoundError(f"feature store {path}: no complete feature store there "
-                                    "(run `python -m cli precompute` with this path as the writer's store)")
-        store = cls(path, zarr.open_group(path, mode="r+" if writable else "r"))
-        if expected_provenance is not None:
-            store._raise_on_differences(store.provenance, expected_provenance)
+        if (path / "zarr.json").exists():
+            if cls._marker(path).get("complete"):
+                raise ValueError(f"feature store {path}: already exists (open it instead)")
+        elif any(p.name != _LOCK for p in path.iterdir()):
+            raise ValueError(f"feature store {path}: the directory exists and is not a feature store; "
+                             "choose another path")
+        for entry in path.iterdir():  # a creation killed halfway: start over (the lock file stays)
+            if entry.name != _LOCK:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        _check_tars(provenance.dataset.tars)
+        root = zarr.open_group(path, mode="a")
+        root.attrs.update(normalized({"feature_store": {"format": FORMAT_VERSION, "complete": False},
+                                      "provenance": provenance.to_attrs(), "groups": {},
+                                      "generator_names": list(generator_names),
+                                      "rejected_inputs": [{"path": r["path"], "reason": r["reason"]}
+                                                          for r in rejected]}))
+        store = cls(path, root)
+        store.write_rows(rows)
+        root.attrs["feature_store"] = {"format": FORMAT_VERSION, "complete": True}
         return store
 
-    def _raise_on_differences(self, stored: Mapping[str, Any], requested: Mapping[str, Any]) -> None:
-        differences = config_differences(stored, requested)
-        if differences:
-            raise ProvenanceMismatchError(f"feature store {self.path} was made with a different config: "
-                                          + ", ".join(differences))
+    @staticmethod
+    def _marker(path: Path) -> dict[str, Any]:
+        return zarr.open_group(path, mode="r").attrs.get("feature_store", {})
+
+    @classmethod
+    def exists(cls, path: str | Path) -> bool:
+        """Whether `path` holds a store whose creation finished (any format)."""
+        path = Path(path)
+        return (path / "zarr.json").is_file() and bool(cls._marker(path).get("complete"))
+
+    @classmethod
+    def open(cls, path: str | Path, writable: bool = False) -> FeatureStore:
+        """Open a complete format-2 store; format 1 is refused with what to do."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"feature store {path}: is a file, not a store directory")
+        if not (path / "zarr.json").is_file():
+            raise FileNotFoundError(f"feature store {path}: no complete feature store there "
+                                    "(run `python -m cli precompute` with this path as --store)")
+        marker = cls._marker(path)
+        if marker.get("format") == 1:
+            raise ValueError(f"feature store {path} is format 1 (noise keyed by row number); recompute it with "
+                             "python -m cli precompute into a new path")
+        if marker.get("format") != FORMAT_VERSION:
+            raise ValueError(f"feature store {path}: unknown format {marker.get('format')!r} (this code reads "
+                             f"format {FORMAT_VERSION})")
+        if not marker.get("complete"):
+            raise FileNotFoundError(f"feature store {path}: its creation did not finish (rerun precompute)")
+        return cls(path, zarr.open_group(path, mode="r+" if writable else "r"))
+
+    def write_rows(self, rows: Mapping[str, Sequence[Any]]) -> None:
+        """(Re)write every rows/ array from the manifest's columns, then record their checksums."""
+        missing = sorted(set(ROW_COLUMNS) - set(rows))
+        if missing:
+            raise ValueError(f"feature store {self.path}: row columns {missing} are missing")
+        group = self._root.require_group("rows")
+        for name, dtype in ROW_COLUMNS.items():
+            values = np.asarray(list(rows[name]), dtype=dtype)
+            if len(values) != self.num_rows:
+                raise ValueError(f"feature store {self.path}: row column {name} has {len(values)} values for "
+                                 f"{self.num_rows} rows")
+            kwargs = {} if dtype is str else {"fill_value": _ROW_FILL.get(name, 0)}
+            array = group.create_array(name, shape=(self.num_rows,), chunks=(self.shard_size,), dtype=dtype,
+                                       overwrite=True, **kwargs)
+            array[:] = values
+        self._arrays = {}
+        files = ["rows/zarr.json"] + [f"rows/{name}/zarr.json" for name in ROW_COLUMNS]
+        files += [_chunk_file(f"rows/{name}", k, 1) for name in ROW_COLUMNS for k in range(len(self.shard_table))]
+        _write_atomically(self.path / _ROWS_CHECKSUMS, {rel: _file_record(self.path / rel) for rel in files})
+
+    def add_group(self, features: Mapping[str, FeatureSpec], extractor: ExtractorProvenance) -> str:
+        """A new feature group (hold the lock): preallocate its arrays, record it in attrs; returns its name."""
+        clash = sorted(set(features) & set(self.feature_names))
+        if clash:
+            raise ValueError(f"feature store {self.path}: features {clash} are already in group "
+                             f"{self.group_of(clash[0])}")
+        if set(features) != set(extractor.maps):
+            raise ValueError(f"feature store {self.path}: the extractor provenance covers {sorted(extractor.maps)}, "
+                             f"the new group holds {sorted(features)}")
+        name = f"g{len(self.groups)}"
+        info = GroupInfo(dict(features), extractor)
+        self._create_group_arrays(name, info)
+        self.groups[name] = info
+        self._root.attrs["groups"] = normalized({g: i.to_attrs() for g, i in self.groups.items()})
+        return name
+
+    def _create_group_arrays(self, group: str, info: GroupInfo, only: set[str] | None = None) -> None:
+        """Preallocate a group's arrays (or just `only`, e.g. one whose metadata was lost), overwriting."""
+        zgroup = self._root.require_group(group)
+        n, size = self.num_rows, self.shard_size
+        for feature, spec in info.features.items():
+            dtype = storage_dtype(spec.dtype)
+            arrays = {feature: (spec.shape, dtype, compressor(spec.codec, dtype.itemsize))}
+            if has_scale(spec.dtype):
+                arrays[f"{feature}__scale"] = ((scale_channels(spec.shape),), np.dtype("float32"), compressor("zstd", 4))
+            for name, (shape, array_dtype, codec) in arrays.items():
+                if only is None or name in only:
+                    zgroup.create_array(name, shape=(n, *shape), dtype=array_dtype, fill_value=0, overwrite=True,
+                                        chunks=(_inner_rows(size, shape, array_dtype.itemsize), *shape),
+                                        shards=(size, *shape), compressors=codec)
+        if only is None or "error" in only:
+            zgroup.create_array("error", shape=(n,), chunks=(size,), dtype=str, overwrite=True)
+        if only is None or "flags" in only:
+            zgroup.create_array("flags", shape=(n, len(FLAG_COLUMNS)), chunks=(size, len(FLAG_COLUMNS)),
+                                dtype="int32", fill_value=0, overwrite=True)
+        self._arrays = {}
+
+    def _group_arrays(self, group: str) -> list[str]:
+        """Array names of a group (features, their scales, error, flags)."""
+        names = []
+        for feature, spec in self.groups[group].features.items():
+            names += [feature] + ([f"{feature}__scale"] if has_scale(spec.dtype) else [])
+        return names + ["error", "flags"]
+
+    # ---- layout ----------------------------------------------------------------------------------------------
+
+    @property
+    def dataset(self):  # noqa: ANN201  (DatasetProvenance)
+        return self.provenance.dataset
+
+    @property
+    def pixels(self):  # noqa: ANN201  (PixelProvenance)
+        return self.provenance.pixels
+
+    @property
+    def shard_table(self) -> list[dict[str, Any]]:
+        """The tars: name, first_row, num_samples (plus bytes and mtime_ns when the store was made)."""
+        return self.provenance.dataset.tars
 
     @property
     def num_rows(self) -> int:
-        return int(self.array("key").shape[0])
+        last = self.shard_table[-1]
+        return int(last["first_row"]) + int(last["num_samples"])
 
     @property
     def feature_names(self) -> list[str]:
-        return list(self.feature_shapes)
+        return [name for info in self.groups.values() for name in info.features]
 
-    def array(self, name: str) -> zarr.Array:
-        """A feature or metadata array by name (opened once, then cached)."""
-        if name not in self._arrays:
-            if name not in (*self.feature_shapes, *_METADATA_ARRAYS, *self.row_metadata_names):
-                raise KeyError(f"feature store {self.path}: no array {name!r} "
-                               f"(features: {', '.join(self.feature_shapes)})")
-            self._arrays[name] = self._group[name]
-        return self._arrays[name]
+    def group_of(self, name: str) -> str:
+        for group, info in self.groups.items():
+            if name in info.features:
+                return group
+        raise KeyError(f"feature store {self.path}: no feature {name!r} (features: {', '.join(self.feature_names)})")
 
-    def shard_rows(self, index: int) -> tuple[int, int]:
-        """Row range [start, stop) of shard `index`."""
+    def feature_info(self, name: str) -> FeatureInfo:
+        group = self.group_of(name)
+        spec = self.groups[group].features[name]
+        return FeatureInfo(group, spec.shape, spec.dtype, spec.codec)
+
+    def feature_provenance(self, name: str) -> dict[str, Any]:
+        """A feature's full provenance: the store's plus its group's common settings and its own."""
+        extractor = self.groups[self.group_of(name)].extractor
+        return {**self.provenance.to_attrs(), "extractor": {"common": extractor.common, "map": extractor.maps[name]}}
+
+    def tar_rows(self, index: int) -> tuple[int, int]:
+        """Row range [start, stop) of tar `index`."""
         if not 0 <= index < len(self.shard_table):
-            raise IndexError(f"feature store {self.path}: shard index {index} outside 0..{len(self.shard_table) - 1}")
-        shard = self.shard_table[index]
-        return int(shard["first_row"]), int(shard["first_row"]) + int(shard["num_samples"])
+            raise IndexError(f"feature store {self.path}: tar index {index} outside 0..{len(self.shard_table) - 1}")
+        tar = self.shard_table[index]
+        return int(tar["first_row"]), int(tar["first_row"]) + int(tar["num_samples"])
 
-    def done_shards(self) -> set[str]:
-        """Names of the tars whose rows are fully written (read fresh: other processes write them)."""
-        done = self.array("done")[:]
-        return {shard["name"] for shard, flag in zip(self.shard_table, done) if flag}
+    def _array(self, rel: str) -> zarr.Array:
+        if rel not in self._arrays:
+            try:
+                self._arrays[rel] = self._root[rel]
+            except (KeyError, FileNotFoundError):
+                raise KeyError(f"feature store {self.path}: array {rel} is missing (run `python -m cli verify "
+                               f"{self.path}`; a precompute rerun repairs it)") from None
+        return self._arrays[rel]
 
-    def write_shard(self, index: int, arrays: Mapping[str, np.ndarray], errors: Sequence[str]) -> None:
-        """Write every row of tar `index` (whole Zarr shards/chunks only), then mark it done."""
-        start, stop = self.shard_rows(index)
-        count, name = stop - start, self.shard_table[index]["name"]
-        if set(arrays) != set(self.feature_shapes):
-            raise ValueError(f"feature store {self.path}: shard {name} got arrays {sorted(arrays)}, "
-                             f"expected {sorted(self.feature_shapes)}")
-        if len(errors) != count:
-            raise ValueError(f"feature store {self.path}: shard {name} got {len(errors)} error entries for {count} rows")
-        for feature, values in arrays.items():
-            expected = (count, *self.feature_shapes[feature])
-            if tuple(values.shape) != expected:
-                raise ValueError(f"feature store {self.path}: shard {name} array {feature} has shape "
-                                 f"{tuple(values.shape)}, expected {expected}")
-        for feature, values in arrays.items():
-            self.array(feature)[start:stop] = np.asarray(values, dtype=self.feature_dtype)
-        self.array("error")[start:stop] = np.asarray(list(errors), dtype=str)
-        self.array("done")[index] = True
+    def _feature_array(self, name: str) -> zarr.Array:
+        """`name` or `name__scale` of any group."""
+        feature = name.removesuffix("__scale")
+        if name != feature and not self.feature_info(feature).has_scale:
+            raise KeyError(f"feature store {self.path}: feature {feature} has no scale (dtype "
+                           f"{self.feature_info(feature).dtype})")
+        return self._array(f"{self.group_of(feature)}/{name}")
 
-    def row_metadata(self) -> dict[str, np.ndarray]:
-        """Per-row facts stored beside the features; from precompute: format, jpeg_quality (-1: not JPEG),
-        width, height as the read-time protocol leaves them."""
-        return {name: self.array(name)[:] for name in self.row_metadata_names}
+    # ---- reads -----------------------------------------------------------------------------------------------
 
-    def labels(self) -> np.ndarray:
-        return self.array("label")[:]
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows [start, stop) of a feature (or `NAME__scale`) in its stored dtype; whole tars decode fastest."""
+        return self._feature_array(name)[start:self.num_rows if stop is None else stop]
 
-    def generators(self) -> np.ndarray:
-        return self.array("generator")[:]
+    def read_rows(self, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Sorted rows of a feature (or `NAME__scale`), one contiguous read per tar they fall in."""
+        rows = np.asarray(rows, dtype=np.int64)
+        array = self._feature_array(name)
+        if rows.size == 0:
+            return np.zeros((0, *array.shape[1:]), dtype=array.dtype)
+        if (np.diff(rows) < 0).any() or rows[0] < 0 or rows[-1] >= self.num_rows:
+            raise ValueError(f"feature store {self.path}: read_rows needs sorted rows within 0..{self.num_rows - 1}")
+        tars = rows // self.shard_size
+        parts = []
+        for tar in np.unique(tars):
+            block = rows[tars == tar]
+            lo = int(block[0])
+            parts.append(array[lo:int(block[-1]) + 1][block - lo])
+        return np.concatenate(parts)
 
-    def keys(self) -> list[str]:
-        return self.array("key")[:].tolist()
+    def rows(self, column: str) -> np.ndarray:
+        """A rows/ column (key, sha256, label, generator, format, jpeg_quality, width, height) for every row."""
+        if column not in ROW_COLUMNS:
+            raise KeyError(f"feature store {self.path}: no row column {column!r} (columns: {', '.join(ROW_COLUMNS)})")
+        return self._array(f"rows/{column}")[:]
 
-    def errors(self) -> list[str]:
-        return self.array("error")[:].tolist()
+    def _group_name(self, group_or_feature: str) -> str:
+        return group_or_feature if group_or_feature in self.groups else self.group_of(group_or_feature)
+
+    def errors(self, group_or_feature: str) -> np.ndarray:
+        """Per-row decode errors ("" = fine) of a group (or of the group holding a feature)."""
+        return self._array(f"{self._group_name(group_or_feature)}/error")[:]
+
+    def flags(self, group_or_feature: str) -> np.ndarray:
+        """(n, 2) int32 per row: non-finite values, underflowed values (FLAG_COLUMNS)."""
+        return self._array(f"{self._group_name(group_or_feature)}/flags")[:]
 
     def rejected(self) -> list[dict[str, Any]]:
         """Converter rejects ({path, reason}) then rows that failed in phase 1 ({key, row, reason})."""
-        records: list[dict[str, Any]] = [dict(r) for r in self._group.attrs.get("rejected_inputs", [])]
-        keys = None
-        for row, reason in enumerate(self.errors()):
-            if reason:
-                keys = self.keys() if keys is None else keys
-                records.append({"key": keys[row], "row": row, "reason": reason})
+        records: list[dict[str, Any]] = [dict(r) for r in self._rejected_inputs]
+        reasons: dict[int, str] = {}
+        for group in self.groups:
+            for row in np.flatnonzero(self.errors(group) != ""):
+                reasons.setdefault(int(row), str(self.errors(group)[row]))
+        if reasons:
+            keys = self.rows("key")
+            records += [{"key": str(keys[row]), "row": row, "reason": reason} for row, reason in sorted(reasons.items())]
         return records
+
+    # ---- tars: done markers, writing, integrity ---------------------------------------------------------------
+
+    def _marker_path(self, group: str, tar: str) -> Path:
+        return self.path / group / "done" / f"{tar}.json"
+
+    def done_tars(self, group: str) -> set[str]:
+        """Tars of `group` whose done marker exists (read fresh: other processes write them)."""
+        return {t["name"] for t in self.shard_table if self._marker_path(group, t["name"]).is_file()}
+
+    def incomplete_groups(self) -> list[str]:
+        return [g for g in self.groups if len(self.done_tars(g)) < len(self.shard_table)]
+
+    def tar_files(self, group: str, index: int) -> list[str]:
+        """Relative paths of the files a tar owns in a group."""
+        ndims = {"error": 1, "flags": 2}
+        for feature, spec in self.groups[group].features.items():
+            ndims[feature] = 1 + len(spec.shape)
+            if has_scale(spec.dtype):
+                ndims[f"{feature}__scale"] = 2
+        return [_chunk_file(f"{group}/{name}", index, ndim) for name, ndim in ndims.items()]
+
+    def write_tar(self, group: str, index: int, values: Mapping[str, np.ndarray], errors: Sequence[str],
+                  flags: np.ndarray) -> None:
+        """Write every row of tar `index` in `group` (whole shard files only), then its done marker.
+
+        `values` holds each feature in its stored dtype, plus `NAME__scale` for int8_rowscale features.
+        """
+        start, stop = self.tar_rows(index)
+        count, tar = stop - start, self.shard_table[index]["name"]
+        expected = {name: ((count, *shape), dtype) for name, shape, dtype in self._tar_array_shapes(group, count)}
+        if set(values) != set(expected):
+            raise ValueError(f"feature store {self.path}: tar {tar} of {group} got arrays {sorted(values)}, "
+                             f"expected {sorted(expected)}")
+        for name, (shape, dtype) in expected.items():
+            if tuple(values[name].shape) != shape or values[name].dtype != dtype:
+                raise ValueError(f"feature store {self.path}: tar {tar} array {name} is {values[name].dtype} "
+                                 f"{tuple(values[name].shape)}, expected {dtype} {shape}")
+        if len(errors) != count or tuple(flags.shape) != (count, len(FLAG_COLUMNS)):
+            raise ValueError(f"feature store {self.path}: tar {tar} got {len(errors)} errors and flags "
+                             f"{tuple(flags.shape)} for {count} rows")
+        for name, array in values.items():
+            self._array(f"{group}/{name}")[start:stop] = array
+        self._array(f"{group}/error")[start:stop] = np.asarray(list(errors), dtype=str)
+        self._array(f"{group}/flags")[start:stop] = flags.astype(np.int32)
+        files = {rel: _file_record(self.path / rel) for rel in self.tar_files(group, index)}
+        _write_atomically(self._marker_path(group, tar), {"rows": count, "files": files,
+                                                          "flagged": int((flags.sum(axis=1) > 0).sum())})
+
+    def _tar_array_shapes(self, group: str, count: int) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+        shapes = []
+        for feature, spec in self.groups[group].features.items():
+            shapes.append((feature, spec.shape, storage_dtype(spec.dtype)))
+            if has_scale(spec.dtype):
+                shapes.append((f"{feature}__scale", (scale_channels(spec.shape),), np.dtype("float32")))
+        return shapes
+
+    def verify(self, checksums: bool = False) -> list[Damage]:
+        """Damaged files: presence and size of everything recorded (and sha256 with `checksums`)."""
+        damage: list[Damage] = []
+        tar_names = [t["name"] for t in self.shard_table]
+        record_path = self.path / _ROWS_CHECKSUMS
+        if not record_path.is_file():
+            damage.append(Damage("rows", None, _ROWS_CHECKSUMS, "missing"))
+        else:
+            for rel, record in json.loads(record_path.read_text()).items():
+                problem = _file_problem(self.path / rel, record, checksums)
+                if problem:
+                    tar = tar_names[int(rel.split("/")[3])] if "/c/" in rel else None
+                    damage.append(Damage("rows", tar, rel, problem))
+        for group in self.groups:
+            for name in self._group_arrays(group):
+                if not (self.path / group / name / "zarr.json").is_file():
+                    damage.append(Damage(group, None, f"{group}/{name}/zarr.json", "missing (array metadata)"))
+            for tar in self.done_tars(group):
+                marker = self._marker_path(group, tar)
+                try:
+                    files = json.loads(marker.read_text())["files"]
+                except (ValueError, KeyError):
+                    damage.append(Damage(group, tar, str(marker.relative_to(self.path)), "unreadable done marker"))
+                    continue
+                for rel, record in files.items():
+                    problem = _file_problem(self.path / rel, record, checksums)
+                    if problem:
+                        damage.append(Damage(group, tar, rel, problem))
+        return damage
+
+    def drop_tars(self, group: str, tars: Sequence[str]) -> None:
+        """Forget tars of a group (marker first, then their files) so a rerun recomputes them."""
+        for tar in tars:
+            self._marker_path(group, tar).unlink(missing_ok=True)
+            for rel in self.tar_files(group, [t["name"] for t in self.shard_table].index(tar)):
+                (self.path / rel).unlink(missing_ok=True)
+
+    def repair(self, damage: Sequence[Damage], rows: Mapping[str, Sequence[Any]] | None) -> list[str]:
+        """Undo damage so a rerun recomputes it (hold the lock): rows/ rewritten from `rows`, damaged tars
+        dropped, a group whose array metadata is gone recreated and dropped whole. Returns what was done."""
+        actions: list[str] = []
+        if any(d.group == "rows" for d in damage):
+            if rows is None:
+                raise ValueError(f"feature store {self.path}: rows/ is damaged and no manifest was given to rewrite it")
+            self.write_rows(rows)
+            actions.append("rows/ rewritten from the manifest")
+        tar_names = [t["name"] for t in self.shard_table]
+        for group in self.groups:
+            lost = [d for d in damage if d.group == group and d.tar is None]
+            if lost:
+                self._create_group_arrays(group, self.groups[group],
+                                          only={d.file.split("/")[1] for d in lost})
+                self.drop_tars(group, tar_names)
+                actions.append(f"{group}: arrays {sorted({d.file.split('/')[1] for d in lost})} recreated, "
+                               "every tar to recompute")
+                continue
+            tars = sorted({d.tar for d in damage if d.group == group and d.tar is not None})
+            if tars:
+                self.drop_tars(group, tars)
+                actions.append(f"{group}: tars {', '.join(tars)} to recompute")
+        return actions
+
+    def summary(self) -> str:
+        """Groups, done tars, flagged rows (phase 2 refuses rows with non-finite values), rejects."""
+        lines = [f"feature store {self.path}: {self.num_rows} rows in {len(self.shard_table)} tars"]
+        for group, info in self.groups.items():
+            done = len(self.done_tars(group))
+            flags = self.flags(group)
+            line = (f"  {group} ({', '.join(info.features)}): {done}/{len(self.shard_table)} tars done, "
+                    f"{int((flags[:, 0] > 0).sum())} rows with non-finite values")
+            underflow = int((flags[:, 1] > 0).sum())
+            if underflow:
+                line += f", {underflow} rows with values that underflow their stored dtype"
+            lines.append(line)
+        lines.append(f"  {len(self.rejected())} rejected images recorded")
+        return "\n".join(lines)

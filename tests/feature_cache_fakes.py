@@ -8,6 +8,7 @@ row, so any lost, duplicated or misplaced row shows up as a value mismatch.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -36,16 +37,23 @@ def marker_image(row: int, size: int) -> np.ndarray:
     return image
 
 
-def make_shard_dir(root: Path, num_rows: int, shard_size: int, images: bool = False, image_size: int = 32,
+def make_shard_dir(root: Path, num_rows: int, shard_size: int, image_size: int = 32,
                    rejected: tuple[tuple[str, str], ...] = (("bad/broken.png", "cannot identify image file"),),
-                   generators: list[str] = GENERATORS) -> Path:
-    """A shard directory as `python -m cli shards` writes it (tars only with `images`)."""
+                   generators: list[str] = GENERATORS, pixel_offset: int = 0) -> Path:
+    """A shard directory as `python -m cli shards` writes it (tars of marker PNGs; `pixel_offset` shifts
+    the markers, i.e. a re-conversion of other images with the same count)."""
     root.mkdir(parents=True, exist_ok=True)
     num_shards = -(-num_rows // shard_size)
     shard_names = [f"shard-{k:06d}.tar" for k in range(num_shards)]
+    pngs = []
+    for row in range(num_rows):
+        png = io.BytesIO()
+        Image.fromarray(marker_image(row + pixel_offset, image_size)).save(png, format="PNG")
+        pngs.append(png.getvalue())
     rows = [{"key": f"img{row:05d}", "row": row, "label": row % 2, "generator": generators[row % len(generators)],
              "path": f"src/img{row:05d}.png", "shard": shard_names[row // shard_size], "format": "png",
-             "jpeg_quality": "", "width": image_size, "height": image_size, "class_name": ""}
+             "jpeg_quality": "", "width": image_size, "height": image_size, "class_name": "",
+             "sha256": hashlib.sha256(pngs[row]).hexdigest()}
             for row in range(num_rows)]
     with (root / "manifest.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -60,17 +68,14 @@ def make_shard_dir(root: Path, num_rows: int, shard_size: int, images: bool = Fa
     (root / "shards.json").write_text(json.dumps({"shard_size": shard_size, "num_samples": num_rows,
                                                   "generators": sorted(set(generators)), "layout": "fake",
                                                   "split": "train", "shards": table}))
-    if images:
-        for entry in table:
-            with tarfile.open(root / entry["name"], "w") as tar:
-                for row in range(entry["first_row"], entry["first_row"] + entry["num_samples"]):
-                    png = io.BytesIO()
-                    Image.fromarray(marker_image(row, image_size)).save(png, format="PNG")
-                    meta = json.dumps({k: rows[row][k] for k in ("row", "label", "generator", "path")}).encode()
-                    for suffix, payload in (("png", png.getvalue()), ("json", meta)):
-                        info = tarfile.TarInfo(f"{rows[row]['key']}.{suffix}")
-                        info.size = len(payload)
-                        tar.addfile(info, io.BytesIO(payload))
+    for entry in table:
+        with tarfile.open(root / entry["name"], "w") as tar:
+            for row in range(entry["first_row"], entry["first_row"] + entry["num_samples"]):
+                meta = json.dumps({k: rows[row][k] for k in ("row", "label", "generator", "path", "sha256")}).encode()
+                for suffix, payload in (("png", pngs[row]), ("json", meta)):
+                    info = tarfile.TarInfo(f"{rows[row]['key']}.{suffix}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
     return root
 
 
@@ -111,7 +116,8 @@ class FakeShardDataModule(pl.LightningDataModule):
         self._excluded: set[str] = set()
 
     def provenance(self) -> dict[str, Any]:
-        return {"resolution": self.resolution, "shards": str(self.shard_dir), **RAW_PROTOCOL}
+        return {"resolution": self.resolution, "shards": str(self.shard_dir), "layout": "fake", "split": "train",
+                **RAW_PROTOCOL}
 
     def shard_table(self) -> list[dict[str, Any]]:
         return self._table
@@ -137,25 +143,37 @@ def expected_features(rows: np.ndarray, resolution: int = 32) -> dict[str, np.nd
             "clip_pooled": r[:, None] * 2 + np.arange(8, dtype=np.float32)}
 
 
+FAKE_OUTPUTS = ("lare", "deu", "clip_pooled")
+
+
 class FakeExtractor(pl.LightningModule):
     """FeatureExtractor's interface; optionally raises, or SIGKILLs its own process, at a given row.
 
-    With `rows_log`, each rank appends the rows it computed to `rows_log/rank<k>.txt` (exactly-once checks).
+    With `rows_log`, each rank appends the rows it computed to `rows_log/rank<k>.txt` (exactly-once checks);
+    `nan_rows` get a NaN in `lare`, `huge_rows` a `clip_pooled` value beyond float16's range.
     """
 
-    def __init__(self, timestep: int = 200, fail_at_row: int | None = None, kill_at_row: int | None = None,
-                 rows_log: str | None = None) -> None:
+    def __init__(self, timestep: int = 200, deu_mode: str = "closed_form", outputs: tuple[str, ...] = FAKE_OUTPUTS,
+                 fail_at_row: int | None = None, kill_at_row: int | None = None, rows_log: str | None = None,
+                 nan_rows: tuple[int, ...] = (), huge_rows: tuple[int, ...] = ()) -> None:
         super().__init__()
-        self.timestep, self.fail_at_row, self.kill_at_row = timestep, fail_at_row, kill_at_row
-        self.rows_log = rows_log
+        self.timestep, self.deu_mode, self.outputs = timestep, deu_mode, list(outputs)
+        self.fail_at_row, self.kill_at_row, self.rows_log = fail_at_row, kill_at_row, rows_log
+        self.nan_rows, self.huge_rows = set(nan_rows), set(huge_rows)
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # strategies expect a module with parameters
 
     def provenance(self) -> dict[str, Any]:
-        return {"extractor": "fake", "timestep": self.timestep, "unet_hash": "ab12"}
+        settings = {"lare": {}, "deu": {"deu_mode": self.deu_mode}, "clip_pooled": {}}
+        return {"common": {"extractor": "fake", "timestep": self.timestep, "unet_hash": "ab12"},
+                "maps": {name: settings[name] for name in self.outputs}}
+
+    def set_outputs(self, names: list[str]) -> None:
+        self.outputs = list(names)
 
     def feature_shapes(self, resolution: int) -> dict[str, tuple[int, ...]]:
         h = resolution // 8
-        return {"lare": (4, h, h), "deu": (4, h, h), "clip_pooled": (8,)}
+        shapes = {"lare": (4, h, h), "deu": (4, h, h), "clip_pooled": (8,)}
+        return {name: shapes[name] for name in self.outputs}
 
     def predict_step(self, batch: dict[str, Any]) -> dict[str, Any]:
         rows = batch["row"]
@@ -166,19 +184,25 @@ class FakeExtractor(pl.LightningModule):
         if self.rows_log is not None:
             with (Path(self.rows_log) / f"rank{self.global_rank}.txt").open("a") as f:
                 f.write("".join(f"{row}\n" for row in rows.tolist()))
-        features = {k: torch.from_numpy(v) for k, v in expected_features(rows.numpy()).items()}
+        features = {k: torch.from_numpy(v) for k, v in expected_features(rows.numpy()).items() if k in self.outputs}
+        for position, row in enumerate(rows.tolist()):
+            if row in self.nan_rows and "lare" in features:
+                features["lare"][position, 0, 0, 0] = float("nan")
+            if row in self.huge_rows and "clip_pooled" in features:
+                features["clip_pooled"][position, 0] = 1e6
         return {**{k: batch[k] for k in ("key", "row", "shard_index", "label", "generator", "error")}, **features}
 
 
-def run_predict(store: Path, shard_dir: Path, devices: int = 1, feature_dtype: str = "float16",
-                drop_rows: tuple[int, ...] = (), **module_kwargs: Any) -> None:
+def run_predict(store: Path, shard_dir: Path, devices: int = 1, drop_rows: tuple[int, ...] = (),
+                writer_kwargs: dict[str, Any] | None = None, **module_kwargs: Any):  # -> ZarrFeatureWriter
     """One `Trainer.predict` over the fake shards into `store` (the same code for 1 process and DDP)."""
     from feature_cache.writer import ZarrFeatureWriter
 
     strategy = "ddp" if devices > 1 else "auto"
+    writer = ZarrFeatureWriter(str(store), **(writer_kwargs or {}))
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[ZarrFeatureWriter(str(store), feature_dtype=feature_dtype)])
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[writer])
     datamodule = FakeShardDataModule(str(shard_dir), num_workers=1 if devices > 1 else 0, bad_rows=(5,),
                                      drop_rows=drop_rows)
     trainer.predict(FakeExtractor(**module_kwargs), datamodule=datamodule, return_predictions=False)
+    return writer

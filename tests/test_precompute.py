@@ -1,7 +1,7 @@
 """`python -m cli precompute` on the tiny models and a mini image set: exactly once, resumable, honest.
 
 Every run is a real subprocess of the real CLI (DDP re-executes it per rank), writing a real Zarr
-store; stores are compared array by array.
+store; stores are compared file by file.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import pytest
-import zarr
 
 from datamodules.demo_data import build_demo_images
 from datamodules.image_shards import ImageShardDataModule
@@ -27,11 +26,12 @@ from lightning_modules.laplace_fit import LaplaceFit
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 FEATURES = ("lare", "deu", "aleatoric", "mi", "clip_layer3", "clip_pooled")
+USER_CONFIG = "# the user's own config, not the run's\nseed_everything: 123\n"
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_paths, tmp_path_factory) -> dict[str, Path]:
-    """Demo images plus one corrupt file → 2-image tars; a posterior fitted on them."""
+    """Demo images plus one corrupt file → 2-image tars; a posterior fitted on them; a user's config.yaml in cwd."""
     root = tmp_path_factory.mktemp("precompute")
     images = build_demo_images(root / "images", {"val": 6}, tile_size=64)
     corrupt = images / "demo_smooth" / "val" / "ai" / "fake_9999.png"
@@ -42,40 +42,49 @@ def setup(tiny_model_paths, tmp_path_factory) -> dict[str, Path]:
     data = ImageShardDataModule(str(root / "shards"), resolution=64, batch_size=4, num_workers=0)
     pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).predict(fit, datamodule=data,
                                                                                   return_predictions=False)
+    (root / "config.yaml").write_text(USER_CONFIG)
     return {"root": root, "shards": root / "shards", "posterior": posterior, **tiny_model_paths}
 
 
-def _command(setup: dict[str, Path], store: Path, *extra: str) -> list[str]:
+def _command(setup: dict[str, Path], store: Path, *extra: str, outputs: tuple[str, ...] = FEATURES) -> list[str]:
     return [sys.executable, "-m", "cli", "precompute", "--config", str(REPO / "configs" / "precompute.yaml"),
             "--model.init_args.sd", str(setup["sd"]), "--model.init_args.clip", str(setup["clip"]),
             "--model.init_args.posterior", str(setup["posterior"]), "--model.init_args.num_noises", "2",
+            "--model.init_args.outputs", f"[{','.join(outputs)}]",
             "--model.init_args.autocast_dtype", "float32", "--data.init_args.shards", str(setup["shards"]),
             "--data.init_args.resolution", "64", "--data.init_args.batch_size", "3",
             "--data.init_args.num_workers", "1", "--trainer.accelerator", "cpu", "--trainer.callbacks", "[]",
-            "--store", str(store), "--feature_dtype", "float32", *extra]
+            "--store", str(store), *extra]
 
 
-def _env() -> dict[str, str]:
+def _env(threads: int = 1) -> dict[str, str]:
     """One CPU thread per process in every run: oneDNN splits reductions by thread count, so bit-identity
-    across 1 and 2 ranks holds for equal thread counts (Lightning gives each DDP rank cores/ranks)."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    across 1 and 2 ranks holds for equal thread counts (and the count is part of the provenance)."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
 
 
-def _run(setup: dict[str, Path], store: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_command(setup, store, *extra), capture_output=True, text=True, timeout=600, env=_env(),
-                          cwd=setup["root"])
+def _run(setup: dict[str, Path], store: Path, *extra: str, outputs: tuple[str, ...] = FEATURES,
+         threads: int = 1) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(setup, store, *extra, outputs=outputs), capture_output=True, text=True,
+                          timeout=600, env=_env(threads), cwd=setup["root"])
 
 
-def _arrays(store_path: Path) -> dict[str, np.ndarray]:
-    group = zarr.open_group(store_path, mode="r")
-    return {name: group[name][:] for name in (*FEATURES, "label", "generator", "key", "error", "done")}
+def _data_files(store: Path, group: str | None = None) -> dict[str, bytes]:
+    """Every chunk/shard file of a store (or of one group), by relative path."""
+    return {p.relative_to(store).as_posix(): p.read_bytes() for p in sorted(store.rglob("*"))
+            if p.is_file() and "/c/" in p.relative_to(store).as_posix()
+            and (group is None or p.relative_to(store).parts[0] == group)}
 
 
-def _assert_bit_identical(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+def _feature(store: Path, name: str) -> np.ndarray:
+    return FeatureStore.open(store).read(name)
+
+
+def _assert_bit_identical(a: Path, b: Path) -> None:
     for name in FEATURES:
-        assert a[name].tobytes() == b[name].tobytes(), f"{name} differs"
-    for name in ("label", "generator", "key", "error", "done"):
-        assert (a[name] == b[name]).all(), name
+        assert _feature(a, name).tobytes() == _feature(b, name).tobytes(), f"{name} differs"
+    mine, theirs = _data_files(a), _data_files(b)
+    assert sorted(mine) == sorted(theirs) and [k for k in mine if mine[k] != theirs[k]] == []
 
 
 @pytest.fixture(scope="module")
@@ -83,54 +92,122 @@ def single_process_store(setup) -> Path:
     store = setup["root"] / "one.zarr"
     result = _run(setup, store)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "precompute: feature store" in result.stdout and "12/12 tars done" in result.stdout
     return store
 
 
 def test_single_process_store_is_complete_and_records_the_corrupt_image(setup, single_process_store):
+    """Catches missing tars, non-finite or non-positive variances, an unrecorded reject or a thin provenance."""
     store = FeatureStore.open(single_process_store)
-    assert len(store.done_shards()) == len(store.shard_table) == 12  # 24 decodable images, 2 per tar
-    arrays = _arrays(single_process_store)
-    assert all(np.isfinite(arrays[name]).all() for name in FEATURES)
-    assert (arrays["deu"] > 0).all() and (arrays["lare"] > 0).all()  # variances and squared errors
+    assert len(store.done_tars("g0")) == len(store.shard_table) == 12  # 24 decodable images, 2 per tar
+    assert all(np.isfinite(store.read(name).astype(np.float32)).all() for name in FEATURES)
+    assert (store.read("deu") > 0).all() and (store.read("lare") > 0).all()  # variances and squared errors
+    assert store.read("deu").dtype == np.float32 and store.read("clip_layer3").dtype == np.float16
     rejected = store.rejected()
     assert [Path(r["path"]).name for r in rejected] == ["fake_9999.png"] and rejected[0]["reason"]
-    provenance = store.provenance
-    assert provenance["timestep"] == 200 and provenance["num_noises"] == 2 and provenance["resolution"] == 64
-    assert provenance["unet_hash"] and provenance["posterior_sha256"]
+    extractor = store.groups["g0"].extractor
+    assert extractor.common["timestep"] == 200 and extractor.common["num_noises"] == 2
+    assert extractor.common["trainer_precision"] == "32-true" and extractor.common["batch_size"] == 3
+    assert extractor.common["cpu_threads"] == 1 and extractor.common["unet_hash"]
+    assert extractor.maps["deu"]["posterior_sha256"] and store.pixels.resolution == 64
+    assert store.verify(checksums=True) == [] and store.flags("g0").sum() == 0
+
+
+def test_config_is_saved_in_the_store_not_over_the_users_file(setup, single_process_store):
+    """Catches the run's resolved config replacing a config.yaml the user keeps in the working directory."""
+    assert (setup["root"] / "config.yaml").read_text() == USER_CONFIG
+    saved = list((single_process_store / "configs").glob("precompute-g0-*.yaml"))
+    assert len(saved) == 1 and f"store: {single_process_store}" in saved[0].read_text()
 
 
 def test_two_ddp_ranks_write_the_same_arrays_as_one(setup, single_process_store):
+    """Catches rows lost, duplicated or computed differently when 2 gloo ranks share the tars."""
     store = setup["root"] / "two.zarr"
     result = _run(setup, store, "--trainer.devices", "2", "--trainer.strategy", "ddp")
     assert result.returncode == 0, result.stderr[-3000:]
-    _assert_bit_identical(_arrays(single_process_store), _arrays(store))
+    assert "12/12 tars done" in result.stdout
+    _assert_bit_identical(single_process_store, store)
 
 
 def test_sigkill_then_rerun_equals_an_uninterrupted_run(setup, single_process_store):
+    """Catches a done marker written before its files by the background writer, or a half-written tar trusted."""
     store = setup["root"] / "killed.zarr"
-    process = subprocess.Popen(_command(setup, store), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
-                               cwd=setup["root"], start_new_session=True)
-    done = 0
+    process = subprocess.Popen(_command(setup, store), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=_env(), cwd=setup["root"], start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
-        if (store / "done" / "zarr.json").exists():
-            done = int(zarr.open_array(store / "done", mode="r")[:].sum())
-            if done >= 2:
-                break
+        if len(list((store / "g0" / "done").glob("*.json"))) >= 2:
+            break
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)  # the whole group: the run and its dataloader worker
     process.wait()
-    partial = int(zarr.open_array(store / "done", mode="r")[:].sum())
+    partial = len(list((store / "g0" / "done").glob("*.json")))
     assert 2 <= partial < 12, f"the kill should land mid-run, {partial}/12 tars were done"
-
     result = _run(setup, store)
     assert result.returncode == 0, result.stderr[-3000:]
-    _assert_bit_identical(_arrays(single_process_store), _arrays(store))
+    _assert_bit_identical(single_process_store, store)
 
 
 def test_rerun_with_another_config_names_the_differing_fields(setup, single_process_store):
+    """Catches a resume under other extractor settings mixing rows, or losing what was computed."""
     result = _run(setup, single_process_store, "--model.init_args.seed", "7", "--model.init_args.deu_mode", "mc")
     assert result.returncode != 0
-    assert "different config" in result.stderr and "seed" in result.stderr and "deu_mode" in result.stderr
-    # Nothing already computed is lost.
-    assert len(FeatureStore.open(single_process_store).done_shards()) == 12
+    assert "different config" in result.stderr and "common.seed 0 != 7" in result.stderr
+    assert "maps.deu.deu_mode closed_form != mc" in result.stderr
+    assert len(FeatureStore.open(single_process_store).done_tars("g0")) == 12
+
+
+@pytest.mark.parametrize(("extra", "threads", "field"), [
+    (("--trainer.precision", "bf16-mixed"), 1, "common.trainer_precision 32-true != bf16-mixed"),
+    (("--data.init_args.batch_size", "4"), 1, "common.batch_size 3 != 4"),
+    ((), 2, "common.cpu_threads 1 != 2"),
+])
+def test_resume_with_other_precision_batch_size_or_threads_is_refused(setup, single_process_store, extra, threads,
+                                                                      field):
+    """Catches a resume that changes values without a provenance change (mixed rows, provenance says otherwise)."""
+    result = _run(setup, single_process_store, *extra, threads=threads)
+    assert result.returncode != 0 and field in result.stderr, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1  # one line, no traceback
+
+
+def test_a_map_added_later_is_bit_identical_to_the_first_pass(setup, single_process_store):
+    """Catches growing with other noises (mi added later differs), or recomputing the maps already present."""
+    store = setup["root"] / "grown.zarr"
+    first = _run(setup, store, outputs=tuple(f for f in FEATURES if f != "mi"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = _data_files(store, "g0")
+    grown = _run(setup, store)
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    opened = FeatureStore.open(store)
+    assert list(opened.groups["g1"].features) == ["mi"] and _data_files(store, "g0") == before
+    assert opened.read("mi").tobytes() == _feature(single_process_store, "mi").tobytes()
+    assert len(list((store / "configs").glob("precompute-g1-*.yaml"))) == 1
+
+
+def test_two_concurrent_creations_one_wins_one_gets_one_line(setup, single_process_store):
+    """Catches two runs on a new store mixing their configs (the loser must be refused while the winner runs)."""
+    store = setup["root"] / "race.zarr"
+    runs = [subprocess.Popen(_command(setup, store, *seed), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=_env(), cwd=setup["root"])
+            for seed in ((), ("--model.init_args.seed", "7"))]
+    results = [(run.wait(timeout=600), run.stderr.read()) for run in runs]
+    losers = [stderr for code, stderr in results if code != 0]
+    assert len(losers) == 1, results
+    assert losers[0].strip().splitlines()[-1].startswith("python -m cli precompute: feature store ")
+    assert "is being created/grown by another run (lock held by pid" in losers[0]
+    assert len(losers[0].strip().splitlines()) == 1
+    opened = FeatureStore.open(store)
+    assert opened.verify(checksums=True) == [] and len(opened.done_tars("g0")) == 12
+    winner_seed = opened.groups["g0"].extractor.common["seed"]
+    if winner_seed == 0:
+        _assert_bit_identical(single_process_store, store)
+
+
+def test_store_that_is_a_file_is_one_line(setup):
+    """Catches --store naming a file ending in a traceback (or in a half-made store)."""
+    target = setup["root"] / "not_a_store.zarr"
+    target.write_text("x")
+    result = _run(setup, target)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [f"python -m cli precompute: --store {target}: is a file, "
+                                                  "not a store directory"]

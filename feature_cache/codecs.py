@@ -1,0 +1,121 @@
+"""Stored dtypes and codecs of features: encode float32 rows for the store, widen them back on the device.
+
+Dtype names (a feature's `dtype` in the store):
+- `float32`: guidance maps (lare, deu, aleatoric, mi, any registered map); DEU ~ sigma^2/n_cal underflows
+  float16 at realistic calibration sizes, and the maps are small.
+- `float16`: CLIP maps, 2 bytes per value.
+- `int8_rowscale`: CLIP maps, 1 byte per value plus a float32 scale per row and channel
+  (`NAME__scale`, shape (n, C)): q = round(x / s), s = max|x| / 127 over the channel's values.
+- `float8_e4m3`: CLIP maps, 1 byte per value (torch.float8_e4m3fn bits, stored as uint8 because numpy has
+  no float8), range +-448, 3 mantissa bits.
+
+Codecs (`codec`): `none`, `lz4` (blosc lz4, byte shuffle: fast decode), `zstd` (blosc zstd-1, byte shuffle).
+Readers receive the stored dtype; `widen` turns it into float32 on whatever device the tensor is on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from zarr.codecs import BloscCodec
+
+GUIDANCE_DTYPE = "float32"
+CLIP_DTYPES = ("float16", "int8_rowscale", "float8_e4m3")
+DTYPES = (GUIDANCE_DTYPE, *CLIP_DTYPES)
+CODECS = ("none", "lz4", "zstd")
+_STORAGE = {"float32": np.dtype("float32"), "float16": np.dtype("float16"), "int8_rowscale": np.dtype("int8"),
+            "float8_e4m3": np.dtype("uint8")}
+_FLOAT_LIMITS = {name: (float(info.tiny), float(info.max), float(info.eps))  # smallest normal, largest, eps
+                 for name, info in (("float32", np.finfo(np.float32)), ("float16", np.finfo(np.float16)),
+                                    ("float8_e4m3", torch.finfo(torch.float8_e4m3fn)))}
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Rows in their stored form plus what the writer records about them."""
+
+    values: np.ndarray  # stored dtype
+    scale: np.ndarray | None  # (B, C) float32 for int8_rowscale, else None
+    non_finite: np.ndarray  # (B,) int32: NaN/inf in the input, or values beyond the stored dtype's range
+    underflow: np.ndarray  # (B,) int32: values stored subnormal or as zero that are not negligible in their row
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"feature dtype {dtype!r} is not one of {list(DTYPES)}")
+
+
+def storage_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype of the Zarr array holding a feature of this stored dtype."""
+    check_dtype(dtype)
+    return _STORAGE[dtype]
+
+
+def has_scale(dtype: str) -> bool:
+    return dtype == "int8_rowscale"
+
+
+def scale_channels(row_shape: tuple[int, ...]) -> int:
+    """Channels of the per-row scale: the first axis of a map (C, h, w); one scale for a vector row."""
+    return row_shape[0] if len(row_shape) > 1 else 1
+
+
+def compressor(codec: str, itemsize: int) -> BloscCodec | None:
+    """The Zarr compressor of a codec name; byte shuffle groups the bytes of each value (floats compress)."""
+    if codec not in CODECS:
+        raise ValueError(f"codec {codec!r} is not one of {list(CODECS)}")
+    if codec == "none":
+        return None
+    return BloscCodec(cname=codec, clevel=1, shuffle="shuffle" if itemsize > 1 else "noshuffle", typesize=itemsize)
+
+
+def _per_row(mask: np.ndarray) -> np.ndarray:
+    return mask.reshape(len(mask), -1).sum(axis=1, dtype=np.int64).astype(np.int32)
+
+
+def encode(dtype: str, values: np.ndarray) -> Encoded:
+    """float32 rows (B, ...) → stored form, counting non-finite and underflowing values per row."""
+    check_dtype(dtype)
+    values = np.asarray(values, dtype=np.float32)
+    finite = np.isfinite(values)
+    magnitude = np.abs(np.where(finite, values, 0))
+    if dtype == "int8_rowscale":
+        channels = scale_channels(values.shape[1:])
+        grouped = magnitude.reshape(len(values), channels, -1)
+        scale = (grouped.max(axis=2) / 127).astype(np.float32)
+        safe = np.where(scale > 0, scale, 1).reshape(len(values), channels, *([1] * (values.ndim - 2)))
+        quantized = np.rint(np.where(finite, values, 0) / safe).clip(-127, 127).astype(np.int8)
+        # A per-channel scale keeps every value within half a step of max/127: nothing non-negligible underflows.
+        return Encoded(quantized, scale, _per_row(~finite), np.zeros(len(values), dtype=np.int32))
+    tiny, largest, eps = _FLOAT_LIMITS[dtype]
+    non_finite = _per_row(~finite | (magnitude > largest))
+    # Precision lost beyond the dtype's own relative precision of the row: a subnormal (or flushed) value that
+    # is not negligible next to the row's largest one (e.g. a float16 DEU row whose values are all ~1e-6).
+    row_max = magnitude.reshape(len(values), -1).max(axis=1, initial=0).reshape(-1, *([1] * (values.ndim - 1)))
+    underflow = _per_row((magnitude > 0) & (magnitude < tiny) & (magnitude >= row_max * eps))
+    if dtype == "float8_e4m3":
+        stored = torch.from_numpy(values).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    else:
+        with np.errstate(over="ignore"):  # overflow is counted above, as non-finite
+            stored = values.astype(_STORAGE[dtype])
+    return Encoded(stored, None, non_finite, underflow)
+
+
+def widen(dtype: str, values: torch.Tensor | np.ndarray, scale: torch.Tensor | np.ndarray | None = None
+          ) -> torch.Tensor:
+    """Stored values (B, ...) → float32 on the tensor's device; `dtype` is the feature's stored dtype name.
+
+    Cheap enough for a model's first op: a cast, plus a broadcast multiply for int8_rowscale.
+    """
+    check_dtype(dtype)
+    values = torch.as_tensor(values)
+    if dtype == "float8_e4m3":
+        return values.view(torch.float8_e4m3fn).float()
+    if dtype == "int8_rowscale":
+        if scale is None:
+            raise ValueError("widen: int8_rowscale values need their NAME__scale rows")
+        scale = torch.as_tensor(scale, device=values.device).float()
+        return values.float() * scale.reshape(*scale.shape, *([1] * (values.dim() - scale.dim())))
+    return values.float()

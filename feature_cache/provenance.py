@@ -1,0 +1,233 @@
+"""Typed provenance of a feature store: the only place it is encoded to or decoded from Zarr attrs.
+
+A store's provenance is `StoreProvenance` = {dataset, pixels} (what the rows are and how their pixels
+were made), and each feature group adds its `ExtractorProvenance` = {common, maps} (how the values were
+computed). A feature's full provenance is the store's plus its group's. Mismatches are reported as dotted
+field names (`common.batch_size 3 != 4`), so a refusal names exactly what differs.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+DATASET_KEYS = ("shards", "layout", "split")  # keys of a datamodule's provenance that describe the data, not pixels
+
+
+def normalized(value: Any) -> Any:
+    """The value as it reads back from JSON attrs (tuples become lists), so comparisons are fair."""
+    return json.loads(json.dumps(value))
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as dotted keys, so a mismatch names the exact leaf field."""
+    if isinstance(value, dict) and value:
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: value}
+
+
+def config_differences(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:
+    """Every differing field as `name stored != requested` (`<missing>` where one side lacks it)."""
+    left, right = _flatten(normalized(dict(stored))), _flatten(normalized(dict(requested)))
+    missing = "<missing>"
+    return [f"{name} {left.get(name, missing)} != {right.get(name, missing)}"
+            for name in sorted(left.keys() | right.keys()) if left.get(name, missing) != right.get(name, missing)]
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (hashlib releases the GIL on large updates)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class DatasetProvenance:
+    """Which shard directory the rows come from, bound to its exact files (a re-conversion is refused)."""
+
+    shards: str
+    layout: str
+    split: str
+    manifest_sha256: str
+    tars: list[dict[str, Any]]  # {name, first_row, num_samples, bytes, mtime_ns}
+    stats: dict[str, Any]  # {real_jpeg_qualities: {quality: count}, width: [min, max], height: [min, max]}
+
+    @classmethod
+    def from_shard_dir(cls, shard_dir: str | Path, layout: str, split: str,
+                       shard_table: list[Mapping[str, Any]]) -> DatasetProvenance:
+        """Hash manifest.csv and stat every tar; a missing tar or manifest is one clear error."""
+        shard_dir = Path(shard_dir).resolve()
+        manifest = shard_dir / "manifest.csv"
+        if not manifest.is_file():
+            raise FileNotFoundError(f"manifest {manifest}: not found (write shards with `python -m cli shards`)")
+        missing = [entry["name"] for entry in shard_table if not (shard_dir / entry["name"]).is_file()]
+        if missing:
+            raise FileNotFoundError(f"shard directory {shard_dir}: tars {', '.join(missing)} are missing "
+                                    "(re-run `python -m cli shards` or restore them)")
+        tars = []
+        for entry in shard_table:
+            status = (shard_dir / entry["name"]).stat()
+            tars.append({"name": entry["name"], "first_row": int(entry["first_row"]),
+                         "num_samples": int(entry["num_samples"]), "bytes": status.st_size,
+                         "mtime_ns": status.st_mtime_ns})
+        return cls(str(shard_dir), layout, split, file_sha256(manifest), tars, _manifest_stats(manifest))
+
+    def to_attrs(self) -> dict[str, Any]:
+        return normalized(asdict(self))
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> DatasetProvenance:
+        return cls(**{k: attrs[k] for k in ("shards", "layout", "split", "manifest_sha256", "tars", "stats")})
+
+    def changed_tars(self, current: DatasetProvenance) -> list[str]:
+        """Tars whose size or mtime differ (or that appear on one side only): the data was re-converted."""
+        mine = {t["name"]: (t["bytes"], t["mtime_ns"], t["first_row"], t["num_samples"]) for t in self.tars}
+        theirs = {t["name"]: (t["bytes"], t["mtime_ns"], t["first_row"], t["num_samples"]) for t in current.tars}
+        return sorted(name for name in mine.keys() | theirs.keys() if mine.get(name) != theirs.get(name))
+
+    def binding_problem(self, current: DatasetProvenance) -> str | None:
+        """Why `current` (the shard directory now) is not the data this store was made from, or None."""
+        changed = self.changed_tars(current)
+        if self.manifest_sha256 == current.manifest_sha256 and not changed:
+            return None
+        parts = []
+        if self.manifest_sha256 != current.manifest_sha256:
+            parts.append("manifest.csv changed")
+        if changed:
+            shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            parts.append(f"tars changed (size or mtime): {shown}")
+        return "; ".join(parts)
+
+
+def _manifest_stats(manifest: Path) -> dict[str, Any]:
+    """The per-split statistics phase 2 and `predict` need, so manifest.csv need not exist later."""
+    with manifest.open(newline="") as f:
+        records = list(csv.DictReader(f))
+    qualities = Counter(int(r["jpeg_quality"]) for r in records if r["label"] == "0" and r["jpeg_quality"])
+    widths, heights = [int(r["width"]) for r in records], [int(r["height"]) for r in records]
+    return {"real_jpeg_qualities": {str(q): n for q, n in sorted(qualities.items())},
+            "width": [min(widths), max(widths)] if widths else None,
+            "height": [min(heights), max(heights)] if heights else None}
+
+
+@dataclass(frozen=True)
+class PixelProvenance:
+    """Everything that changes the pixels a model saw (read-time protocol and resize)."""
+
+    resolution: int
+    protocol: str = "raw"
+    jpeg_quality: int | None = None
+    protocol_seed: int | None = None
+    size_filter: bool = False
+    perturbation: list[Any] = field(default_factory=lambda: ["none", 0.0])
+    clip_input: str = "resize"  # how CLIP sees the image: "resize" or "native_crop"
+    extra: dict[str, Any] = field(default_factory=dict)  # any further pixel setting the datamodule reports
+
+    @classmethod
+    def from_datamodule(cls, provenance: Mapping[str, Any]) -> PixelProvenance:
+        """From `ImageShardDataModule.provenance()` (its data keys shards/layout/split are dropped)."""
+        pixel = {k: v for k, v in provenance.items() if k not in DATASET_KEYS}
+        return cls.from_attrs(pixel)
+
+    def to_attrs(self) -> dict[str, Any]:
+        attrs = asdict(self)
+        return normalized({**{k: v for k, v in attrs.items() if k != "extra"}, **attrs["extra"]})
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> PixelProvenance:
+        known = {name for name in cls.__dataclass_fields__ if name != "extra"}
+        if "resolution" not in attrs:
+            raise ValueError(f"pixel provenance {dict(attrs)} lacks resolution")
+        return cls(**{k: v for k, v in attrs.items() if k in known},
+                   extra={k: v for k, v in attrs.items() if k not in known})
+
+
+@dataclass(frozen=True)
+class StoreProvenance:
+    """What every feature of a store shares: the rows (dataset) and the pixels they were computed from."""
+
+    dataset: DatasetProvenance
+    pixels: PixelProvenance
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {"dataset": self.dataset.to_attrs(), "pixels": self.pixels.to_attrs()}
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> StoreProvenance:
+        return cls(DatasetProvenance.from_attrs(attrs["dataset"]), PixelProvenance.from_attrs(attrs["pixels"]))
+
+
+@dataclass(frozen=True)
+class ExtractorProvenance:
+    """How a group's features were computed: settings every map shares, and each map's own settings.
+
+    `common` holds the extractor class, weights and their hashes, seed, timestep, noises, prompt, latent,
+    autocast dtype, trainer precision, batch size, CPU threads and output scale; `maps[name]` only what that
+    output depends on (e.g. deu_mode, num_weight_samples, posterior_sha256).
+    """
+
+    common: dict[str, Any]
+    maps: dict[str, dict[str, Any]]
+
+    def to_attrs(self) -> dict[str, Any]:
+        return normalized({"common": self.common, "maps": self.maps})
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> ExtractorProvenance:
+        return cls(dict(attrs["common"]), {k: dict(v) for k, v in attrs["maps"].items()})
+
+    def restricted(self, names: list[str]) -> ExtractorProvenance:
+        """The same settings for a subset of the outputs."""
+        missing = [n for n in names if n not in self.maps]
+        if missing:
+            raise KeyError(f"extractor provenance has no settings for outputs {missing}")
+        return ExtractorProvenance(dict(self.common), {n: dict(self.maps[n]) for n in names})
+
+    def differences(self, requested: ExtractorProvenance, names: list[str]) -> list[str]:
+        """Differing fields on the common settings and on `names`' own settings (dotted, both values)."""
+        return config_differences({"common": self.common, "maps": {n: self.maps.get(n, {}) for n in names}},
+                                  {"common": requested.common, "maps": {n: requested.maps.get(n, {}) for n in names}})
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """How one feature is stored: per-row shape, stored dtype name (see `codecs`) and codec."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    codec: str
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "dtype": self.dtype, "codec": self.codec}
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> FeatureSpec:
+        return cls(tuple(int(d) for d in attrs["shape"]), attrs["dtype"], attrs["codec"])
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """One feature group: the features computed together by one `precompute` run, and how."""
+
+    features: dict[str, FeatureSpec]
+    extractor: ExtractorProvenance
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {"features": {k: v.to_attrs() for k, v in self.features.items()},
+                "extractor": self.extractor.to_attrs()}
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> GroupInfo:
+        return cls({k: FeatureSpec.from_attrs(v) for k, v in attrs["features"].items()},
+                   ExtractorProvenance.from_attrs(attrs["extractor"]))
