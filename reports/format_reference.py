@@ -72,15 +72,12 @@ class FormatOnlyClassifier:
         return np.asarray(scores)
 
 
-def store_metadata(store: FeatureStore, rows: np.ndarray) -> ImageMetadata | None:
-    """The rows' metadata as the read-time protocol left it; None if the store did not record it."""
-    columns = store.row_metadata()  # store format 1; format 2: store.rows(column)
-    if not {"format", "jpeg_quality", "width", "height"} <= columns.keys():
-        return None
-    quality = columns["jpeg_quality"][rows].astype(float)
-    formats = np.array(columns["format"][rows].tolist(), dtype=object)  # zarr strings are StringDType
-    return ImageMetadata(formats, np.where(quality < 0, np.nan, quality),
-                         columns["width"][rows], columns["height"][rows])
+def store_metadata(store: FeatureStore, rows: np.ndarray) -> ImageMetadata:
+    """The rows' metadata (the store's rows/ columns) as the read-time protocol left it."""
+    quality = store.rows("jpeg_quality")[rows].astype(float)
+    formats = np.array(store.rows("format")[rows].tolist(), dtype=object)  # zarr strings are StringDType
+    return ImageMetadata(formats, np.where(quality < 0, np.nan, quality), store.rows("width")[rows],
+                         store.rows("height")[rows])
 
 
 def concat_metadata(parts: list[ImageMetadata]) -> ImageMetadata:

@@ -152,7 +152,7 @@ class DoubleJpegClassifier:
 
 def has_images(store: FeatureStore) -> bool:
     """Whether the store's shard directory (where its rows' images are) is still there."""
-    return Path(store.provenance.get("shards", "")).is_dir()  # store format 1; format 2: store.dataset.shards
+    return Path(store.dataset.shards).is_dir()
 
 
 def store_jpeg_features(store: FeatureStore, rows: np.ndarray) -> np.ndarray:
@@ -161,18 +161,18 @@ def store_jpeg_features(store: FeatureStore, rows: np.ndarray) -> np.ndarray:
     Tars are read sequentially, only those holding wanted rows. A row whose image cannot be read gets the
     "not a JPEG" vector (such rows carry a phase-1 error and are normally filtered out before).
     """
-    provenance = store.provenance  # store format 1; format 2: store.dataset / store.pixels
-    shard_dir, preprocess = Path(provenance["shards"]), preprocessor_from_provenance(provenance)
-    keys, order = store.keys(), np.argsort(rows, kind="stable")
+    shard_dir = Path(store.dataset.shards)
+    preprocess = preprocessor_from_provenance({"shards": str(shard_dir), **store.pixels.to_attrs()})
+    keys, order = store.rows("key"), np.argsort(rows, kind="stable")
     rows = np.asarray(rows)[order]
     features = np.zeros((len(rows), FEATURE_SIZE))
     features[:, -1] = 1.0
     for index, shard in enumerate(store.shard_table):
-        start, stop = store.shard_rows(index)
+        start, stop = store.tar_rows(index)
         lo, hi = np.searchsorted(rows, [start, stop])
         if hi == lo:
             continue
-        wanted = {keys[int(r)]: lo + i for i, r in enumerate(rows[lo:hi])}
+        wanted = {str(keys[int(r)]): lo + i for i, r in enumerate(rows[lo:hi])}
         if not (shard_dir / shard["name"]).is_file():
             raise FileNotFoundError(f"double-JPEG reference: tar {shard_dir / shard['name']} of feature store "
                                     f"{store.path} is missing (the reference reads the images' bytes)")

@@ -92,10 +92,7 @@ class ProtocolReport(pl.Callback):
         the detector itself was trained on (the datamodule's filtered train split)."""
         train_meta, train_labels = [], []
         for part in datamodule.parts.get("train", []):
-            meta = store_metadata(FeatureStore.open(datamodule.stores["train"][part.store]), part.rows)
-            if meta is None:
-                return None
-            train_meta.append(meta)
+            train_meta.append(store_metadata(FeatureStore.open(datamodule.stores["train"][part.store]), part.rows))
             train_labels.append(part.labels)
         if not train_meta:
             return None
@@ -104,10 +101,7 @@ class ProtocolReport(pl.Callback):
         order = []
         for k, store in enumerate(test_stores):
             mine = np.flatnonzero(store_index == k)
-            meta = store_metadata(store, rows[mine])
-            if meta is None:
-                return None
-            test_meta.append(meta)
+            test_meta.append(store_metadata(store, rows[mine]))
             order.append(mine)
         classifier = FormatOnlyClassifier().fit(concat_metadata(train_meta), np.concatenate(train_labels))
         scores = np.empty(len(rows))

@@ -42,12 +42,13 @@ _BOOTSTRAP_ELEMENTS = 4_000_000  # replicates × rows held at once by the bootst
 _DECODE_BATCH = 64  # inner chunks per zarr codec call when streaming whole tars
 
 
-# --- the store, read through these functions only (store format 1; format 2 changes only them) ---------------
+# --- the store, read through these functions only (store format 2) -------------------------------------------
 
 def guidance_maps(store: FeatureStore) -> list[str]:
-    """Every spatial (C, H, W) feature of the store except the frozen CLIP maps, which are features, not
-    guidance maps (docs/contracts.md)."""
-    return [name for name, shape in store.feature_shapes.items() if len(shape) == 3 and not name.startswith("clip_")]
+    """Every guidance map of the store: by the store contract, the float32 (C, H, W) features (the frozen CLIP
+    maps are stored as float16, int8_rowscale or float8 and are features, not guidance maps)."""
+    return [name for name in store.feature_names
+            if len(store.feature_info(name).shape) == 3 and store.feature_info(name).dtype == "float32"]
 
 
 def map_blocks(store: FeatureStore, names: list[str]) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
@@ -57,14 +58,15 @@ def map_blocks(store: FeatureStore, names: list[str]) -> Iterator[tuple[int, int
     call cut the CPU time of a whole-tar read of 4x32x32 float32 maps from 67-84 to 44 µs per row (measured).
     """
     for index in range(len(store.shard_table)):
-        start, stop = store.shard_rows(index)
+        start, stop = store.tar_rows(index)
         with zarr.config.set({"codec_pipeline.batch_size": _DECODE_BATCH}):
-            yield start, stop, {name: store.array(name)[start:stop] for name in names}
+            yield start, stop, {name: store.read(name, start, stop) for name in names}
 
 
 @dataclass
 class StoreRows:
-    """A store's usable rows (labelled, no phase-1 error): row numbers, labels, generator names."""
+    """A store's usable rows for some maps: labelled, no phase-1 error and no non-finite value in those maps'
+    groups; with labels and generator names."""
 
     store: FeatureStore
     rows: np.ndarray
@@ -72,17 +74,20 @@ class StoreRows:
     generator: np.ndarray
 
     @classmethod
-    def of(cls, store: FeatureStore) -> StoreRows:
-        labels, errors = store.labels().astype(np.int64), np.array([bool(e) for e in store.errors()])
-        rows = np.flatnonzero((labels >= 0) & ~errors)
-        names = np.array(store.generator_names, dtype=object)
+    def of(cls, store: FeatureStore, maps: list[str]) -> StoreRows:
+        labels = store.rows("label").astype(np.int64)
+        usable = labels >= 0
+        for group in sorted({store.group_of(name) for name in maps}):
+            usable &= (store.errors(group) == "") & (store.flags(group)[:, 0] == 0)
+        rows = np.flatnonzero(usable)
         if not len(rows):
             raise ValueError(f"feature store {store.path}: no labelled rows without a phase-1 error to score")
-        return cls(store, rows, labels[rows], names[store.generators()[rows]])
+        names = np.array(store.generator_names, dtype=object)
+        return cls(store, rows, labels[rows], names[store.rows("generator")[rows]])
 
     @property
     def protocol(self) -> str:
-        return str(self.store.provenance.get("protocol", "raw"))  # format 2: store.pixels.protocol
+        return str(self.store.pixels.protocol)
 
 
 # --- summaries ---------------------------------------------------------------------------------------------
@@ -227,16 +232,11 @@ def _folds(label: np.ndarray, seed: int) -> list[np.ndarray]:
     return [fold, ~fold]
 
 
-def format_only_scores(scored: StoreRows, fit: StoreRows | None, seed: int) -> np.ndarray | None:
+def format_only_scores(scored: StoreRows, fit: StoreRows | None, seed: int) -> np.ndarray:
     """P(fake) from the format-only reference for the scored rows: fitted on `fit`, else cross-fitted."""
     metadata = store_metadata(scored.store, scored.rows)
-    if metadata is None:
-        return None
     if fit is not None:
-        fit_metadata = store_metadata(fit.store, fit.rows)
-        if fit_metadata is None:
-            return None
-        return FormatOnlyClassifier().fit(fit_metadata, fit.label).predict_proba(metadata)
+        return FormatOnlyClassifier().fit(store_metadata(fit.store, fit.rows), fit.label).predict_proba(metadata)
     scores = np.empty(len(scored.rows))
     for held_out in _folds(scored.label, seed):
         model = FormatOnlyClassifier().fit(metadata.select(~held_out), scored.label[~held_out])
@@ -325,17 +325,20 @@ def separability_report(stores: list[Path], out: Path, direction_from: Path | No
         raise ValueError("separability: give --direction_from or --direction, not both")
     if direction not in (None, "higher", "lower"):
         raise ValueError(f"separability: --direction {direction!r} must be higher or lower")
-    scored = [StoreRows.of(FeatureStore.open(path)) for path in stores]
-    fit = StoreRows.of(FeatureStore.open(direction_from)) if direction_from is not None else None
-    maps = {str(r.store.path): guidance_maps(r.store) for r in scored}
-    for path, names in maps.items():
-        if not names:
-            raise ValueError(f"feature store {path}: no guidance map to score (features: {scored[0].store.feature_names})")
+    opened = [FeatureStore.open(path) for path in stores]
+    maps = {str(store.path): guidance_maps(store) for store in opened}
+    for store in opened:
+        if not maps[str(store.path)]:
+            raise ValueError(f"feature store {store.path}: no guidance map to score (features: {store.feature_names})")
+    scored = [StoreRows.of(store, maps[str(store.path)]) for store in opened]
     needed = sorted({name for names in maps.values() for name in names})
-    if fit is not None:
-        missing = sorted(set(needed) - set(guidance_maps(fit.store)))
+    fit = None
+    if direction_from is not None:
+        fit_store = FeatureStore.open(direction_from)
+        missing = sorted(set(needed) - set(guidance_maps(fit_store)))
         if missing:
-            raise ValueError(f"feature store {direction_from} (--direction-from): lacks the maps {missing}")
+            raise ValueError(f"feature store {direction_from} (--direction_from): lacks the maps {missing}")
+        fit = StoreRows.of(fit_store, needed)
     out = Path(out)
     stems = [r.store.path.stem for r in scored]
     records, notes, figures = [], {}, {}

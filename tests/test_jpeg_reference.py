@@ -16,8 +16,9 @@ from datamodules.image_io import ijg_luminance_table
 from datamodules.image_protocols import ImagePreprocessor
 from datamodules.image_shards import ImageShardDataModule
 from datamodules.shards import convert
-from feature_cache.manifest import read_manifest
-from feature_cache.store import FeatureStore
+from feature_cache.manifest import store_rows
+from feature_cache.provenance import DatasetProvenance, PixelProvenance, StoreProvenance
+from feature_cache.store import FeatureStore, store_lock
 from reports.format_reference import FormatOnlyClassifier, confound_note, store_metadata
 from reports.jpeg_reference import (FEATURE_SIZE, ZIGZAG, DoubleJpegClassifier, balanced_subsample, block_dct,
                                     dct_histograms, jpeg_features, protocol_file_bytes, quantised_luminance_dct,
@@ -143,12 +144,14 @@ def test_double_jpeg_reference_sees_what_format_only_cannot(double_compressed: P
     grid (blind to double quantisation)."""
     datamodule = ImageShardDataModule(str(double_compressed), resolution=32, num_workers=0,
                                       protocol="jpeg_aligned", jpeg_quality=75)
-    manifest = read_manifest(double_compressed)
-    store = FeatureStore.create(tmp_path / "store.zarr", shards=datamodule.shard_table(), keys=manifest.keys,
-                                labels=manifest.labels, generators=[0] * len(manifest.keys), generator_names=["g"],
-                                feature_shapes={"deu": (4, 4, 4)}, feature_dtype="float16",
-                                provenance=datamodule.provenance(), row_metadata=datamodule.row_metadata())
-    rows, labels = np.arange(store.num_rows), np.asarray(manifest.labels)
+    provenance = StoreProvenance(DatasetProvenance.from_shard_dir(double_compressed, "folder", "val",
+                                                                  datamodule.shard_table()),
+                                 PixelProvenance.from_datamodule(datamodule.provenance()))
+    names = list(datamodule.generator_names)
+    with store_lock(tmp_path / "store.zarr"):
+        store = FeatureStore.create(tmp_path / "store.zarr", provenance=provenance, generator_names=names,
+                                    rows=store_rows(double_compressed, names, datamodule.row_metadata()))
+    rows, labels = np.arange(store.num_rows), store.rows("label").astype(np.int64)
     train, test = rows % 2 == 0, rows % 2 == 1
     metadata = store_metadata(store, rows)
     format_scores = FormatOnlyClassifier().fit(metadata.select(train), labels[train]).predict_proba(metadata.select(test))

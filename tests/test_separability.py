@@ -3,6 +3,7 @@ and the command on real Zarr stores with real tars (direction from a separate st
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,8 +16,10 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision
 
-from feature_cache.store import FeatureStore
-from feature_cache_fakes import RAW_PROTOCOL, make_shard_dir
+from feature_cache.provenance import (DatasetProvenance, ExtractorProvenance, FeatureSpec, PixelProvenance,
+                                      StoreProvenance)
+from feature_cache.store import FeatureStore, store_lock
+from feature_cache_fakes import make_shard_dir
 from reports.separability import (SUMMARIES, bootstrap_weights, map_summaries, summarise_store,
                                   weighted_auroc_ap)
 
@@ -88,40 +91,38 @@ def _layout() -> tuple[np.ndarray, np.ndarray]:
     return (generators != 0).astype(np.int64), generators
 
 
-def _store(path: Path, shard_dir: Path, deu_sign: float, seed: int) -> dict[str, np.ndarray]:
-    """A real store: deu's values rise (deu_sign > 0) or fall with the label, lare is noise. Reals are JPEGs
-    of mixed sizes, fakes 256×256 PNGs (a format confound). Returns the maps written."""
+def _store(path: Path, shard_dir: Path, deu_sign: float, seed: int) -> None:
+    """A real format-2 store over real tars: deu's values rise (deu_sign > 0) or fall with the label, lare is
+    noise, a float16 CLIP map is not a guidance map. The rows say reals are JPEGs of mixed sizes and fakes
+    256×256 PNGs (a format confound for the format-only reference)."""
     labels, generators = _layout()
     rng = np.random.default_rng(seed)
     maps = {"deu": (rng.random((ROWS, 4, 8, 8)) + deu_sign * 0.6 * labels[:, None, None, None]).astype(np.float32),
             "lare": rng.random((ROWS, 4, 8, 8)).astype(np.float32),
-            "clip_pooled": rng.random((ROWS, 16)).astype(np.float32)}
-    real = labels == 0
-    metadata = {"format": np.where(real, "JPEG", "PNG"), "jpeg_quality": np.where(real, 90, -1),
-                "width": np.where(real, 300 + rows_mod(7), 256), "height": np.where(real, 200 + rows_mod(5), 256)}
-    store = FeatureStore.create(path, shards=make_table(), keys=[f"img{r:05d}" for r in range(ROWS)], labels=labels,
-                                generators=generators, generator_names=NAMES,
-                                feature_shapes={k: v.shape[1:] for k, v in maps.items()}, feature_dtype="float32",
-                                provenance={"shards": str(shard_dir), "resolution": 32, **RAW_PROTOCOL},
-                                row_metadata=metadata)
+            "clip_layer3": rng.random((ROWS, 8, 4, 4)).astype(np.float16)}
+    real, rows = labels == 0, np.arange(ROWS)
+    table = json.loads((shard_dir / "shards.json").read_text())["shards"]
+    provenance = StoreProvenance(DatasetProvenance.from_shard_dir(shard_dir, "drct", "val", table),
+                                 PixelProvenance(resolution=32))
+    columns = {"key": [f"img{r:05d}" for r in rows], "sha256": [f"{r:064x}" for r in rows], "label": labels,
+               "generator": generators, "format": np.where(real, "JPEG", "PNG"),
+               "jpeg_quality": np.where(real, 90, -1), "width": np.where(real, 300 + rows % 7, 256),
+               "height": np.where(real, 200 + rows % 5, 256)}
+    specs = {"deu": FeatureSpec((4, 8, 8), "float32", "zstd"), "lare": FeatureSpec((4, 8, 8), "float32", "zstd"),
+             "clip_layer3": FeatureSpec((8, 4, 4), "float16", "lz4")}
+    with store_lock(path):
+        store = FeatureStore.create(path, provenance=provenance, rows=columns, generator_names=NAMES)
+        group = store.add_group(specs, ExtractorProvenance({"seed": 0}, {name: {} for name in specs}))
     for index in range(ROWS // SHARD):
-        start, stop = store.shard_rows(index)
-        store.write_shard(index, {k: v[start:stop] for k, v in maps.items()}, [""] * (stop - start))
-    return maps
-
-
-def rows_mod(k: int) -> np.ndarray:
-    return np.arange(ROWS) % k
-
-
-def make_table() -> list[dict]:
-    return [{"name": f"shard-{k:06d}.tar", "first_row": k * SHARD, "num_samples": SHARD} for k in range(ROWS // SHARD)]
+        start, stop = store.tar_rows(index)
+        store.write_tar(group, index, {k: v[start:stop] for k, v in maps.items()}, [""] * (stop - start),
+                        np.zeros((stop - start, 2), np.int32))
 
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("separability")
-    shard_dir = make_shard_dir(root / "shards", ROWS, SHARD, images=True)
+    shard_dir = make_shard_dir(root / "shards", ROWS, SHARD)
     paths = {"val": root / "val.zarr", "train": root / "train.zarr"}
     _store(paths["val"], shard_dir, deu_sign=+1, seed=0)
     _store(paths["train"], shard_dir, deu_sign=-1, seed=1)  # deu is LOWER on fakes in the direction store
@@ -133,7 +134,7 @@ def test_summarise_store_streams_every_tar_into_place(stores: dict[str, Path]):
     streamed table equals the summaries of the whole array read at once."""
     store = FeatureStore.open(stores["val"])
     streamed = summarise_store(store, ["deu"], workers=3)["deu"]
-    np.testing.assert_allclose(streamed, map_summaries(store.array("deu")[:]).astype(np.float32), rtol=1e-6)
+    np.testing.assert_allclose(streamed, map_summaries(store.read("deu")).astype(np.float32), rtol=1e-6)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -156,10 +157,10 @@ def test_separability_command(stores: dict[str, Path], tmp_path: Path):
                   "--bootstrap", "200", "--tb", "true")
     assert result.returncode == 0, result.stderr
     table = pd.read_csv(out / "separability.csv")
-    assert set(table["map"]) == {"deu", "lare"}
+    assert set(table["map"]) == {"deu", "lare"}  # not the float16 CLIP map
     assert len(table) == 2 * len(SUMMARIES) * 3  # maps × summaries × (glide, sd, average)
     labels, generators = _layout()
-    maps = FeatureStore.open(stores["val"]).array("deu")[:]
+    maps = FeatureStore.open(stores["val"]).read("deu")
     for name, code in (("glide", 1), ("sd", 2)):
         row = table[(table["map"] == "deu") & (table["summary"] == "mean") & (table["generator"] == name)].iloc[0]
         mask = (generators == code) | (generators == 0)
