@@ -26,31 +26,36 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from feature_cache.store import FeatureStore  # noqa: E402
+from feature_cache.provenance import (DatasetProvenance, ExtractorProvenance, FeatureSpec,  # noqa: E402
+                                      PixelProvenance, StoreProvenance)
+from feature_cache.store import FeatureStore, store_lock  # noqa: E402
 
 SHAPE = (4, 32, 32)
 
 
 def build_store(path: Path, rows: int, shard_size: int) -> None:
     """Two generators (one real-only, as DRCT's MSCOCO), format metadata, and a LaRE-like map (squares of
-    smooth noise: positive, continuous) that rises slightly with the label."""
-    if (path / "zarr.json").exists():
+    smooth noise: positive, continuous) that rises slightly with the label; a format-2 store whose dataset
+    provenance names a shard directory without images (the double-JPEG reference is not timed here)."""
+    if FeatureStore.exists(path):
         return
-    table = [{"name": f"shard-{k:06d}.tar", "first_row": k * shard_size,
-              "num_samples": min(shard_size, rows - k * shard_size)} for k in range(-(-rows // shard_size))]
+    tars = [{"name": f"shard-{k:06d}.tar", "first_row": k * shard_size, "num_samples": min(shard_size, rows - k * shard_size),
+             "bytes": 0, "mtime_ns": 0} for k in range(-(-rows // shard_size))]
     labels = np.arange(rows) % 2
-    store = FeatureStore.create(path, shards=table, keys=[f"k{r}" for r in range(rows)], labels=labels,
-                                generators=labels, generator_names=["real", "fake"], feature_shapes={"deu": SHAPE},
-                                feature_dtype="float32", provenance={"benchmark": "separability", "protocol": "raw"},
-                                row_metadata={"format": np.where(labels == 0, "JPEG", "PNG"),
-                                              "jpeg_quality": np.where(labels == 0, 90, -1),
-                                              "width": np.full(rows, 256), "height": np.full(rows, 256)})
+    provenance = StoreProvenance(DatasetProvenance(str(path.parent / "no_shards"), "drct", "val", "0" * 64, tars, {}),
+                                 PixelProvenance(resolution=256))
+    columns = {"key": [f"k{r}" for r in range(rows)], "sha256": [f"{r:064x}" for r in range(rows)], "label": labels,
+               "generator": labels, "format": np.where(labels == 0, "JPEG", "PNG"),
+               "jpeg_quality": np.where(labels == 0, 90, -1), "width": np.full(rows, 256), "height": np.full(rows, 256)}
+    with store_lock(path):
+        store = FeatureStore.create(path, provenance=provenance, rows=columns, generator_names=["real", "fake"])
+        group = store.add_group({"deu": FeatureSpec(SHAPE, "float32", "zstd")}, ExtractorProvenance({}, {"deu": {}}))
     rng = np.random.default_rng(0)
-    for k, entry in enumerate(table):
+    for k, entry in enumerate(tars):
         n, first = entry["num_samples"], entry["first_row"]
         smooth = rng.standard_normal((n, *SHAPE), dtype=np.float32).cumsum(-1) / 8
         maps = np.square(smooth + 0.1 * labels[first:first + n, None, None, None]).astype(np.float32)
-        store.write_shard(k, {"deu": maps}, [""] * n)
+        store.write_tar(group, k, {"deu": maps}, [""] * n, np.zeros((n, 2), np.int32))
 
 
 def _cpu_seconds() -> float:
