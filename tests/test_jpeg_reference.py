@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,10 +20,12 @@ from datamodules.shards import convert
 from feature_cache.manifest import store_rows
 from feature_cache.provenance import DatasetProvenance, PixelProvenance, StoreProvenance
 from feature_cache.store import FeatureStore, store_lock
+from reports.evaluation import Predictions
 from reports.format_reference import FormatOnlyClassifier, confound_note, store_metadata
 from reports.jpeg_reference import (FEATURE_SIZE, ZIGZAG, DoubleJpegClassifier, balanced_subsample, block_dct,
                                     dct_histograms, jpeg_features, protocol_file_bytes, quantised_luminance_dct,
                                     store_jpeg_features)
+from reports.protocol_report import ProtocolReport
 from image_trees import noise
 
 
@@ -135,22 +138,29 @@ def double_compressed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "shards"
 
 
-def test_double_jpeg_reference_sees_what_format_only_cannot(double_compressed: Path, tmp_path: Path):
+@pytest.fixture(scope="module")
+def jpeg_aligned_store(double_compressed: Path, tmp_path_factory: pytest.TempPathFactory) -> FeatureStore:
+    """A real format-2 store of those images under jpeg_aligned at quality 75 (rows/ only: the references
+    read metadata and image bytes, not maps)."""
+    datamodule = ImageShardDataModule(str(double_compressed), resolution=32, num_workers=0,
+                                      protocol="jpeg_aligned", jpeg_quality=75)
+    provenance = StoreProvenance(DatasetProvenance.from_shard_dir(double_compressed, "folder", "val",
+                                                                  datamodule.shard_table()),
+                                 PixelProvenance.from_datamodule(datamodule.provenance()))
+    names, path = list(datamodule.generator_names), tmp_path_factory.mktemp("store") / "store.zarr"
+    with store_lock(path):
+        return FeatureStore.create(path, provenance=provenance, generator_names=names,
+                                   rows=store_rows(double_compressed, names, datamodule.row_metadata()))
+
+
+def test_double_jpeg_reference_sees_what_format_only_cannot(jpeg_aligned_store: FeatureStore):
     """Under jpeg_aligned at one final quality (75) the reals are JPEG-then-JPEG and the fakes PNG-then-JPEG.
 
     The format-only reference (read from a real store's metadata) must be near chance and the double-JPEG
     reference (features read from the store's tars through the protocol) far above it. Catches features
     computed on the original files (trivially separable by format) or on decoded pixels without the JPEG
     grid (blind to double quantisation)."""
-    datamodule = ImageShardDataModule(str(double_compressed), resolution=32, num_workers=0,
-                                      protocol="jpeg_aligned", jpeg_quality=75)
-    provenance = StoreProvenance(DatasetProvenance.from_shard_dir(double_compressed, "folder", "val",
-                                                                  datamodule.shard_table()),
-                                 PixelProvenance.from_datamodule(datamodule.provenance()))
-    names = list(datamodule.generator_names)
-    with store_lock(tmp_path / "store.zarr"):
-        store = FeatureStore.create(tmp_path / "store.zarr", provenance=provenance, generator_names=names,
-                                    rows=store_rows(double_compressed, names, datamodule.row_metadata()))
+    store = jpeg_aligned_store
     rows, labels = np.arange(store.num_rows), store.rows("label").astype(np.int64)
     train, test = rows % 2 == 0, rows % 2 == 1
     metadata = store_metadata(store, rows)
@@ -164,3 +174,25 @@ def test_double_jpeg_reference_sees_what_format_only_cannot(double_compressed: P
 
     assert abs(auroc(format_scores) - 0.5) < 0.1
     assert auroc(jpeg_scores) > 0.85
+
+
+def test_protocol_report_rows_and_note_name_the_double_jpeg_reference(jpeg_aligned_store: FeatureStore,
+                                                                      tmp_path: Path):
+    """The protocol report's reference rows, fitted on the detector's training rows (even rows here) and
+    scored on its test rows (odd rows). Catches a double-JPEG row fitted on the test rows, rows misaligned
+    between the test table and the store, or a confound note that names only the format-only reference."""
+    store = jpeg_aligned_store
+    rows, labels = np.arange(store.num_rows), store.rows("label").astype(np.int64)
+    train, test = rows[rows % 2 == 0], rows[rows % 2 == 1]
+    datamodule = SimpleNamespace(parts={"train": [SimpleNamespace(store=0, rows=train, labels=labels[train])]},
+                                 stores={"train": [str(store.path)]})
+    shuffled = np.random.default_rng(0).permutation(test)  # a test table is in loader order, not row order
+    table = {"store": torch.zeros(len(shuffled), dtype=torch.int64), "row": torch.from_numpy(shuffled)}
+    preds = Predictions(np.full(len(shuffled), 0.5), labels[shuffled], np.array(["g"] * len(shuffled)))
+    report = ProtocolReport(plots=False)
+    format_only = report._format_only_row(datamodule, [store], table, preds)
+    double_jpeg = report._double_jpeg_row(datamodule, [store], table, preds)
+    assert double_jpeg["generator"] == "double-JPEG reference" and double_jpeg["auroc"] > 0.85
+    assert abs(format_only["auroc"] - 0.5) < 0.1
+    note = confound_note({"format-only": format_only["auroc"], "double-JPEG": double_jpeg["auroc"]})
+    assert "the double-JPEG reference (AUROC" in note and "the format-only reference" not in note
