@@ -131,7 +131,7 @@ def separability(*, stores: list[Path], out: Path, direction_from: Path | None =
         tb: also write the table and the figures to TensorBoard (OUT/tb).
         bootstrap: bootstrap replicates of the 95 % intervals (0: none).
         double_jpeg: compute the double-JPEG reference (decodes every scored image from the store's tars).
-        max_fit_rows: rows of --direction-from the double-JPEG reference is fitted on (class-balanced sample).
+        max_fit_rows: rows of --direction_from the double-JPEG reference is fitted on (class-balanced sample).
         workers: threads that summarise a tar's maps.
         seed: seed of the bootstrap and of the cross-fitting folds.
     """

@@ -180,6 +180,8 @@ def bootstrap_replicates(score: np.ndarray, label: np.ndarray, replicates: int,
                          seed: int) -> tuple[np.ndarray, np.ndarray]:
     """AUROC and AP of `replicates` stratified bootstrap resamples of one generator's rows."""
     rng = np.random.default_rng(seed)
+    order = np.argsort(-score, kind="stable")  # sorted once: each chunk's own stable sort is then linear
+    score, label = score[order], label[order]
     chunk = max(1, _BOOTSTRAP_ELEMENTS // max(1, len(score)))
     parts = [weighted_auroc_ap(score, label, bootstrap_weights(label, min(chunk, replicates - done), rng))
              for done in range(0, replicates, chunk)]
