@@ -100,11 +100,18 @@ def confound_note(references: dict[str, float | None]) -> str:
     lines = []
     separating = {name: auroc for name, auroc in available.items() if auroc >= CONFOUND_AUROC}
     if separating:
-        named = ", ".join(f"the {name} reference (AUROC {auroc:.3f})" for name, auroc in separating.items())
-        lines.append(f"**Confounded:** {named} separates real from fake without looking at generation traces; "
-                     "the numbers above may measure file format or compression history, not generation. "
-                     "Re-run under `protocol: jpeg_aligned` / `jpeg_size_aligned`, and compare with the "
-                     "double-JPEG reference there.")
+        named = " and ".join(f"the {name} reference (AUROC {auroc:.3f})" for name, auroc in separating.items())
+        advice = []
+        if "format-only" in separating:
+            advice.append("File format, JPEG quality or size differ between the classes: re-run under "
+                          "`protocol: jpeg_aligned` / `jpeg_size_aligned`.")
+        if "double-JPEG" in separating:
+            advice.append("The classes differ in JPEG compression history (e.g. reals compressed twice, fakes "
+                          "once), which the format protocols do not remove: read the detector's numbers against "
+                          "this reference's.")
+        lines.append(f"**Confounded:** {named} {'separate' if len(separating) > 1 else 'separates'} real from fake "
+                     f"without looking at generation traces; the numbers above may measure this, not generation. "
+                     + " ".join(advice))
     elif available:
         named = ", ".join(f"{name} {auroc:.3f}" for name, auroc in available.items())
         lines.append(f"Reference AUROCs ({named}): below {CONFOUND_AUROC}, so what these references see (file "
