@@ -384,12 +384,12 @@ def separability_report(stores: list[Path], out: Path, direction_from: Path | No
     table = pd.DataFrame(records)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "separability.csv", index=False)
-    header = (f"# Separability of the guidance maps\n\nPer generator, AUROC and AP of each summary as the protocol table "
-              f"scores a detector (reals pooled against each fake-only generator); [low, high] = 95 % stratified "
-              f"bootstrap interval ({bootstrap} replicates); `average` = mean over generators. Direction (higher or "
-              f"lower summary = fake): {source}, never picked on the scored rows. References: AUROC of the format-only and double-JPEG classifiers on the same rows, "
-              + (f"fitted on {direction_from}" if fit is not None else "cross-fitted on the scored rows (2 folds)")
-              + ".\n")
+    fitted = f"fitted on {direction_from}" if fit is not None else "cross-fitted on the scored rows (2 folds)"
+    header = (f"# Separability of the guidance maps\n\nPer generator, AUROC and AP of each summary as the protocol "
+              f"table scores a detector (reals pooled against each fake-only generator); [low, high] = 95 % "
+              f"stratified bootstrap interval ({bootstrap} replicates); `average` = mean over generators. Direction "
+              f"(higher or lower summary = fake): {source}, never picked on the scored rows. References: AUROC of "
+              f"the format-only and double-JPEG classifiers on the same rows, {fitted}.\n")
     markdown = _markdown(table, notes, header)
     (out / "separability.md").write_text(markdown)
     writer = None
