@@ -139,6 +139,30 @@ def robustness(*, ckpt: str, shards: str, out: str = "robustness", batch_size: i
                      posterior=posterior)
 
 
+def separability(*, stores: list[Path], out: Path, direction_from: Path | None = None,
+                 direction: Literal["higher", "lower"] | None = None, tb: bool = False, bootstrap: int = 1000,
+                 double_jpeg: bool = True, max_fit_rows: int = 4000, workers: int = 2, seed: int = 0) -> None:
+    """Which guidance map separates real from fake, per generator and protocol, from feature stores alone.
+
+    Args:
+        stores: feature stores to score (e.g. one per protocol: cache/val.zarr cache/val_jpeg.zarr).
+        out: directory for separability.{md,csv}, plots/STORE_MAP.png and, with --tb, tb/.
+        direction_from: a train/val store on which each summary's direction (higher or lower = fake) is chosen
+            and the references are fitted; never the scored rows.
+        direction: declare the direction instead (default: higher = fake); references are then cross-fitted.
+        tb: also write the table and the figures to TensorBoard (OUT/tb).
+        bootstrap: bootstrap replicates of the 95 % intervals (0: none).
+        double_jpeg: compute the double-JPEG reference (decodes every scored image from the store's tars).
+        max_fit_rows: rows of --direction_from the double-JPEG reference is fitted on (class-balanced sample).
+        workers: threads that summarise a tar's maps.
+        seed: seed of the bootstrap and of the cross-fitting folds.
+    """
+    from reports.separability import separability_report
+
+    separability_report(stores, out, direction_from, direction, tb, bootstrap, double_jpeg, max_fit_rows, workers, seed)
+    print(f"separability table: {out / 'separability.md'} (and .csv, plots/)")
+
+
 def verify(store: Path, checksums: bool = False) -> None:
     """Check a feature store's files (presence and size; sha256 with --checksums true); exit 1 if any is damaged.
 
@@ -160,4 +184,4 @@ def verify(store: Path, checksums: bool = False) -> None:
 
 
 PLAIN_COMMANDS = {"shards": shards, "tiny-models": tiny_models, "demo": demo, "compare": compare, "grid": grid,
-                  "predict": predict, "robustness": robustness, "verify": verify}
+                  "predict": predict, "robustness": robustness, "verify": verify, "separability": separability}

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from feature_cache.store import FeatureStore
+
 
 @dataclass
 class ImageMetadata:
@@ -25,6 +27,9 @@ class ImageMetadata:
     jpeg_quality: np.ndarray  # float, NaN where not JPEG
     width: np.ndarray
     height: np.ndarray
+
+    def select(self, mask: np.ndarray) -> ImageMetadata:
+        return ImageMetadata(self.format[mask], self.jpeg_quality[mask], self.width[mask], self.height[mask])
 
     def keys(self) -> list[tuple[tuple, ...]]:
         """Backoff levels for every image: exact tuple, format+quality, format."""
@@ -65,3 +70,52 @@ class FormatOnlyClassifier:
             else:
                 scores.append(self.prior)
         return np.asarray(scores)
+
+
+def store_metadata(store: FeatureStore, rows: np.ndarray) -> ImageMetadata:
+    """The rows' metadata (the store's rows/ columns) as the read-time protocol left it."""
+    quality = store.rows("jpeg_quality")[rows].astype(float)
+    formats = np.array(store.rows("format")[rows].tolist(), dtype=object)  # zarr strings are StringDType
+    return ImageMetadata(formats, np.where(quality < 0, np.nan, quality), store.rows("width")[rows],
+                         store.rows("height")[rows])
+
+
+def concat_metadata(parts: list[ImageMetadata]) -> ImageMetadata:
+    """One ImageMetadata of several, in order."""
+    return ImageMetadata(*(np.concatenate([getattr(p, f) for p in parts])
+                           for f in ("format", "jpeg_quality", "width", "height")))
+
+
+CONFOUND_AUROC = 0.75  # a reference this good means the benchmark's classes differ in something besides generation
+
+
+def confound_note(references: dict[str, float | None]) -> str:
+    """The note under a table: which reference (format-only, double-JPEG) separates the classes, if any.
+
+    `references` maps a reference's name to its AUROC on the table's rows (None: not available, e.g. the
+    store lacks metadata or its images).
+    """
+    available = {name: auroc for name, auroc in references.items() if auroc is not None}
+    missing = [name for name, auroc in references.items() if auroc is None]
+    lines = []
+    separating = {name: auroc for name, auroc in available.items() if auroc >= CONFOUND_AUROC}
+    if separating:
+        named = " and ".join(f"the {name} reference (AUROC {auroc:.3f})" for name, auroc in separating.items())
+        advice = []
+        if "format-only" in separating:
+            advice.append("File format, JPEG quality or size differ between the classes: re-run under "
+                          "`protocol: jpeg_aligned` / `jpeg_size_aligned`.")
+        if "double-JPEG" in separating:
+            advice.append("The classes differ in JPEG compression history (e.g. reals compressed twice, fakes "
+                          "once), which the format protocols do not remove: read the detector's numbers against "
+                          "this reference's.")
+        lines.append(f"**Confounded:** {named} {'separate' if len(separating) > 1 else 'separates'} real from fake "
+                     f"without looking at generation traces; the numbers above may measure this, not generation. "
+                     + " ".join(advice))
+    elif available:
+        named = ", ".join(f"{name} {auroc:.3f}" for name, auroc in available.items())
+        lines.append(f"Reference AUROCs ({named}): below {CONFOUND_AUROC}, so what these references see (file "
+                     "format and size; JPEG compression history) does not separate the classes here.")
+    lines += [f"{name[:1].upper()}{name[1:]} reference: not available (no per-image metadata, or the images are "
+              "not where the store says)." for name in missing]
+    return "\n" + "\n\n".join(lines) + "\n"

@@ -17,25 +17,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from feature_cache.store import FeatureStore
 from reports.evaluation import (PUBLISHED_DRCT_MEAN_ACC, PUBLISHED_GENIMAGE_MEAN_ACC, Predictions,
                                           protocol_table, write_table)
-from reports.format_reference import FormatOnlyClassifier, ImageMetadata
+from reports.format_reference import FormatOnlyClassifier, concat_metadata, confound_note, store_metadata
+from reports.jpeg_reference import fit_double_jpeg, has_images, store_jpeg_features
 from reports.plots import map_histograms, overlay_figure, roc_pr_figure, save_figure
 
 GENIMAGE_TRAIN = "imagenet_ai_0419_sdv4"
-
-
-def _metadata(store: FeatureStore, rows: np.ndarray) -> ImageMetadata | None:
-    columns = store.row_metadata()
-    if not {"format", "jpeg_quality", "width", "height"} <= columns.keys():
-        return None
-    quality = columns["jpeg_quality"][rows].astype(float)
-    formats = np.array(columns["format"][rows].tolist(), dtype=object)  # zarr strings are StringDType
-    return ImageMetadata(formats, np.where(quality < 0, np.nan, quality),
-                         columns["width"][rows], columns["height"][rows])
-
-
-def _concat(parts: list[ImageMetadata]) -> ImageMetadata:
-    return ImageMetadata(*(np.concatenate([getattr(p, f) for p in parts])
-                           for f in ("format", "jpeg_quality", "width", "height")))
 
 
 class ProtocolReport(pl.Callback):
@@ -44,11 +30,16 @@ class ProtocolReport(pl.Callback):
     Args:
         plots: also write ROC/PR curves, real-vs-fake histograms of mean map values and DEU overlays.
         examples: number of example images with their guidance map overlaid.
+        double_jpeg: add the double-JPEG reference row (reads every test image's bytes from the tars).
+        double_jpeg_fit_rows: training rows (class-balanced sample) the double-JPEG reference is fitted on.
     """
 
-    def __init__(self, plots: bool = True, examples: int = 6) -> None:
+    def __init__(self, plots: bool = True, examples: int = 6, double_jpeg: bool = True,
+                 double_jpeg_fit_rows: int = 4000) -> None:
         self.plots = plots
         self.examples = examples
+        self.double_jpeg = double_jpeg
+        self.double_jpeg_fit_rows = double_jpeg_fit_rows
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or trainer.log_dir is None:
@@ -64,14 +55,16 @@ class ProtocolReport(pl.Callback):
         rows = protocol_table(preds, threshold)
         test_stores = [FeatureStore.open(p) for p in datamodule.stores["test"]]
         reference = self._format_only_row(datamodule, test_stores, table, preds)
-        if reference is not None:
-            rows.append(reference)
+        double_jpeg = self._double_jpeg_row(datamodule, test_stores, table, preds) if self.double_jpeg else None
+        rows += [r for r in (reference, double_jpeg) if r is not None]
+        note = confound_note({name: None if row is None else row["auroc"]
+                              for name, row in (("format-only", reference), ("double-JPEG", double_jpeg))})
         out = Path(trainer.log_dir)
         provenance = test_stores[0].provenance
         title = (f"{type(pl_module).__name__}, protocol {provenance.get('protocol', 'raw')}, "
                  f"threshold {threshold:.3f} (chosen on validation)")
         published = self._published(type(pl_module).__name__, datamodule, provenance)
-        _, markdown_path = write_table(rows, out, "protocol_table", title, published, self._confound_note(reference))
+        _, markdown_path = write_table(rows, out, "protocol_table", title, published, note)
         markdown = markdown_path.read_text()
         tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         if tensorboard is not None:
@@ -99,10 +92,7 @@ class ProtocolReport(pl.Callback):
         the detector itself was trained on (the datamodule's filtered train split)."""
         train_meta, train_labels = [], []
         for part in datamodule.parts.get("train", []):
-            meta = _metadata(FeatureStore.open(datamodule.stores["train"][part.store]), part.rows)
-            if meta is None:
-                return None
-            train_meta.append(meta)
+            train_meta.append(store_metadata(FeatureStore.open(datamodule.stores["train"][part.store]), part.rows))
             train_labels.append(part.labels)
         if not train_meta:
             return None
@@ -111,27 +101,31 @@ class ProtocolReport(pl.Callback):
         order = []
         for k, store in enumerate(test_stores):
             mine = np.flatnonzero(store_index == k)
-            meta = _metadata(store, rows[mine])
-            if meta is None:
-                return None
-            test_meta.append(meta)
+            test_meta.append(store_metadata(store, rows[mine]))
             order.append(mine)
-        classifier = FormatOnlyClassifier().fit(_concat(train_meta), np.concatenate(train_labels))
+        classifier = FormatOnlyClassifier().fit(concat_metadata(train_meta), np.concatenate(train_labels))
         scores = np.empty(len(rows))
-        scores[np.concatenate(order)] = classifier.predict_proba(_concat(test_meta))
+        scores[np.concatenate(order)] = classifier.predict_proba(concat_metadata(test_meta))
         reference = protocol_table(Predictions(scores, preds.label, preds.generator), 0.5)[-1]
         return {**reference, "generator": "format-only reference"}
 
-    @staticmethod
-    def _confound_note(reference: dict | None) -> str:
-        if reference is None:
-            return "\nFormat-only reference: not available (stores lack per-image format metadata).\n"
-        if reference["auroc"] >= 0.75:
-            return (f"\n**Confounded:** a classifier that sees only file format, JPEG quality and size reaches "
-                    f"AUROC {reference['auroc']:.3f}; the numbers above may measure format, not generation. "
-                    "Re-run under `protocol: jpeg_aligned` / `jpeg_size_aligned`.\n")
-        return (f"\nFormat-only reference AUROC {reference['auroc']:.3f}: format and size alone do not "
-                "separate the classes here.\n")
+    def _double_jpeg_row(self, datamodule: pl.LightningDataModule, test_stores: list[FeatureStore], table: dict,
+                         preds: Predictions) -> dict | None:
+        """The reference on JPEG-domain features (DCT-coefficient histograms), fitted like the format-only row on
+        the detector's own training rows; None when a store's images (its shard directory) are gone."""
+        train = [(FeatureStore.open(datamodule.stores["train"][part.store]), part.rows, part.labels)
+                 for part in datamodule.parts.get("train", [])]
+        stores = [store for store, _, _ in train] + test_stores
+        if not all(has_images(store) for store in stores) or len({int(v) for *_, labels in train for v in labels}) < 2:
+            return None
+        classifier = fit_double_jpeg(train, self.double_jpeg_fit_rows)
+        store_index, rows = table["store"].numpy(), table["row"].numpy()
+        scores = np.empty(len(rows))
+        for k, store in enumerate(test_stores):
+            mine = np.flatnonzero(store_index == k)
+            scores[mine] = classifier.predict_proba(store_jpeg_features(store, rows[mine]))
+        reference = protocol_table(Predictions(scores, preds.label, preds.generator), 0.5)[-1]
+        return {**reference, "generator": "double-JPEG reference"}
 
     def _plots(self, out: Path, preds: Predictions, stores: list[FeatureStore], features: list[str], table: dict,
                pl_module: pl.LightningModule, tensorboard: TensorBoardLogger | None) -> None:

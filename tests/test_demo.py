@@ -58,7 +58,8 @@ def test_demo_writes_consistent_stores_checkpoints_events_and_tables(demo):
         assert (run / "checkpoints" / "last.ckpt").is_file()
         assert list(run.glob("events.out.tfevents.*"))
         table = {row["generator"]: row for row in _read_csv(run / "protocol_table.csv")}
-        assert set(table) == {"demo_smooth", "demo_upsample", "average", "format-only reference"}
+        assert set(table) == {"demo_smooth", "demo_upsample", "average", "format-only reference",
+                              "double-JPEG reference"}
         predictions = _read_csv(run / "test_predictions.csv")
         assert len(predictions) == int(table["average"]["n_real"]) + int(table["average"]["n_fake"]) == 16
         threshold = float((run / "protocol_table.md").read_text().split("threshold ")[1].split(" ")[0])
@@ -70,6 +71,7 @@ def test_demo_writes_consistent_stores_checkpoints_events_and_tables(demo):
                 assert float(table[row["generator"]][column]) == pytest.approx(row[column], abs=2e-3)
         # Demo images are all PNG tiles of one size: format alone cannot separate them.
         assert float(table["format-only reference"]["auroc"]) == pytest.approx(0.5)
+        assert float(table["double-JPEG reference"]["auroc"]) == pytest.approx(0.5)  # no JPEG at all
         for plot in ("roc_pr", "map_histograms"):
             assert (run / "plots" / f"{plot}.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -1,0 +1,185 @@
+"""`python -m cli separability`: summaries against hand computations, metrics against torchmetrics/sklearn,
+and the command on real Zarr stores with real tars (direction from a separate store, references, files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from torchmetrics.functional.classification import binary_auroc, binary_average_precision
+
+from feature_cache.provenance import (DatasetProvenance, ExtractorProvenance, FeatureSpec, PixelProvenance,
+                                      StoreProvenance)
+from feature_cache.store import FeatureStore, store_lock
+from feature_cache_fakes import make_shard_dir
+from reports.separability import (SUMMARIES, bootstrap_weights, map_summaries, summarise_store,
+                                  weighted_auroc_ap)
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS, SHARD = 120, 40
+NAMES = ["coco", "glide", "sd"]  # DRCT-style: the reals ("coco") are their own group, pooled per fake generator
+
+
+def test_map_summaries_by_hand():
+    """Catches summaries over the wrong axes (per channel instead of per row), an off-by-one quantile
+    interpolation, or a high-pass that includes border pixels: a 2×3×3 map computed by hand."""
+    channel0 = np.array([[0, 1, 2], [3, 4, 5], [6, 7, 8]], dtype=np.float32)
+    channel1 = np.full((3, 3), 9, dtype=np.float32)
+    maps = np.stack([channel0, channel1])[None].astype(np.float16)  # stored dtype: float16
+    mean, median, p95, spatial_std, highpass = map_summaries(maps)[0]
+    values = sorted(range(9)) + [9] * 9  # the 18 values, sorted
+    assert mean == pytest.approx(sum(values) / 18)
+    assert median == pytest.approx((values[8] + values[9]) / 2)  # position 8.5
+    assert p95 == pytest.approx(values[16] + 0.15 * (values[17] - values[16]))  # position 17·0.95 = 16.15
+    channel_mean = (channel0 + 9) / 2
+    assert spatial_std == pytest.approx(np.sqrt(np.mean((channel_mean - channel_mean.mean()) ** 2)))
+    # only pixel (1,1) is interior: channel 0: 4·4 − 1 − 7 − 3 − 5 = 0; channel 1: 4·9 − 4·9 = 0
+    assert highpass == 0
+    spike = np.zeros((1, 1, 3, 3), dtype=np.float32)
+    spike[0, 0, 1, 1] = 2
+    assert map_summaries(spike)[0, SUMMARIES.index("highpass_energy")] == pytest.approx(64.0)  # (4·2)² over 1 pixel
+
+
+def test_quantiles_equal_numpy_on_random_maps():
+    """Catches a partition index that is right for the hand case only (other sizes, odd and even counts)."""
+    maps = np.random.default_rng(0).normal(size=(5, 3, 7, 5)).astype(np.float32)
+    got = map_summaries(maps)
+    flat = maps.reshape(5, -1).astype(np.float64)
+    np.testing.assert_allclose(got[:, 1], np.quantile(flat, 0.5, axis=1), rtol=1e-6)
+    np.testing.assert_allclose(got[:, 2], np.quantile(flat, 0.95, axis=1), rtol=1e-6)
+
+
+def test_weighted_auroc_ap_equal_torchmetrics_and_duplication():
+    """Catches ties counted as 0 or 1 instead of ½, or an AP that interpolates: with unit weights the bootstrap
+    metric equals torchmetrics (the protocol table's definition); with weight 2 it equals the duplicated rows."""
+    rng = np.random.default_rng(1)
+    score = rng.integers(0, 6, 200).astype(np.float64)  # many ties
+    label = rng.integers(0, 2, 200)
+    auroc, ap = weighted_auroc_ap(score, label, np.ones((1, 200), dtype=np.int32))
+    target = torch.from_numpy(label)
+    assert auroc[0] == pytest.approx(float(binary_auroc(torch.from_numpy(score).float(), target)), abs=1e-6)
+    assert ap[0] == pytest.approx(float(binary_average_precision(torch.from_numpy(score).float(), target)), abs=1e-6)
+    weights = np.ones((1, 200), dtype=np.int32)
+    weights[0, :50] = 2
+    auroc, ap = weighted_auroc_ap(score, label, weights)
+    doubled = np.r_[score, score[:50]], np.r_[label, label[:50]]
+    assert auroc[0] == pytest.approx(roc_auc_score(doubled[1], doubled[0]))
+    assert ap[0] == pytest.approx(float(binary_average_precision(torch.from_numpy(doubled[0]).float(),
+                                                                 torch.from_numpy(doubled[1]))), abs=1e-6)
+
+
+def test_bootstrap_weights_keep_class_sizes():
+    """Catches an unstratified resample (a replicate could hold one class only and have no AUROC)."""
+    label = np.array([0] * 7 + [1] * 3)
+    weights = bootstrap_weights(label, 50, np.random.default_rng(0))
+    assert np.all(weights[:, label == 0].sum(1) == 7) and np.all(weights[:, label == 1].sum(1) == 3)
+    assert len({tuple(w) for w in weights}) > 40
+
+
+def _layout() -> tuple[np.ndarray, np.ndarray]:
+    """Labels and generator codes: every third row a real 'coco' image, the rest fakes of glide or sd."""
+    rows = np.arange(ROWS)
+    generators = np.where(rows % 3 == 0, 0, np.where(rows % 3 == 1, 1, 2))
+    return (generators != 0).astype(np.int64), generators
+
+
+def _store(path: Path, shard_dir: Path, deu_sign: float, seed: int) -> None:
+    """A real format-2 store over real tars: deu's values rise (deu_sign > 0) or fall with the label, lare is
+    noise, a float16 CLIP map is not a guidance map. The rows say reals are JPEGs of mixed sizes and fakes
+    256×256 PNGs (a format confound for the format-only reference)."""
+    labels, generators = _layout()
+    rng = np.random.default_rng(seed)
+    maps = {"deu": (rng.random((ROWS, 4, 8, 8)) + deu_sign * 0.6 * labels[:, None, None, None]).astype(np.float32),
+            "lare": rng.random((ROWS, 4, 8, 8)).astype(np.float32),
+            "clip_layer3": rng.random((ROWS, 8, 4, 4)).astype(np.float16)}
+    real, rows = labels == 0, np.arange(ROWS)
+    table = json.loads((shard_dir / "shards.json").read_text())["shards"]
+    provenance = StoreProvenance(DatasetProvenance.from_shard_dir(shard_dir, "drct", "val", table),
+                                 PixelProvenance(resolution=32))
+    columns = {"key": [f"img{r:05d}" for r in rows], "sha256": [f"{r:064x}" for r in rows], "label": labels,
+               "generator": generators, "format": np.where(real, "JPEG", "PNG"),
+               "jpeg_quality": np.where(real, 90, -1), "width": np.where(real, 300 + rows % 7, 256),
+               "height": np.where(real, 200 + rows % 5, 256)}
+    specs = {"deu": FeatureSpec((4, 8, 8), "float32", "zstd"), "lare": FeatureSpec((4, 8, 8), "float32", "zstd"),
+             "clip_layer3": FeatureSpec((8, 4, 4), "float16", "lz4")}
+    with store_lock(path):
+        store = FeatureStore.create(path, provenance=provenance, rows=columns, generator_names=NAMES)
+        group = store.add_group(specs, ExtractorProvenance({"seed": 0}, {name: {} for name in specs}))
+    for index in range(ROWS // SHARD):
+        start, stop = store.tar_rows(index)
+        store.write_tar(group, index, {k: v[start:stop] for k, v in maps.items()}, [""] * (stop - start),
+                        np.zeros((stop - start, 2), np.int32))
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("separability")
+    shard_dir = make_shard_dir(root / "shards", ROWS, SHARD)
+    paths = {"val": root / "val.zarr", "train": root / "train.zarr"}
+    _store(paths["val"], shard_dir, deu_sign=+1, seed=0)
+    _store(paths["train"], shard_dir, deu_sign=-1, seed=1)  # deu is LOWER on fakes in the direction store
+    return paths
+
+
+def test_summarise_store_streams_every_tar_into_place(stores: dict[str, Path]):
+    """Catches blocks written to the wrong rows, a tar skipped, or the thread split dropping rows: the
+    streamed table equals the summaries of the whole array read at once."""
+    store = FeatureStore.open(stores["val"])
+    streamed = summarise_store(store, ["deu"], workers=3)["deu"]
+    np.testing.assert_allclose(streamed, map_summaries(store.read("deu")).astype(np.float32), rtol=1e-6)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "cli", "separability", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_separability_command(stores: dict[str, Path], tmp_path: Path):
+    """The command end to end on real stores and tars.
+
+    Catches: a direction picked on the scored rows (deu falls with the label in the direction store, so
+    scoring the val store "lower = fake" must give AUROC far below 0.5); reals not pooled per fake generator
+    (n_real must be every 'coco' row for glide and for sd); a metric that disagrees with sklearn on the same
+    rows; CLIP features scored as guidance maps; the format-only reference missing beside each generator;
+    missing files."""
+    out = tmp_path / "report"
+    result = _cli("--stores", f"[{stores['val']}]", "--out", str(out), "--direction_from", str(stores["train"]),
+                  "--bootstrap", "200", "--tb", "true")
+    assert result.returncode == 0, result.stderr
+    table = pd.read_csv(out / "separability.csv")
+    assert set(table["map"]) == {"deu", "lare"}  # not the float16 CLIP map
+    assert len(table) == 2 * len(SUMMARIES) * 3  # maps × summaries × (glide, sd, average)
+    labels, generators = _layout()
+    maps = FeatureStore.open(stores["val"]).read("deu")
+    for name, code in (("glide", 1), ("sd", 2)):
+        row = table[(table["map"] == "deu") & (table["summary"] == "mean") & (table["generator"] == name)].iloc[0]
+        mask = (generators == code) | (generators == 0)
+        assert (row["n_real"], row["n_fake"]) == ((generators == 0).sum(), (generators == code).sum())
+        assert row["direction"] == "lower" and row["direction_source"] == f"chosen on {stores['train']}"
+        expected = roc_auc_score(labels[mask], -maps[mask].reshape(mask.sum(), -1).mean(1))
+        assert row["auroc"] == pytest.approx(expected, abs=1e-6) and row["auroc"] < 0.1
+        assert row["auroc_low"] <= row["auroc"] <= row["auroc_high"]
+        assert row["format_only_auroc"] > 0.95
+    markdown = (out / "separability.md").read_text()
+    assert "**Confounded:** the format-only reference" in markdown
+    assert {p.name for p in (out / "plots").iterdir()} == {"val_deu.png", "val_lare.png"}
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+
+
+def test_conflicting_direction_options_are_one_line(stores: dict[str, Path], tmp_path: Path):
+    """Catches a traceback (or a silent choice) when both a direction store and a declared direction are given."""
+    result = _cli("--stores", f"[{stores['val']}]", "--out", str(tmp_path), "--direction_from", str(stores["train"]),
+                  "--direction", "higher")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "python -m cli separability: separability: give --direction_from or --direction, not both")
