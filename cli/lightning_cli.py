@@ -8,6 +8,7 @@ and `test` scores the fitted run's checkpoint (never an untrained model).
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import datamodules  # noqa: F401  (registers classes so YAML can name them bare)
 import lightning_modules  # noqa: F401
+from cli.progress import PlainLogProgress
 from cli.run_dirs import latest_fitted_run, next_run_dir, run_base, run_checkpoint
 from cli.trainer import ForensicsTrainer
 
@@ -112,12 +114,15 @@ def run_lightning_cli(argv: list[str]) -> None:
     argv = [TRAINER_SUBCOMMANDS.get(argv[0], argv[0]), *argv[1:]] if argv else argv
     for message in QUIET:
         warnings.filterwarnings("ignore", message=f".*{message}")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))  # advertising
     config_name = "config.yaml" if argv[:1] == ["fit"] else f"{argv[0] if argv else 'run'}_config.yaml"
     ForensicsCLI(
         trainer_class=ForensicsTrainer,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True, "config_filename": config_name},
+        trainer_defaults={"callbacks": [PlainLogProgress()]},  # added to the config's callbacks
         args=argv,
         parser_kwargs={"prog": "python -m cli"},
     )
