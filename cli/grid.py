@@ -30,12 +30,13 @@ def _logger_target(configs: list[str]) -> tuple[Path, str, int]:
     """(save_dir/name, version, seed) of the row's TensorBoardLogger, from the resolved config."""
     printed = subprocess.run(_cli("fit", *configs, "--print_config"), capture_output=True, text=True)
     if printed.returncode:
-        raise ValueError(f"grid: {' '.join(configs)} does not resolve: {printed.stderr.strip().splitlines()[-1:]}")
+        raise ValueError(f"{' '.join(configs)} does not resolve: "
+                         f"{(printed.stderr.strip().splitlines() or [''])[-1]}")
     resolved = yaml.safe_load(printed.stdout)
     logger = (resolved.get("trainer") or {}).get("logger")
     init = logger.get("init_args", {}) if isinstance(logger, dict) else {}
     if init.get("version") is None or init.get("save_dir") is None:
-        raise ValueError(f"grid: {' '.join(configs)} gives no trainer.logger with save_dir and version; "
+        raise ValueError(f"{' '.join(configs)} gives no trainer.logger with save_dir and version; "
                          "each row must name its own version")
     return Path(init["save_dir"]) / str(init.get("name") or ""), str(init["version"]), resolved.get("seed_everything")
 
@@ -60,9 +61,9 @@ def grid(rows: Path, base: Path | None = None, extra: list[Path] | None = None, 
     row_files = sorted(rows.glob("*.yaml"))
     missing = [str(p) for p in [base, *extra] if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"grid: missing config files {missing}")
+        raise FileNotFoundError(f"missing config files {missing}")
     if not row_files:
-        raise FileNotFoundError(f"grid: no *.yaml rows in {rows}")
+        raise FileNotFoundError(f"no *.yaml rows in {rows}")
     plan = []  # (row, configs, parent, version, seed): every run known before the first starts
     for row in row_files:
         configs = [arg for path in (base, row, *extra) for arg in ("--config", str(path))]

@@ -33,7 +33,9 @@ def _flatten(tree: object, prefix: str = "") -> dict[str, object]:
         for key, value in tree.items():
             flat.update(_flatten(value, f"{prefix}{key}."))
         return flat
-    return {prefix.rstrip("."): ",".join(map(str, tree)) if isinstance(tree, list) else tree}
+    if isinstance(tree, list):  # as in the hparams tab: items joined, an empty list is "none"
+        return {prefix.rstrip("."): ",".join(map(str, tree)) if tree else "none"}
+    return {prefix.rstrip("."): tree}
 
 
 def _short(key: str) -> str:
@@ -116,7 +118,7 @@ def _check_names(frame: pd.DataFrame, sort_by: str, metrics: list[str] | None) -
     known = metric_columns(frame)
     unknown = [m for m in [sort_by, *(metrics or [])] if m not in known]
     if unknown:
-        raise ValueError(f"compare: unknown metric {', '.join(map(repr, unknown))}; these runs have {', '.join(known)}")
+        raise ValueError(f"unknown metric {', '.join(map(repr, unknown))}; these runs have {', '.join(known)}")
     return list(metrics) if metrics else [m for m in DEFAULT_METRICS if m in known]
 
 
@@ -151,7 +153,7 @@ def generalisation_matrix(frame: pd.DataFrame, runs_dir: Path) -> tuple[pd.DataF
         records += [{"train": trained_on, "test": r.generator, "seed": run["seed"], "acc": r.acc, "auroc": r.auroc}
                     for r in rows.itertuples()]
     if not records:
-        raise ValueError(f"compare --matrix: no run under {runs_dir} has a protocol_table.csv (run `test` first)")
+        raise ValueError(f"no run under {runs_dir} has a protocol_table.csv (run `test` first)")
     long = pd.DataFrame(records)
     stats = long.groupby(["train", "test"])[["acc", "auroc"]].agg(["mean", "std", "count"]).reset_index()
     stats.columns = ["train", "test", "acc_mean", "acc_std", "seeds", "auroc_mean", "auroc_std", "auroc_count"]
@@ -197,10 +199,10 @@ def compare_runs(runs_dir: Path, sort_by: str = "test_acc", metrics: list[str] |
     """Print the table and write RUNS_DIR/compare.{md,csv} (every run, every metric), or matrix.{md,csv}."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
-        raise FileNotFoundError(f"compare: {runs_dir} is not a directory")
+        raise FileNotFoundError(f"{runs_dir} is not a directory")
     frame = collect_runs(runs_dir)
     if frame.empty:
-        raise FileNotFoundError(f"compare: no TensorBoard runs (events.out.tfevents.*) under {runs_dir}")
+        raise FileNotFoundError(f"no TensorBoard runs (events.out.tfevents.*) under {runs_dir}")
     if matrix:
         stats, markdown = generalisation_matrix(frame, runs_dir)
         stats.to_csv(runs_dir / "matrix.csv", index=False)
