@@ -70,8 +70,8 @@ def grid(rows: Path, base: Path | None = None, extra: list[Path] | None = None, 
         parent, version, config_seed = _logger_target(configs)
         plan += [(row, configs, parent, version, seed) for seed in (seeds if seeds else [config_seed])]
     run_dirs, failed, parents = [], [], sorted({parent for _, _, parent, _, _ in plan})
-    for row, configs, parent, version, seed in report_progress(plan, len(plan), "grid", "runs", every_s=0,
-                                                               always=not dry_run):
+    steps = plan if dry_run else report_progress(plan, len(plan), "grid", "runs", every_s=0, always=True)
+    for row, configs, parent, version, seed in steps:
         seeded = [*configs, "--seed_everything", str(seed)]
         label = f"{row.stem} seed {seed}"
         run_dir = next_run_dir(parent, run_base(version, seed))
