@@ -59,8 +59,7 @@ def hparams_of(run_dir: Path) -> dict[str, object]:
     accumulator = PluginAccumulator(str(run_dir))
     accumulator.Reload()
     content = accumulator.PluginTagToContent(hparams_metadata.PLUGIN_NAME)
-    start = hparams_metadata.parse_session_start_info_plugin_data(
-        hparams_metadata.parse_plugin_metadata(content[hparams_metadata.SESSION_START_INFO_TAG]))
+    start = hparams_metadata.parse_session_start_info_plugin_data(content[hparams_metadata.SESSION_START_INFO_TAG])
     return {name: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
             for name, value in start.hparams.items()}
 
