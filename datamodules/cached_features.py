@@ -202,6 +202,20 @@ class FeatureCacheDataModule(pl.LightningDataModule):
     the train rows gives the validation split. `images=True` pairs each row with its image from the
     store's shard directory (`provenance["shards"]`) and, for training, applies one random flip +
     resized crop (`crop_scale` = area fraction range) identically to the image and every spatial map.
+
+    Args:
+        features: store arrays each batch carries (guidance maps, clip_layer3, clip_pooled).
+        train: feature stores of the training split.
+        val: feature stores of the validation split (or use val_fraction).
+        test: feature stores scored by `test`, e.g. one per test generator.
+        generators: keep only rows of these generator names, in every split.
+        batch_size: rows per batch.
+        num_workers: DataLoader worker processes.
+        in_memory: load the selected rows into RAM when they take at most half of the free memory.
+        images: pair each row with its image from the store's shards (needed when CLIP is fine-tuned).
+        val_fraction: share of the training rows held out for validation (seeded by `seed`).
+        seed: seed of the validation split.
+        crop_scale: area-fraction range of the random resized crop applied with `images`.
     """
 
     def __init__(self, features: list[str], train: list[str] = [], val: list[str] = [],  # noqa: B006
