@@ -176,25 +176,34 @@ def _metrics(preds: Predictions, threshold: float) -> dict[str, float]:
     return row
 
 
-def protocol_table(test: Predictions, threshold: float = 0.5) -> list[dict]:
-    """One row per generator and the average row, as GenImage and DRCT-2M report them.
+def generator_groups(generator: np.ndarray, label: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """The rows each generator is scored on: THE definition of "per generator" (tables, TensorBoard, plots).
 
     A generator with both classes (GenImage: each generator's own real and fake val images) is scored on
-    its rows. Where the reals form their own "generator" (DRCT-2M's MSCOCO, a `folder` layout's `real`),
-    those real-only groups are pooled and every fake-only generator is scored against the pool. The
-    average row is the mean over generators of each column (the papers' "mean ACC"), not a pooled
-    accuracy, so a large generator does not dominate it.
+    its rows. Where the reals form their own group (DRCT-2M's MSCOCO, a `folder` layout's `real`), that
+    group is a real class, not a generator: real-only groups are pooled and every fake-only generator is
+    scored against the pool. With a single group, it is scored as it is.
     """
-    names = sorted(set(test.generator.tolist()))
-    classes = {name: set(test.label[test.generator == name].tolist()) for name in names}
-    real_pool = np.isin(test.generator, [n for n in names if classes[n] == {0}])
-    rows = []
+    names = sorted(set(generator.tolist()))
+    classes = {name: set(label[generator == name].tolist()) for name in names}
+    real_pool = np.isin(generator, [n for n in names if classes[n] == {0}])
+    groups = []
     for name in names:
         if classes[name] == {0} and len(names) > 1:
             continue  # part of the real pool, scored with every fake-only generator
-        mine = test.generator == name
-        rows.append({"generator": name,
-                     **_metrics(test.select(mine | real_pool if classes[name] == {1} else mine), threshold)})
+        mine = generator == name
+        groups.append((name, mine | real_pool if classes[name] == {1} else mine))
+    return groups
+
+
+def protocol_table(test: Predictions, threshold: float = 0.5) -> list[dict]:
+    """One row per generator (`generator_groups`) and the average row, as GenImage and DRCT-2M report them.
+
+    The average row is the mean over generators of each column (the papers' "mean ACC"), not a pooled
+    accuracy, so a large generator does not dominate it.
+    """
+    rows = [{"generator": name, **_metrics(test.select(mask), threshold)}
+            for name, mask in generator_groups(test.generator, test.label)]
     average = {"generator": "average", "n_real": sum(r["n_real"] for r in rows),
                "n_fake": sum(r["n_fake"] for r in rows)}
     for column in ("real_acc", "fake_acc", "acc", "ap", "auroc"):

@@ -162,3 +162,16 @@ def test_hparams_settings_spell_out_lists_and_drop_bookkeeping():
     assert settings == {"detector": "DEUADetector", "seed": 3, "guidance": "none", "asym_weight": 0.5,
                         "data.features": "deu+clip_layer3"}
     assert hparams_settings("LaRE2Detector", {"guidance": ["lare", "deu"]}, {}, 0)["guidance"] == "lare+deu"
+
+
+def test_plots_use_the_same_generator_definition_as_the_table():
+    """Bug caught: ROC curves and histograms per generator skipping DRCT's fake-only generators (one class each)
+    and drawing MSCOCO as if it were a generator."""
+    gens = np.array(["MSCOCO"] * 20 + ["ldm"] * 10 + ["sdxl"] * 10)
+    labels = np.array([0] * 20 + [1] * 20)
+    preds = Predictions(np.random.default_rng(5).uniform(0, 1, 40), labels, gens)
+    roc = roc_pr_figure(preds, "drct")
+    assert roc.axes[0].get_legend_handles_labels()[1] == ["all", "ldm", "sdxl"]
+    hist = map_histograms({"deu": preds.p_fake}, labels, gens)
+    assert [ax.get_title() for ax in hist.axes] == ["ldm", "sdxl"]
+    assert [len(ax.patches) for ax in hist.axes] == [60, 60]  # 30 bins of reals (pooled) + 30 of fakes
