@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -25,7 +26,10 @@ from cli.trainer import ForensicsTrainer
 TRAINER_SUBCOMMANDS = {"fit": "fit", "validate": "validate", "test": "test",
                        "precompute": "precompute", "laplace-fit": "laplace_fit"}
 SCORED = ("test", "validate")  # subcommands that score a fitted run's checkpoint
-TEST_EVENTS = "test_events.json"  # event files written by the run's last `test`, replaced by the next
+TEST_EVENTS = "test_events.json"
+# Inherited by the processes a DDP launch re-executes, so every rank logs to the directory rank 0 chose
+# (rank 0 may already have created it, and the next free name would differ).
+RUN_DIR_ENV, CKPT_ENV = "CLI_RUN_DIR", "CLI_RUN_CKPT"  # event files written by the run's last `test`, replaced by the next
 
 # Messages every run would print that say nothing about the user's run.
 QUIET = ("The '.*_dataloader' does not have many workers", "LeafSpec", "Starting from v1.9.0, `tensorboardX`",
@@ -66,7 +70,10 @@ class ForensicsCLI(LightningCLI):
         parent = Path(init.save_dir) / str(init.get("name") or "")
         base = run_base(str(init.get("version") or "run"), seed)
         ckpt = config.get("ckpt_path")
-        if subcommand == "fit":
+        if int(os.environ.get("LOCAL_RANK", 0)) > 0 and os.environ.get(RUN_DIR_ENV):  # a DDP rank: rank 0 chose
+            run = Path(os.environ[RUN_DIR_ENV])
+            config.ckpt_path = os.environ.get(CKPT_ENV) or ckpt
+        elif subcommand == "fit":
             run = next_run_dir(parent, base)
         elif ckpt in (None, "best", "last"):
             run = latest_fitted_run(parent, base)
@@ -79,6 +86,7 @@ class ForensicsCLI(LightningCLI):
         else:
             run = next_run_dir(parent, base)
         init.save_dir, init.name, init.version = str(run.parent), "", run.name
+        os.environ[RUN_DIR_ENV], os.environ[CKPT_ENV] = str(run), str(config.ckpt_path or "")
         print(f"python -m cli {subcommand}: run directory {run}" +
               (f", checkpoint {config.ckpt_path}" if subcommand in SCORED else ""), flush=True)
 
