@@ -54,7 +54,7 @@ def test_demo_writes_consistent_stores_checkpoints_events_and_tables(demo):
     for name in ("precompute", "laplace_fit", "deua", "lare2"):
         assert (demo / "configs" / f"{name}.yaml").is_file()
     for detector in ("deua", "lare2"):
-        run = demo / "runs" / detector / "demo"
+        run = demo / "runs" / detector / "demo-seed0"
         assert (run / "checkpoints" / "last.ckpt").is_file()
         assert list(run.glob("events.out.tfevents.*"))
         table = {row["generator"]: row for row in _read_csv(run / "protocol_table.csv")}
@@ -82,7 +82,7 @@ def test_predict_scores_every_file_and_reports_unreadable_ones(demo, tmp_path):
     Image.fromarray(rng.integers(0, 256, (90, 120, 4), dtype=np.uint8), "CMYK").save(folder / "nested" / "cmyk.jpg")
     (folder / "broken.jpg").write_bytes((folder / "photo.png").read_bytes()[:100])
     out = tmp_path / "predictions.csv"
-    result = _cli("predict", "--ckpt", str(demo / "runs" / "deua" / "demo" / "checkpoints" / "last.ckpt"),
+    result = _cli("predict", "--ckpt", str(demo / "runs" / "deua" / "demo-seed0" / "checkpoints" / "last.ckpt"),
                   "--data", str(folder), "--out", str(out), "--num_workers", "0", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {Path(r["path"]).name: r for r in _read_csv(out)}
@@ -94,7 +94,7 @@ def test_predict_scores_every_file_and_reports_unreadable_ones(demo, tmp_path):
 
 
 def test_robustness_sweep_gives_one_row_per_perturbation(demo, tmp_path):
-    result = _cli("robustness", "--ckpt", str(demo / "runs" / "lare2" / "demo" / "checkpoints" / "last.ckpt"),
+    result = _cli("robustness", "--ckpt", str(demo / "runs" / "lare2" / "demo-seed0" / "checkpoints" / "last.ckpt"),
                   "--shards", str(demo / "shards" / "val"), "--out", str(tmp_path), "--num_workers", "0",
                   cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

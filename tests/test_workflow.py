@@ -239,3 +239,28 @@ def test_cross_generator_matrix(workspace):
                if line.startswith("|")]
     assert printed[0] == ["train \\ test", "seeds", *sorted([SDV4, GLIDE]), "mean"]
     assert sorted(cells[:2] for cells in printed[2:]) == [[SDV4, "2"], [GLIDE, "2"]]
+
+
+@pytest.mark.slow
+def test_ddp_fit_makes_one_run_directory(workspace, tmp_path):
+    """Bug caught: a DDP rank re-executing `fit` after rank 0 created `both-seed0` choosing `both-seed0-r2`,
+    splitting one run over two directories."""
+    shutil.copytree(workspace / "configs", tmp_path / "configs")
+    shutil.copy(workspace / "local.yaml", tmp_path / "local.yaml")
+    run(f"{readme_line('python -m cli fit')} --trainer.devices 2 --trainer.strategy ddp --trainer.max_epochs 1",
+        tmp_path)
+    runs = sorted(p.name for p in (tmp_path / "runs/deua").iterdir())
+    assert runs == ["both-seed0"]
+    assert (tmp_path / "runs/deua/both-seed0/checkpoints/last.ckpt").is_file()
+
+
+def test_plain_progress_lines_are_rate_limited(capsys):
+    """Bugs caught: a line per item (log spam) or none until the end (a silent SLURM log)."""
+    from cli.progress import report_progress
+
+    assert list(report_progress(range(5), 5, "tars", "tars", every_s=3600, always=True)) == [0, 1, 2, 3, 4]
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["tars: 1/5 tars (20%)", "tars: 5/5 tars (100%)"]
+    assert "ETA" in lines[0] and "tars/s" in lines[0]
+    list(report_progress(range(3), None, "images", every_s=0, always=True))
+    assert capsys.readouterr().out.splitlines()[-1].startswith("images: 3 items,")
