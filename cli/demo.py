@@ -15,9 +15,9 @@ from pathlib import Path
 
 import yaml
 
+from cli.run_dirs import latest_fitted_run, run_base
 from datamodules.demo_data import GENERATORS, build_demo_images
 from datamodules.shards import convert
-from cli.run_dirs import latest_fitted_run, run_base
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRAIN_GENERATOR = GENERATORS[0]  # GenImage protocol: train on one generator, test on every generator

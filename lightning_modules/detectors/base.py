@@ -255,7 +255,7 @@ class DetectorBase(pl.LightningModule):
         self._epoch_end("train")
 
     def on_validation_epoch_end(self) -> None:
-        overall, table, rows = self._epoch_end("val")
+        overall, table, _ = self._epoch_end("val")
         if self.trainer.sanity_checking or not overall:
             return
         self.log_dict({f"hp/val_{m}": overall[f"val_{m}"] for m in ("acc", "ap", "auroc")})
