@@ -22,11 +22,11 @@ CHANNELS, GRID, SHARD = 16, 14, 8
 def build_store(path: Path, generators: list[str], strength: dict[str, float], rows_per_generator: int,
                 layout: str = "genimage", seed: int = 0) -> str:
     """A complete store: each generator folder holds half reals (JPEG q90) and half fakes (PNG), GenImage style;
-    a generator with strength None holds only reals (DRCT's MSCOCO)."""
+    in the drct layout a generator holds only fakes, and one with strength None only reals (DRCT's MSCOCO)."""
     n = rows_per_generator * len(generators)
     codes = np.repeat(np.arange(len(generators)), rows_per_generator)
     real_only = np.array([strength[g] is None for g in generators])[codes]
-    labels = np.where(real_only, 0, np.arange(n) % 2)
+    labels = np.where(real_only, 0, 1 if layout == "drct" else np.arange(n) % 2)  # DRCT: fake-only generators
     shard_dir = make_shard_dir(path.parent / f"{path.stem}_shards", n, SHARD, images=True, generators=generators)
     table = [{"name": f"shard-{k:06d}.tar", "first_row": k * SHARD, "num_samples": min(SHARD, n - k * SHARD)}
              for k in range(-(-n // SHARD))]
