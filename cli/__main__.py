@@ -9,6 +9,7 @@ from pathlib import Path
 
 from jsonargparse import CLI
 
+from cli.argv import shell_style
 from cli.plain_commands import PLAIN_COMMANDS
 from cli.lightning_cli import TRAINER_SUBCOMMANDS, run_lightning_cli
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"python -m cli: unknown subcommand {argv[0]!r}\n{_usage()}")
     try:
         if argv[0] in PLAIN_COMMANDS:
-            CLI(PLAIN_COMMANDS[argv[0]], args=argv[1:], prog=f"python -m cli {argv[0]}")
+            CLI(PLAIN_COMMANDS[argv[0]], args=shell_style(PLAIN_COMMANDS[argv[0]], argv[1:]), prog=f"python -m cli {argv[0]}")
         else:
             run_lightning_cli(argv)
     except Exception as error:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from cli.run_dirs import latest_fitted_run, run_base
 from datamodules.demo_data import GENERATORS, build_demo_images
 from datamodules.shards import convert
 
@@ -116,10 +117,9 @@ def run_demo(out: Path, sd: str | None, clip: str | None, images_per_class: int,
     tables = []
     for key in detectors:
         _run(["fit", "--config", str(configs / f"{key}.yaml")], logs / f"fit_{key}.log")
-        checkpoint = out / "runs" / key / "demo" / "checkpoints" / "last.ckpt"
-        _run(["test", "--config", str(configs / f"{key}.yaml"), "--ckpt_path", str(checkpoint)],
-             logs / f"test_{key}.log")
-        tables.append((key, out / "runs" / key / "demo"))
+        _run(["test", "--config", str(configs / f"{key}.yaml")], logs / f"test_{key}.log")  # the fitted run's best
+        seed = yaml.safe_load((configs / f"{key}.yaml").read_text())["seed_everything"]
+        tables.append((key, latest_fitted_run(out / "runs" / key, run_base("demo", seed))))
 
     print("\n" + DISCLAIMER + "\n")
     for key, run_dir in tables:
@@ -133,5 +133,4 @@ def run_demo(out: Path, sd: str | None, clip: str | None, images_per_class: int,
           f"{out / 'shards' / 'val'} --store {out / 'cache' / 'val.zarr'}")
     for key in detectors:
         print(f"  python -m cli fit --config {configs / f'{key}.yaml'}")
-        print(f"  python -m cli test --config {configs / f'{key}.yaml'} --ckpt_path "
-              f"{out / 'runs' / key / 'demo' / 'checkpoints' / 'last.ckpt'}")
+        print(f"  python -m cli test --config {configs / f'{key}.yaml'}")

@@ -2,17 +2,26 @@
 ensemble-fit.
 
 `predict` (raw images with a trained detector) is a plain command: it builds its Trainer from a checkpoint.
+Runs of `fit`/`test`/`validate` are placed by `cli.run_dirs`: one directory per fit, the seed in its name,
+and `test` scores the fitted run's checkpoint (never an untrained model).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 import datamodules  # noqa: F401  (registers classes so YAML can name them bare)
 import lightning_modules  # noqa: F401
+from cli.progress import PlainLogProgress
+from cli.run_dirs import latest_fitted_run, next_run_dir, run_base, run_checkpoint
 from cli.trainer import ForensicsTrainer
 
 # Subcommand names as typed; LightningCLI needs the Trainer method's name.
@@ -35,8 +44,20 @@ class SaveConfigBesideOutput(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
+SCORED = ("test", "validate")  # subcommands that score a fitted run's checkpoint
+TEST_EVENTS = "test_events.json"
+# Inherited by the processes a DDP launch re-executes, so every rank logs to the directory rank 0 chose
+# (rank 0 may already have created it, and the next free name would differ).
+RUN_DIR_ENV, CKPT_ENV = "CLI_RUN_DIR", "CLI_RUN_CKPT"  # event files written by the run's last `test`, replaced by the next
+
+# Messages every run would print that say nothing about the user's run.
+QUIET = ("The '.*_dataloader' does not have many workers", "LeafSpec", "Starting from v1.9.0, `tensorboardX`",
+         "The number of training batches .* is smaller than the logging interval", "LightningCLI's args parameter",
+         "Checkpoint directory .* exists and is not empty")
+
+
 class ForensicsCLI(LightningCLI):
-    """LightningCLI with the project's Trainer subcommands added to Lightning's four."""
+    """LightningCLI with the project's Trainer subcommands and run-directory rules."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -46,18 +67,94 @@ class ForensicsCLI(LightningCLI):
                 "generate": {"model"},
                 "ensemble_fit": {"model", "datamodule"}}
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--paper_row", type=str | None, default=None,
+                            help="Name of the published configuration this config reproduces (see "
+                                 "reports.evaluation.PUBLISHED); its paper number is shown beside this run only "
+                                 "when settings and protocol match.")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand in ("fit", *SCORED):
+            self._place_run(subcommand, self.config[subcommand])
+        elif "subcommand" not in self.config:  # built without running (`grid --together`): a row to fit
+            self._place_run("fit", self.config)
+
+    def _place_run(self, subcommand: str, config: Namespace) -> None:
+        """Point the TensorBoardLogger at this run's directory (and `test` at the fitted run's checkpoint)."""
+        logger = config.trainer.get("logger")
+        init = logger.get("init_args") if isinstance(logger, Namespace) else None
+        if init is None or "save_dir" not in init or not str(logger.class_path).endswith("TensorBoardLogger"):
+            return
+        seed = config.get("seed_everything")
+        if isinstance(seed, bool):
+            raise ValueError("seed_everything must be an integer: the seed is part of the run's directory name")
+        parent = Path(init.save_dir) / str(init.get("name") or "")
+        base = run_base(str(init.get("version") or "run"), seed)
+        ckpt = config.get("ckpt_path")
+        if int(os.environ.get("LOCAL_RANK", 0)) > 0 and os.environ.get(RUN_DIR_ENV):  # a DDP rank: rank 0 chose
+            run = Path(os.environ[RUN_DIR_ENV])
+            config.ckpt_path = os.environ.get(CKPT_ENV) or ckpt
+        elif subcommand == "fit":
+            run = next_run_dir(parent, base)
+        elif ckpt in (None, "best", "last"):
+            run = latest_fitted_run(parent, base)
+            if run is None:
+                raise ValueError(f"no fitted run of {base} under {parent} (no {base}*/checkpoints/last.ckpt): "
+                                 f"run `python -m cli fit` with the same configs first, or pass --ckpt_path FILE")
+            config.ckpt_path = str(run_checkpoint(run, ckpt or "best"))
+        elif Path(ckpt).parent.name == "checkpoints":
+            run = Path(ckpt).parent.parent  # score a checkpoint where it was trained
+        else:
+            run = next_run_dir(parent, base)
+        init.save_dir, init.name, init.version = str(run.parent), "", run.name
+        os.environ[RUN_DIR_ENV], os.environ[CKPT_ENV] = str(run), str(config.ckpt_path or "")
+        print(f"python -m cli {subcommand}: run directory {run}" +
+              (f", checkpoint {config.ckpt_path}" if subcommand in SCORED else ""), flush=True)
+
+    def before_test(self) -> None:
+        """Replace (not add to) the previous test's event files, and hand `paper_row` to the report."""
+        from reports.protocol_report import ProtocolReport
+
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, ProtocolReport):
+                callback.paper_row = self.config["test"].get("paper_row")
+        run = self._run_dir()
+        if run is None:
+            return
+        marker = run / TEST_EVENTS
+        if marker.is_file():
+            for name in json.loads(marker.read_text()):
+                (run / name).unlink(missing_ok=True)
+        self._events_before = {p.name for p in run.glob("events.out.tfevents.*")}
+
+    def after_test(self) -> None:
+        run = self._run_dir()
+        if run is not None and self.trainer.is_global_zero:
+            written = sorted({p.name for p in run.glob("events.out.tfevents.*")} - self._events_before)
+            (run / TEST_EVENTS).write_text(json.dumps(written))
+
+    def _run_dir(self) -> Path | None:
+        log_dir = self.trainer.log_dir
+        return Path(log_dir) if log_dir is not None else None
+
 
 def run_lightning_cli(argv: list[str]) -> None:
-    """Run one Trainer subcommand; every run saves its resolved config next to its logs."""
+    """Run one Trainer subcommand; `fit` saves its resolved config as config.yaml, others as <command>_config.yaml."""
     argv = [TRAINER_SUBCOMMANDS.get(argv[0], argv[0]), *argv[1:]] if argv else argv
-    # We pass argv explicitly because `laplace-fit` is renamed to its Trainer method; that is intended.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    for message in QUIET:
+        warnings.filterwarnings("ignore", message=f".*{message}")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))  # advertising
+    config_name = "config.yaml" if argv[:1] == ["fit"] else f"{argv[0] if argv else 'run'}_config.yaml"
     ForensicsCLI(
         trainer_class=ForensicsTrainer,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=SaveConfigBesideOutput,
-        save_config_kwargs={"overwrite": True},
+        save_config_kwargs={"overwrite": True, "config_filename": config_name},
+        trainer_defaults={"callbacks": [PlainLogProgress()]},  # added to the config's callbacks
         args=argv,
         parser_kwargs={"prog": "python -m cli"},
     )

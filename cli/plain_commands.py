@@ -73,17 +73,20 @@ def demo(out: Path = Path("demo_out"), sd: str | None = None, clip: str | None =
     run_demo(out, sd, clip, images_per_class, resolution, epochs)
 
 
-def compare(runs_dir: Path, sort_by: str = "test_acc", metrics: list[str] | None = None) -> None:
-    """One table of all runs under a directory (an ablation grid), sorted, with the hparams that differ.
+def compare(runs_dir: Path, sort_by: str = "test_acc", metrics: list[str] | None = None, matrix: bool = False) -> None:
+    """One table of all runs under a directory (an ablation grid): mean ± std over seeds, the settings that differ.
 
     Args:
-        runs_dir: directory searched recursively for TensorBoard runs (e.g. runs/).
-        sort_by: metric to sort by, best first.
-        metrics: metric names to show (default: every val*/test* scalar).
+        runs_dir: directory searched recursively for runs (e.g. runs/deua).
+        sort_by: metric to sort by, best first (a name from compare.csv's columns, e.g. test_auroc).
+        metrics: metrics to show (default: test_acc, test_auroc, test_mean_generator_acc/auroc,
+            test_format_only_auroc, val_auroc); every metric of every run is in RUNS_DIR/compare.csv.
+        matrix: instead, the cross-generator matrix (rows = training generator, columns = test generator,
+            cells ACC / AUROC with the row mean) of a grid over training generators; writes matrix.{md,csv}.
     """
     from reports.compare import compare_runs
 
-    compare_runs(runs_dir, sort_by, metrics)
+    compare_runs(runs_dir, sort_by, metrics, matrix)
 
 
 def predict(*, ckpt: str, data: str, out: str = "predictions.csv", batch_size: int = 8, num_workers: int = 2,

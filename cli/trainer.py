@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 
@@ -14,6 +15,19 @@ Codec = Literal["none", "lz4", "zstd"]
 class ForensicsTrainer(pl.Trainer):
     """Lightning's Trainer plus `precompute` (phase 1), `laplace_fit` (the DEU posterior), `generate`
     and `ensemble_fit` (DECU's members)."""
+
+    def test(self, model: pl.LightningModule | None = None, dataloaders: Any = None,
+             ckpt_path: str | Path | None = None, verbose: bool = False,
+             datamodule: pl.LightningDataModule | None = None,
+             weights_only: bool | None = None) -> list[Mapping[str, float]]:
+        """Score a fitted run's checkpoint on the test stores; print and save the per-generator protocol table.
+
+        Args:
+            ckpt_path: checkpoint to score; default (or `best`) the fitted run's best checkpoint, `last` its
+                last one. The run is the newest `fit` of the same configs and seed.
+            verbose: also print Lightning's list of every logged metric (the protocol table is always printed).
+        """
+        return super().test(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
 
     def precompute(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None,
                    store: str | None = None, clip_dtype: ClipDtype = "float16", clip_codec: Codec = "lz4",

@@ -112,6 +112,25 @@ class FeatureCacheDataModule(pl.LightningDataModule):
     blocks, so a store sorted by label gives batches whose fake fraction varies like `shuffle_blocks`
     independent draws (README: the shuffle's measured quality). No worker processes: `num_workers` is
     the number of threads decoding images (`images=True` only).
+
+    Args:
+        features: store arrays each batch carries (guidance maps, clip_layer3, clip_pooled).
+        train: feature stores of the training split.
+        val: feature stores of the validation split (or use val_fraction).
+        test: feature stores scored by `test`, e.g. one per test generator.
+        generators: keep only rows of these generator names, in every split.
+        batch_size: rows per batch.
+        num_workers: threads decoding images (`images=True` only; feature rows need no workers).
+        in_memory: true: load the selected rows into RAM when they fit; `device`: into accelerator memory;
+            false: read blocks from disk.
+        images: pair each row with its image from the store's shards (needed when CLIP is fine-tuned).
+        val_fraction: share of the training rows held out for validation (seeded by `seed`).
+        seed: seed of the validation split.
+        crop_scale: area-fraction range of the random resized crop applied with `images`.
+        block_rows: consecutive rows read per block when reading from disk (the unit of the shuffle).
+        shuffle_blocks: blocks per shuffle window (each batch mixes rows of about this many blocks).
+        allow_shared_images: accept train/val/test splits that share an image (same content hash).
+        verify_checksums: check every store file's sha256 at setup (presence and size are always checked).
     """
 
     def __init__(self, features: list[str], train: list[str] = [], val: list[str] = [],  # noqa: B006

@@ -1,19 +1,30 @@
-"""`python -m cli compare RUNS_DIR`: one table of all runs, with only the settings that differ.
+"""`python -m cli compare RUNS_DIR`: one table of all runs (mean ± std over seeds), or the cross-generator matrix.
 
-A run is a directory holding TensorBoard event files; its settings come from the `config.yaml`
-LightningCLI saved there (or `hparams.yaml`), its metrics from the last value of every scalar.
+A run is a directory that `fit` made (`<row>-seed<S>[-r<k>]`, see `cli.run_dirs`) and holds TensorBoard
+event files. Its settings come from the `config.yaml` that `fit` saved (never from a later `test`'s
+config), its metrics from the last value of every scalar, read with TensorBoard's own EventAccumulator.
+Runs of one row with different seeds are one line: mean ± std over seeds (the newest rerun per seed).
 """
 
 from __future__ import annotations
 
-import csv
 import math
+import re
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from reports.evaluation import markdown_table, save_rows
+from feature_cache.store import FeatureStore
+from reports.evaluation import markdown_table
+
+RUN_NAME = re.compile(r"(?P<row>.+)-seed(?P<seed>-?\d+)(?:-r(?P<rerun>\d+))?")
+# What the screen table shows by default (everything else is in compare.csv).
+DEFAULT_METRICS = ("test_acc", "test_auroc", "test_mean_generator_acc", "test_mean_generator_auroc",
+                   "test_format_only_auroc", "val_auroc")
+NOT_SETTINGS = ("version", "save_dir", "default_root_dir", "dirpath", "name", "seed_everything", "ckpt_path")
 
 
 def _flatten(tree: object, prefix: str = "") -> dict[str, object]:
@@ -22,45 +33,145 @@ def _flatten(tree: object, prefix: str = "") -> dict[str, object]:
         for key, value in tree.items():
             flat.update(_flatten(value, f"{prefix}{key}."))
         return flat
-    return {prefix.rstrip("."): tree if not isinstance(tree, list) else ",".join(map(str, tree))}
+    if isinstance(tree, list):  # as in the hparams tab: items joined, an empty list is "none"
+        return {prefix.rstrip("."): ",".join(map(str, tree)) if tree else "none"}
+    return {prefix.rstrip("."): tree}
 
 
-def _run_settings(run_dir: Path) -> dict[str, object]:
+def _short(key: str) -> str:
+    return key.replace("model.init_args.", "model.").replace("data.init_args.", "data.")
+
+
+def run_settings(run_dir: Path) -> dict[str, object]:
+    """The fit's resolved config (config.yaml), flattened; `hparams.yaml` for runs made outside the CLI."""
     for name in ("config.yaml", "hparams.yaml"):
-        for candidate in (run_dir / name, run_dir.parent / name):
-            if candidate.is_file():
-                return _flatten(yaml.safe_load(candidate.read_text()) or {})
+        if (run_dir / name).is_file():
+            return _flatten(yaml.safe_load((run_dir / name).read_text()) or {})
     return {}
 
 
-def _run_metrics(run_dir: Path) -> dict[str, float]:
+def run_metrics(run_dir: Path) -> dict[str, float]:
+    """Last value of every scalar; `hp/x` is reported as `x` (the hparams tab's copy of the same number)."""
     accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     accumulator.Reload()
-    return {tag: accumulator.Scalars(tag)[-1].value for tag in accumulator.Tags()["scalars"]}
+    values = {tag: accumulator.Scalars(tag)[-1].value for tag in accumulator.Tags()["scalars"]}
+    return {tag.removeprefix("hp/"): value for tag, value in sorted(values.items(), key=lambda kv: kv[0].startswith("hp/"))}
 
 
-def collect_runs(runs_dir: Path) -> list[dict[str, object]]:
-    """Every directory under runs_dir with event files becomes one row: its path, settings, metrics."""
-    run_dirs = sorted({p.parent for p in Path(runs_dir).rglob("events.out.tfevents.*")})
-    return [{"run": str(d.relative_to(runs_dir)), "settings": _run_settings(d), "metrics": _run_metrics(d)}
-            for d in run_dirs]
+def collect_runs(runs_dir: Path) -> pd.DataFrame:
+    """One line per run directory under runs_dir: group (row path), seed, rerun, settings, metrics.
+
+    Of several reruns of one row and seed only the newest counts (older ones are failed or superseded fits).
+    """
+    records = []
+    for run_dir in sorted({p.parent for p in Path(runs_dir).rglob("events.out.tfevents.*")}):
+        name = RUN_NAME.fullmatch(run_dir.name)
+        relative = run_dir.relative_to(runs_dir)
+        row = str(relative.parent / name["row"]) if name else str(relative)
+        records.append({"run": str(relative), "row": row, "seed": int(name["seed"]) if name else None,
+                        "rerun": int(name["rerun"] or 1) if name else 1,
+                        **{_short(k): v for k, v in run_settings(run_dir).items()}, **run_metrics(run_dir)})
+    frame = pd.DataFrame(records)
+    if frame.empty:
+        return frame
+    newest = frame.groupby(["row", frame["seed"].fillna(-1)])["rerun"].transform("max") == frame["rerun"]
+    return frame[newest].reset_index(drop=True)
 
 
-def comparison_table(runs: list[dict[str, object]], metrics: list[str] | None, sort_by: str) -> list[dict]:
-    """Rows of run name, the settings whose values differ between runs, and the chosen metrics."""
-    all_keys = sorted({k for run in runs for k in run["settings"]})
-    differing = [k for k in all_keys if len({repr(run["settings"].get(k)) for run in runs}) > 1
-                 and not k.endswith(("version", "save_dir", "default_root_dir", "dirpath", "name"))]
-    metric_names = metrics or sorted({m for run in runs for m in run["metrics"]
-                                      if m.startswith(("test", "val")) and "step" not in m})
-    rows = [{"run": run["run"], **{k: run["settings"].get(k, "") for k in differing},
-             **{m: run["metrics"].get(m, float("nan")) for m in metric_names}} for run in runs]
+def metric_columns(frame: pd.DataFrame) -> list[str]:
+    return sorted(c for c in frame.columns if c.startswith(("test", "val", "train")) and "step" not in c
+                  and pd.api.types.is_numeric_dtype(frame[c]))
 
-    def key(row: dict) -> float:
-        value = row.get(sort_by, float("nan"))
-        return -value if isinstance(value, float) and not math.isnan(value) else math.inf
 
-    return sorted(rows, key=key)
+def differing_settings(frame: pd.DataFrame, metrics: list[str]) -> list[str]:
+    """Settings whose values differ between rows (not paths, versions or seeds)."""
+    candidates = [c for c in frame.columns if c not in ("run", "row", "seed", "rerun", *metrics)
+                  and not c.endswith(NOT_SETTINGS) and not c.startswith(("test", "val", "train", "epoch"))]
+    return [c for c in candidates if frame[c].astype(str).nunique() > 1]
+
+
+def _mean_std(values: pd.Series) -> str:
+    values = values.dropna()
+    if values.empty:
+        return ""
+    if len(values) == 1:
+        return f"{values.iloc[0]:.4f}"
+    return f"{values.mean():.4f} ± {values.std(ddof=1):.4f}"
+
+
+def summary(frame: pd.DataFrame, metrics: list[str], sort_by: str) -> pd.DataFrame:
+    """One line per row: seeds, differing settings, each metric as mean ± std over seeds; best `sort_by` first."""
+    settings = differing_settings(frame, metrics)
+    grouped = frame.groupby("row", sort=False)
+    table = pd.DataFrame({"row": list(grouped.groups), "seeds": [",".join(str(int(s)) for s in g["seed"].dropna())
+                                                                  for _, g in grouped]})
+    for column in settings:
+        table[column] = [",".join(sorted(set(g[column].astype(str)))) for _, g in grouped]
+    for metric in metrics:
+        table[metric] = [_mean_std(g[metric]) if metric in g else "" for _, g in grouped]
+    order = grouped[sort_by].mean() if sort_by in frame else pd.Series(dtype=float)
+    table["_key"] = [-order.get(row, math.nan) for row in table["row"]]
+    return table.sort_values("_key", na_position="last").drop(columns="_key").reset_index(drop=True)
+
+
+def _check_names(frame: pd.DataFrame, sort_by: str, metrics: list[str] | None) -> list[str]:
+    known = metric_columns(frame)
+    unknown = [m for m in [sort_by, *(metrics or [])] if m not in known]
+    if unknown:
+        raise ValueError(f"unknown metric {', '.join(map(repr, unknown))}; these runs have {', '.join(known)}")
+    return list(metrics) if metrics else [m for m in DEFAULT_METRICS if m in known]
+
+
+def train_generators(settings: pd.Series) -> list[str]:
+    """Generators with fake training rows in the run's train stores (real-only groups such as MSCOCO are not one)."""
+    paths = settings.get("data.train")
+    wanted = settings.get("data.generators")
+    names = set()
+    for path in str(paths).split(",") if isinstance(paths, str) and paths else []:
+        store = FeatureStore.open(path)
+        codes = np.unique(store.generators()[store.labels() == 1])
+        names |= {store.generator_names[c] for c in codes}
+    if isinstance(wanted, str) and wanted:
+        names &= set(wanted.split(","))
+    return sorted(names)
+
+
+def generalisation_matrix(frame: pd.DataFrame, runs_dir: Path) -> tuple[pd.DataFrame, str]:
+    """Rows = training generator, columns = test generator (+ row mean), cells ACC / AUROC (mean ± std over seeds).
+
+    Read from each run's protocol_table.csv (written by `test`); the training generator from its train stores.
+    """
+    records = []
+    for _, run in frame.iterrows():
+        table = Path(runs_dir) / run["run"] / "protocol_table.csv"
+        if not table.is_file():
+            continue
+        trained_on = "+".join(train_generators(run)) or run["row"]
+        rows = pd.read_csv(table, dtype={"generator": str})
+        rows = rows[rows["generator"] != "format-only reference"]
+        rows["generator"] = rows["generator"].replace({"average": "mean"})
+        records += [{"train": trained_on, "test": r.generator, "seed": run["seed"], "acc": r.acc, "auroc": r.auroc}
+                    for r in rows.itertuples()]
+    if not records:
+        raise ValueError(f"no run under {runs_dir} has a protocol_table.csv (run `test` first)")
+    long = pd.DataFrame(records)
+    stats = long.groupby(["train", "test"])[["acc", "auroc"]].agg(["mean", "std", "count"]).reset_index()
+    stats.columns = ["train", "test", "acc_mean", "acc_std", "seeds", "auroc_mean", "auroc_std", "auroc_count"]
+    stats = stats.drop(columns="auroc_count")
+
+    def cell(record: pd.Series) -> str:
+        spread = "" if record["seeds"] < 2 else f" ± {100 * record['acc_std']:.1f}"
+        spread_auc = "" if record["seeds"] < 2 else f" ± {100 * record['auroc_std']:.1f}"
+        return f"{100 * record['acc_mean']:.1f}{spread} / {100 * record['auroc_mean']:.1f}{spread_auc}"
+
+    stats["cell"] = stats.apply(cell, axis=1)
+    wide = stats.pivot(index="train", columns="test", values="cell").fillna("")
+    columns = [c for c in wide.columns if c != "mean"] + ["mean"]
+    seeds = stats.groupby("train")["seeds"].max()
+    cells = [[train, str(int(seeds[train]))] + list(wide.loc[train, columns]) for train in wide.index]
+    markdown = markdown_table(["train \\ test", "seeds", *columns], cells)
+    return stats, markdown + "\nCells: ACC / AUROC in % at the validation threshold (mean ± std over seeds); " \
+                             "`mean` is the mean over test generators.\n"
 
 
 def protocol_tables_side_by_side(runs_dir: Path) -> str | None:
@@ -73,29 +184,38 @@ def protocol_tables_side_by_side(runs_dir: Path) -> str | None:
     for path in sorted(Path(runs_dir).rglob("protocol_table.csv")):
         title = (path.with_suffix(".md").read_text().splitlines() or [""])[0]
         protocol = title.split("protocol ")[1].split(",")[0] if "protocol " in title else "?"
-        with open(path, newline="") as handle:
-            tables[f"{path.parent.relative_to(runs_dir)} ({protocol})"] = {r["generator"]: r for r in csv.DictReader(handle)}
+        tables[f"{path.parent.relative_to(runs_dir)} ({protocol})"] = pd.read_csv(path, dtype={"generator": str}).set_index("generator")
     if not tables:
         return None
-    generators = list(dict.fromkeys(g for table in tables.values() for g in table))
+    generators = list(dict.fromkeys(g for table in tables.values() for g in table.index))
     header = ["generator"] + [f"{run} {metric}" for run in tables for metric in ("ACC", "AUROC")]
-    cells = [[generator] + [f"{100 * float(table[generator][m]):.1f}" if generator in table else ""
+    cells = [[generator] + [f"{100 * float(table.loc[generator, m]):.1f}" if generator in table.index else ""
                             for table in tables.values() for m in ("acc", "auroc")] for generator in generators]
     return markdown_table(header, cells)
 
 
-def compare_runs(runs_dir: Path, sort_by: str = "test_acc", metrics: list[str] | None = None) -> list[dict]:
-    """Print the table as Markdown and write RUNS_DIR/compare.{md,csv} (and protocol_tables.md after `test`)."""
+def compare_runs(runs_dir: Path, sort_by: str = "test_acc", metrics: list[str] | None = None,
+                 matrix: bool = False) -> pd.DataFrame:
+    """Print the table and write RUNS_DIR/compare.{md,csv} (every run, every metric), or matrix.{md,csv}."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
-        raise SystemExit(f"python -m cli compare: {runs_dir} is not a directory")
-    runs = collect_runs(runs_dir)
-    if not runs:
-        raise SystemExit(f"python -m cli compare: no TensorBoard runs (events.out.tfevents.*) under {runs_dir}")
-    rows = comparison_table(runs, metrics, sort_by)
-    print(save_rows(rows, runs_dir, "compare", lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)))
+        raise FileNotFoundError(f"{runs_dir} is not a directory")
+    frame = collect_runs(runs_dir)
+    if frame.empty:
+        raise FileNotFoundError(f"no TensorBoard runs (events.out.tfevents.*) under {runs_dir}")
+    if matrix:
+        stats, markdown = generalisation_matrix(frame, runs_dir)
+        stats.to_csv(runs_dir / "matrix.csv", index=False)
+        (runs_dir / "matrix.md").write_text(markdown)
+        print(markdown)
+        return stats
+    shown = _check_names(frame, sort_by, metrics)
+    frame.to_csv(runs_dir / "compare.csv", index=False)
+    table = summary(frame, shown, sort_by)
+    markdown = markdown_table(list(table.columns), table.astype(str).values.tolist())
+    (runs_dir / "compare.md").write_text(markdown)
+    print(markdown + f"\n(mean ± std over seeds; every run and metric: {runs_dir / 'compare.csv'})")
     side_by_side = protocol_tables_side_by_side(runs_dir)
     if side_by_side:
         (runs_dir / "protocol_tables.md").write_text(side_by_side)
-        print(side_by_side)
-    return rows
+    return table

@@ -7,20 +7,115 @@ from the test split (thresholds tuned on the test set are a known flaw of the pa
 
 from __future__ import annotations
 
-import csv
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+from sklearn.metrics import roc_curve
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision
 
-# SPEC §7: GenImage, trained on SD v1.4, mean ACC % over the eight generators.
-PUBLISHED_GENIMAGE_MEAN_ACC = {"DEUADetector": 85.6, "LaRE2Detector": 79.1, "UnivFD": 69.7, "DIRE": 67.2}
-PUBLISHED_DRCT_MEAN_ACC = {"DEUADetector": 90.5, "LaRE2Detector": 88.0}
-
 COLUMNS = ("generator", "n_real", "n_fake", "real_acc", "fake_acc", "acc", "ap", "auroc")
+
+# TensorBoard hparams-tab metrics: registered by `fit`, filled by validation, `test` and the protocol report.
+HP_METRICS = ("hp/val_acc", "hp/val_ap", "hp/val_auroc", "hp/test_acc", "hp/test_ap", "hp/test_auroc",
+              "hp/test_real_acc", "hp/test_fake_acc", "hp/test_mean_generator_acc", "hp/test_mean_generator_auroc",
+              "hp/test_format_only_auroc")
+
+
+@dataclass(frozen=True)
+class PublishedRow:
+    """A number a paper reports, with what a run must match to be shown beside it.
+
+    `settings` are detector hparams that define the row (a frozen sweep is not the finetuned paper model);
+    `layout` and `train_generators` the protocol (GenImage trained on SD v1.4, or DRCT-2M).
+    """
+
+    detector: str
+    layout: str
+    train_generators: tuple[str, ...] | None
+    settings: Mapping[str, object]
+    acc: float
+    ap: float | None = None
+    source: str = ""
+
+
+GENIMAGE_SDV4 = ("imagenet_ai_0419_sdv4",)
+_DEUA_FULL = {"backbone": "finetune", "guidance": ["deu"], "asym_weight": 0.5}
+_LARE2_FULL = {"backbone": "finetune", "guidance": ["lare"], "spatial": True, "channel": True}
+# SPEC §7. A config names its row with `paper_row: NAME`; nothing else ever gets a published number.
+PUBLISHED: dict[str, PublishedRow] = {
+    "deua": PublishedRow("DEUADetector", "genimage", GENIMAGE_SDV4, _DEUA_FULL, 85.6,
+                         source="DEUA, GenImage mean ACC"),
+    "deua_drct": PublishedRow("DEUADetector", "drct", None, _DEUA_FULL, 90.5, source="DEUA, DRCT-2M mean ACC"),
+    "lare2": PublishedRow("LaRE2Detector", "genimage", GENIMAGE_SDV4, _LARE2_FULL, 79.1,
+                          source="LaRE², GenImage mean ACC"),
+    "lare2_drct": PublishedRow("LaRE2Detector", "drct", None, _LARE2_FULL, 88.0, source="LaRE², DRCT-2M mean ACC"),
+    "deua_baseline": PublishedRow("DEUADetector", "genimage", GENIMAGE_SDV4,
+                                  {"backbone": "finetune", "guidance": [], "asym_weight": 0.0}, 76.1, 90.7,
+                                  source="DEUA ablation, CLIP baseline"),
+    "deua_deu": PublishedRow("DEUADetector", "genimage", GENIMAGE_SDV4,
+                             {"backbone": "finetune", "guidance": ["deu"], "asym_weight": 0.0}, 90.3, 98.7,
+                             source="DEUA ablation, + DEU"),
+    "deua_asym": PublishedRow("DEUADetector", "genimage", GENIMAGE_SDV4,
+                              {"backbone": "finetune", "guidance": [], "asym_weight": 0.5}, 81.7, 93.8,
+                              source="DEUA ablation, + asymmetric loss"),
+    "deua_both": PublishedRow("DEUADetector", "genimage", GENIMAGE_SDV4, _DEUA_FULL, 91.5, 99.7,
+                              source="DEUA ablation, DEU + asymmetric loss"),
+    "lare2_baseline": PublishedRow("LaRE2Detector", "genimage", GENIMAGE_SDV4,
+                                   {"backbone": "finetune", "spatial": False, "channel": False}, 73.1, 92.3,
+                                   source="LaRE² ablation, baseline"),
+    "lare2_spatial": PublishedRow("LaRE2Detector", "genimage", GENIMAGE_SDV4,
+                                  {"backbone": "finetune", "spatial": True, "channel": False}, 81.7, 97.6,
+                                  source="LaRE² ablation, + spatial refinement"),
+    "lare2_channel": PublishedRow("LaRE2Detector", "genimage", GENIMAGE_SDV4,
+                                  {"backbone": "finetune", "spatial": False, "channel": True}, 78.8, 94.7,
+                                  source="LaRE² ablation, + channel refinement"),
+    "lare2_both": PublishedRow("LaRE2Detector", "genimage", GENIMAGE_SDV4, _LARE2_FULL, 84.5, 99.5,
+                               source="LaRE² ablation, spatial + channel"),
+}
+
+
+def published_for(paper_row: str | None, detector: str, hparams: Mapping[str, object], layout: str | None,
+                  protocol: str | None, train_generators: list[str]) -> tuple[PublishedRow | None, str]:
+    """The published row this run reproduces, or None and the reason (shown under the table) why not."""
+    if paper_row is None:
+        return None, ""
+    if paper_row not in PUBLISHED:
+        raise ValueError(f"paper_row {paper_row!r} is not a published row (known: {sorted(PUBLISHED)})")
+    row = PUBLISHED[paper_row]
+    problems = [f"detector {detector} (paper: {row.detector})"] if detector != row.detector else []
+    problems += [f"{key}={hparams.get(key)!r} (paper: {value!r})" for key, value in row.settings.items()
+                 if hparams.get(key) != value]
+    if (protocol or "raw") != "raw":
+        problems.append(f"protocol {protocol} (paper: raw files)")
+    if layout != row.layout:
+        problems.append(f"layout {layout} (paper: {row.layout})")
+    if row.train_generators is not None and tuple(sorted(train_generators)) != row.train_generators:
+        problems.append(f"trained on {sorted(train_generators)} (paper: {list(row.train_generators)})")
+    if problems:
+        return None, f"\nPublished {paper_row} ({row.source}) not shown: this run differs: {'; '.join(problems)}.\n"
+    return row, ""
+
+
+def hparams_settings(detector: str, model: Mapping[str, object], data: Mapping[str, object],
+                     seed: int) -> dict[str, object]:
+    """The settings one run shows in TensorBoard's hparams tab: scalars and strings, lists spelled out.
+
+    TensorBoard drops empty lists (DEUA's `guidance: []` baseline would show a blank on the main ablation
+    axis), so a list becomes its items joined by `+`, or `none`; jsonargparse's bookkeeping keys go.
+    """
+    def plain(value: object) -> object:
+        if isinstance(value, (list, tuple)):
+            return "+".join(map(str, value)) if value else "none"
+        return value if isinstance(value, (bool, int, float, str)) else str(value)
+
+    settings: dict[str, object] = {"detector": detector, "seed": seed}
+    settings.update({key: plain(value) for key, value in model.items() if not key.startswith("_")})
+    settings.update({f"data.{key}": plain(value) for key, value in data.items() if not key.startswith("_")})
+    return settings
 
 
 @dataclass
@@ -33,15 +128,14 @@ class Predictions:
 
     @classmethod
     def from_csv(cls, path: str | Path) -> Predictions:
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        if not rows:
+        frame = pd.read_csv(path, dtype={"generator": str})
+        if frame.empty:
             raise ValueError(f"predictions file {path} has no rows")
-        missing = {"p_fake", "label", "generator"} - set(rows[0])
+        missing = {"p_fake", "label", "generator"} - set(frame.columns)
         if missing:
             raise ValueError(f"predictions file {path} lacks the columns {sorted(missing)}")
-        return cls(np.array([float(r["p_fake"]) for r in rows]), np.array([int(r["label"]) for r in rows]),
-                   np.array([r["generator"] for r in rows]))
+        return cls(frame["p_fake"].to_numpy(float), frame["label"].to_numpy(int),
+                   frame["generator"].to_numpy(object))
 
     def select(self, mask: np.ndarray) -> Predictions:
         return Predictions(self.p_fake[mask], self.label[mask], self.generator[mask])
@@ -50,17 +144,20 @@ class Predictions:
 def choose_threshold(validation: Predictions) -> float:
     """Threshold on p_fake that maximises balanced accuracy on validation predictions (ties: closest to 0.5).
 
-    Sorted scores and cumulative counts give every candidate's accuracy at once: O(n log n).
+    sklearn's ROC gives every distinct threshold t (fake iff p ≥ t) with its rates; balanced accuracy is
+    (TPR + 1 − FPR) / 2. Threshold t_i stands for every t in (t_{i+1}, t_i], so 0.5 wins a tie when it lies
+    in a best interval.
     """
-    real, fake = validation.p_fake[validation.label == 0], validation.p_fake[validation.label == 1]
-    if not len(real) or not len(fake):
+    if len(set(validation.label.tolist())) < 2:
         return 0.5
-    candidates = np.unique(np.concatenate([validation.p_fake, [0.5]]))
-    real_below = np.searchsorted(np.sort(real), candidates, side="left") / len(real)  # real ACC at t
-    fake_at_or_above = 1 - np.searchsorted(np.sort(fake), candidates, side="left") / len(fake)  # fake ACC at t
-    score = real_below + fake_at_or_above
+    fpr, tpr, thresholds = roc_curve(validation.label, validation.p_fake, drop_intermediate=False)
+    score = tpr - fpr
     best = np.flatnonzero(np.isclose(score, score.max()))
-    return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
+    lower = np.append(thresholds[1:], -np.inf)  # t_i covers (lower_i, t_i]
+    if any(lower[i] < 0.5 <= thresholds[i] for i in best):
+        return 0.5
+    finite = [i for i in best if np.isfinite(thresholds[i])]
+    return float(min((thresholds[i] for i in finite), key=lambda t: abs(t - 0.5)))
 
 
 def _metrics(preds: Predictions, threshold: float) -> dict[str, float]:
@@ -79,12 +176,13 @@ def _metrics(preds: Predictions, threshold: float) -> dict[str, float]:
     return row
 
 
-def scoring_groups(generator: np.ndarray, label: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    """(generator, row mask) of every group a per-generator table scores, in name order.
+def generator_groups(generator: np.ndarray, label: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """The rows each generator is scored on: THE definition of "per generator" (tables, TensorBoard, plots).
 
     A generator with both classes (GenImage: each generator's own real and fake val images) is scored on
-    its rows. Where the reals form their own "generator" (DRCT-2M's MSCOCO, a `folder` layout's `real`),
-    those real-only groups are pooled and every fake-only generator is scored against the pool.
+    its rows. Where the reals form their own group (DRCT-2M's MSCOCO, a `folder` layout's `real`), that
+    group is a real class, not a generator: real-only groups are pooled and every fake-only generator is
+    scored against the pool. With a single group, it is scored as it is.
     """
     names = sorted(set(generator.tolist()))
     classes = {name: set(label[generator == name].tolist()) for name in names}
@@ -99,12 +197,13 @@ def scoring_groups(generator: np.ndarray, label: np.ndarray) -> list[tuple[str, 
 
 
 def protocol_table(test: Predictions, threshold: float = 0.5) -> list[dict]:
-    """One row per generator (groups of `scoring_groups`) and the average row, as GenImage and DRCT-2M report
-    them. The average row is the mean over generators of each column (the papers' "mean ACC"), not a pooled
+    """One row per generator (`generator_groups`) and the average row, as GenImage and DRCT-2M report them.
+
+    The average row is the mean over generators of each column (the papers' "mean ACC"), not a pooled
     accuracy, so a large generator does not dominate it.
     """
     rows = [{"generator": name, **_metrics(test.select(mask), threshold)}
-            for name, mask in scoring_groups(test.generator, test.label)]
+            for name, mask in generator_groups(test.generator, test.label)]
     average = {"generator": "average", "n_real": sum(r["n_real"] for r in rows),
                "n_fake": sum(r["n_fake"] for r in rows)}
     for column in ("real_acc", "fake_acc", "acc", "ap", "auroc"):
@@ -114,46 +213,45 @@ def protocol_table(test: Predictions, threshold: float = 0.5) -> list[dict]:
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     """A GitHub-flavoured Markdown table of already formatted cells (every report of the project uses it)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows]) + "\n"
+    return pd.DataFrame(rows, columns=header).to_markdown(index=False, tablefmt="github", disable_numparse=True) + "\n"
 
 
 def save_rows(rows: list[dict], out_dir: str | Path, name: str, cell: Callable[[object], str]) -> str:
     """NAME.csv (values as they are) and NAME.md (cells formatted by `cell`) in out_dir; returns the Markdown."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    columns = list(rows[0])
-    with open(out / f"{name}.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    markdown = markdown_table(columns, [[cell(row[c]) for c in columns] for row in rows])
+    frame = pd.DataFrame(rows)
+    frame.to_csv(out / f"{name}.csv", index=False)
+    markdown = markdown_table(list(frame.columns), [[cell(value) for value in record] for record in frame.itertuples(index=False)])
     (out / f"{name}.md").write_text(markdown)
     return markdown
 
 
-def to_markdown(rows: list[dict], title: str = "", published_mean_acc: float | None = None) -> str:
-    """The table as Markdown (percent, one decimal); the published mean ACC beside ours when comparable."""
-    header = ["generator", "real ACC", "fake ACC", "ACC", "AP", "AUROC"]
-    if published_mean_acc is not None:
-        header.append("published ACC")
+def to_markdown(rows: list[dict], title: str = "", published: PublishedRow | None = None) -> str:
+    """The table as Markdown (percent, one decimal); the published ACC (and AP) beside our average row."""
+    header = ["generator", "n real", "n fake", "real ACC", "fake ACC", "ACC", "AP", "AUROC"]
+    if published is not None:
+        header += ["published ACC", "published AP"]
     cells = []
     for row in rows:
-        cells.append([row["generator"]] + [f"{100 * row[c]:.1f}" for c in ("real_acc", "fake_acc", "acc", "ap", "auroc")])
-        if published_mean_acc is not None:
-            cells[-1].append(f"{published_mean_acc:.1f}" if row["generator"] == "average" else "")
-    return (f"### {title}\n\n" if title else "") + markdown_table(header, cells)
+        cells.append([row["generator"], str(row["n_real"]), str(row["n_fake"])]
+                     + [f"{100 * row[c]:.1f}" for c in ("real_acc", "fake_acc", "acc", "ap", "auroc")])
+        if published is not None:
+            mine = row["generator"] == "average"
+            cells[-1] += [f"{published.acc:.1f}" if mine else "",
+                          f"{published.ap:.1f}" if mine and published.ap is not None else ""]
+    text = (f"### {title}\n\n" if title else "") + markdown_table(header, cells)
+    if published is not None:
+        text += f"\nPublished: {published.source} (SPEC §7), same detector settings and protocol.\n"
+    return text
 
 
 def write_table(rows: list[dict], out_dir: str | Path, name: str, title: str = "",
-                published_mean_acc: float | None = None, note: str = "") -> tuple[Path, Path]:
+                published: PublishedRow | None = None, note: str = "") -> tuple[Path, Path]:
     """Write NAME.csv (fractions, full precision) and NAME.md (percent, then `note`) into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out / f"{name}.csv", out / f"{name}.md"
-    with open(csv_path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({c: row[c] for c in COLUMNS} for row in rows)
-    md_path.write_text(to_markdown(rows, title, published_mean_acc) + note)
+    pd.DataFrame(rows, columns=list(COLUMNS)).to_csv(csv_path, index=False)
+    md_path.write_text(to_markdown(rows, title, published) + note)
     return csv_path, md_path

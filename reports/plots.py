@@ -17,14 +17,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc  # noqa: E402
 
-from reports.evaluation import Predictions  # noqa: E402
+from reports.evaluation import Predictions, generator_groups  # noqa: E402
 
 
 def roc_pr_figure(preds: Predictions, title: str = "") -> plt.Figure:
     """ROC and precision-recall curves, one line per generator plus all images pooled."""
     fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(10, 4.5))
-    groups = [("all", np.ones_like(preds.label, dtype=bool))]
-    groups += [(name, preds.generator == name) for name in sorted(set(preds.generator.tolist()))]
+    groups = [("all", np.ones_like(preds.label, dtype=bool))] + generator_groups(preds.generator, preds.label)
     for name, mask in groups:
         subset = preds.select(mask)
         if len(set(subset.label.tolist())) < 2:
@@ -45,14 +44,14 @@ def roc_pr_figure(preds: Predictions, title: str = "") -> plt.Figure:
 
 
 def map_histograms(per_image_means: dict[str, np.ndarray], label: np.ndarray, generator: np.ndarray) -> plt.Figure:
-    """Histograms of each map's per-image mean, real vs fake, one row per map and column per generator."""
-    names = sorted(set(generator.tolist()))
-    fig, axes = plt.subplots(len(per_image_means), len(names), figsize=(3.2 * len(names), 2.6 * len(per_image_means)),
+    """Histograms of each map's per-image mean, real vs fake, one row per map and column per generator
+    (the rows `generator_groups` scores it on: pooled reals beside a fake-only generator)."""
+    groups = generator_groups(generator, label)
+    fig, axes = plt.subplots(len(per_image_means), len(groups), figsize=(3.2 * len(groups), 2.6 * len(per_image_means)),
                              squeeze=False)
     for row, (map_name, values) in enumerate(per_image_means.items()):
-        for col, gen in enumerate(names):
+        for col, (gen, in_gen) in enumerate(groups):
             ax = axes[row][col]
-            in_gen = generator == gen
             bins = np.histogram_bin_edges(values[in_gen], bins=30)
             for lab, colour, text in ((0, "tab:blue", "real"), (1, "tab:red", "fake")):
                 ax.hist(values[in_gen & (label == lab)], bins=bins, alpha=0.55, color=colour, label=text)

@@ -12,34 +12,38 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
+import pandas as pd
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from feature_cache.store import FeatureStore
-from reports.evaluation import (PUBLISHED_DRCT_MEAN_ACC, PUBLISHED_GENIMAGE_MEAN_ACC, Predictions,
-                                          protocol_table, write_table)
+from reports.evaluation import Predictions, published_for, protocol_table, write_table
 from reports.format_reference import FormatOnlyClassifier, concat_metadata, confound_note, store_metadata
 from reports.jpeg_reference import fit_double_jpeg, has_images, store_jpeg_features
 from reports.plots import map_histograms, overlay_figure, roc_pr_figure, save_figure
-
-GENIMAGE_TRAIN = "imagenet_ai_0419_sdv4"
+from reports.separability import guidance_maps
 
 
 class ProtocolReport(pl.Callback):
     """Writes the evaluation table (per generator real/fake/mean ACC, AP, AUROC) after `test`.
+
+    The table and its format-confound note are printed to the console too, and test_predictions.csv gets
+    each row's per-image columns (key, path, format, JPEG quality, size) joined from its store.
 
     Args:
         plots: also write ROC/PR curves, real-vs-fake histograms of mean map values and DEU overlays.
         examples: number of example images with their guidance map overlaid.
         double_jpeg: add the double-JPEG reference row (reads every test image's bytes from the tars).
         double_jpeg_fit_rows: training rows (class-balanced sample) the double-JPEG reference is fitted on.
+        paper_row: published configuration this run reproduces (set from the config's top-level `paper_row`).
     """
 
     def __init__(self, plots: bool = True, examples: int = 6, double_jpeg: bool = True,
-                 double_jpeg_fit_rows: int = 4000) -> None:
+                 double_jpeg_fit_rows: int = 4000, paper_row: str | None = None) -> None:
         self.plots = plots
         self.examples = examples
         self.double_jpeg = double_jpeg
         self.double_jpeg_fit_rows = double_jpeg_fit_rows
+        self.paper_row = paper_row
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or trainer.log_dir is None:
@@ -60,30 +64,49 @@ class ProtocolReport(pl.Callback):
         note = confound_note({name: None if row is None else row["auroc"]
                               for name, row in (("format-only", reference), ("double-JPEG", double_jpeg))})
         out = Path(trainer.log_dir)
-        provenance = test_stores[0].provenance
-        title = (f"{type(pl_module).__name__}, protocol {provenance.get('protocol', 'raw')}, "
+        pixels, dataset = test_stores[0].pixels, test_stores[0].dataset
+        title = (f"{type(pl_module).__name__}, protocol {pixels.protocol}, "
                  f"threshold {threshold:.3f} (chosen on validation)")
-        published = self._published(type(pl_module).__name__, datamodule, provenance)
-        _, markdown_path = write_table(rows, out, "protocol_table", title, published, note)
+        train_generators = sorted({name for path in datamodule.stores["train"]
+                                   for name in FeatureStore.open(path).generator_names})
+        published, why_not = published_for(self.paper_row, type(pl_module).__name__, dict(pl_module.hparams),
+                                           dataset.layout, pixels.protocol, train_generators)
+        _, markdown_path = write_table(rows, out, "protocol_table", title, published, note + why_not)
         markdown = markdown_path.read_text()
+        print(f"\n{markdown}\n(written to {markdown_path})", flush=True)
+        self._join_row_columns(out / "test_predictions.csv", test_stores)
         tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         if tensorboard is not None:
-            tensorboard.experiment.add_text("protocol_table", markdown)
+            tensorboard.experiment.add_text("protocol_table", markdown, trainer.global_step)
+            if reference is not None:
+                tensorboard.experiment.add_scalar("hp/test_format_only_auroc", reference["auroc"], trainer.global_step)
+            tensorboard.experiment.flush()
         if self.plots:
             self._plots(out / "plots", preds, test_stores, datamodule.features, table, pl_module, tensorboard)
 
     @staticmethod
-    def _published(detector: str, datamodule: pl.LightningDataModule, provenance: dict) -> float | None:
-        """The paper's mean ACC, only where the protocol matches (GenImage trained on SD v1.4, or DRCT-2M, raw)."""
-        if provenance.get("protocol", "raw") != "raw":
-            return None
-        train = [FeatureStore.open(p) for p in datamodule.stores["train"]]
-        if provenance.get("layout") == "genimage" and train and all(s.generator_names == [GENIMAGE_TRAIN]
-                                                                    for s in train):
-            return PUBLISHED_GENIMAGE_MEAN_ACC.get(detector)
-        if provenance.get("layout") == "drct":
-            return PUBLISHED_DRCT_MEAN_ACC.get(detector)
-        return None
+    def _join_row_columns(path: Path, stores: list[FeatureStore]) -> None:
+        """Add key, path, format, jpeg_quality, width, height of every scored row (pandas merge on store, row)."""
+        if not path.is_file():
+            return
+        predictions = pd.read_csv(path)
+        parts = []
+        for index, store in enumerate(stores):
+            columns = {"store": index, "row": np.arange(store.num_rows),
+                       **{name: store.rows(name).tolist() for name in ("key", "format", "jpeg_quality", "width",
+                                                                       "height")}}
+            part = pd.DataFrame(columns)
+            manifest = Path(store.dataset.shards) / "manifest.csv"
+            if manifest.is_file():
+                part = part.merge(pd.read_csv(manifest, usecols=["key", "path"], dtype=str), on="key", how="left")
+            parts.append(part)
+        joined = predictions.merge(pd.concat(parts, ignore_index=True), on=["store", "row"], how="left")
+        if "jpeg_quality" in joined:
+            joined["jpeg_quality"] = joined["jpeg_quality"].where(joined["jpeg_quality"] >= 0)  # -1: not a JPEG
+        front = ["store", "row", "key", "path", "generator", "label", "format", "jpeg_quality", "width", "height",
+                 "p_fake", "threshold", "prediction"]
+        order = [c for c in front if c in joined] + [c for c in joined if c not in front]
+        joined[order].to_csv(path, index=False, float_format="%.6g")
 
     @staticmethod
     def _format_only_row(datamodule: pl.LightningDataModule, test_stores: list[FeatureStore], table: dict,
@@ -131,13 +154,13 @@ class ProtocolReport(pl.Callback):
                pl_module: pl.LightningModule, tensorboard: TensorBoardLogger | None) -> None:
         figures = {"roc_pr": roc_pr_figure(preds, type(pl_module).__name__)}
         store_index, rows = table["store"].numpy(), table["row"].numpy()
-        maps = [name for name in ("deu", "lare") if name in features]
+        maps = [name for name in features if name in guidance_maps(stores[0])]
         if maps:
             means = {name: np.empty(len(rows)) for name in maps}
             for k, store in enumerate(stores):
                 mine = np.flatnonzero(store_index == k)
                 for name in maps:
-                    values = store.array(name).oindex[np.sort(rows[mine])]
+                    values = store.read_rows(name, np.sort(rows[mine]))
                     means[name][mine[np.argsort(rows[mine])]] = values.reshape(len(mine), -1).astype(float).mean(1)
             figures["map_histograms"] = map_histograms(means, preds.label, preds.generator)
             example = self._examples(stores[0], maps[0])
@@ -152,14 +175,15 @@ class ProtocolReport(pl.Callback):
         """A few real and fake images from the store's shards with their map (summed over channels) on top."""
         from datamodules.cached_features import ShardImages
 
-        labels = store.labels()
+        labels = store.rows("label")
         picks = np.sort(np.concatenate([np.flatnonzero(labels == 0)[: self.examples // 2],
                                         np.flatnonzero(labels == 1)[: self.examples // 2]]))
-        if not len(picks) or not Path(store.provenance.get("shards", "")).is_dir():
+        if not len(picks) or not Path(store.dataset.shards).is_dir():
             return None
-        reader, keys, generators = ShardImages(store), store.keys(), store.generators()
+        reader, keys, generators = ShardImages(store), store.rows("key"), store.rows("generator")
         names = [store.generator_names[generators[r]] for r in picks]
-        images = np.stack([reader.read(int(r), keys[r], int(labels[r]), name).numpy() for r, name in zip(picks, names)])
-        heat = store.array(map_name).oindex[picks].astype(float).sum(axis=1)
+        images = np.stack([reader.read(int(r), str(keys[r]), int(labels[r]), name).numpy()
+                           for r, name in zip(picks, names)])
+        heat = store.read_rows(map_name, picks).astype(float).sum(axis=1)
         captions = [f"{'fake' if labels[r] else 'real'} · {name}" for r, name in zip(picks, names)]
         return overlay_figure(images, heat, captions)

@@ -32,7 +32,7 @@ import pandas as pd
 import zarr
 
 from feature_cache.store import FeatureStore
-from reports.evaluation import Predictions, markdown_table, protocol_table, scoring_groups
+from reports.evaluation import Predictions, markdown_table, protocol_table, generator_groups
 from reports.format_reference import FormatOnlyClassifier, confound_note, store_metadata
 from reports.jpeg_reference import DoubleJpegClassifier, fit_double_jpeg, has_images, store_jpeg_features
 
@@ -196,7 +196,7 @@ def score_table(score: np.ndarray, label: np.ndarray, generator: np.ndarray, rep
     """
     table = protocol_table(Predictions(score, label, generator))
     draws = {}
-    for k, (name, mask) in enumerate(scoring_groups(generator, label)):
+    for k, (name, mask) in enumerate(generator_groups(generator, label)):
         draws[name] = bootstrap_replicates(score[mask], label[mask], replicates, seed + k) if replicates else None
     if replicates and draws:
         draws["average"] = tuple(np.mean([d[i] for d in draws.values()], axis=0) for i in (0, 1))
@@ -279,7 +279,7 @@ def _figure(values: np.ndarray, rows: StoreRows, best: int, direction: str, titl
         ax.set_title(summary + (" (best)" if k == best else ""), fontsize=9)
     axes[0].legend(fontsize=7)
     roc_ax, sign = axes[-1], 1.0 if direction == "higher" else -1.0
-    for name, mask in scoring_groups(rows.generator, rows.label):
+    for name, mask in generator_groups(rows.generator, rows.label):
         fpr, tpr, _ = binary_roc(torch.from_numpy(sign * values[mask, best]).float(), torch.from_numpy(rows.label[mask]))
         roc_ax.plot(fpr.numpy(), tpr.numpy(), linewidth=1, label=name)
     roc_ax.plot([0, 1], [0, 1], ":", color="grey")

@@ -51,3 +51,44 @@ def test_bad_input_is_one_line_naming_it(tmp_path):
     assert "Traceback" not in result.stderr
     result = _run("predict", "--ckpt", str(tmp_path / "missing.ckpt"), "--data", str(tmp_path))
     assert result.returncode != 0 and "checkpoint" in result.stderr and "missing.ckpt: no such file" in result.stderr
+
+
+@pytest.mark.parametrize("option, value, arguments", [
+    ("--model.help", "DEUADetector", ("guidance", "backbone", "asym_weight", "margin_real", "lr")),
+    ("--model.help", "LaRE2Detector", ("guidance", "pooled_dim", "spatial", "channel", "plateau_patience")),
+    ("--data.help", "FeatureCacheDataModule", ("features", "train", "test", "val_fraction", "images")),
+])
+def test_class_help_describes_every_argument(option, value, arguments):
+    """Bug caught: `--model.help` listing bare types because docstrings are not in jsonargparse's Args format."""
+    result = _run("fit", option, value)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    prefix = option.split(".")[0]
+    for name in arguments:
+        entry = text.split(f"{prefix}.{name} ")[-1].split("(type:")[0]  # the option's own help line
+        words = [w for w in entry.split() if not w.startswith(("--", "[", "{")) and not w.rstrip(",").isupper()]
+        assert len(words) >= 3, f"{prefix}.{name} has no description: {entry!r}"
+
+
+def test_bare_flags_and_multi_word_lists(tmp_path, capsys):
+    """Bugs caught: `--overwrite` needing `true`; `--metrics a b` rejected as `Expected a <class 'list'>`."""
+    from PIL import Image
+
+    from cli.__main__ import main
+
+    for label in ("real", "fake"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for k in range(2):
+            Image.new("RGB", (16, 16), (40 * k, 0, 0)).save(tmp_path / "images" / label / f"{k}.png")
+    command = ["shards", "--layout", "folder", "--root", str(tmp_path / "images"), "--split", "train",
+               "--out", str(tmp_path / "shards"), "--workers", "1"]
+    main(command)
+    main([*command, "--overwrite"])  # a bare flag: replaces the shards instead of refusing
+    assert "4 images in 1 shards" in capsys.readouterr().out
+    from cli.argv import shell_style
+    from cli.plain_commands import compare, grid
+
+    assert shell_style(compare, ["runs", "--metrics", "test_acc", "test_auroc", "--matrix"]) == [
+        "runs", "--metrics+", "test_acc", "--metrics+", "test_auroc", "--matrix", "true"]
+    assert shell_style(grid, ["rows", "--seeds", "0", "1", "--extra", "[a.yaml, b.yaml]"]) == [
+        "rows", "--seeds+", "0", "--seeds+", "1", "--extra", "[a.yaml, b.yaml]"]

@@ -54,7 +54,7 @@ def test_demo_writes_consistent_stores_checkpoints_events_and_tables(demo):
     for name in ("precompute", "laplace_fit", "deua", "lare2"):
         assert (demo / "configs" / f"{name}.yaml").is_file()
     for detector in ("deua", "lare2"):
-        run = demo / "runs" / detector / "demo"
+        run = demo / "runs" / detector / "demo-seed0"
         assert (run / "checkpoints" / "last.ckpt").is_file()
         assert list(run.glob("events.out.tfevents.*"))
         table = {row["generator"]: row for row in _read_csv(run / "protocol_table.csv")}
@@ -89,7 +89,7 @@ def test_predict_scores_every_file_and_reports_unreadable_ones(demo, tmp_path):
     (folder / ".hidden.png").write_bytes((folder / "photo.png").read_bytes())
     os.mkfifo(folder / "pipe.png")
     out = tmp_path / "predictions.csv"
-    result = _cli("predict", "--ckpt", str(demo / "runs" / "deua" / "demo" / "checkpoints" / "last.ckpt"),
+    result = _cli("predict", "--ckpt", str(demo / "runs" / "deua" / "demo-seed0" / "checkpoints" / "last.ckpt"),
                   "--data", str(folder), "--out", str(out), "--num_workers", "0", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     table = _read_csv(out)
@@ -113,7 +113,7 @@ def test_predict_with_other_weights_is_refused_naming_the_hashes(demo, tmp_path)
     is checked against the checkpoint's weight hashes. The demo's own models under another path pass."""
     image = tmp_path / "x.png"
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
-    checkpoint = str(demo / "runs" / "deua" / "demo" / "checkpoints" / "last.ckpt")
+    checkpoint = str(demo / "runs" / "deua" / "demo-seed0" / "checkpoints" / "last.ckpt")
     assert _cli("tiny-models", str(tmp_path / "other"), "--seed", "1", cwd=tmp_path).returncode == 0
     result = _cli("predict", "--ckpt", checkpoint, "--data", str(image), "--out", str(tmp_path / "a.csv"),
                   "--sd", str(tmp_path / "other" / "sd"), "--num_workers", "0", cwd=tmp_path)
@@ -131,7 +131,7 @@ def test_robustness_sweep_caches_features_and_reports_per_generator(demo, tmp_pa
     row. The second checkpoint (same extractor) must reuse every tar and agree with on-the-fly `predict`."""
     cache = tmp_path / "cache"
     for detector in ("lare2", "deua"):
-        result = _cli("robustness", "--ckpt", str(demo / "runs" / detector / "demo" / "checkpoints" / "last.ckpt"),
+        result = _cli("robustness", "--ckpt", str(demo / "runs" / detector / "demo-seed0" / "checkpoints" / "last.ckpt"),
                       "--shards", str(demo / "shards" / "val"), "--out", str(tmp_path / detector), "--num_workers",
                       "0", "--levels", "none,jpeg:75,blur:1", "--cache", str(cache), cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -153,7 +153,7 @@ def test_cached_robustness_scores_equal_on_the_fly_scores(demo, tmp_path):
     from datamodules.image_shards import ImageShardDataModule, pixel_settings
     from lightning_modules.on_the_fly import OnTheFlyDetector
 
-    model, provenance = OnTheFlyDetector.from_checkpoint(str(demo / "runs" / "deua" / "demo" / "checkpoints" /
+    model, provenance = OnTheFlyDetector.from_checkpoint(str(demo / "runs" / "deua" / "demo-seed0" / "checkpoints" /
                                                              "last.ckpt"))
     settings = {**pixel_settings(pixel_provenance(provenance)), "perturbation": ("jpeg", 75.0)}
 

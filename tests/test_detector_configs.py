@@ -92,7 +92,7 @@ def test_lare2_config_fits_and_tests_through_the_cli(tiny_cache, tmp_path):
     pooled.write_text("model:\n  init_args:\n    pooled_dim: 32\n")
     configs = ["--config", str(REPO / "configs/lare2.yaml"), "--config", str(local), "--config", str(pooled)]
     main(["fit", *configs])
-    run = tmp_path / "runs" / "lare2" / "both"
+    run = tmp_path / "runs" / "lare2" / "both-seed0"
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
     main(["test", *configs, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
     rows = read_csv(run / "test_predictions.csv")
@@ -110,7 +110,7 @@ def test_deua_finetunes_clip_on_the_stores_images(tiny_cache, tiny_model_paths, 
         "data": {"init_args": {"features": ["deu"], "images": True}}}))
     configs = ["--config", str(REPO / "configs/deua.yaml"), "--config", str(local), "--config", str(finetune)]
     main(["fit", *configs])
-    run = tmp_path / "runs" / "deua" / "both"
+    run = tmp_path / "runs" / "deua" / "both-seed0"
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert any(name.startswith("backbone.layer3") for name in checkpoint["state_dict"])
     main(["test", *configs, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
@@ -125,7 +125,7 @@ def test_deua_grid_runs_each_row_as_fit_then_test(tiny_cache, tmp_path):
         (rows / f"{name}.yaml").write_text((REPO / "configs/ablations/deua" / f"{name}.yaml").read_text())
     local = local_config(tmp_path / "local.yaml", tiny_cache, tmp_path / "runs")
     run_dirs = grid(rows, base=REPO / "configs/deua.yaml", extra=[local])
-    assert run_dirs == [tmp_path / "runs" / "deua" / "baseline", tmp_path / "runs" / "deua" / "both"]
+    assert run_dirs == [tmp_path / "runs" / "deua" / "baseline-seed0", tmp_path / "runs" / "deua" / "both-seed0"]
     for run in run_dirs:
         assert len(read_csv(run / "test_predictions.csv")) == 16
         assert len(read_csv(run / "val_predictions.csv")) == 6  # val_fraction 0.25 of 24 train rows
@@ -133,10 +133,11 @@ def test_deua_grid_runs_each_row_as_fit_then_test(tiny_cache, tmp_path):
     assert saved["guidance"] == [] and saved["asym_weight"] == 0.0
 
 
-def test_grid_dry_run_names_every_row_and_its_checkpoint(capsys):
+def test_grid_dry_run_names_every_row_and_seed(capsys):
     grid(REPO / "configs/ablations/lare2", dry_run=True)
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 8  # four rows, fit and test each
-    assert printed[1].endswith("--ckpt_path runs/lare2/baseline/checkpoints/last.ckpt")
+    assert printed[1].endswith("configs/ablations/lare2/baseline.yaml --seed_everything 0")
+    assert printed[1].split()[3] == "test"  # test finds the row's fitted run itself
     assert all(line.startswith("python -m cli ") for line in printed)
     assert np.array_equal([line.split()[3] for line in printed[::2]], ["fit"] * 4)

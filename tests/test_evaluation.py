@@ -7,7 +7,8 @@ import csv
 import numpy as np
 import pytest
 
-from reports.evaluation import Predictions, choose_threshold, protocol_table, write_table
+from reports.evaluation import (PUBLISHED, Predictions, choose_threshold, hparams_settings, protocol_table,
+                                published_for, write_table)
 from reports.plots import map_histograms, overlay_figure, roc_pr_figure, save_figure
 
 
@@ -48,13 +49,14 @@ def test_table_equals_independent_metrics(predictions, tmp_path):
     assert by_gen["average"]["acc"] == pytest.approx((by_gen["sdv4"]["acc"] + by_gen["midjourney"]["acc"]) / 2)
     assert by_gen["sdv4"]["auroc"] > by_gen["midjourney"]["auroc"]
 
-    csv_path, md_path = write_table(rows, tmp_path, "genimage", "GenImage", published_mean_acc=85.6)
+    csv_path, md_path = write_table(rows, tmp_path, "genimage", "GenImage", published=PUBLISHED["deua"])
     with open(csv_path, newline="") as handle:
         read_back = list(csv.DictReader(handle))
     assert [r["generator"] for r in read_back] == ["midjourney", "sdv4", "average"]
     assert float(read_back[1]["auroc"]) == pytest.approx(by_gen["sdv4"]["auroc"])
     markdown = md_path.read_text()
-    assert "| average |" in markdown and "85.6" in markdown
+    table_lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert [line.split("|")[1].strip() for line in table_lines if "85.6" in line] == ["average"]
     assert f"{100 * by_gen['sdv4']['acc']:.1f}" in markdown
 
 
@@ -128,3 +130,48 @@ def test_fast_threshold_equals_brute_force_search():
         best = max(balanced)
         ties = [t for t, b in zip(candidates, balanced) if np.isclose(b, best)]
         assert choose_threshold(val) == pytest.approx(min(ties, key=lambda t: abs(t - 0.5)))
+
+
+FULL_DEUA = {"backbone": "finetune", "guidance": ["deu"], "asym_weight": 0.5}
+
+
+def test_published_number_only_for_its_own_configuration():
+    """Bugs caught: DEUA's full-model 85.6 beside the CLIP baseline; a frozen sweep given the finetuned paper's
+    number; a number shown for jpeg_aligned or non-GenImage data; an unknown paper_row silently ignored."""
+    sdv4 = ["imagenet_ai_0419_sdv4"]
+    row, why = published_for("deua", "DEUADetector", FULL_DEUA, "genimage", "raw", sdv4)
+    assert row.acc == 85.6 and why == ""
+    baseline = {**FULL_DEUA, "guidance": [], "asym_weight": 0.0}
+    assert published_for("deua_baseline", "DEUADetector", baseline, "genimage", "raw", sdv4)[0].acc == 76.1
+    row, why = published_for("deua", "DEUADetector", baseline, "genimage", "raw", sdv4)
+    assert row is None and "guidance=[] (paper: ['deu'])" in why and "asym_weight=0.0 (paper: 0.5)" in why
+    row, why = published_for("deua", "DEUADetector", {**FULL_DEUA, "backbone": "frozen"}, "genimage",
+                             "jpeg_aligned", ["imagenet_glide"])
+    assert row is None and "backbone='frozen'" in why and "protocol jpeg_aligned" in why and "imagenet_glide" in why
+    assert published_for(None, "DEUADetector", FULL_DEUA, "genimage", "raw", sdv4) == (None, "")
+    assert published_for("deua_drct", "DEUADetector", FULL_DEUA, "drct", "raw", ["ldm", "sdxl"])[0].acc == 90.5
+    with pytest.raises(ValueError, match="paper_row 'deua_full' is not a published row"):
+        published_for("deua_full", "DEUADetector", FULL_DEUA, "genimage", "raw", sdv4)
+
+
+def test_hparams_settings_spell_out_lists_and_drop_bookkeeping():
+    """Bugs caught: an empty guidance list dropped by TensorBoard (blank on the main ablation axis);
+    jsonargparse's `_class_path`/`_instantiator` cluttering every row."""
+    settings = hparams_settings("DEUADetector", {"guidance": [], "asym_weight": 0.5, "_class_path": "x",
+                                                 "_instantiator": "y"}, {"features": ["deu", "clip_layer3"]}, 3)
+    assert settings == {"detector": "DEUADetector", "seed": 3, "guidance": "none", "asym_weight": 0.5,
+                        "data.features": "deu+clip_layer3"}
+    assert hparams_settings("LaRE2Detector", {"guidance": ["lare", "deu"]}, {}, 0)["guidance"] == "lare+deu"
+
+
+def test_plots_use_the_same_generator_definition_as_the_table():
+    """Bug caught: ROC curves and histograms per generator skipping DRCT's fake-only generators (one class each)
+    and drawing MSCOCO as if it were a generator."""
+    gens = np.array(["MSCOCO"] * 20 + ["ldm"] * 10 + ["sdxl"] * 10)
+    labels = np.array([0] * 20 + [1] * 20)
+    preds = Predictions(np.random.default_rng(5).uniform(0, 1, 40), labels, gens)
+    roc = roc_pr_figure(preds, "drct")
+    assert roc.axes[0].get_legend_handles_labels()[1] == ["all", "ldm", "sdxl"]
+    hist = map_histograms({"deu": preds.p_fake}, labels, gens)
+    assert [ax.get_title() for ax in hist.axes] == ["ldm", "sdxl"]
+    assert [len(ax.patches) for ax in hist.axes] == [60, 60]  # 30 bins of reals (pooled) + 30 of fakes

@@ -8,6 +8,7 @@ prediction tables the evaluation step reads) lives here once.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,8 +23,8 @@ from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryAver
                                          BinarySpecificity)
 
 from feature_cache.codecs import widen
-from reports.evaluation import Predictions, choose_threshold
-from lightning_modules.detectors.predictions import PredictionLog, per_generator_metrics, write_predictions_csv
+from reports.evaluation import HP_METRICS, Predictions, choose_threshold, hparams_settings, protocol_table
+from lightning_modules.detectors.predictions import PredictionLog, generator_names_of, write_predictions_csv
 from lightning_modules.pretrained import ClipVisual, load_clip_rn50
 
 GuidanceName = Literal["deu", "lare", "aleatoric", "mi"]
@@ -32,9 +33,6 @@ MAP_CHANNELS = 4  # every cached guidance map lives in SD's 4-channel latent spa
 STAGES = ("train", "val", "test")
 # Stored dtypes (feature_cache.codecs) of features that batches carry narrow; widened in the model's first op.
 NARROW_DTYPES = {torch.float16: "float16", torch.int8: "int8_rowscale", torch.float8_e4m3fn: "float8_e4m3"}
-# Registered once in TensorBoard's hparams tab; logged under these tags at validation/test epoch ends.
-HP_METRICS = ("hp/val_acc", "hp/val_ap", "hp/val_auroc", "hp/test_acc", "hp/test_ap", "hp/test_auroc",
-              "hp/test_real_acc", "hp/test_fake_acc", "hp/test_mean_generator_acc")
 
 
 @dataclass
@@ -193,38 +191,51 @@ class DetectorBase(pl.LightningModule):
         names = getattr(getattr(self.trainer, "datamodule", None), "generator_names", None)
         return list(names) if names is not None else None
 
-    def _epoch_end(self, stage: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
-                                              dict[str, dict[str, torch.Tensor]]]:
-        """Log the stage's overall and per-generator metrics and reset them; return (overall, table, per generator)."""
+    def _epoch_end(self, stage: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[dict]]:
+        """Log the stage's overall and per-generator metrics and reset them; return (overall, table, protocol rows).
+
+        Per-generator numbers are `reports.evaluation.protocol_table`'s rows (the one definition: real-only
+        groups such as DRCT's MSCOCO are pooled with every fake generator, not counted as generators).
+        """
         collection, log = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_prediction_log")
         table = log.compute()
-        overall, per_generator = {}, {}
+        overall, rows = {}, []
         if table["row"].numel():
             overall = collection.compute()
             self.log_dict(overall)
             threshold = float(self.val_threshold) if stage == "test" else 0.5
-            per_generator = per_generator_metrics(table, self._generator_names(), threshold)
-            for generator, values in per_generator.items():
-                self.log_dict({f"{stage}_{metric}/{generator}": value for metric, value in values.items()})
+            rows = protocol_table(self._predictions(table), threshold)
+            for row in rows[:-1]:  # the last row is the average, logged as hp/*_mean_generator_*
+                self.log_dict({f"{stage}_{metric}/{row['generator']}": row[metric]
+                               for metric in ("acc", "ap", "auroc", "real_acc", "fake_acc") if row[metric] == row[metric]})
         collection.reset()
         log.reset()
-        return overall, table, per_generator
+        return overall, table, rows
+
+    def _predictions(self, table: dict[str, torch.Tensor]) -> Predictions:
+        names = generator_names_of(table["generator"].cpu(), self._generator_names())
+        return Predictions(table["p_fake"].cpu().numpy(), table["label"].cpu().numpy(), names)
 
     def _register_hparams_metrics(self) -> None:
-        """Put the model's and datamodule's settings and HP_METRICS into TensorBoard's hparams tab (once)."""
+        """Put this run's settings and HP_METRICS into TensorBoard's hparams tab, once per run directory.
+
+        Only `fit` registers (with NaN placeholders at step 0, overwritten by the real values later); a `test`
+        of a fitted run adds its values to the fit's session instead of writing a second set of placeholders.
+        """
         if self._hparams_registered:
             return
         data = getattr(getattr(self.trainer, "datamodule", None), "hparams", {})
-        settings = {**self.hparams, **{f"data.{name}": value for name, value in data.items()}}
+        settings = hparams_settings(type(self).__name__, dict(self.hparams), dict(data),
+                                    int(os.environ.get("PL_GLOBAL_SEED", -1)))
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.log_hyperparams(settings, {name: float("nan") for name in HP_METRICS})
         self._hparams_registered = True
 
-    def _write_predictions(self, table: dict[str, torch.Tensor], file_name: str) -> None:
+    def _write_predictions(self, table: dict[str, torch.Tensor], file_name: str, threshold: float) -> None:
         log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank must ask, rank 0 writes
         if self.trainer.is_global_zero and log_dir is not None:
-            write_predictions_csv(table, self._generator_names(), Path(log_dir) / file_name)
+            write_predictions_csv(table, self._generator_names(), threshold, Path(log_dir) / file_name)
 
     def on_fit_start(self) -> None:
         self._register_hparams_metrics()
@@ -240,7 +251,9 @@ class DetectorBase(pl.LightningModule):
         self.feature_provenance = checkpoint.get("feature_provenance")
 
     def on_test_start(self) -> None:
-        self._register_hparams_metrics()
+        log_dir = self.trainer.log_dir
+        if log_dir is None or not any(Path(log_dir).glob("events.out.tfevents.*")):
+            self._register_hparams_metrics()  # a checkpoint scored outside its fit's directory
         for name in ("acc", "real_acc", "fake_acc"):
             self.test_metrics[name].threshold = float(self.val_threshold)
 
@@ -252,17 +265,16 @@ class DetectorBase(pl.LightningModule):
         if self.trainer.sanity_checking or not overall:
             return
         self.log_dict({f"hp/val_{m}": overall[f"val_{m}"] for m in ("acc", "ap", "auroc")})
-        self._write_predictions(table, "val_predictions.csv")
-        self.val_threshold.fill_(choose_threshold(Predictions(*(table[k].cpu().numpy()
-                                                                for k in ("p_fake", "label", "generator")))))
+        self.val_threshold.fill_(choose_threshold(self._predictions(table)))
+        self._write_predictions(table, "val_predictions.csv", float(self.val_threshold))
         self.log("val_threshold", self.val_threshold)
 
     def on_test_epoch_end(self) -> None:
-        overall, table, per_generator = self._epoch_end("test")
+        overall, table, rows = self._epoch_end("test")
         self.test_predictions = {name: values.cpu() for name, values in table.items()}
         if not overall:
             return
-        mean_acc = torch.stack([values["acc"] for values in per_generator.values()]).mean()
+        average = rows[-1]
         self.log_dict({**{f"hp/test_{m}": overall[f"test_{m}"] for m in ("acc", "ap", "auroc", "real_acc", "fake_acc")},
-                       "hp/test_mean_generator_acc": mean_acc})
-        self._write_predictions(table, "test_predictions.csv")
+                       "hp/test_mean_generator_acc": average["acc"], "hp/test_mean_generator_auroc": average["auroc"]})
+        self._write_predictions(table, "test_predictions.csv", float(self.val_threshold))

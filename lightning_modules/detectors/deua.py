@@ -34,6 +34,21 @@ class DEUADetector(DetectorBase):
     margin_fake; asym_weight=0 switches it off. Only layer3 is used, so in `finetune` mode CLIP's
     layer4 and attnpool are dropped and `pooled_dim` does not apply. Adam, lr 1e-4; the batch size
     (48 in the paper) is the datamodule's.
+
+    Args:
+        guidance: cached guidance maps the head is steered by, in order (4 channels each); [] = plain CLIP.
+        backbone: frozen = read CLIP maps from the feature store (fast sweeps); finetune = train CLIP on images.
+        clip: CLIP RN50 weights for finetune ('openai', a checkpoint file or an open_clip local-dir).
+        visual_channels: channels of CLIP's layer3 map (1024 for RN50).
+        grid_size: side of CLIP's layer3 grid (14 at 224 px).
+        num_heads: attention heads.
+        guidance_dim: width of the guidance tokens in the attention pooling of u.
+        asym_weight: weight of the asymmetric margin loss (0 switches it off).
+        margin_real: cosine-similarity margin between real features.
+        margin_fake: cosine-similarity margin between fake features.
+        lr: Adam learning rate.
+        guidance_norm: how guidance maps are standardised before the head (scale-free by default).
+        norm_rows: training rows the guidance standardisation is fitted on, once, at the start of fit.
     """
 
     uses_pooled = False

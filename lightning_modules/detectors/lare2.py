@@ -28,6 +28,23 @@ class LaRE2Detector(DetectorBase):
     Training: CE, Adam lr 1e-4, ReduceLROnPlateau on `val_loss` (factor `plateau_factor`, patience
     `plateau_patience` epochs); LaRE²'s gradient clipping at 5 is the trainer's
     `gradient_clip_val: 5` (configs/lare2.yaml), and its batch 48 the datamodule's.
+
+    Args:
+        guidance: cached guidance maps the head is steered by, in order (4 channels each); [] = plain CLIP.
+        backbone: frozen = read CLIP maps from the feature store (fast sweeps); finetune = train CLIP on images.
+        clip: CLIP RN50 weights for finetune ('openai', a checkpoint file or an open_clip local-dir).
+        visual_channels: channels of CLIP's layer3 map (1024 for RN50).
+        pooled_dim: dimension of CLIP's attention-pooled vector (1024 for RN50).
+        grid_size: side of CLIP's layer3 grid (14 at 224 px).
+        num_heads: attention heads.
+        spatial: spatial refinement (LaRE → per-head bias on the attention logits).
+        channel: channel refinement (LaRE → sigmoid gate on the pooled layer3 channels).
+        gate_hidden: hidden width of the channel-refinement MLP.
+        lr: Adam learning rate.
+        guidance_norm: how guidance maps are standardised before the head (scale-free by default).
+        norm_rows: training rows the guidance standardisation is fitted on, once, at the start of fit.
+        plateau_factor: ReduceLROnPlateau factor on val_loss.
+        plateau_patience: ReduceLROnPlateau patience in epochs.
     """
 
     def __init__(self, guidance: list[GuidanceName] = ["lare"], backbone: Backbone = "frozen",

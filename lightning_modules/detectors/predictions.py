@@ -1,18 +1,18 @@
 """Per-row predictions of one stage, kept as a torchmetrics state so DDP gathers them correctly.
 
 One log serves two needs: per-generator metrics (grouping needs every row's score, label and
-generator) and the saved prediction tables that the evaluation step recomputes its numbers from.
+generator; the metric definitions live in `reports.evaluation`) and the saved prediction tables that
+the evaluation step recomputes its numbers from.
 """
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 from torchmetrics import Metric
-from torchmetrics.functional.classification import (binary_accuracy, binary_auroc, binary_average_precision,
-                                                     binary_recall, binary_specificity)
 from torchmetrics.utilities import dim_zero_cat
 
 FIELDS = ("p_fake", "label", "generator", "row", "store")
@@ -54,43 +54,28 @@ class PredictionLog(Metric):
         return {name: values[keep] for name, values in table.items()}
 
 
-def binary_metrics(p_fake: torch.Tensor, label: torch.Tensor, threshold: float = 0.5) -> dict[str, torch.Tensor]:
-    """ACC, real ACC (specificity), fake ACC (recall) at `threshold`, and AP/AUROC, each only where defined."""
-    real, fake = (label == 0).any(), (label == 1).any()
-    out = {"acc": binary_accuracy(p_fake, label, threshold)}
-    if real:
-        out["real_acc"] = binary_specificity(p_fake, label, threshold)
-    if fake:
-        out["fake_acc"] = binary_recall(p_fake, label, threshold)
-    if real and fake:
-        out["ap"] = binary_average_precision(p_fake, label)
-        out["auroc"] = binary_auroc(p_fake, label)
-    return out
-
-
-def per_generator_metrics(table: dict[str, torch.Tensor], names: list[str] | None,
-                          threshold: float = 0.5) -> dict[str, dict[str, torch.Tensor]]:
-    """`binary_metrics` for each generator code present in the table, keyed by generator name."""
-    out = {}
-    for code in torch.unique(table["generator"]).tolist():
-        rows = table["generator"] == code
-        out[generator_name(code, names)] = binary_metrics(table["p_fake"][rows], table["label"][rows], threshold)
-    return out
-
-
 def generator_name(code: int, names: list[str] | None) -> str:
     """The datamodule's name for a generator code, or `gen<code>` when it gives none."""
     return names[code] if names is not None and 0 <= code < len(names) else f"gen{code}"
 
 
-def write_predictions_csv(table: dict[str, torch.Tensor], names: list[str] | None, path: Path) -> Path:
-    """CSV with columns store, row, generator (name), generator_code, label, p_fake: the evaluation step's input."""
+def generator_names_of(codes: torch.Tensor, names: list[str] | None) -> np.ndarray:
+    """Generator names of a column of codes (object array, the shape `reports.evaluation.Predictions` takes)."""
+    return np.array([generator_name(code, names) for code in codes.tolist()], dtype=object)
+
+
+def write_predictions_csv(table: dict[str, torch.Tensor], names: list[str] | None, threshold: float,
+                          path: Path) -> Path:
+    """CSV with store, row, generator (name), generator_code, label, p_fake, threshold, prediction (1 = fake).
+
+    `reports.protocol_report` joins the stores' per-image columns (key, path, format, ...) onto the test one.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    columns = {name: values.cpu().tolist() for name, values in table.items()}
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["store", "row", "generator", "generator_code", "label", "p_fake"])
-        for store, row, code, label, p in zip(columns["store"], columns["row"], columns["generator"], columns["label"],
-                                              columns["p_fake"]):
-            writer.writerow([store, row, generator_name(code, names), code, label, f"{p:.6g}"])
+    frame = pd.DataFrame({"store": table["store"].cpu().numpy(), "row": table["row"].cpu().numpy(),
+                          "generator": generator_names_of(table["generator"].cpu(), names),
+                          "generator_code": table["generator"].cpu().numpy(), "label": table["label"].cpu().numpy(),
+                          "p_fake": table["p_fake"].cpu().numpy()})
+    frame["threshold"] = threshold
+    frame["prediction"] = (frame["p_fake"] >= threshold).astype(int)
+    frame.to_csv(path, index=False, float_format="%.6g")
     return path

@@ -1,0 +1,129 @@
+"""Progress that survives `> log` and SLURM: a line with done/total, rate and ETA at least every `every_s`.
+
+Rich bars (Lightning's, `rich.progress.track`) redraw one terminal line; in a file they print nothing
+useful until the end. When stdout is not a terminal, long work reports with plain lines instead:
+- `PlainLogProgress`, a Lightning callback (`python -m cli` adds it to every Trainer run), for batches;
+- `report_progress(items, total, label)`, a generator for plain commands' loops (tars, runs, images).
+Both print the first step, then at most one line per `every_s` seconds, and the last step.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_only
+
+T = TypeVar("T")
+EVERY_S = 30.0
+
+
+def plain_output() -> bool:
+    """Whether stdout is a file or pipe (SLURM, `> log`), where redrawn bars are unreadable."""
+    return not sys.stdout.isatty()
+
+
+def _clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class ProgressLine:
+    """Formats and rate-limits `label: done/total unit (pct), rate unit/s, elapsed, ETA` lines."""
+
+    def __init__(self, label: str, total: float | None, unit: str = "items", every_s: float = EVERY_S) -> None:
+        self.label, self.total, self.unit, self.every_s = label, total, unit, every_s
+        self.start = time.monotonic()
+        self.last_print = -math.inf
+        self.done = 0
+
+    def advance(self, steps: int = 1, note: str = "") -> str | None:
+        """Count `steps` more finished items; the line to print, or None when the last line is recent."""
+        self.done += steps
+        done = self.done
+        now = time.monotonic()
+        finished = self.total is not None and done >= self.total
+        if not finished and done != 1 and now - self.last_print < self.every_s:
+            return None
+        self.last_print = now
+        elapsed = now - self.start
+        rate = done / elapsed if elapsed > 0 else math.inf
+        known = self.total is not None and math.isfinite(self.total) and self.total > 0
+        of = f"/{int(self.total)}" if known else ""
+        pct = f" ({100 * done / self.total:.0f}%)" if known else ""
+        eta = f", ETA {_clock((self.total - done) / rate if rate > 0 else math.inf)}" if known else ""
+        return (f"{self.label}: {done}{of} {self.unit}{pct}, {rate:.2f} {self.unit}/s, "
+                f"elapsed {_clock(elapsed)}{eta}{f', {note}' if note else ''}")
+
+
+def report_progress(items: Iterable[T], total: int | None, label: str, unit: str = "items",
+                    every_s: float = EVERY_S, always: bool = False) -> Iterator[T]:
+    """Yield `items`, printing plain progress lines (only when stdout is not a terminal, unless `always`)."""
+    line = ProgressLine(label, total, unit, every_s) if always or plain_output() else None
+    for item in items:
+        yield item
+        text = line.advance() if line is not None else None
+        if text:
+            print(text, flush=True)
+
+
+class PlainLogProgress(pl.Callback):
+    """Plain progress lines for fit/validate/test/predict batches when stdout is not a terminal.
+
+    Args:
+        every_s: seconds between lines (the first and last batch of a stage always print).
+        always: print even on a terminal (beside the Rich bar).
+    """
+
+    def __init__(self, every_s: float = EVERY_S, always: bool = False) -> None:
+        self.every_s = every_s
+        self.always = always
+        self._lines: dict[str, ProgressLine] = {}
+
+    def _start(self, stage: str, total: float | int | list | None) -> None:
+        if isinstance(total, list):
+            total = sum(total)
+        self._lines[stage] = ProgressLine(stage, total if total is not None and math.isfinite(total) else None,
+                                          "batches", self.every_s)
+
+    @rank_zero_only
+    def _step(self, trainer: pl.Trainer, stage: str) -> None:
+        if not (self.always or plain_output()) or stage not in self._lines:
+            return
+        note = f"epoch {trainer.current_epoch}" if stage == "train" else ""
+        text = self._lines[stage].advance(1, note)
+        if text:
+            print(text, flush=True)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start("train", trainer.num_training_batches)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        self._step(trainer, "train")
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._start("validate", trainer.num_val_batches)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        if not trainer.sanity_checking:
+            self._step(trainer, "validate")
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start("test", trainer.num_test_batches)
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        self._step(trainer, "test")
+
+    def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start("predict", trainer.num_predict_batches)
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        self._step(trainer, "predict")
