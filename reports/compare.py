@@ -129,7 +129,7 @@ def train_generators(settings: pd.Series) -> list[str]:
     names = set()
     for path in str(paths).split(",") if isinstance(paths, str) and paths else []:
         store = FeatureStore.open(path)
-        codes = np.unique(store.generators()[store.labels() == 1])
+        codes = np.unique(store.rows("generator")[store.rows("label") == 1])
         names |= {store.generator_names[c] for c in codes}
     if isinstance(wanted, str) and wanted:
         names &= set(wanted.split(","))

@@ -14,7 +14,7 @@ import json
 import os
 import signal
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from feature_cache.codecs import encode
+from feature_cache.provenance import (DatasetProvenance, ExtractorProvenance, FeatureSpec, PixelProvenance,
+                                      StoreProvenance)
+from feature_cache.store import FeatureStore, store_lock
 
 GENERATORS = ["imagenet_ai_0419_sdv4", "imagenet_glide", "nature"]
 # The pixel-pipeline part of ImageShardDataModule.provenance() for a plain resize.
@@ -206,3 +211,38 @@ def run_predict(store: Path, shard_dir: Path, devices: int = 1, drop_rows: tuple
                                      drop_rows=drop_rows)
     trainer.predict(FakeExtractor(**module_kwargs), datamodule=datamodule, return_predictions=False)
     return writer
+
+
+def write_store(path: Path, values: Callable[[np.ndarray], dict[str, np.ndarray]], specs: dict[str, FeatureSpec],
+                generator_names: list[str], num_rows: int = 10, shard_size: int = 4, keys: list[str] | None = None,
+                labels: list[int] | None = None, error_rows: tuple[int, ...] = (), done: bool = True,
+                timestep: int = 200, shards: str = "no_shards", pixels: dict | None = None,
+                identity: str = "", generators: list[int] | None = None,
+                row_columns: dict[str, list] | None = None, layout: str = "fake") -> FeatureStore:
+    """A format-2 store through the store's own API: features `values(rows)` (float32, encoded to each spec's
+    dtype), generator code = row % len(names) (or `generators`), label = row % 2 (or `labels`), sha256 from
+    (`identity`, row); `row_columns` replaces per-row metadata (format, jpeg_quality, width, height)."""
+    tars = [{"name": f"shard-{k:06d}.tar", "first_row": k * shard_size,
+             "num_samples": min(shard_size, num_rows - k * shard_size)} for k in range(-(-num_rows // shard_size))]
+    provenance = StoreProvenance(DatasetProvenance(str(path.parent / shards), layout, "train", "0" * 64, tars, {}),
+                                 PixelProvenance.from_attrs(pixels or {"resolution": 32}))
+    keys = keys or [f"k{r}" for r in range(num_rows)]
+    rows = {"key": keys, "label": labels or [r % 2 for r in range(num_rows)],
+            "generator": generators or [r % len(generator_names) for r in range(num_rows)], "format": ["png"] * num_rows,
+            "jpeg_quality": [-1] * num_rows, "width": [32] * num_rows, "height": [32] * num_rows,
+            "sha256": [hashlib.sha256(f"{identity}{r}".encode()).hexdigest() for r in range(num_rows)],
+            **(row_columns or {})}
+    with store_lock(path):
+        store = FeatureStore.create(path, provenance=provenance, rows=rows, generator_names=generator_names)
+        group = store.add_group(specs, ExtractorProvenance({"timestep": timestep}, {name: {} for name in specs}))
+    for k, tar in enumerate(tars if done else tars[:-1]):
+        index = np.arange(tar["first_row"], tar["first_row"] + tar["num_samples"])
+        arrays, flags = {}, np.zeros((len(index), 2), dtype=np.int32)
+        for name, raw in values(index).items():
+            encoded = encode(specs[name].dtype, raw)
+            arrays[name] = encoded.values
+            if encoded.scale is not None:
+                arrays[f"{name}__scale"] = encoded.scale
+            flags[:, 0] += encoded.non_finite
+        store.write_tar(group, k, arrays, ["bad file" if r in error_rows else "" for r in index], flags)
+    return store

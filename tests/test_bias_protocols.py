@@ -12,7 +12,10 @@ from torchmetrics.functional.classification import binary_auroc
 
 from datamodules.image_shards import ImageShardDataModule
 from datamodules.shards import convert
-from feature_cache.store import FeatureStore, ProvenanceMismatchError
+from feature_cache.provenance import DatasetProvenance, PixelProvenance, StoreProvenance
+from feature_cache.store import FeatureStore, ProvenanceMismatchError, store_lock
+from feature_cache.manifest import store_rows
+from feature_cache.writer import ZarrFeatureWriter
 from reports.format_reference import FormatOnlyClassifier, ImageMetadata
 
 
@@ -65,19 +68,23 @@ def test_jpeg_aligned_metadata_draws_qualities_from_the_real_images(confounded_s
 
 
 def test_a_store_of_one_protocol_refuses_another(confounded_shards, tmp_path):
-    def create(protocol: str) -> FeatureStore:
+    """Bug caught: a store computed under `raw` resumed under another protocol would mix pixels of two
+    pipelines under one provenance; the writer's binding check names the differing pixel setting."""
+    def settings(protocol: str) -> tuple[ImageShardDataModule, DatasetProvenance, PixelProvenance]:
         datamodule = ImageShardDataModule(str(confounded_shards), resolution=32, num_workers=0, protocol=protocol,
                                           jpeg_quality=90 if protocol == "jpeg_aligned" else None)
-        keys = [f"{row:09d}" for row in range(160)]
-        return FeatureStore.create(tmp_path / "store.zarr", shards=datamodule.shard_table(), keys=keys,
-                                   labels=[0] * 160, generators=[0] * 160, generator_names=["g"],
-                                   feature_shapes={"deu": (4, 4, 4)}, feature_dtype="float16",
-                                   provenance=datamodule.provenance(), row_metadata=datamodule.row_metadata())
+        data = datamodule.provenance()
+        return (datamodule, DatasetProvenance.from_shard_dir(confounded_shards, data.get("layout", ""),
+                                                             data.get("split", ""), datamodule.shard_table()),
+                PixelProvenance.from_datamodule(data))
 
-    store = create("raw")
-    assert store.row_metadata()["format"][:2].tolist() == ["PNG", "PNG"] or "JPEG" in store.row_metadata()["format"]
-    with pytest.raises(ProvenanceMismatchError, match=r"protocol raw != jpeg_aligned"):
-        create("jpeg_aligned")
-    with pytest.raises(ProvenanceMismatchError, match=r"protocol raw != size_aligned"):
-        FeatureStore.open(tmp_path / "store.zarr", expected_provenance={
-            **store.provenance, "protocol": "size_aligned"})
+    datamodule, dataset, raw = settings("raw")
+    names, path = list(datamodule.generator_names), tmp_path / "store.zarr"
+    with store_lock(path):
+        store = FeatureStore.create(path, provenance=StoreProvenance(dataset, raw), generator_names=names,
+                                    rows=store_rows(confounded_shards, names, datamodule.row_metadata()))
+    assert set(store.rows("format").tolist()) == {"PNG", "JPEG"}
+    writer = ZarrFeatureWriter(str(path))
+    for protocol in ("jpeg_aligned", "size_aligned"):
+        with pytest.raises(ProvenanceMismatchError, match=rf"protocol raw != {protocol}"):
+            writer._check_binding(store, dataset, settings(protocol)[2])

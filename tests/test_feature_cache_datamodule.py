@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,45 +13,11 @@ from datamodules.cached_features import FeatureCacheDataModule
 from lightning_modules.detectors.base import DetectorBase
 from datamodules.row_batches import RING_SLOTS, contiguous_runs, epoch_order
 from feature_cache.paired_augment import FlipCrop, apply_flip_crop, sample_flip_crop
-from feature_cache.codecs import encode
-from feature_cache.provenance import (DatasetProvenance, ExtractorProvenance, FeatureSpec, PixelProvenance,
-                                      StoreProvenance)
-from feature_cache.store import FeatureStore, store_lock
-from feature_cache_fakes import RAW_PROTOCOL, make_shard_dir, marker_image
+from feature_cache.provenance import FeatureSpec
+from feature_cache.store import FeatureStore
+from feature_cache_fakes import RAW_PROTOCOL, make_shard_dir, marker_image, write_store
 
 SPECS = {"deu": FeatureSpec((4, 4, 4), "float32", "zstd"), "clip_pooled": FeatureSpec((6,), "float16", "lz4")}
-
-
-def write_store(path: Path, values: Callable[[np.ndarray], dict[str, np.ndarray]], specs: dict[str, FeatureSpec],
-                generator_names: list[str], num_rows: int = 10, shard_size: int = 4, keys: list[str] | None = None,
-                labels: list[int] | None = None, error_rows: tuple[int, ...] = (), done: bool = True,
-                timestep: int = 200, shards: str = "no_shards", pixels: dict | None = None,
-                identity: str = "") -> FeatureStore:
-    """A format-2 store through the store's own API: features `values(rows)` (float32, encoded to each spec's
-    dtype), generator code = row % len(names), label = row % 2, sha256 from (`identity`, row)."""
-    tars = [{"name": f"shard-{k:06d}.tar", "first_row": k * shard_size,
-             "num_samples": min(shard_size, num_rows - k * shard_size)} for k in range(-(-num_rows // shard_size))]
-    provenance = StoreProvenance(DatasetProvenance(str(path.parent / shards), "fake", "train", "0" * 64, tars, {}),
-                                 PixelProvenance.from_attrs(pixels or {"resolution": 32}))
-    keys = keys or [f"k{r}" for r in range(num_rows)]
-    rows = {"key": keys, "label": labels or [r % 2 for r in range(num_rows)],
-            "generator": [r % len(generator_names) for r in range(num_rows)], "format": ["png"] * num_rows,
-            "jpeg_quality": [-1] * num_rows, "width": [32] * num_rows, "height": [32] * num_rows,
-            "sha256": [hashlib.sha256(f"{identity}{r}".encode()).hexdigest() for r in range(num_rows)]}
-    with store_lock(path):
-        store = FeatureStore.create(path, provenance=provenance, rows=rows, generator_names=generator_names)
-        group = store.add_group(specs, ExtractorProvenance({"timestep": timestep}, {name: {} for name in specs}))
-    for k, tar in enumerate(tars if done else tars[:-1]):
-        index = np.arange(tar["first_row"], tar["first_row"] + tar["num_samples"])
-        arrays, flags = {}, np.zeros((len(index), 2), dtype=np.int32)
-        for name, raw in values(index).items():
-            encoded = encode(specs[name].dtype, raw)
-            arrays[name] = encoded.values
-            if encoded.scale is not None:
-                arrays[f"{name}__scale"] = encoded.scale
-            flags[:, 0] += encoded.non_finite
-        store.write_tar(group, k, arrays, ["bad file" if r in error_rows else "" for r in index], flags)
-    return store
 
 
 def make_store(path: Path, offset: float, names: list[str], num_rows: int = 10, **kwargs: Any) -> FeatureStore:
@@ -163,7 +127,8 @@ def test_paired_flip_crop_keeps_image_and_map_aligned() -> None:
 
 
 def test_images_are_paired_and_augmented_identically(tmp_path: Path) -> None:
-    shard_dir = make_shard_dir(tmp_path / "shards", num_rows=10, shard_size=4, image_size=32)
+    make_shard_dir(tmp_path / "shards", num_rows=10, shard_size=4, image_size=32)
+
     def lare(rows: np.ndarray) -> dict[str, np.ndarray]:
         return {"lare": np.stack([marker_image(r, 32)[..., 0].reshape(16, 2, 16, 2).mean((1, 3))[None] / 255
                                   for r in rows]).astype(np.float32)}

@@ -2,7 +2,7 @@
 
 Fakes get a higher mean DEU than reals (how much per generator is set by `strength`), so a detector trained a
 couple of epochs separates some generators and not others; PNG fakes vs JPEG reals give the format-only
-reference something to find. Built with `FeatureStore.create`/`write_shard`, the same calls phase 1 makes.
+reference something to find. Built with the store's own API (`write_store`), as phase 1's writer builds stores.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from feature_cache.store import FeatureStore
+from feature_cache.provenance import FeatureSpec
 
-from feature_cache_fakes import RAW_PROTOCOL, make_shard_dir
+from feature_cache_fakes import RAW_PROTOCOL, make_shard_dir, write_store
 
 CHANNELS, GRID, SHARD = 16, 14, 8
 
@@ -27,25 +27,20 @@ def build_store(path: Path, generators: list[str], strength: dict[str, float], r
     codes = np.repeat(np.arange(len(generators)), rows_per_generator)
     real_only = np.array([strength[g] is None for g in generators])[codes]
     labels = np.where(real_only, 0, 1 if layout == "drct" else np.arange(n) % 2)  # DRCT: fake-only generators
-    shard_dir = make_shard_dir(path.parent / f"{path.stem}_shards", n, SHARD, images=True, generators=generators)
-    table = [{"name": f"shard-{k:06d}.tar", "first_row": k * SHARD, "num_samples": min(SHARD, n - k * SHARD)}
-             for k in range(-(-n // SHARD))]
-    metadata = {"format": np.where(labels == 1, "png", "jpeg"), "jpeg_quality": np.where(labels == 1, -1, 90),
-                "width": np.full(n, 64), "height": np.full(n, 64)}
-    store = FeatureStore.create(path, shards=table, keys=[f"img{r:05d}" for r in range(n)], labels=labels.tolist(),
-                                generators=codes.tolist(), generator_names=generators,
-                                feature_shapes={"deu": (4, 8, 8), "clip_layer3": (CHANNELS, GRID, GRID)},
-                                feature_dtype="float32", row_metadata=metadata,
-                                provenance={"resolution": 64, "shards": str(shard_dir), "layout": layout,
-                                            "timestep": 200, **RAW_PROTOCOL})
+    make_shard_dir(path.parent / f"{path.stem}_shards", n, SHARD, generators=generators)
     rng = np.random.default_rng(seed)
     shift = np.array([strength[g] or 0.0 for g in generators])[codes] * labels
     deu = rng.normal(0, 1, (n, 4, 8, 8)) + shift[:, None, None, None]
     clip = rng.normal(0, 1, (n, CHANNELS, GRID, GRID)) + 0.3 * shift[:, None, None, None]
-    for k, entry in enumerate(table):
-        a, b = entry["first_row"], entry["first_row"] + entry["num_samples"]
-        store.write_shard(k, {"deu": deu[a:b].astype(np.float32), "clip_layer3": clip[a:b].astype(np.float32)},
-                          [""] * (b - a))
+    write_store(path, lambda rows: {"deu": deu[rows], "clip_layer3": clip[rows]},
+                {"deu": FeatureSpec((4, 8, 8), "float32", "zstd"),
+                 "clip_layer3": FeatureSpec((CHANNELS, GRID, GRID), "float32", "lz4")},
+                generators, num_rows=n, shard_size=SHARD, keys=[f"img{r:05d}" for r in range(n)],
+                labels=labels.tolist(), shards=f"{path.stem}_shards", pixels={"resolution": 64, **RAW_PROTOCOL},
+                identity=path.stem, generators=codes.tolist(), layout=layout,
+                row_columns={"format": np.where(labels == 1, "png", "jpeg").tolist(),
+                             "jpeg_quality": np.where(labels == 1, -1, 90).tolist(),
+                             "width": [64] * n, "height": [64] * n})
     return str(path)
 
 
