@@ -22,6 +22,7 @@ from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryAver
                                          BinarySpecificity)
 
 from reports.evaluation import Predictions, choose_threshold
+from lightning_modules.detectors.guidance_norm import GuidanceNorm, GuidanceNormalizer
 from lightning_modules.detectors.predictions import PredictionLog, per_generator_metrics, write_predictions_csv
 from lightning_modules.pretrained import ClipVisual, load_clip_rn50
 
@@ -51,8 +52,10 @@ class DetectorBase(pl.LightningModule):
     sweeps over a cache); `finetune` reads `image` (B, 3, R, R in [-1, 1]) and trains the CLIP tower
     loaded from `clip`. Guidance maps (4 channels each) are concatenated in the order given,
     aligned to the visual grid by adaptive average pooling (area averaging; LaRE²'s alignment) and
-    standardised per channel by BatchNorm, because DEU, LaRE, aleatoric and MI values differ by
-    orders of magnitude and a fixed scale would suit none of them.
+    standardised per channel by a scale-free `GuidanceNormalizer` (`guidance_norm`, see its module),
+    whose statistics are fitted once at the start of `fit` on up to `norm_rows` training rows and
+    saved as buffers: DEU, LaRE, aleatoric and MI differ by orders of magnitude, and an absolute eps
+    (BatchNorm's) would flatten the smallest of them.
 
     Metrics per stage (`train_`, `val_`, `test_` prefixes): acc, ap, auroc, real_acc (specificity),
     fake_acc (recall) overall, and the same per generator as `<stage>_<metric>/<generator name>`.
@@ -63,7 +66,8 @@ class DetectorBase(pl.LightningModule):
     uses_pooled: bool = True  # whether forward needs CLIP's attention-pooled vector
 
     def __init__(self, guidance: list[GuidanceName], backbone: Backbone, clip: str | None, visual_channels: int,
-                 pooled_dim: int | None, grid_size: int, lr: float) -> None:
+                 pooled_dim: int | None, grid_size: int, lr: float, guidance_norm: GuidanceNorm = "log",
+                 norm_rows: int = 2048) -> None:
         super().__init__()
         if len(set(guidance)) != len(guidance):
             raise ValueError(f"guidance lists a map twice: {list(guidance)}")
@@ -78,7 +82,8 @@ class DetectorBase(pl.LightningModule):
             self.backbone = self.clip.visual  # registered, so it trains and is checkpointed
         elif backbone != "frozen":
             raise ValueError(f"backbone must be 'frozen' or 'finetune', got {backbone!r}")
-        self.guidance_norm = nn.BatchNorm2d(self.guidance_channels) if self.guidance else None
+        self.norm_rows = norm_rows
+        self.guidance_norm = GuidanceNormalizer(self.guidance, [MAP_CHANNELS] * len(self.guidance), guidance_norm)
         for stage in STAGES:
             setattr(self, f"{stage}_metrics", MetricCollection({
                 "acc": BinaryAccuracy(), "ap": BinaryAveragePrecision(), "auroc": BinaryAUROC(),
@@ -142,8 +147,8 @@ class DetectorBase(pl.LightningModule):
                              f"pooled_dim={self.pooled_dim}")
         return layer3, pooled
 
-    def guidance_map(self, batch: dict, size: tuple[int, int]) -> torch.Tensor:
-        """Guidance maps concatenated on channels, pooled to `size`, standardised: (B, 4·k, *size)."""
+    def pooled_guidance(self, batch: dict, size: tuple[int, int]) -> torch.Tensor:
+        """Guidance maps concatenated on channels and pooled to `size`, not yet standardised: (B, G, *size)."""
         maps = []
         for name in self.guidance:
             u = self.batch_tensor(batch, name)
@@ -151,7 +156,29 @@ class DetectorBase(pl.LightningModule):
                 raise ValueError(f"guidance map {name!r} has shape {tuple(u.shape)}, "
                                  f"expected (B, {MAP_CHANNELS}, h, w)")
             maps.append(u)
-        return self.guidance_norm(F.adaptive_avg_pool2d(torch.cat(maps, dim=1).float(), size))
+        return F.adaptive_avg_pool2d(torch.cat(maps, dim=1).float(), size)
+
+    def guidance_map(self, batch: dict, size: tuple[int, int]) -> torch.Tensor:
+        """Guidance maps concatenated on channels, pooled to `size`, standardised: (B, G, *size)."""
+        return self.guidance_norm(self.pooled_guidance(batch, size))
+
+    def fit_guidance_norm(self, batches) -> int:
+        """Fit the normalisation on batches (dicts with the guidance maps), up to `norm_rows` rows; returns rows used."""
+        size = (self.grid_size, self.grid_size)
+        return self.guidance_norm.fit((self.pooled_guidance(batch, size) for batch in batches), self.norm_rows)
+
+    def _fit_guidance_norm_on_training_rows(self) -> None:
+        """Statistics from the datamodule's training rows, once (a resumed or loaded model keeps its own);
+        rank 0's are broadcast so every DDP rank standardises alike."""
+        if not self.guidance or bool(self.guidance_norm.fitted):
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            raise ValueError("fitting the guidance normalisation needs the training rows: pass a datamodule to "
+                             "fit, or call model.fit_guidance_norm(batches) first")
+        self.fit_guidance_norm(datamodule.train_dataloader())
+        for name in ("floor", "mean", "std"):
+            getattr(self.guidance_norm, name).copy_(self.trainer.strategy.broadcast(getattr(self.guidance_norm, name)))
 
     def losses(self, output: DetectorOutput, label: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss terms by name; `loss` is the one optimised."""
@@ -221,6 +248,7 @@ class DetectorBase(pl.LightningModule):
             write_predictions_csv(table, self._generator_names(), Path(log_dir) / file_name)
 
     def on_fit_start(self) -> None:
+        self._fit_guidance_norm_on_training_rows()
         self._register_hparams_metrics()
         provenance = getattr(getattr(self.trainer, "datamodule", None), "feature_provenance", None)
         self.feature_provenance = provenance() if callable(provenance) else None
