@@ -166,8 +166,7 @@ def test_guidance_normalisation_is_scale_free_and_saved_with_the_checkpoint(mode
     maps = SyntheticCache(64, 0).tensors["deu"]
     reference = None
     for scale in (1.0, 1e-9, 1e-6, 1e-3, 1e-1):
-        model = _detector("deua", ["deu"])
-        model.guidance_norm.mode = mode
+        model = DEUADetector(guidance=["deu"], visual_channels=CHANNELS, guidance_norm=mode)
         model.fit_guidance_norm([{"deu": maps[:40] * scale}])
         out = model.guidance_map({"deu": maps[40:] * scale}, (GRID, GRID))
         if reference is None:
