@@ -70,7 +70,8 @@ class ProtocolReport(pl.Callback):
         provenance = test_stores[0].provenance
         title = (f"{type(pl_module).__name__}, protocol {provenance.get('protocol', 'raw')}, "
                  f"threshold {threshold:.3f} (chosen on validation)")
-        published = self._published(type(pl_module).__name__, datamodule, provenance)
+        departures = getattr(pl_module, "paper_departures", lambda: [])()
+        published = None if departures else self._published(type(pl_module).__name__, datamodule, provenance)
         _, markdown_path = write_table(rows, out, "protocol_table", title, published, self._confound_note(reference))
         markdown = markdown_path.read_text()
         tensorboard = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)

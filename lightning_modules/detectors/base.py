@@ -64,6 +64,8 @@ class DetectorBase(pl.LightningModule):
     """
 
     uses_pooled: bool = True  # whether forward needs CLIP's attention-pooled vector
+    # The settings the paper's published numbers were obtained with (configs/<name>_paper.yaml).
+    paper_setting: dict[str, object] = {}
 
     def __init__(self, guidance: list[GuidanceName], backbone: Backbone, clip: str | None, visual_channels: int,
                  pooled_dim: int | None, grid_size: int, lr: float, guidance_norm: GuidanceNorm = "log",
@@ -95,6 +97,12 @@ class DetectorBase(pl.LightningModule):
         self.register_buffer("val_threshold", torch.tensor(0.5))
         self.feature_provenance: dict | None = None
         self._hparams_registered = False
+
+    def paper_departures(self) -> list[str]:
+        """`name=ours (paper: theirs)` for every setting that differs from `paper_setting`; the published
+        accuracy is printed only beside runs with none."""
+        return [f"{name}={self.hparams.get(name)!r} (paper: {value!r})" for name, value in self.paper_setting.items()
+                if self.hparams.get(name) != value]
 
     @property
     def guidance_channels(self) -> int:

@@ -38,6 +38,9 @@ class DEUADetector(DetectorBase):
     """
 
     uses_pooled = False
+    # The paper does not say whether CLIP trains; it follows LaRE²'s end-to-end training (configs/deua_paper.yaml).
+    paper_setting = {"guidance": ["deu"], "backbone": "finetune", "visual_channels": 1024, "grid_size": 14,
+                     "asym_weight": 0.5, "margin_real": 0.6, "margin_fake": 1.0, "lr": 1e-4}
 
     def __init__(self, guidance: list[GuidanceName] = ["deu"], backbone: Backbone = "frozen", clip: str | None = None,
                  visual_channels: int = 1024, grid_size: int = 14, num_heads: int = 8, guidance_dim: int = 64,

@@ -74,6 +74,11 @@ class LaRE2Detector(DetectorBase):
     `gradient_clip_val: 5` (configs/lare2.yaml), batch 48 the datamodule's.
     """
 
+    # The official training (train_classifier_wmap.sh, CLipClassifierWMapV6): all of CLIP trains, raw LaRE maps.
+    paper_setting = {"guidance": ["lare"], "backbone": "finetune", "visual_channels": 1024, "pooled_dim": 1024,
+                     "grid_size": 14, "num_heads": 8, "head_dim": 64, "dropout": 0.1, "spatial": True,
+                     "channel": True, "gate_hidden": 128, "lr": 1e-4, "guidance_norm": "none"}
+
     def __init__(self, guidance: list[GuidanceName] = ["lare"], backbone: Backbone = "frozen",
                  clip: str | None = None, visual_channels: int = 1024, pooled_dim: int = 1024, grid_size: int = 14,
                  num_heads: int = 8, head_dim: int = 64, dropout: float = 0.1, spatial: bool = True,
