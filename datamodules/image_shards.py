@@ -1,13 +1,17 @@
 """ImageShardDataModule: `python -m cli shards` output as batches, each image exactly once over ranks × workers.
 
 Exactly once (NOTES.md): every rank computes the same to-do list (shards.json minus excluded shards),
-takes its part (balanced by sample count), and reads it with `WebDataset(nodesplitter=None)` plus the
-per-worker split; a tar goes to one worker of one rank. No sampler, no padding, no repeats; ranks or
-workers with no shard simply yield nothing. Batch format: docs/contracts.md.
+takes its part (balanced by sample count), and its workers split that list (`wds.split_by_worker`); a tar
+goes to one worker of one rank. No sampler, no padding, no repeats; ranks or workers with no shard simply
+yield nothing. Every row of a tar comes out: images a truncated or unreadable tar lost come out as error
+rows (blank images, reason in `error`), so the run finishes and the rows are recorded as rejected.
+Images are uint8 (pinned when CUDA is there) and normalised on the device; `sha256` of each image's
+original bytes keys its noise. Batch format: docs/contracts.md.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -74,9 +78,14 @@ def preprocessor_from_provenance(provenance: Mapping[str, Any]) -> ImagePreproce
     return build_preprocessor(provenance["shards"], **pixel_settings(provenance))
 
 
+def blank_image(resolution: int) -> torch.Tensor:
+    """The uint8 image of a row that could not be read: all 127, ≈ 0 after normalisation (the old zero image)."""
+    return torch.full((3, resolution, resolution), 127, dtype=torch.uint8)
+
+
 @dataclass(frozen=True)
 class SampleDecoder:
-    """WebDataset sample (tar members) → one batch row; a failing image gives zeros and its reason."""
+    """WebDataset sample (tar members) → one batch row; a failing image gives a blank image and its reason."""
 
     preprocess: ImagePreprocessor
     generator_codes: dict[str, int]
@@ -85,27 +94,37 @@ class SampleDecoder:
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         meta = json.loads(sample["json"])
         image_members = [name for name in sample if not name.startswith("__") and name != "json"]
-        error = ""
+        error, digest = "", ""
         try:
             if len(image_members) != 1:
                 raise ValueError(f"expected one image member, found {sorted(image_members)}")
-            image = self.preprocess(sample[image_members[0]], sample["__key__"], int(meta["label"]),
-                                    meta["generator"])
+            data = sample[image_members[0]]
+            digest = hashlib.sha256(data).hexdigest()
+            image = self.preprocess.pixels(data, sample["__key__"], int(meta["label"]), meta["generator"])
         except Exception as failure:  # noqa: BLE001  recorded per image in `error`; one bad file never stops a worker
-            image = torch.zeros(3, self.preprocess.resolution, self.preprocess.resolution)
+            image = blank_image(self.preprocess.resolution)
             error = describe_error(failure)
-        return {"image": image, "key": sample["__key__"], "row": int(meta["row"]), "label": int(meta["label"]),
+        return {"image": image, "key": sample["__key__"], "sha256": digest or meta.get("sha256", ""),
+                "row": int(meta["row"]), "label": int(meta["label"]),
                 "generator": self.generator_codes[meta["generator"]],
                 "shard_index": self.shard_indices[Path(sample["__url__"]).name], "error": error}
 
+    def lost(self, record: dict[str, Any], shard_name: str, reason: str) -> dict[str, Any]:
+        """The row of an image its tar lost (truncated or unreadable), from the manifest's record."""
+        return {"image": blank_image(self.preprocess.resolution), "key": record["key"],
+                "sha256": record.get("sha256") or "", "row": int(record["row"]), "label": int(record["label"]),
+                "generator": self.generator_codes[record["generator"]], "shard_index": self.shard_indices[shard_name],
+                "error": f"lost: tar {shard_name} is truncated or unreadable ({reason})"}
+
 
 def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack images and integer fields; keep keys and errors as lists of str."""
+    """Stack images and integer fields; keep keys, content hashes (where the samples have them) and errors as lists."""
     batch: dict[str, Any] = {"image": torch.stack([s["image"] for s in samples])}
     for name in ("row", "label", "generator", "shard_index"):
         batch[name] = torch.tensor([s[name] for s in samples], dtype=torch.int64)
-    batch["key"] = [s["key"] for s in samples]
-    batch["error"] = [s["error"] for s in samples]
+    for name in ("key", "sha256", "error"):
+        if name in samples[0]:
+            batch[name] = [s[name] for s in samples]
     return batch
 
 
@@ -129,11 +148,39 @@ def tar_aligned_batches(batch_size: int) -> Callable[[Iterable[dict[str, Any]]],
     return batches
 
 
-class NoShards(IterableDataset):
-    """What a rank with no shard reads (WebDataset refuses an empty URL list)."""
+class TarRows(IterableDataset):
+    """A rank's tars, split over its workers, read whole and in order, batched per tar.
+
+    A tar that ends early or cannot be read stops only itself: the rows it did not deliver come out as
+    `SampleDecoder.lost` rows (their metadata from the manifest), so every row of the tar is accounted for.
+    """
+
+    def __init__(self, shard_dir: Path, entries: list[dict[str, Any]], decoder: SampleDecoder,
+                 batch_size: int) -> None:
+        self.shard_dir, self.entries, self.decoder, self.batch_size = shard_dir, entries, decoder, batch_size
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(())
+        batches = tar_aligned_batches(self.batch_size)
+        for entry in wds.split_by_worker(self.entries):
+            yield from batches(self._rows(entry))
+
+    def _rows(self, entry: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        first, count = int(entry["first_row"]), int(entry["num_samples"])
+        seen: set[int] = set()
+        reason = f"{count} rows expected"
+        try:
+            for sample in wds.WebDataset(str(self.shard_dir / entry["name"]), shardshuffle=False, nodesplitter=None,
+                                         workersplitter=None, empty_check=False):
+                row = self.decoder(sample)
+                seen.add(row["row"])
+                yield row
+        except Exception as failure:  # noqa: BLE001  a damaged tar loses its remaining rows, not the run
+            reason = describe_error(failure)
+        missing = [r for r in range(first, first + count) if r not in seen]
+        if missing:
+            records = read_manifest_rows(self.shard_dir)
+            for r in missing:
+                yield self.decoder.lost(records[r], entry["name"], reason)
 
 
 class ImageShardDataModule(pl.LightningDataModule):
@@ -159,6 +206,8 @@ class ImageShardDataModule(pl.LightningDataModule):
                  size_filter: bool = False, perturbation: tuple[str, float] = ("none", 0.0)) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"batch_size {batch_size} must be >= 1 and num_workers {num_workers} >= 0")
         self.shard_dir = Path(shards)
         self._index = read_shard_index(self.shard_dir)
         self._excluded: set[str] = set()
@@ -216,16 +265,12 @@ class ImageShardDataModule(pl.LightningDataModule):
         return balance(todo, world_size)[rank]
 
     def predict_dataloader(self) -> DataLoader:
-        """This rank's tars, split over workers by WebDataset; each image exactly once over all ranks × workers."""
+        """This rank's tars, split over its workers; each image exactly once over all ranks × workers."""
         mine = self.rank_shards(*self._rank_and_world())
-        if mine:
-            decoder = SampleDecoder(self.preprocess, {name: code for code, name in enumerate(self.generator_names)},
-                                    {entry["name"]: k for k, entry in enumerate(self._index["shards"])})
-            dataset = wds.WebDataset([str(self.shard_dir / entry["name"]) for entry in mine], nodesplitter=None,
-                                     workersplitter=wds.split_by_worker, shardshuffle=False,
-                                     empty_check=False).map(decoder).compose(
-                                         tar_aligned_batches(self.hparams.batch_size))
-        else:
-            dataset = NoShards()
-        # Batching happens inside each worker (tar-aligned), so the DataLoader only forwards batches.
-        return DataLoader(dataset, batch_size=None, num_workers=self.hparams.num_workers)
+        decoder = SampleDecoder(self.preprocess, {name: code for code, name in enumerate(self.generator_names)},
+                                {entry["name"]: k for k, entry in enumerate(self._index["shards"])})
+        dataset = TarRows(self.shard_dir, mine, decoder, self.hparams.batch_size)
+        # Batching happens inside each worker (tar-aligned), so the DataLoader only forwards batches; pinned
+        # uint8 images go to the device with non_blocking copies.
+        return DataLoader(dataset, batch_size=None, num_workers=self.hparams.num_workers,
+                          pin_memory=torch.cuda.is_available())

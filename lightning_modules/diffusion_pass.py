@@ -2,8 +2,9 @@
 
 VAE encode once → N noised copies of each latent → one UNet call on B·N inputs, with conv_out's
 input φ captured by a forward pre-hook. Every random draw comes from a per-image generator seeded
-by (seed, key), drawn on CPU, so results never depend on batch composition, rank, worker, device
-or restart.
+by (seed, key) — the key is the image's content hash in phase 1 — drawn on CPU, so results never
+depend on batch composition, rank, worker, device or restart. The draw order is documented in
+`feature_extractor`.
 """
 
 from __future__ import annotations
@@ -21,9 +22,20 @@ AutocastDtype = Literal["float32", "bfloat16", "float16"]
 
 
 def key_generator(seed: int, key: str) -> torch.Generator:
-    """A CPU generator seeded from sha256(f"{seed}:{key}"): the same image always gets the same noise."""
+    """A CPU generator seeded from sha256(f"{seed}:{key}"); key = the image's sha256, so same bytes → same noise."""
     digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def normalise_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, R, R) → float32 in [-1, 1] where the images are (on the device: 4× less to copy than float32).
+
+    Same arithmetic as the float path of `datamodules.image_protocols` (x / 127.5 − 1 in float32), so both
+    give bit-identical inputs. Float input is taken as already normalised.
+    """
+    if images.dtype == torch.uint8:
+        return images.float() / 127.5 - 1
+    return images.float()
 
 
 def autocast_context(device: torch.device, dtype: AutocastDtype):
@@ -46,7 +58,8 @@ class DiffusionPass:
     """Fused VAE + UNet forward at one timestep; owns no weights, only the settings of the pass."""
 
     def __init__(self, parts: StableDiffusionParts, timestep: int, num_noises: int, prompt: str,
-                 latent: Literal["sample", "mean"], autocast_dtype: AutocastDtype = "float32") -> None:
+                 latent: Literal["sample", "mean"], autocast_dtype: AutocastDtype = "float32",
+                 compile_unet: bool = False, channels_last: bool = False) -> None:
         num_steps = parts.scheduler.config.num_train_timesteps
         if not 0 <= timestep < num_steps:
             raise ValueError(f"timestep must be in [0, {num_steps}), got {timestep}")
@@ -57,6 +70,9 @@ class DiffusionPass:
         self.parts, self.timestep, self.num_noises, self.prompt = parts, timestep, num_noises, prompt
         self.latent, self.autocast_dtype = latent, autocast_dtype
         self._text: dict[torch.device, torch.Tensor] = {}
+        # Kernel settings: a compiled UNet (the hook on conv_out is traced with it) and the inputs' memory layout.
+        self._unet = torch.compile(parts.unet) if compile_unet else parts.unet
+        self._layout = torch.channels_last if channels_last else torch.contiguous_format
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         """(channels, h, w) of the VAE latent for a square image of side `resolution`."""
@@ -92,15 +108,17 @@ class DiffusionPass:
         vae, unet, scheduler = self.parts.vae, self.parts.unet, self.parts.scheduler
         captured: list[torch.Tensor] = []
         hook = unet.conv_out.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+        layout = self._layout
         text = self.text_embedding(device).expand(batch * n, -1, -1)
         try:
             with autocast_context(device, self.autocast_dtype):
-                dist = vae.encode(images.to(vae.dtype)).latent_dist
+                dist = vae.encode(images.to(vae.dtype).contiguous(memory_format=layout)).latent_dist
                 x0 = dist.mean.float() + (dist.std.float() * latent_eps if self.latent == "sample" else 0.0)
                 x0 = x0 * vae.config.scaling_factor
                 timesteps = torch.full((batch * n,), self.timestep, device=device, dtype=torch.long)
                 x_t = scheduler.add_noise(x0.repeat_interleave(n, dim=0), noise.flatten(0, 1), timesteps)
-                eps_hat = unet(x_t.to(unet.dtype), timesteps, encoder_hidden_states=text.to(unet.dtype)).sample
+                eps_hat = self._unet(x_t.to(unet.dtype).contiguous(memory_format=layout), timesteps,
+                                     encoder_hidden_states=text.to(unet.dtype)).sample
         finally:
             hook.remove()
         (phi,) = captured

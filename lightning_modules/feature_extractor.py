@@ -1,8 +1,17 @@
-"""Phase 1 per-image features (LaRE, DEU, aleatoric, MI, frozen CLIP maps) in one fused pass per batch.
+"""Phase 1 per-image features (registered guidance maps, frozen CLIP maps) in one fused pass per batch.
 
-Settings are captured by `save_hyperparameters`, so `provenance()` (settings + weight hashes +
-posterior hash) is what the feature store records; a store opened with other settings is refused.
-All maps are on the ε-prediction scale (see `uncertainty` for why DEUA's μ-scale is a constant factor).
+Noise is keyed by content: each row's CPU generator is seeded from (seed, sha256 of the image's original
+bytes), so the same image gets bit-identical features in any store, row, batch, rank or dataset. The
+draw order from that generator is part of the contract (tests/test_feature_extractor.py checks it):
+
+1. the VAE latent's ε (C, h, w), always drawn, so the noises do not depend on `latent`;
+2. the N diffusion noises (N, C, h, w), so N=4 is a prefix of N=8;
+3. only when a map needs MC weight samples: one int64 from [0, 2^62) that seeds a generator on the compute
+   device, from which conv_out's weight draws z_W (M, O, C, 3, 3) then z_b (M, O) are taken (DEU mc mode).
+
+`provenance()` is {"common": settings every map shares (weights, noises, kernels), "maps": {name: the
+settings only that map depends on}}: what a feature store records per feature group, so a store can grow
+by new maps that see the same noises. All maps are on the ε-prediction scale (see `uncertainty`).
 """
 
 from __future__ import annotations
@@ -12,22 +21,29 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 
-from lightning_modules.diffusion_pass import AutocastDtype, DiffusionPass, autocast_context, key_generator
+from lightning_modules.diffusion_pass import (AutocastDtype, DiffusionPass, autocast_context, key_generator,
+                                             normalise_images)
 from lightning_modules.laplace_fit import file_sha256, load_posterior
+from lightning_modules.maps import BUILTIN_MAP_MODULES, MAP_REGISTRY, MapContext, import_map_modules
 from lightning_modules.pretrained import load_clip_rn50, load_stable_diffusion, weights_hash
-from lightning_modules.uncertainty import (aleatoric_variance, closed_form_deu, latent_reconstruction_error, mc_deu,
-                                           mutual_information)
 
-MAP_OUTPUTS = ("lare", "deu", "aleatoric", "mi")
 CLIP_OUTPUTS = ("clip_layer3", "clip_pooled")
-PASS_THROUGH = ("key", "row", "shard_index", "label", "generator", "error")
+PASS_THROUGH = ("key", "sha256", "row", "shard_index", "label", "generator", "error")
+WeightsDtype = Literal["float32", "bfloat16"]
 
 
 class FeatureExtractor(pl.LightningModule):
     """predict_step: VAE encode once, one UNet call on the B·N noised latents, every requested map from it.
 
-    Noise (VAE latent sample, N diffusion noises, then MC weight samples) comes from a CPU generator
-    seeded by (seed, key), so a row's features do not depend on its batch, rank, worker or restart.
+    Args (beyond the pass's own: sd, timestep, num_noises, prompt, latent, seed, autocast_dtype):
+        posterior: file from `python -m cli laplace-fit`, needed by maps that use the Laplace posterior.
+        clip: CLIP RN50 source, needed by `clip_layer3` / `clip_pooled`.
+        outputs: registered map names (lightning_modules.maps) and/or CLIP outputs to compute.
+        deu_mode / num_weight_samples: DEU in closed form or Monte Carlo over M conv_out weight samples.
+        map_modules: modules imported to register maps (the built-ins, plus a user's own map file).
+        channels_last, weights_dtype, cudnn_benchmark, compile, compile_batch_size: kernel settings; each
+            changes the numerics, so each is recorded in the provenance. With `compile`, every batch is
+            padded to `compile_batch_size` rows so compiled kernels see one shape.
     Rows with a decode `error` are computed on their zero image; the writer marks them.
     """
 
@@ -35,78 +51,146 @@ class FeatureExtractor(pl.LightningModule):
                  outputs: list[str] = ["lare", "deu"], timestep: int = 200, num_noises: int = 4,  # noqa: B006
                  deu_mode: Literal["closed_form", "mc"] = "closed_form", num_weight_samples: int = 16,
                  prompt: str = "a photo", latent: Literal["sample", "mean"] = "sample", seed: int = 0,
-                 autocast_dtype: AutocastDtype = "float32") -> None:
+                 autocast_dtype: AutocastDtype = "float32",
+                 map_modules: list[str] = list(BUILTIN_MAP_MODULES),  # noqa: B006
+                 channels_last: bool = False, weights_dtype: WeightsDtype = "float32", cudnn_benchmark: bool = False,
+                 compile: bool = False, compile_batch_size: int = 32) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.outputs = list(outputs)
+        import_map_modules(map_modules)
+        self.outputs = self._validate_outputs(outputs)
         self._validate()
         parts = load_stable_diffusion(sd)
         self.vae, self.unet, self.text_encoder = parts.vae, parts.unet, parts.text_encoder
         self.sd_source = parts.source
-        self.diffusion = DiffusionPass(parts, timestep, num_noises, prompt, latent, autocast_dtype)
         self._hashes: dict[str, str] = {}
+        self.weight_hashes()  # of the weights as loaded, before any dtype cast
+        self._apply_kernel_settings()
+        self.diffusion = DiffusionPass(parts, timestep, num_noises, prompt, latent, autocast_dtype,
+                                       compile_unet=compile, channels_last=channels_last)
         self.posterior_meta: dict[str, Any] | None = None
         if posterior is not None:
             self._load_posterior(posterior)
         self.clip_model = load_clip_rn50(clip) if clip is not None else None
         self.clip_visual = self.clip_model.visual if self.clip_model is not None else None  # moves with the module
+        if self.clip_visual is not None:
+            self._hashes["clip"] = weights_hash(self.clip_visual)
+
+    def _validate_outputs(self, outputs: list[str]) -> list[str]:
+        """Requested names must be registered maps or CLIP outputs, non-empty and distinct."""
+        known = sorted(MAP_REGISTRY) + list(CLIP_OUTPUTS)
+        unknown = [o for o in outputs if o not in known]
+        if unknown or not outputs or len(set(outputs)) != len(outputs):
+            raise ValueError(f"outputs={list(outputs)} must be a non-empty list of distinct names from {known}")
+        return list(outputs)
 
     def _validate(self) -> None:
         """Refuse inconsistent settings with one clear line, before any weights are loaded."""
-        hp, known = self.hparams, MAP_OUTPUTS + CLIP_OUTPUTS
-        unknown = [o for o in self.outputs if o not in known]
-        if unknown or not self.outputs or len(set(self.outputs)) != len(self.outputs):
-            raise ValueError(f"outputs={self.outputs} must be a non-empty list of distinct names from {list(known)}")
-        if {"deu", "mi"} & set(self.outputs) and hp.posterior is None:
-            raise ValueError("outputs deu/mi need posterior=PATH (a file from `python -m cli laplace-fit`)")
-        if set(CLIP_OUTPUTS) & set(self.outputs) and hp.clip is None:
-            raise ValueError("outputs clip_layer3/clip_pooled need clip='openai', an RN50 checkpoint or a local dir")
-        if {"aleatoric", "mi"} & set(self.outputs) and hp.num_noises < 2:
-            raise ValueError(f"outputs aleatoric/mi need num_noises >= 2 (a variance over noises), got {hp.num_noises}")
+        hp = self.hparams
         if hp.deu_mode not in ("closed_form", "mc"):
             raise ValueError(f"deu_mode must be 'closed_form' or 'mc', got {hp.deu_mode!r}")
         if hp.deu_mode == "mc" and hp.num_weight_samples < 2:
             raise ValueError(f"deu_mode='mc' needs num_weight_samples >= 2, got {hp.num_weight_samples}")
         if hp.autocast_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"autocast_dtype must be float32, bfloat16 or float16, got {hp.autocast_dtype!r}")
+        if hp.weights_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"weights_dtype must be float32 or bfloat16, got {hp.weights_dtype!r}")
+        if hp.compile and hp.compile_batch_size < 1:
+            raise ValueError(f"compile_batch_size must be >= 1, got {hp.compile_batch_size}")
+        self._validate_requirements(self.outputs)
+
+    def _validate_requirements(self, outputs: list[str]) -> None:
+        hp = self.hparams
+        maps = [MAP_REGISTRY[o] for o in outputs if o in MAP_REGISTRY]
+        if any(spec.needs_posterior for spec in maps) and hp.posterior is None:
+            names = [spec.name for spec in maps if spec.needs_posterior]
+            raise ValueError(f"outputs {names} need posterior=PATH (a file from `python -m cli laplace-fit`)")
+        if set(CLIP_OUTPUTS) & set(outputs) and hp.clip is None:
+            raise ValueError("outputs clip_layer3/clip_pooled need clip='openai', an RN50 checkpoint or a local dir")
+        short = [spec.name for spec in maps if hp.num_noises < spec.min_noises]
+        if short:
+            raise ValueError(f"outputs {short} need num_noises >= {max(MAP_REGISTRY[n].min_noises for n in short)} "
+                             f"(a variance over noises), got {hp.num_noises}")
+
+    def set_outputs(self, names: list[str]) -> None:
+        """Compute only `names` from now on (a growing store asks for the maps it lacks); same checks as init."""
+        names = self._validate_outputs(names)
+        self._validate_requirements(names)
+        self.outputs = names
+
+    def _apply_kernel_settings(self) -> None:
+        """bf16 weights and channels_last memory format for the SD parts (cudnn.benchmark is set per run)."""
+        hp = self.hparams
+        for module in (self.vae, self.unet, self.text_encoder):
+            if hp.weights_dtype == "bfloat16":
+                module.to(torch.bfloat16)
+            if hp.channels_last and module is not self.text_encoder:
+                module.to(memory_format=torch.channels_last)
+
+    def on_predict_start(self) -> None:
+        """cudnn.benchmark picks convolution algorithms by timing them (faster, numerics of the chosen kernel)."""
+        torch.backends.cudnn.benchmark = bool(self.hparams.cudnn_benchmark)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Only the images go to the device (uint8, non_blocking from pinned memory); metadata stays on the host."""
+        if isinstance(batch, dict) and "image" in batch:
+            return {**batch, "image": super().transfer_batch_to_device(batch["image"], device, dataloader_idx)}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _load_posterior(self, path: str) -> None:
         """Load σ²_W, σ²_b and refuse a posterior fitted for another UNet, timestep, prompt or latent mode (resolution is
         checked on the first batch, since only the data knows it)."""
-        posterior = load_posterior(path)
+        posterior = load_posterior(path, conv_out_shape=tuple(self.unet.conv_out.weight.shape))
         meta = posterior["metadata"]
         mine = {"unet_hash": self.weight_hashes()["unet"], "timestep": self.hparams.timestep,
                 "prompt": self.hparams.prompt, "latent": self.hparams.latent}
         diff = {k: (meta[k], v) for k, v in mine.items() if meta[k] != v}
         if diff:
             raise ValueError(f"posterior {path} was fitted with other settings (posterior, extractor): {diff}")
-        if tuple(posterior["var_w"].shape) != tuple(self.unet.conv_out.weight.shape):
-            raise ValueError(f"posterior {path} var_w shape {tuple(posterior['var_w'].shape)} does not match conv_out")
         self.register_buffer("var_w", posterior["var_w"].float(), persistent=False)
         self.register_buffer("var_b", posterior["var_b"].float(), persistent=False)
         self.posterior_meta = meta
         self._hashes["posterior_sha256"] = file_sha256(path)
+        self._posterior_sigma = {"mode": posterior["sigma"], "value": float(posterior["sigma_noise"])}
 
     def weight_hashes(self) -> dict[str, str]:
-        """Hashes of the weights in use (computed once; the models are frozen)."""
-        for name, attr in (("vae", "vae"), ("unet", "unet"), ("text_encoder", "text_encoder"), ("clip", "clip_visual")):
-            module = getattr(self, attr, None)
-            if module is not None and name not in self._hashes:
-                self._hashes[name] = weights_hash(module)
+        """Hashes of the SD (and CLIP) weights as loaded (computed once; the models are frozen)."""
+        for name in ("vae", "unet", "text_encoder"):
+            if name not in self._hashes:
+                self._hashes[name] = weights_hash(getattr(self, name))
         return {k: v for k, v in self._hashes.items() if k != "posterior_sha256"}
 
+    def setting(self, name: str) -> Any:
+        """One setting a map may depend on: an init argument (e.g. the posterior's path), its hash, or its σ."""
+        if name == "posterior_sha256":
+            return self._hashes.get("posterior_sha256")
+        if name == "sigma":
+            return getattr(self, "_posterior_sigma", None)
+        return self.hparams[name]
+
     def provenance(self) -> dict[str, Any]:
-        """Every setting plus weight and posterior hashes: what a feature store must match."""
-        hashes = {f"{k}_hash": v for k, v in self.weight_hashes().items()}
-        return {"extractor": type(self).__name__, **dict(self.hparams), "outputs": self.outputs,
-                "sd_source": self.sd_source, "output_scale": "epsilon", **hashes,
-                "posterior_sha256": self._hashes.get("posterior_sha256")}
+        """{"common": what every output shares, "maps": {output: the settings only it depends on}}."""
+        hp, hashes = self.hparams, self.weight_hashes()
+        common = {"extractor": f"{type(self).__module__}.{type(self).__qualname__}", "sd": hp.sd,
+                  "sd_source": self.sd_source, **{f"{k}_hash": hashes[k] for k in ("vae", "unet", "text_encoder")},
+                  "seed": hp.seed, "timestep": hp.timestep, "num_noises": hp.num_noises, "prompt": hp.prompt,
+                  "latent": hp.latent, "autocast_dtype": hp.autocast_dtype, "output_scale": "epsilon",
+                  "noise_key": "sha256", "channels_last": hp.channels_last, "weights_dtype": hp.weights_dtype,
+                  "cudnn_benchmark": hp.cudnn_benchmark, "compile": hp.compile,
+                  "compile_batch_size": hp.compile_batch_size if hp.compile else None}
+        maps: dict[str, dict[str, Any]] = {}
+        for name in self.outputs:
+            if name in MAP_REGISTRY:
+                maps[name] = {s: self.setting(s) for s in MAP_REGISTRY[name].settings}
+            else:
+                maps[name] = {"clip": hp.clip, "clip_hash": self._hashes.get("clip")}
+        return {"common": common, "maps": maps}
 
     @torch.no_grad()
     def feature_shapes(self, resolution: int) -> dict[str, tuple[int, ...]]:
         """Per-row shape of each requested output at an input `resolution` (for preallocating the store)."""
-        _, h, w = self.diffusion.latent_shape(resolution)
-        shapes = {name: (self.unet.config.out_channels, h, w) for name in MAP_OUTPUTS}
+        channels, h, w = self.diffusion.latent_shape(resolution)
+        shapes = {name: (spec.channels(channels), h, w) for name, spec in MAP_REGISTRY.items()}
         if self.clip_model is not None:
             size = self.clip_model.image_size
             probe = torch.zeros(1, 3, size, size, device=self.device, dtype=next(self.clip_visual.parameters()).dtype)
@@ -120,38 +204,46 @@ class FeatureExtractor(pl.LightningModule):
             raise ValueError(f"posterior was fitted at resolution {self.posterior_meta['resolution']} but images "
                              f"are {resolution}px: refit it at this resolution (laplace-fit) or resize the data")
 
-    def epistemic(self, phi_bar: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        """DEU from the noise-averaged φ̄: exact closed form, or MC over conv_out weight samples."""
-        if self.hparams.deu_mode == "closed_form":
-            return closed_form_deu(phi_bar, self.var_w, self.var_b)
+    def _pad(self, images: torch.Tensor, generators: list[torch.Generator]
+             ) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """Under `compile`, pad the batch with zero images (own generators) to `compile_batch_size` rows."""
+        missing = self.hparams.compile_batch_size - images.shape[0]
+        if not self.hparams.compile or missing <= 0:
+            if self.hparams.compile and missing < 0:
+                raise ValueError(f"batch of {images.shape[0]} rows exceeds compile_batch_size "
+                                 f"{self.hparams.compile_batch_size}; set it to the data's batch_size")
+            return images, generators
+        padding = images.new_zeros(missing, *images.shape[1:])
+        return (torch.cat([images, padding]),
+                generators + [key_generator(self.hparams.seed, f"padding-{i}") for i in range(missing)])
+
+    def compute_maps(self, images: torch.Tensor, sha256: list[str], names: list[str]) -> dict[str, torch.Tensor]:
+        """The fused pass on normalised images (B, 3, R, R) → each registered map in `names`, (B, C, h, w) fp32."""
+        rows = images.shape[0]
+        generators = [key_generator(self.hparams.seed, digest) for digest in sha256]
+        padded, padded_generators = self._pad(images, generators)
+        out = self.diffusion(padded, padded_generators)
         conv = self.unet.conv_out
-        return mc_deu(phi_bar, conv.weight, conv.bias, self.var_w, self.var_b, self.hparams.num_weight_samples,
-                      generators)
+        ctx = MapContext(out, padded_generators, {k: self.setting(k) for k in ("deu_mode", "num_weight_samples")},
+                         conv.weight.float(), conv.bias.float(), getattr(self, "var_w", None),
+                         getattr(self, "var_b", None))
+        return {name: ctx.map(name)[:rows] for name in names}
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """One fused pass over the batch → pass-through fields + one fp32 tensor (B, ...) per requested output."""
-        images = batch["image"]
+        if "sha256" not in batch:
+            raise ValueError("batch has no 'sha256' (content hash per image): noise is keyed by content; read the "
+                             "images through ImageShardDataModule or ImageFilesDataModule")
+        images = normalise_images(batch["image"])
         self._check_resolution(images.shape[-1])
-        wanted = set(self.outputs)
-        result: dict[str, Any] = {k: batch[k] for k in PASS_THROUGH}
-        if wanted & set(MAP_OUTPUTS):
-            generators = [key_generator(self.hparams.seed, key) for key in batch["key"]]
-            out = self.diffusion(images, generators)
-            if "lare" in wanted:
-                result["lare"] = latent_reconstruction_error(out.eps_hat, out.noise)
-            if wanted & {"deu", "mi"}:
-                epistemic = self.epistemic(out.phi.mean(dim=1), generators)
-            if wanted & {"aleatoric", "mi"}:
-                aleatoric = aleatoric_variance(out.eps_hat)
-            if "deu" in wanted:
-                result["deu"] = epistemic
-            if "aleatoric" in wanted:
-                result["aleatoric"] = aleatoric
-            if "mi" in wanted:
-                result["mi"] = mutual_information(epistemic, aleatoric)
-        if wanted & set(CLIP_OUTPUTS):
+        result: dict[str, Any] = {k: batch[k] for k in PASS_THROUGH if k in batch}
+        maps = [name for name in self.outputs if name in MAP_REGISTRY]
+        if maps:
+            result.update(self.compute_maps(images, list(batch["sha256"]), maps))
+        clip_wanted = [name for name in self.outputs if name in CLIP_OUTPUTS]
+        if clip_wanted:
             with autocast_context(images.device, self.hparams.autocast_dtype):
                 layer3, pooled = self.clip_model.layer3_and_pooled(self.clip_model.normalize(images))
             result.update({k: v.float() for k, v in (("clip_layer3", layer3), ("clip_pooled", pooled))
-                           if k in wanted})
+                           if k in clip_wanted})
         return result

@@ -66,6 +66,18 @@ def diagonal_posterior(ggn_w: torch.Tensor, count: float, out_channels: int, sig
                              prior_precision, sigma_noise)
 
 
+def estimated_sigma(sum_sq_residual: float, count: float, out_channels: int) -> float:
+    """Maximum-likelihood σ of N(ε | ε̂, σ²): √(RSS / observations), one observation per latent element.
+
+    `count` is Σ over images × noises × pixels (each noise a separate observation), so the number of
+    observations is count · out_channels. σ² = ∂/∂σ² of the Gaussian log-likelihood set to zero.
+    """
+    observations = count * out_channels
+    if observations <= 0 or not sum_sq_residual > 0:
+        raise ValueError(f"cannot estimate sigma from RSS {sum_sq_residual} over {observations} observations")
+    return math.sqrt(sum_sq_residual / observations)
+
+
 def log_marginal_likelihood(prior_precision: float, ggn_w: torch.Tensor, count: float, weight: torch.Tensor,
                             bias: torch.Tensor, sigma_noise: float, sum_sq_residual: float) -> float:
     """Laplace evidence log p(D|λ) around the MAP θ* (the pretrained weights), Gaussian likelihood and prior.

@@ -1,7 +1,9 @@
-"""ImageShardDataModule on real shards: the batch contract, read-time failures, protocols, exactly-once under DDP."""
+"""ImageShardDataModule on real shards: the batch contract (uint8 images, content hashes), read-time failures
+(undecodable images, truncated tars), input checks, protocols, exactly-once under DDP."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import shutil
 import subprocess
@@ -48,8 +50,13 @@ def collect(datamodule: ImageShardDataModule) -> tuple[list[dict], dict[str, dic
 
 
 def pixels(image: Image.Image) -> torch.Tensor:
-    """(3, H, W) in [-1, 1], written out here rather than imported from the code under test."""
-    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+    """(3, H, W) uint8, written out here rather than imported from the code under test."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def is_blank(image: torch.Tensor) -> bool:
+    """The image of a row that could not be read: all 127 (≈ 0 after normalisation)."""
+    return bool((image == 127).all())
 
 
 def expected_raw(path: Path) -> torch.Tensor:
@@ -64,9 +71,8 @@ def test_batches_follow_the_contract(shard_dir: Path) -> None:
     assert sorted(by_key) == sorted(manifest)
     for batch in batches:
         size = len(batch["key"])
-        assert 1 <= size <= 5 and len(batch["error"]) == size
-        assert batch["image"].dtype == torch.float32 and batch["image"].shape == (size, 3, RESOLUTION, RESOLUTION)
-        assert batch["image"].min() >= -1 and batch["image"].max() <= 1
+        assert 1 <= size <= 5 and len(batch["error"]) == size == len(batch["sha256"])
+        assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (size, 3, RESOLUTION, RESOLUTION)
         for name in ("row", "label", "generator", "shard_index"):
             assert batch[name].dtype == torch.int64 and batch[name].shape == (size,)
     names = datamodule.generator_names
@@ -78,6 +84,7 @@ def test_batches_follow_the_contract(shard_dir: Path) -> None:
                (row["row"], row["label"], row["generator"])
         assert datamodule.shard_table()[int(got["shard_index"])]["name"] == row["shard"]
         torch.testing.assert_close(got["image"], expected_raw(root / row["path"]), rtol=0, atol=0)
+        assert got["sha256"] == hashlib.sha256((root / row["path"]).read_bytes()).hexdigest()
 
 
 def test_metadata_methods(shard_dir: Path) -> None:
@@ -109,15 +116,45 @@ def rewrite_member(tar_path: Path, key: str, transform: Callable[[bytes], bytes]
             tar.addfile(member, io.BytesIO(data))
 
 
-def test_undecodable_image_gives_zeros_and_a_reason(shard_dir: Path, tmp_path: Path) -> None:
+def test_undecodable_image_gives_a_blank_image_and_a_reason(shard_dir: Path, tmp_path: Path) -> None:
     broken = tmp_path / "shards"
     shutil.copytree(shard_dir, broken)
     rewrite_member(broken / "shard-000001.tar", "000000005", lambda data: data[: len(data) // 2])
     _, by_key = collect(ImageShardDataModule(str(broken), resolution=RESOLUTION, num_workers=2))
     assert len(by_key) == 13
     assert by_key["000000005"]["error"] == "OSError: image file is truncated"
-    assert torch.count_nonzero(by_key["000000005"]["image"]) == 0
+    assert is_blank(by_key["000000005"]["image"])
     assert all(v["error"] == "" for k, v in by_key.items() if k != "000000005")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_truncated_tar_loses_rows_not_the_run(shard_dir: Path, tmp_path: Path, num_workers: int) -> None:
+    """A tar cut mid-way: its first images come out normally, the lost ones as error rows with the manifest's
+    key/row/label and a reason, every other tar intact. Catches a run that stops (or silently drops rows)."""
+    broken = tmp_path / "shards"
+    shutil.copytree(shard_dir, broken)
+    tar = broken / "shard-000001.tar"
+    data = tar.read_bytes()
+    tar.write_bytes(data[: len(data) // 2])
+    _, by_key = collect(ImageShardDataModule(str(broken), resolution=RESOLUTION, num_workers=num_workers))
+    manifest = {r["key"]: r for r in read_manifest_rows(broken)}
+    assert sorted(by_key) == sorted(manifest)
+    lost = {k for k, v in by_key.items() if v["error"]}
+    assert lost and lost < {f"{row:09d}" for row in range(4, 8)}, lost
+    for key in lost:
+        got = by_key[key]
+        assert got["error"].startswith("lost: tar shard-000001.tar is truncated or unreadable")
+        assert (int(got["row"]), int(got["label"])) == (manifest[key]["row"], manifest[key]["label"])
+        assert is_blank(got["image"])
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"batch_size": 0}, "batch_size 0"),
+                                                 ({"resolution": 0}, "resolution 0"),
+                                                 ({"resolution": 30}, "multiple of 8")])
+def test_bad_batch_size_or_resolution_is_one_line(shard_dir: Path, kwargs: dict, message: str) -> None:
+    """Catches batch_size 0 silently accepted and resolution 0 failing later (after a store was made)."""
+    with pytest.raises(ValueError, match=message):
+        ImageShardDataModule(str(shard_dir), **kwargs)
 
 
 def test_exclude_shards(shard_dir: Path) -> None:
@@ -212,7 +249,7 @@ def test_size_aligned_center_crops_and_filters(shard_dir: Path) -> None:
     assert len(excluded) == 2 and len(filtered) == len(manifest)
     for key, got in filtered.items():
         if key in excluded:
-            assert "excluded by size_filter" in got["error"] and torch.count_nonzero(got["image"]) == 0
+            assert "excluded by size_filter" in got["error"] and is_blank(got["image"])
         else:
             assert got["error"] == "" and torch.equal(got["image"], cropped[key]["image"])
     assert datamodule.provenance()["size_filter"] is True
