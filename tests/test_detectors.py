@@ -244,6 +244,8 @@ def test_configuration_errors_are_one_clear_line(tiny_model_paths):
         LaRE2Detector(backbone="finetune")
     with pytest.raises(ValueError, match="refinement needs guidance"):
         LaRE2Detector(guidance=[])
+    with pytest.raises(KeyError, match="unknown guidance map 'deux'; registered maps: .*'deu'"):
+        DEUADetector(guidance=["deux"])
     with pytest.raises(KeyError, match="'deu'.*request it from the datamodule"):
         DEUADetector(visual_channels=CHANNELS)({"clip_layer3": torch.rand(2, CHANNELS, GRID, GRID)})
 

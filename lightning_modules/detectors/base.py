@@ -24,11 +24,11 @@ from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryAver
 from reports.evaluation import Predictions, choose_threshold
 from lightning_modules.detectors.guidance_norm import GuidanceNorm, GuidanceNormalizer
 from lightning_modules.detectors.predictions import PredictionLog, per_generator_metrics, write_predictions_csv
+from lightning_modules.maps import map_channels
 from lightning_modules.pretrained import ClipVisual, load_clip_rn50
 
-GuidanceName = Literal["deu", "lare", "aleatoric", "mi"]
+GuidanceName = str  # any name in lightning_modules.maps.MAP_REGISTRY (checked at construction)
 Backbone = Literal["frozen", "finetune"]
-MAP_CHANNELS = 4  # every cached guidance map lives in SD's 4-channel latent space
 STAGES = ("train", "val", "test")
 # Registered once in TensorBoard's hparams tab; logged under these tags at validation/test epoch ends.
 HP_METRICS = ("hp/val_acc", "hp/val_ap", "hp/val_auroc", "hp/test_acc", "hp/test_ap", "hp/test_auroc",
@@ -50,8 +50,8 @@ class DetectorBase(pl.LightningModule):
 
     Backbone `frozen` reads `clip_layer3` (B, C, g, g) and `clip_pooled` (B, D) from the batch (fast
     sweeps over a cache); `finetune` reads `image` (B, 3, R, R in [-1, 1]) and trains the CLIP tower
-    loaded from `clip`. Guidance maps (4 channels each) are concatenated in the order given,
-    aligned to the visual grid by adaptive average pooling (area averaging; LaRE²'s alignment) and
+    loaded from `clip`. Guidance maps (channels from the map registry) are concatenated in the order
+    given, aligned to the visual grid by adaptive average pooling (area averaging; LaRE²'s alignment) and
     standardised per channel by a scale-free `GuidanceNormalizer` (`guidance_norm`, see its module),
     whose statistics are fitted once at the start of `fit` on up to `norm_rows` training rows and
     saved as buffers: DEU, LaRE, aleatoric and MI differ by orders of magnitude, and an absolute eps
@@ -85,7 +85,8 @@ class DetectorBase(pl.LightningModule):
         elif backbone != "frozen":
             raise ValueError(f"backbone must be 'frozen' or 'finetune', got {backbone!r}")
         self.norm_rows = norm_rows
-        self.guidance_norm = GuidanceNormalizer(self.guidance, [MAP_CHANNELS] * len(self.guidance), guidance_norm)
+        self.map_channels = {name: map_channels(name) for name in self.guidance}  # unknown names: KeyError
+        self.guidance_norm = GuidanceNormalizer(self.guidance, list(self.map_channels.values()), guidance_norm)
         for stage in STAGES:
             setattr(self, f"{stage}_metrics", MetricCollection({
                 "acc": BinaryAccuracy(), "ap": BinaryAveragePrecision(), "auroc": BinaryAUROC(),
@@ -106,7 +107,7 @@ class DetectorBase(pl.LightningModule):
 
     @property
     def guidance_channels(self) -> int:
-        return MAP_CHANNELS * len(self.guidance)
+        return sum(self.map_channels.values())
 
     def _load_backbone(self, clip: str | None) -> ClipVisual:
         """Load the trainable CLIP tower and check it has the dimensions the head is built for."""
@@ -160,9 +161,9 @@ class DetectorBase(pl.LightningModule):
         maps = []
         for name in self.guidance:
             u = self.batch_tensor(batch, name)
-            if u.ndim != 4 or u.shape[1] != MAP_CHANNELS:
+            if u.ndim != 4 or u.shape[1] != self.map_channels[name]:
                 raise ValueError(f"guidance map {name!r} has shape {tuple(u.shape)}, "
-                                 f"expected (B, {MAP_CHANNELS}, h, w)")
+                                 f"expected (B, {self.map_channels[name]}, h, w)")
             maps.append(u)
         return F.adaptive_avg_pool2d(torch.cat(maps, dim=1).float(), size)
 
@@ -186,7 +187,8 @@ class DetectorBase(pl.LightningModule):
                              "fit, or call model.fit_guidance_norm(batches) first")
         self.fit_guidance_norm(datamodule.train_dataloader())
         for name in ("floor", "mean", "std"):
-            getattr(self.guidance_norm, name).copy_(self.trainer.strategy.broadcast(getattr(self.guidance_norm, name)))
+            statistic = getattr(self.guidance_norm, name)
+            statistic.copy_(self.trainer.strategy.broadcast(statistic))
 
     def losses(self, output: DetectorOutput, label: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss terms by name; `loss` is the one optimised."""

@@ -15,7 +15,7 @@ class DEUADetector(DetectorBase):
     """DEUA's classifier (CE + asym_weight · asymmetric margin loss), with the attention made explicit.
 
     The paper leaves the attention open; this is the exact design. Notation: v = CLIP layer3 map
-    (B, C, g, g) as N = g² tokens v_n ∈ R^C; u = guidance maps (4 channels per named map, G in all),
+    (B, C, g, g) as N = g² tokens v_n ∈ R^C; u = guidance maps (channels per map from the map registry, G in all),
     adaptive-average-pooled to g×g and standardised scale-free (see DetectorBase), tokens u_n ∈ R^G.
 
     With guidance:

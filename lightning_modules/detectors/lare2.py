@@ -53,7 +53,7 @@ class GuidedAttentionPool(nn.Module):
 class LaRE2Detector(DetectorBase):
     """Error-guided refinement (EGRE) over CLIP RN50 layer3 (C×g×g) and the attnpool vector (D).
 
-    Notation as in DetectorBase: tokens x_n ∈ R^C (N = g²) of layer3, guidance u (G = 4·k channels)
+    Notation as in DetectorBase: tokens x_n ∈ R^C (N = g²) of layer3, guidance u (G channels, from the map registry)
     adaptive-average-pooled to g×g and standardised scale-free.
 
     Spatial branch (always present): `GuidedAttentionPool`, the mean token attending over the mean
