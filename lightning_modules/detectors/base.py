@@ -8,6 +8,7 @@ prediction tables the evaluation step reads) lives here once.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -171,8 +172,8 @@ class DetectorBase(pl.LightningModule):
         """Guidance maps concatenated on channels, pooled to `size`, standardised: (B, G, *size)."""
         return self.guidance_norm(self.pooled_guidance(batch, size))
 
-    def fit_guidance_norm(self, batches) -> int:
-        """Fit the normalisation on batches (dicts with the guidance maps), up to `norm_rows` rows; returns rows used."""
+    def fit_guidance_norm(self, batches: Iterable[dict]) -> int:
+        """Fit the normalisation on batches holding the guidance maps, up to `norm_rows` rows; returns rows used."""
         size = (self.grid_size, self.grid_size)
         return self.guidance_norm.fit((self.pooled_guidance(batch, size) for batch in batches), self.norm_rows)
 
