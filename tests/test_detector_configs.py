@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def build_store(path: Path, extractor: FeatureExtractor, num_rows: int) -> str:
         rows = list(range(entry["first_row"], entry["first_row"] + entry["num_samples"]))
         b = len(rows)
         batch = {"image": images(rows), "key": [keys[r] for r in rows],
+                 "sha256": [hashlib.sha256(keys[r].encode()).hexdigest() for r in rows],
                  "row": torch.tensor(rows), "label": torch.tensor(rows) % 2,
                  "generator": torch.zeros(b, dtype=torch.long),
                  "shard_index": torch.full((b,), k), "error": [""] * b}
