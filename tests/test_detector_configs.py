@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import yaml
 from cli.__main__ import main
 from cli.grid import grid
 from feature_cache.store import FeatureStore
+from lightning_modules.detectors import DEUADetector, LaRE2Detector
 from lightning_modules.diffusion_pass import key_generator
 from lightning_modules.feature_extractor import FeatureExtractor
 from lightning_modules.laplace_fit import LaplaceFit
@@ -46,6 +48,7 @@ def build_store(path: Path, extractor: FeatureExtractor, num_rows: int) -> str:
         rows = list(range(entry["first_row"], entry["first_row"] + entry["num_samples"]))
         b = len(rows)
         batch = {"image": images(rows), "key": [keys[r] for r in rows],
+                 "sha256": [hashlib.sha256(keys[r].encode()).hexdigest() for r in rows],
                  "row": torch.tensor(rows), "label": torch.tensor(rows) % 2,
                  "generator": torch.zeros(b, dtype=torch.long),
                  "shard_index": torch.full((b,), k), "error": [""] * b}
@@ -141,3 +144,25 @@ def test_grid_dry_run_names_every_row_and_seed(capsys):
     assert printed[1].split()[3] == "test"  # test finds the row's fitted run itself
     assert all(line.startswith("python -m cli ") for line in printed)
     assert np.array_equal([line.split()[3] for line in printed[::2]], ["fit"] * 4)
+
+
+def _printed_model_settings(configs: list[str], capsys) -> dict:
+    """The model's init_args as LightningCLI resolves the stacked configs (defaults included), without building it."""
+    with pytest.raises(SystemExit):
+        main(["fit", *[arg for name in configs for arg in ("--config", str(REPO / "configs" / name))],
+              "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+
+
+@pytest.mark.parametrize("name,detector", [("deua", DEUADetector), ("lare2", LaRE2Detector)])
+def test_paper_configs_hold_the_papers_setting_and_the_fast_mode_does_not(name, detector, capsys):
+    """configs/<name>_paper.yaml stacked on the fast config resolves to the detector's `paper_setting` (so its test
+    table may print the published ACC), and the fast config alone departs from it at least in the backbone. Catches
+    a paper config that no longer matches the code's defaults, or a fast config printed beside published numbers."""
+    paper = _printed_model_settings([f"{name}.yaml", f"{name}_paper.yaml"], capsys)
+    assert {key: paper[key] for key in detector.paper_setting} == detector.paper_setting
+    fast = _printed_model_settings([f"{name}.yaml"], capsys)
+    assert fast["backbone"] == "frozen"
+    model = detector(**{**fast, "visual_channels": 16, "pooled_dim": 8} if name == "lare2" else
+                     {**fast, "visual_channels": 16})
+    assert any(departure.startswith("backbone='frozen'") for departure in model.paper_departures())

@@ -22,9 +22,12 @@ class SyntheticCache(Dataset):
 
     CLIP maps are label-independent noise (non-negative, like post-ReLU layer3); the DEU and LaRE maps
     of fakes have their mean shifted by `shift`. A detector can beat chance only through guidance.
+    `map_scale` multiplies the guidance maps: 1e-3 puts them at DEU's level (mean ~7e-4, spatial
+    variance ~1e-7), where an absolute eps would flatten them.
     """
 
-    def __init__(self, n: int, seed: int, shift: float = 0.5, image_size: int | None = None) -> None:
+    def __init__(self, n: int, seed: int, shift: float = 0.5, image_size: int | None = None,
+                 map_scale: float = 1.0) -> None:
         g = torch.Generator().manual_seed(seed)
         self.label = torch.arange(n) % 2
         self.generator = (torch.arange(n) // 2) % len(GENERATORS)
@@ -32,8 +35,8 @@ class SyntheticCache(Dataset):
         self.tensors = {
             "clip_layer3": torch.rand(n, CHANNELS, GRID, GRID, generator=g),
             "clip_pooled": torch.randn(n, POOLED, generator=g),
-            "deu": torch.rand(n, 4, MAP, MAP, generator=g) + shifted,
-            "lare": torch.rand(n, 4, MAP, MAP, generator=g) + shifted,
+            "deu": (torch.rand(n, 4, MAP, MAP, generator=g) + shifted) * map_scale,
+            "lare": (torch.rand(n, 4, MAP, MAP, generator=g) + shifted) * map_scale,
         }
         if image_size is not None:
             self.tensors["image"] = torch.rand(n, 3, image_size, image_size, generator=g) * 2 - 1
@@ -51,11 +54,11 @@ class SyntheticDataModule(pl.LightningDataModule):
 
     generator_names = GENERATORS
 
-    def __init__(self, n_train: int = 384, n_eval: int = 128, batch_size: int = 32, image_size: int | None = None):
+    def __init__(self, n_train: int = 384, n_eval: int = 128, batch_size: int = 32, image_size: int | None = None,
+                 map_scale: float = 1.0):
         super().__init__()
-        self.splits = {"train": SyntheticCache(n_train, 0, image_size=image_size),
-                       "val": SyntheticCache(n_eval, 1, image_size=image_size),
-                       "test": SyntheticCache(n_eval, 2, image_size=image_size)}
+        self.splits = {split: SyntheticCache(n, seed, image_size=image_size, map_scale=map_scale)
+                       for seed, (split, n) in enumerate([("train", n_train), ("val", n_eval), ("test", n_eval)])}
         self.batch_size = batch_size
 
     def train_dataloader(self) -> DataLoader:
@@ -132,6 +135,62 @@ def test_guidance_separates_what_the_clip_baseline_cannot(name, guidance, tmp_pa
     assert accuracy[False] < 0.65, accuracy
 
 
+_UNIT_SCALE_AUROC: dict[str, float] = {}
+
+
+def _val_auroc(name: str, guidance: list[str], map_scale: float, tmp_path) -> float:
+    pl.seed_everything(0, verbose=False)
+    model = _detector(name, guidance, lr=3e-3)
+    trainer = _trainer(tmp_path, max_epochs=3)
+    trainer.fit(model, SyntheticDataModule(n_train=192, n_eval=96, map_scale=map_scale))
+    return trainer.callback_metrics["val_auroc"].item()
+
+
+@pytest.mark.parametrize("map_scale", [1e-9, 1e-6, 1e-3, 1e-1])
+@pytest.mark.parametrize("name,guidance", [("deua", ["deu"]), ("lare2", ["lare"])])
+def test_detectors_learn_the_same_at_every_map_magnitude(name, guidance, map_scale, tmp_path):
+    """The same guidance signal at DEU/MI-like magnitudes (1e-9..1e-1) must give the validation AUROC it gives at
+    unit scale. Catches an absolute eps in the map normalisation (BatchNorm's 1e-5 took DEUA from 1.00 to 0.58 and
+    LaRE² from 1.00 to 0.47 at 1e-3) or any fixed constant that is large or small only relative to one scale."""
+    if name not in _UNIT_SCALE_AUROC:
+        _UNIT_SCALE_AUROC[name] = _val_auroc(name, guidance, 1.0, tmp_path / "unit")
+    assert _UNIT_SCALE_AUROC[name] > 0.95
+    assert _val_auroc(name, guidance, map_scale, tmp_path) == pytest.approx(_UNIT_SCALE_AUROC[name], abs=0.01)
+
+
+@pytest.mark.parametrize("mode", ["log", "standard"])
+def test_guidance_normalisation_is_scale_free_and_saved_with_the_checkpoint(mode, tmp_path):
+    """Standardised maps are the same for maps × c, c in 1e-9..1e-1, and have unit spread on the fitting rows; the
+    statistics survive a checkpoint round trip. Catches an absolute floor/eps, statistics not stored as buffers
+    (predict would see another scale), or statistics that are recomputed per batch."""
+    maps = SyntheticCache(64, 0).tensors["deu"]
+    reference = None
+    for scale in (1.0, 1e-9, 1e-6, 1e-3, 1e-1):
+        model = DEUADetector(guidance=["deu"], visual_channels=CHANNELS, guidance_norm=mode)
+        model.fit_guidance_norm([{"deu": maps[:40] * scale}])
+        out = model.guidance_map({"deu": maps[40:] * scale}, (GRID, GRID))
+        if reference is None:
+            reference = out
+            fitted = model.guidance_map({"deu": maps[:40]}, (GRID, GRID))
+            torch.testing.assert_close(fitted.std(dim=(0, 2, 3)), torch.ones(4), atol=0.02, rtol=0)
+        torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
+    trainer = _trainer(tmp_path, max_epochs=0)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    loaded = DEUADetector.load_from_checkpoint(tmp_path / "model.ckpt", visual_channels=CHANNELS)
+    torch.testing.assert_close(loaded.guidance_map({"deu": maps[40:] * 1e-1}, (GRID, GRID)), reference,
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_guidance_normalisation_errors_name_the_problem():
+    """A negative map under `log` names the map and the way out; an unfitted model says how to get statistics."""
+    model = _detector("lare2", ["lare"])
+    with pytest.raises(RuntimeError, match="no statistics: train the detector"):
+        model.guidance_map(SyntheticCache(2, 0).tensors, (GRID, GRID))
+    with pytest.raises(ValueError, match="guidance map 'lare' has negative values.*guidance_norm standard"):
+        model.fit_guidance_norm([{"lare": torch.randn(4, 4, MAP, MAP)}])
+
+
 def test_test_predictions_are_kept_and_written_for_the_evaluation_step(tmp_path):
     model = _detector("deua", ["deu"], lr=3e-3)
     data = SyntheticDataModule()
@@ -150,27 +209,32 @@ def test_test_predictions_are_kept_and_written_for_the_evaluation_step(tmp_path)
         assert key in trainer.callback_metrics, key
 
 
-def test_lare2_head_bias_reaches_its_own_head():
-    """The float attn_mask rows are (batch, head) batch-major: check against attention written out by hand."""
+def test_lare2_head_bias_reaches_its_own_head_and_the_mean_key():
+    """With query/key projections zeroed the attention weights are softmax(bias) alone: each head's output must be
+    softmax(its own bias over [mean; positions]) @ its values. Catches a bias routed to the wrong head (a
+    head-major/batch-major mix-up), a missing mean key (196 keys) or a mean key without its own bias."""
     torch.manual_seed(0)
-    model = LaRE2Detector(guidance=["lare"], visual_channels=CHANNELS, pooled_dim=POOLED, num_heads=4).eval()
+    heads, dim = 4, 3
+    model = LaRE2Detector(guidance=["lare"], visual_channels=CHANNELS, pooled_dim=POOLED, num_heads=heads,
+                          head_dim=dim).eval()
     batch = {k: v[:3] for k, v in SyntheticCache(3, 0).tensors.items()}
+    model.fit_guidance_norm([batch])
+    pool = model.attention
+    with torch.no_grad():
+        pool.query.weight.zero_()
+        pool.key.weight.zero_()
     captured = {}
-    model.attention.register_forward_hook(lambda m, args, kwargs, out: captured.update(out=out[0], **kwargs),
-                                          with_kwargs=True)
-    model.attention.register_forward_pre_hook(lambda m, args: captured.update(q=args[0], k=args[1]))
+    pool.out.register_forward_pre_hook(lambda m, args: captured.update(attended=args[0]))
     model(batch)
-    heads, dim = 4, CHANNELS // 4
-    w_q, w_k, w_v = model.attention.in_proj_weight.chunk(3)
-    b_q, b_k, b_v = model.attention.in_proj_bias.chunk(3)
-    split = lambda x: x.view(x.shape[0], x.shape[1], heads, dim).transpose(1, 2)  # noqa: E731
-    q, k, v = split(captured["q"] @ w_q.T + b_q), split(captured["k"] @ w_k.T + b_k), split(captured["k"] @ w_v.T + b_v)
-    u = model.guidance_map(batch, (GRID, GRID))
-    bias = model.head_bias(u).flatten(2)  # (B, heads, N)
-    logits = q @ k.transpose(-1, -2) / dim ** 0.5 + bias[:, :, None, :]
-    by_hand = (logits.softmax(-1) @ v).transpose(1, 2).reshape(3, 1, CHANNELS)
-    by_hand = model.attention.out_proj(by_hand)
-    torch.testing.assert_close(captured["out"], by_hand, rtol=1e-5, atol=1e-5)
+    tokens = batch["clip_layer3"].flatten(2).transpose(1, 2)
+    sequence = torch.cat([tokens.mean(1, keepdim=True), tokens], 1) + pool.position
+    values = pool.value(sequence).view(3, GRID * GRID + 1, heads, dim)
+    bias = model.head_bias(model.guidance_map(batch, (GRID, GRID))).flatten(2)  # (B, heads, N)
+    bias = torch.cat([bias.mean(2, keepdim=True), bias], 2)
+    for h in range(heads):
+        expected = torch.einsum("bn,bnd->bd", bias[:, h].softmax(-1), values[:, :, h])
+        torch.testing.assert_close(captured["attended"][:, 0, h * dim:(h + 1) * dim], expected,
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_configuration_errors_are_one_clear_line(tiny_model_paths):
@@ -180,6 +244,8 @@ def test_configuration_errors_are_one_clear_line(tiny_model_paths):
         LaRE2Detector(backbone="finetune")
     with pytest.raises(ValueError, match="refinement needs guidance"):
         LaRE2Detector(guidance=[])
+    with pytest.raises(KeyError, match="unknown guidance map 'deux'; registered maps: .*'deu'"):
+        DEUADetector(guidance=["deux"])
     with pytest.raises(KeyError, match="'deu'.*request it from the datamodule"):
         DEUADetector(visual_channels=CHANNELS)({"clip_layer3": torch.rand(2, CHANNELS, GRID, GRID)})
 

@@ -9,6 +9,7 @@ prediction tables the evaluation step reads) lives here once.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -16,7 +17,6 @@ from typing import Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch import nn
 from torch.nn import functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryAveragePrecision, BinaryRecall,
@@ -24,12 +24,13 @@ from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryAver
 
 from feature_cache.codecs import widen
 from reports.evaluation import HP_METRICS, Predictions, choose_threshold, hparams_settings, protocol_table
+from lightning_modules.detectors.guidance_norm import GuidanceNorm, GuidanceNormalizer
 from lightning_modules.detectors.predictions import PredictionLog, generator_names_of, write_predictions_csv
+from lightning_modules.maps import map_channels
 from lightning_modules.pretrained import ClipVisual, load_clip_rn50
 
-GuidanceName = Literal["deu", "lare", "aleatoric", "mi"]
+GuidanceName = str  # any name in lightning_modules.maps.MAP_REGISTRY (checked at construction)
 Backbone = Literal["frozen", "finetune"]
-MAP_CHANNELS = 4  # every cached guidance map lives in SD's 4-channel latent space
 STAGES = ("train", "val", "test")
 # Stored dtypes (feature_cache.codecs) of features that batches carry narrow; widened in the model's first op.
 NARROW_DTYPES = {torch.float16: "float16", torch.int8: "int8_rowscale", torch.float8_e4m3fn: "float8_e4m3"}
@@ -50,10 +51,12 @@ class DetectorBase(pl.LightningModule):
 
     Backbone `frozen` reads `clip_layer3` (B, C, g, g) and `clip_pooled` (B, D) from the batch (fast
     sweeps over a cache); `finetune` reads `image` (B, 3, R, R in [-1, 1]) and trains the CLIP tower
-    loaded from `clip`. Guidance maps (4 channels each) are concatenated in the order given,
-    aligned to the visual grid by adaptive average pooling (area averaging; LaRE²'s alignment) and
-    standardised per channel by BatchNorm, because DEU, LaRE, aleatoric and MI values differ by
-    orders of magnitude and a fixed scale would suit none of them.
+    loaded from `clip`. Guidance maps (channels from the map registry) are concatenated in the order
+    given, aligned to the visual grid by adaptive average pooling (area averaging; LaRE²'s alignment) and
+    standardised per channel by a scale-free `GuidanceNormalizer` (`guidance_norm`, see its module),
+    whose statistics are fitted once at the start of `fit` on up to `norm_rows` training rows and
+    saved as buffers: DEU, LaRE, aleatoric and MI differ by orders of magnitude, and an absolute eps
+    (BatchNorm's) would flatten the smallest of them.
 
     Metrics per stage (`train_`, `val_`, `test_` prefixes): acc, ap, auroc, real_acc (specificity),
     fake_acc (recall) overall, and the same per generator as `<stage>_<metric>/<generator name>`.
@@ -62,9 +65,12 @@ class DetectorBase(pl.LightningModule):
     """
 
     uses_pooled: bool = True  # whether forward needs CLIP's attention-pooled vector
+    # The settings the paper's published numbers were obtained with (configs/<name>_paper.yaml).
+    paper_setting: dict[str, object] = {}
 
     def __init__(self, guidance: list[GuidanceName], backbone: Backbone, clip: str | None, visual_channels: int,
-                 pooled_dim: int | None, grid_size: int, lr: float) -> None:
+                 pooled_dim: int | None, grid_size: int, lr: float, guidance_norm: GuidanceNorm = "log",
+                 norm_rows: int = 2048) -> None:
         super().__init__()
         if len(set(guidance)) != len(guidance):
             raise ValueError(f"guidance lists a map twice: {list(guidance)}")
@@ -79,7 +85,9 @@ class DetectorBase(pl.LightningModule):
             self.backbone = self.clip.visual  # registered, so it trains and is checkpointed
         elif backbone != "frozen":
             raise ValueError(f"backbone must be 'frozen' or 'finetune', got {backbone!r}")
-        self.guidance_norm = nn.BatchNorm2d(self.guidance_channels) if self.guidance else None
+        self.norm_rows = norm_rows
+        self.map_channels = {name: map_channels(name) for name in self.guidance}  # unknown names: KeyError
+        self.guidance_norm = GuidanceNormalizer(self.guidance, list(self.map_channels.values()), guidance_norm)
         for stage in STAGES:
             setattr(self, f"{stage}_metrics", MetricCollection({
                 "acc": BinaryAccuracy(), "ap": BinaryAveragePrecision(), "auroc": BinaryAUROC(),
@@ -92,9 +100,15 @@ class DetectorBase(pl.LightningModule):
         self.feature_provenance: dict | None = None
         self._hparams_registered = False
 
+    def paper_departures(self) -> list[str]:
+        """`name=ours (paper: theirs)` for every setting that differs from `paper_setting`; the published
+        accuracy is printed only beside runs with none."""
+        return [f"{name}={self.hparams.get(name)!r} (paper: {value!r})" for name, value in self.paper_setting.items()
+                if self.hparams.get(name) != value]
+
     @property
     def guidance_channels(self) -> int:
-        return MAP_CHANNELS * len(self.guidance)
+        return sum(self.map_channels.values())
 
     def _load_backbone(self, clip: str | None) -> ClipVisual:
         """Load the trainable CLIP tower and check it has the dimensions the head is built for."""
@@ -146,16 +160,39 @@ class DetectorBase(pl.LightningModule):
                              f"pooled_dim={self.pooled_dim}")
         return layer3, pooled
 
-    def guidance_map(self, batch: dict, size: tuple[int, int]) -> torch.Tensor:
-        """Guidance maps concatenated on channels, pooled to `size`, standardised: (B, 4·k, *size)."""
+    def pooled_guidance(self, batch: dict, size: tuple[int, int]) -> torch.Tensor:
+        """Guidance maps concatenated on channels and pooled to `size`, not yet standardised: (B, G, *size)."""
         maps = []
         for name in self.guidance:
             u = self.batch_tensor(batch, name)
-            if u.ndim != 4 or u.shape[1] != MAP_CHANNELS:
+            if u.ndim != 4 or u.shape[1] != self.map_channels[name]:
                 raise ValueError(f"guidance map {name!r} has shape {tuple(u.shape)}, "
-                                 f"expected (B, {MAP_CHANNELS}, h, w)")
+                                 f"expected (B, {self.map_channels[name]}, h, w)")
             maps.append(u)
-        return self.guidance_norm(F.adaptive_avg_pool2d(torch.cat(maps, dim=1).float(), size))
+        return F.adaptive_avg_pool2d(torch.cat(maps, dim=1).float(), size)
+
+    def guidance_map(self, batch: dict, size: tuple[int, int]) -> torch.Tensor:
+        """Guidance maps concatenated on channels, pooled to `size`, standardised: (B, G, *size)."""
+        return self.guidance_norm(self.pooled_guidance(batch, size))
+
+    def fit_guidance_norm(self, batches: Iterable[dict]) -> int:
+        """Fit the normalisation on batches holding the guidance maps, up to `norm_rows` rows; returns rows used."""
+        size = (self.grid_size, self.grid_size)
+        return self.guidance_norm.fit((self.pooled_guidance(batch, size) for batch in batches), self.norm_rows)
+
+    def _fit_guidance_norm_on_training_rows(self) -> None:
+        """Statistics from the datamodule's training rows, once (a resumed or loaded model keeps its own);
+        rank 0's are broadcast so every DDP rank standardises alike."""
+        if not self.guidance or bool(self.guidance_norm.fitted):
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            raise ValueError("fitting the guidance normalisation needs the training rows: pass a datamodule to "
+                             "fit, or call model.fit_guidance_norm(batches) first")
+        self.fit_guidance_norm(datamodule.train_dataloader())
+        for name in ("floor", "mean", "std"):
+            statistic = getattr(self.guidance_norm, name)
+            statistic.copy_(self.trainer.strategy.broadcast(statistic))
 
     def losses(self, output: DetectorOutput, label: torch.Tensor) -> dict[str, torch.Tensor]:
         """Loss terms by name; `loss` is the one optimised."""
@@ -238,6 +275,7 @@ class DetectorBase(pl.LightningModule):
             write_predictions_csv(table, self._generator_names(), threshold, Path(log_dir) / file_name)
 
     def on_fit_start(self) -> None:
+        self._fit_guidance_norm_on_training_rows()
         self._register_hparams_metrics()
         provenance = getattr(getattr(self.trainer, "datamodule", None), "feature_provenance", None)
         self.feature_provenance = provenance() if callable(provenance) else None

@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_modules.detectors.base import Backbone, DetectorBase, DetectorOutput, GuidanceName
+from lightning_modules.detectors.guidance_norm import GuidanceNorm
 from lightning_modules.losses import AsymmetricMarginLoss
 
 
@@ -14,8 +15,8 @@ class DEUADetector(DetectorBase):
     """DEUA's classifier (CE + asym_weight · asymmetric margin loss), with the attention made explicit.
 
     The paper leaves the attention open; this is the exact design. Notation: v = CLIP layer3 map
-    (B, C, g, g) as N = g² tokens v_n ∈ R^C; u = guidance maps (4 channels per named map, G in all),
-    adaptive-average-pooled to g×g and BatchNorm-standardised (see DetectorBase), tokens u_n ∈ R^G.
+    (B, C, g, g) as N = g² tokens v_n ∈ R^C; u = guidance maps (channels per map from the map registry, G in all),
+    adaptive-average-pooled to g×g and standardised scale-free (see DetectorBase), tokens u_n ∈ R^G.
 
     With guidance:
       1. Spatial weights a = softmax_n(w·u_n + b) (a Linear G→1 over positions).
@@ -52,12 +53,15 @@ class DEUADetector(DetectorBase):
     """
 
     uses_pooled = False
+    # The paper does not say whether CLIP trains; it follows LaRE²'s end-to-end training (configs/deua_paper.yaml).
+    paper_setting = {"guidance": ["deu"], "backbone": "finetune", "visual_channels": 1024, "grid_size": 14,
+                     "asym_weight": 0.5, "margin_real": 0.6, "margin_fake": 1.0, "lr": 1e-4}
 
     def __init__(self, guidance: list[GuidanceName] = ["deu"], backbone: Backbone = "frozen", clip: str | None = None,
                  visual_channels: int = 1024, grid_size: int = 14, num_heads: int = 8, guidance_dim: int = 64,
                  asym_weight: float = 0.5, margin_real: float = 0.6, margin_fake: float = 1.0,
-                 lr: float = 1e-4) -> None:
-        super().__init__(guidance, backbone, clip, visual_channels, None, grid_size, lr)
+                 lr: float = 1e-4, guidance_norm: GuidanceNorm = "log", norm_rows: int = 2048) -> None:
+        super().__init__(guidance, backbone, clip, visual_channels, None, grid_size, lr, guidance_norm, norm_rows)
         self.save_hyperparameters()
         self.asym_weight = asym_weight
         self.asym = AsymmetricMarginLoss(margin_real, margin_fake)

@@ -6,78 +6,128 @@ import torch
 from torch import nn
 
 from lightning_modules.detectors.base import Backbone, DetectorBase, DetectorOutput, GuidanceName
+from lightning_modules.detectors.guidance_norm import GuidanceNorm
+
+
+class GuidedAttentionPool(nn.Module):
+    """The official code's `MultiHeadMapAttention`: the mean token attends over [mean; tokens] + positions.
+
+    Tokens x (B, N, C) become keys/values s = [mean_n x_n; x_1..x_N] + p (N+1 rows, learned positional
+    embedding p); the query is s_0. q, k, v are Linear C → heads·head_dim (8 × 64 = 512 for RN50, as
+    the official d_k = d_v = 64), the output Linear heads·head_dim → C. An optional additive logit bias
+    (B, heads, N+1) per head and key; softmax, dropout on the attention weights, output dropout, then
+    LayerNorm(s_0 + out). Xavier weights and zero biases, as there.
+    """
+
+    def __init__(self, channels: int, grid_size: int, num_heads: int, head_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        inner = num_heads * head_dim
+        self.position = nn.Parameter(torch.randn(grid_size * grid_size + 1, channels) / channels ** 0.5)
+        self.query, self.key, self.value = (nn.Linear(channels, inner) for _ in range(3))
+        self.out = nn.Linear(inner, channels)
+        for layer in (self.query, self.key, self.value, self.out):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        self.attention_dropout = nn.Dropout(dropout)
+        self.output_dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(channels)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, n, d)
+
+    def forward(self, tokens: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, N, C), bias (B, heads, N+1) or None → refined mean token (B, C)."""
+        sequence = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1) + self.position
+        query = sequence[:, :1]
+        q = self.split_heads(self.query(query))
+        k, v = self.split_heads(self.key(sequence)), self.split_heads(self.value(sequence))
+        logits = q @ k.transpose(-1, -2) / self.head_dim ** 0.5  # (B, h, 1, N+1)
+        if bias is not None:
+            logits = logits + bias[:, :, None, :]
+        weights = self.attention_dropout(logits.softmax(dim=-1))
+        attended = (weights @ v).transpose(1, 2).flatten(2)  # (B, 1, h·d)
+        return self.norm(query + self.output_dropout(self.out(attended))).squeeze(1)
 
 
 class LaRE2Detector(DetectorBase):
     """Error-guided refinement (EGRE) over CLIP RN50 layer3 (C×g×g) and the attnpool vector (D).
 
-    Notation as in DetectorBase: tokens x_n ∈ R^C (N = g²) of layer3, guidance u (G = 4·k channels)
-    adaptive-average-pooled to g×g and BatchNorm-standardised.
+    Notation as in DetectorBase: tokens x_n ∈ R^C (N = g²) of layer3, guidance u (G channels, from the map registry)
+    adaptive-average-pooled to g×g and standardised scale-free.
 
-    Spatial branch (always present): query = mean_n x_n + p_0, keys = values = x_n + p_n (learned
-    positional embedding p, N+1 rows), `nn.MultiheadAttention` with `num_heads` heads of C/heads
-    dims (8 × 128 for RN50's C = 1024); refined = LayerNorm(query + attention). With `spatial=True` a 1×1 conv
-    G→heads on u gives one additive bias per head and position on the attention logits (passed as
-    the float `attn_mask` of shape (B·heads, 1, N)); without it the branch is plain attention pooling.
+    Spatial branch (always present): `GuidedAttentionPool`, the mean token attending over the mean
+    token and the N position tokens (N+1 keys). With `spatial=True` a 1×1 conv G→heads on u gives
+    one additive bias per head and position on the attention logits; the mean key's bias is the
+    mean over positions of that map (the official code appends the mean guidance token, and the
+    conv is linear). Without it the branch is plain attention pooling.
     Channel branch: pooled layer3 mean_n x_n; with `channel=True` it is gated by
-    sigmoid(MLP(mean_n u_n)), MLP = Linear G→`gate_hidden` → ReLU → Linear → C.
+    sigmoid(MLP(mean_n u_n)), MLP = Linear G→`gate_hidden` → ReLU → Linear → C, both bias-free
+    (the official ChannelAlignLayer).
     Head: [refined (C), channel (C), pooled (D)] → Linear → 2 (3072 inputs for RN50).
 
     Ablation grid: guidance=[] with spatial=channel=False is the baseline; spatial/channel need
     guidance and guidance needs one of them (either mismatch is an error, not a silent no-op).
-    Training: CE, Adam lr 1e-4, ReduceLROnPlateau on `val_loss` (factor `plateau_factor`, patience
-    `plateau_patience` epochs); LaRE²'s gradient clipping at 5 is the trainer's
-    `gradient_clip_val: 5` (configs/lare2.yaml), and its batch 48 the datamodule's.
+    Training as the official script: CE, Adam lr 1e-4, ReduceLROnPlateau maximising `val_auroc`
+    (the official score is the mean validation AUC; factor `plateau_factor`, patience
+    `plateau_patience` epochs, floor `min_lr`); gradient clipping at 5 is the trainer's
+    `gradient_clip_val: 5` (configs/lare2.yaml), batch 48 the datamodule's.
 
     Args:
-        guidance: cached guidance maps the head is steered by, in order (4 channels each); [] = plain CLIP.
+        guidance: registered guidance maps the head is steered by, in order; [] = plain CLIP.
         backbone: frozen = read CLIP maps from the feature store (fast sweeps); finetune = train CLIP on images.
         clip: CLIP RN50 weights for finetune ('openai', a checkpoint file or an open_clip local-dir).
         visual_channels: channels of CLIP's layer3 map (1024 for RN50).
         pooled_dim: dimension of CLIP's attention-pooled vector (1024 for RN50).
         grid_size: side of CLIP's layer3 grid (14 at 224 px).
         num_heads: attention heads.
+        head_dim: width of each attention head (the official code: 8 x 64, so 1024 -> 512 -> 1024).
+        dropout: dropout in the attention and head (0.1 as the official code).
         spatial: spatial refinement (LaRE → per-head bias on the attention logits).
         channel: channel refinement (LaRE → sigmoid gate on the pooled layer3 channels).
         gate_hidden: hidden width of the channel-refinement MLP.
         lr: Adam learning rate.
         guidance_norm: how guidance maps are standardised before the head (scale-free by default).
         norm_rows: training rows the guidance standardisation is fitted on, once, at the start of fit.
-        plateau_factor: ReduceLROnPlateau factor on val_loss.
+        plateau_factor: ReduceLROnPlateau factor (the schedule maximises val_auroc).
         plateau_patience: ReduceLROnPlateau patience in epochs.
+        min_lr: ReduceLROnPlateau floor of the learning rate.
     """
+
+    # The official training (train_classifier_wmap.sh, CLipClassifierWMapV6): all of CLIP trains, raw LaRE maps.
+    paper_setting = {"guidance": ["lare"], "backbone": "finetune", "visual_channels": 1024, "pooled_dim": 1024,
+                     "grid_size": 14, "num_heads": 8, "head_dim": 64, "dropout": 0.1, "spatial": True,
+                     "channel": True, "gate_hidden": 128, "lr": 1e-4, "guidance_norm": "none"}
 
     def __init__(self, guidance: list[GuidanceName] = ["lare"], backbone: Backbone = "frozen",
                  clip: str | None = None, visual_channels: int = 1024, pooled_dim: int = 1024, grid_size: int = 14,
-                 num_heads: int = 8, spatial: bool = True, channel: bool = True, gate_hidden: int = 128,
-                 lr: float = 1e-4, plateau_factor: float = 0.5, plateau_patience: int = 2) -> None:
+                 num_heads: int = 8, head_dim: int = 64, dropout: float = 0.1, spatial: bool = True,
+                 channel: bool = True, gate_hidden: int = 128, lr: float = 1e-4, plateau_factor: float = 0.5,
+                 plateau_patience: int = 4, min_lr: float = 1e-7, guidance_norm: GuidanceNorm = "log",
+                 norm_rows: int = 2048) -> None:
         if bool(guidance) != (spatial or channel):
             raise ValueError(f"LaRE2Detector: guidance={list(guidance)} with spatial={spatial}, channel={channel}: "
                              "refinement needs guidance maps and guidance maps need spatial or channel refinement")
-        super().__init__(guidance, backbone, clip, visual_channels, pooled_dim, grid_size, lr)
+        super().__init__(guidance, backbone, clip, visual_channels, pooled_dim, grid_size, lr, guidance_norm, norm_rows)
         self.save_hyperparameters()
-        self.num_heads = num_heads
         self.plateau_factor = plateau_factor
         self.plateau_patience = plateau_patience
-        self.position = nn.Parameter(torch.randn(grid_size * grid_size + 1, visual_channels) / visual_channels ** 0.5)
-        self.attention = nn.MultiheadAttention(visual_channels, num_heads, batch_first=True)
-        self.norm = nn.LayerNorm(visual_channels)
+        self.min_lr = min_lr
+        self.attention = GuidedAttentionPool(visual_channels, grid_size, num_heads, head_dim, dropout)
         self.head_bias = nn.Conv2d(self.guidance_channels, num_heads, kernel_size=1) if spatial else None
-        self.gate = nn.Sequential(nn.Linear(self.guidance_channels, gate_hidden), nn.ReLU(),
-                                  nn.Linear(gate_hidden, visual_channels)) if channel else None
+        self.gate = nn.Sequential(nn.Linear(self.guidance_channels, gate_hidden, bias=False), nn.ReLU(),
+                                  nn.Linear(gate_hidden, visual_channels, bias=False)) if channel else None
         self.head = nn.Linear(2 * visual_channels + pooled_dim, 2)
 
     def forward(self, batch: dict) -> DetectorOutput:
         layer3, pooled = self.visual_features(batch)
         tokens = layer3.flatten(2).transpose(1, 2)  # (B, N, C)
         u = self.guidance_map(batch, layer3.shape[-2:]) if self.guidance else None
-        query = tokens.mean(dim=1, keepdim=True) + self.position[:1]
-        keys = tokens + self.position[1:]
         bias = None
         if self.head_bias is not None:
-            bias = self.head_bias(u).flatten(2).reshape(-1, 1, tokens.shape[1])  # (B·heads, 1, N), batch-major
-        attended, _ = self.attention(query, keys, keys, attn_mask=bias, need_weights=False)
-        refined = self.norm(query + attended).squeeze(1)
+            per_position = self.head_bias(u).flatten(2)  # (B, heads, N)
+            bias = torch.cat([per_position.mean(dim=2, keepdim=True), per_position], dim=2)
+        refined = self.attention(tokens, bias)
         channel = layer3.mean(dim=(2, 3))
         if self.gate is not None:
             channel = torch.sigmoid(self.gate(u.mean(dim=(2, 3)))) * channel
@@ -86,7 +136,7 @@ class LaRE2Detector(DetectorBase):
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=self.plateau_factor,
-                                                               patience=self.plateau_patience)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss",
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=self.plateau_factor,
+                                                               patience=self.plateau_patience, min_lr=self.min_lr)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val_auroc",
                                                           "interval": "epoch"}}
