@@ -218,7 +218,8 @@ def write_store(path: Path, values: Callable[[np.ndarray], dict[str, np.ndarray]
                 labels: list[int] | None = None, error_rows: tuple[int, ...] = (), done: bool = True,
                 timestep: int = 200, shards: str = "no_shards", pixels: dict | None = None,
                 identity: str = "", generators: list[int] | None = None,
-                row_columns: dict[str, list] | None = None, layout: str = "fake") -> FeatureStore:
+                row_columns: dict[str, list] | None = None, layout: str = "fake",
+                extractor: ExtractorProvenance | None = None) -> FeatureStore:
     """A format-2 store through the store's own API: features `values(rows)` (float32, encoded to each spec's
     dtype), generator code = row % len(names) (or `generators`), label = row % 2 (or `labels`), sha256 from
     (`identity`, row); `row_columns` replaces per-row metadata (format, jpeg_quality, width, height)."""
@@ -234,7 +235,8 @@ def write_store(path: Path, values: Callable[[np.ndarray], dict[str, np.ndarray]
             **(row_columns or {})}
     with store_lock(path):
         store = FeatureStore.create(path, provenance=provenance, rows=rows, generator_names=generator_names)
-        group = store.add_group(specs, ExtractorProvenance({"timestep": timestep}, {name: {} for name in specs}))
+        group = store.add_group(specs, extractor or ExtractorProvenance({"timestep": timestep},
+                                                                        {name: {} for name in specs}))
     for k, tar in enumerate(tars if done else tars[:-1]):
         index = np.arange(tar["first_row"], tar["first_row"] + tar["num_samples"])
         arrays, flags = {}, np.zeros((len(index), 2), dtype=np.int32)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +13,14 @@ import yaml
 
 from cli.__main__ import main
 from cli.grid import grid
-from feature_cache.store import FeatureStore
+from feature_cache.provenance import ExtractorProvenance, FeatureSpec
 from lightning_modules.detectors import DEUADetector, LaRE2Detector
 from lightning_modules.diffusion_pass import key_generator
 from lightning_modules.feature_extractor import FeatureExtractor
 from lightning_modules.laplace_fit import LaplaceFit
 from lightning_modules.uncertainty import conv3x3_ggn_sums
 
-from feature_cache_fakes import RAW_PROTOCOL, make_shard_dir, marker_image
+from feature_cache_fakes import RAW_PROTOCOL, make_shard_dir, marker_image, write_store
 
 REPO = Path(__file__).resolve().parents[1]
 RES, T, N, SHARD = 64, 200, 2, 8
@@ -35,26 +34,25 @@ def images(rows: list[int]) -> torch.Tensor:
 
 def build_store(path: Path, extractor: FeatureExtractor, num_rows: int) -> str:
     """A feature store written the way phase 1 writes one: FeatureExtractor outputs over a shard dir, tar by tar."""
-    shard_dir = make_shard_dir(path.parent / f"{path.stem}_shards", num_rows, SHARD, images=True, image_size=RES,
-                               generators=GENERATORS)
-    table = json.loads((shard_dir / "shards.json").read_text())["shards"]
+    make_shard_dir(path.parent / f"{path.stem}_shards", num_rows, SHARD, image_size=RES, generators=GENERATORS)
     keys = [f"img{r:05d}" for r in range(num_rows)]
-    store = FeatureStore.create(path, shards=table, keys=keys, labels=[r % 2 for r in range(num_rows)],
-                                generators=[(r // 2) % 2 for r in range(num_rows)], generator_names=GENERATORS,
-                                feature_shapes=extractor.feature_shapes(RES), feature_dtype="float32",
-                                provenance={**extractor.provenance(), "resolution": RES, "shards": str(shard_dir),
-                                            **RAW_PROTOCOL})
-    for k, entry in enumerate(table):
-        rows = list(range(entry["first_row"], entry["first_row"] + entry["num_samples"]))
-        b = len(rows)
+
+    def features(rows: np.ndarray) -> dict[str, np.ndarray]:
+        rows = rows.tolist()
         batch = {"image": images(rows), "key": [keys[r] for r in rows],
                  "sha256": [hashlib.sha256(keys[r].encode()).hexdigest() for r in rows],
                  "row": torch.tensor(rows), "label": torch.tensor(rows) % 2,
-                 "generator": torch.zeros(b, dtype=torch.long),
-                 "shard_index": torch.full((b,), k), "error": [""] * b}
+                 "generator": torch.zeros(len(rows), dtype=torch.long),
+                 "shard_index": torch.zeros(len(rows), dtype=torch.long), "error": [""] * len(rows)}
         with torch.no_grad():
             out = extractor.predict_step(batch, 0)
-        store.write_shard(k, {name: out[name].numpy() for name in extractor.outputs}, [""] * b)
+        return {name: out[name].numpy() for name in extractor.outputs}
+
+    specs = {name: FeatureSpec(tuple(shape), "float32", "zstd") for name, shape in extractor.feature_shapes(RES).items()}
+    write_store(path, features, specs, GENERATORS, num_rows=num_rows, shard_size=SHARD, keys=keys,
+                labels=[r % 2 for r in range(num_rows)], generators=[(r // 2) % 2 for r in range(num_rows)],
+                shards=f"{path.stem}_shards", pixels={"resolution": RES, **RAW_PROTOCOL}, identity=path.stem,
+                extractor=ExtractorProvenance(**extractor.provenance()))
     return str(path)
 
 
