@@ -26,8 +26,8 @@ from reports.evaluation import Predictions, protocol_table
 from workflow_stores import build_store, local_config
 
 REPO = Path(__file__).resolve().parents[1]
-# The documented lines; when docs/readme/workflow.md is folded into README.md, point this at README.md.
-SOURCES = (REPO / "docs/readme/workflow.md",)
+# The documented lines a user copies: the README's workflow, then the workflow guide's.
+SOURCES = (REPO / "README.md", REPO / "docs/workflow.md")
 SDV4, GLIDE = "imagenet_ai_0419_sdv4", "imagenet_glide"
 PREDICTION_COLUMNS = ["store", "row", "key", "path", "generator", "label", "format", "jpeg_quality", "width",
                       "height", "p_fake", "threshold", "prediction", "generator_code"]
