@@ -31,8 +31,10 @@ TRAINER_SUBCOMMANDS = {"fit": "fit", "validate": "validate", "test": "test",
 
 
 class SaveConfigBesideOutput(SaveConfigCallback):
-    """precompute hands the resolved config to the store's writer (saved as STORE/configs/precompute-*.yaml),
-    so a run never writes config.yaml into the working directory, where a user's own file may be."""
+    """Each run's resolved config goes beside what the run writes, never into the working directory (where a
+    user's own config.yaml may be): precompute's into its store (the writer saves STORE/configs/precompute-*.yaml),
+    a run with a logger into its log dir, a run without one (laplace-fit, ensemble-fit, generate) beside its
+    output file (`OUTPUT.config.yaml`) or into its output folder."""
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         from feature_cache.writer import ZarrFeatureWriter
@@ -40,8 +42,18 @@ class SaveConfigBesideOutput(SaveConfigCallback):
         writers = [c for c in trainer.callbacks if isinstance(c, ZarrFeatureWriter)]
         if writers:
             writers[0].config_text = self.parser.dump(self.config, skip_none=False)
-            return
-        super().setup(trainer, pl_module, stage)
+        elif trainer.logger is not None:
+            super().setup(trainer, pl_module, stage)
+        elif trainer.is_global_zero and (target := self._beside_output(pl_module)) is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(self.parser.dump(self.config, skip_none=False))
+
+    def _beside_output(self, pl_module: pl.LightningModule) -> Path | None:
+        output = getattr(pl_module, "hparams", {}).get("output")
+        if output:
+            return Path(output).expanduser().with_name(f"{Path(output).name}.config.yaml")
+        folder = self.config.get("out")
+        return Path(folder) / self.config_filename if folder else None
 
 
 SCORED = ("test", "validate")  # subcommands that score a fitted run's checkpoint

@@ -27,6 +27,11 @@ class ForensicsTrainer(pl.Trainer):
                 last one. The run is the newest `fit` of the same configs and seed.
             verbose: also print Lightning's list of every logged metric (the protocol table is always printed).
         """
+        test_stores = getattr(datamodule, "stores", {}).get("test", [])
+        if ckpt_path is not None and Path(ckpt_path).is_file() and test_stores:
+            from cli.provenance_checks import check_checkpoint_against_stores
+
+            check_checkpoint_against_stores(ckpt_path, {path: datamodule.feature_provenance(path) for path in test_stores})
         return super().test(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
 
     def precompute(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None,

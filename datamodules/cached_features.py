@@ -183,12 +183,14 @@ class FeatureCacheDataModule(pl.LightningDataModule):
             if self.stores[split] and split not in self.sources:
                 self.sources[split] = self._source(split)
 
-    def feature_provenance(self) -> dict[str, Any] | None:
-        """What a checkpoint needs to recompute its features from raw images: the first train store's data and
-        pixel provenance, and each requested feature's extractor settings (`extractor` {common, map})."""
-        if not self.stores["train"]:
+    def feature_provenance(self, path: str | None = None) -> dict[str, Any] | None:
+        """What a checkpoint needs to recompute its features from raw images: a store's data and pixel provenance,
+        and each requested feature's extractor settings (`extractor` {common, map}). Default: the first train
+        store (what `fit` records in the checkpoint); `test` compares it with each test store's."""
+        path = path or (self.stores["train"][0] if self.stores["train"] else None)
+        if path is None:
             return None
-        store = FeatureStore.open(self.stores["train"][0])
+        store = FeatureStore.open(path)
         return {**store.provenance.to_attrs(),
                 "features": {name: store.feature_provenance(name)["extractor"] for name in self.features}}
 

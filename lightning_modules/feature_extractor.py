@@ -16,6 +16,7 @@ by new maps that see the same noises. All maps are on the ε-prediction scale (s
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -30,6 +31,14 @@ from lightning_modules.pretrained import load_clip_rn50, load_stable_diffusion, 
 CLIP_OUTPUTS = ("clip_layer3", "clip_pooled")
 PASS_THROUGH = ("key", "sha256", "row", "shard_index", "label", "generator", "error")
 WeightsDtype = Literal["float32", "bfloat16"]
+
+
+def recorded_path(value: str | None) -> str | None:
+    """A local weights path as an absolute path (a checkpoint or store used from another directory still finds
+    it; `predict --sd/--clip/--posterior` override it, checked by hash); hub ids and tags stay as given."""
+    if value is None or not Path(value).expanduser().exists():
+        return value
+    return str(Path(value).expanduser().resolve())
 
 
 class FeatureExtractor(pl.LightningModule):
@@ -184,12 +193,12 @@ class FeatureExtractor(pl.LightningModule):
             return self.weight_hashes()[name.removesuffix("_hash")]
         if name not in self.hparams:
             raise KeyError(f"map setting {name!r} is neither an extractor argument nor in map_settings")
-        return self.hparams[name]
+        return recorded_path(self.hparams[name]) if name == "posterior" else self.hparams[name]
 
     def provenance(self) -> dict[str, Any]:
         """{"common": what every output shares, "maps": {output: the settings only it depends on}}."""
         hp, hashes = self.hparams, self.weight_hashes()
-        common = {"extractor": f"{type(self).__module__}.{type(self).__qualname__}", "sd": hp.sd,
+        common = {"extractor": f"{type(self).__module__}.{type(self).__qualname__}", "sd": recorded_path(hp.sd),
                   "sd_source": self.sd_source, **{f"{k}_hash": hashes[k] for k in ("vae", "unet", "text_encoder")},
                   "seed": hp.seed, "timestep": hp.timestep, "num_noises": hp.num_noises, "prompt": hp.prompt,
                   "latent": hp.latent, "autocast_dtype": hp.autocast_dtype, "output_scale": "epsilon",
@@ -201,7 +210,7 @@ class FeatureExtractor(pl.LightningModule):
             if name in MAP_REGISTRY:
                 maps[name] = {s: self.setting(s) for s in MAP_REGISTRY[name].settings}
             else:
-                maps[name] = {"clip": hp.clip, "clip_hash": self._hashes.get("clip")}
+                maps[name] = {"clip": recorded_path(hp.clip), "clip_hash": self._hashes.get("clip")}
         return {"common": common, "maps": maps}
 
     @torch.no_grad()

@@ -191,6 +191,15 @@ def test_guidance_normalisation_errors_name_the_problem():
         model.fit_guidance_norm([{"lare": torch.randn(4, 4, MAP, MAP)}])
 
 
+def test_fit_stops_on_a_non_finite_loss(tmp_path):
+    """Catches `fit` training on a NaN loss and saving a poisoned checkpoint with rc=0 (here: one NaN feature row;
+    equally a diverging learning rate)."""
+    data = SyntheticDataModule(n_train=64, n_eval=32)
+    data.splits["train"].tensors["clip_layer3"][5] = float("nan")
+    with pytest.raises(ValueError, match=r"DEUADetector: training loss is nan at step \d+"):
+        _trainer(tmp_path, max_epochs=1).fit(_detector("deua", []), data)
+
+
 def test_test_predictions_are_kept_and_written_for_the_evaluation_step(tmp_path):
     model = _detector("deua", ["deu"], lr=3e-3)
     data = SyntheticDataModule()

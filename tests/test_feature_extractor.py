@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lightning_modules.diffusion_pass import DiffusionPass, key_generator
-from lightning_modules.feature_extractor import FeatureExtractor
+from lightning_modules.feature_extractor import FeatureExtractor, recorded_path
 from lightning_modules.laplace_fit import LaplaceFit
 from lightning_modules.maps import MAP_REGISTRY, available_maps, map_channels
 from lightning_modules.pretrained import load_stable_diffusion
@@ -389,3 +389,12 @@ def test_compiled_padded_batches_match_eager(tiny_model_paths: dict[str, Path], 
     assert compiled_fe.provenance()["common"]["compile_batch_size"] == 3
     with pytest.raises(ValueError, match="exceeds compile_batch_size"):
         compiled_fe.predict_step(make_batch(["a", "b", "c", "d"]), 0)
+
+
+def test_provenance_records_local_weights_by_absolute_path(tiny_model_paths, monkeypatch):
+    """Catches stores and checkpoints that record `sd` as typed (a relative path), so `predict` and `robustness`
+    would work only from the directory phase 1 ran in; a hub id or tag is kept as given."""
+    monkeypatch.chdir(tiny_model_paths["sd"].parent)
+    extractor = FeatureExtractor(tiny_model_paths["sd"].name, outputs=["lare"])
+    assert extractor.provenance()["common"]["sd"] == str(tiny_model_paths["sd"].resolve())
+    assert recorded_path("openai") == "openai"

@@ -105,19 +105,24 @@ def test_two_ranks_sum_to_the_single_process_posterior(tiny_model_paths: dict[st
 
 @pytest.mark.slow
 def test_cli_laplace_fit_end_to_end(tiny_model_paths: dict[str, Path], tmp_path: Path,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+                                    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also catches the run's resolved config overwriting a config.yaml the user keeps in the working directory
+    (with `logger: false` Lightning's log dir is the cwd): it goes beside the posterior instead."""
     from cli.__main__ import main
 
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.yaml").write_text("mine: true\n")
     out = tmp_path / "posterior.pt"
     main(["laplace-fit", "--model", "lightning_modules.laplace_fit.LaplaceFit",
           "--model.init_args.sd", str(tiny_model_paths["sd"]), "--model.init_args.output", str(out),
           "--model.init_args.num_noises", str(N), "--model.init_args.sigma", "fixed",
           "--model.init_args.sigma_noise", "2.0",
           "--data", f"{__name__}.TinyCalibrationData", "--trainer.accelerator", "cpu",
-          "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-          "--trainer.default_root_dir", str(tmp_path)])
+          "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])
     assert f"posterior written to {out}" in capsys.readouterr().out
     check_posterior(out, tiny_model_paths["sd"], 2.0, 1.0)
+    assert (tmp_path / "config.yaml").read_text() == "mine: true\n"
+    assert "sigma_noise: 2.0" in (tmp_path / "posterior.pt.config.yaml").read_text()
 
 
 def test_log_evidence_equals_laplace_torch() -> None:

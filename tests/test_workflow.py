@@ -117,6 +117,24 @@ def test_test_refuses_without_a_fitted_run(workspace, tmp_path):
 
 
 @pytest.mark.slow
+def test_test_refuses_stores_computed_otherwise_than_the_checkpoint(ablation_grid, workspace, tmp_path):
+    """Bug caught: a checkpoint trained on features of one extractor setting (weights, posterior, timestep) scored
+    with rc=0 on stores computed with another; the refusal names the differing field and writes nothing."""
+    strengths = {SDV4: 1.5, GLIDE: 0.4}
+    train = build_store(tmp_path / "t100-train.zarr", [SDV4], strengths, 16, timestep=100)
+    test = build_store(tmp_path / "t100-val.zarr", [SDV4, GLIDE], strengths, 8, seed=1, timestep=100)
+    local = local_config(tmp_path / "other.yaml", [train], [test], tmp_path / "runs")
+    run_dir = workspace / "runs/deua/both-seed0"
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    tables_before = sorted(p.stat().st_mtime_ns for p in run_dir.glob("protocol_table.*"))
+    result = run(f"python -m cli test --config configs/deua.yaml --config {local} --ckpt_path {checkpoint}",
+                 workspace, check=False)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("python -m cli test:")]
+    assert result.returncode != 0 and len(errors) == 1 and "timestep 200 != 100" in errors[0], result.stderr[-2000:]
+    assert sorted(p.stat().st_mtime_ns for p in run_dir.glob("protocol_table.*")) == tables_before
+
+
+@pytest.mark.slow
 def test_grid_runs_every_row_and_seed_and_prints_the_summary(ablation_grid, workspace):
     """Bugs caught: `--extra local.yaml` / `--seeds 0 1` rejected as non-lists; seeds sharing a directory; no
     summary at the end; compare's mean ± std not the mean and sample std of the runs' own TensorBoard values."""
@@ -181,7 +199,7 @@ def test_fit_rerun_gets_a_new_directory_and_test_scores_its_best_checkpoint(abla
     assert (rerun / "checkpoints/last.ckpt").is_file()
     assert len(list((workspace / "runs/deua/both-seed0").glob("events.out.tfevents.*"))) == 2  # its fit + test
     result = run(readme_line("python -m cli test"), workspace)
-    assert f"run directory runs/deua/both-seed0-r2, checkpoint runs/deua/both-seed0-r2/checkpoints/epoch=" in result.stdout
+    assert "run directory runs/deua/both-seed0-r2, checkpoint runs/deua/both-seed0-r2/checkpoints/epoch=" in result.stdout
     assert "### DEUADetector, protocol raw" in result.stdout and "format-only reference" in result.stdout
     assert "Confounded" in result.stdout
     best = rerun / "checkpoints" / result.stdout.split("checkpoints/")[1].split()[0]

@@ -20,7 +20,7 @@ CHANNELS, GRID, SHARD = 16, 14, 8
 
 
 def build_store(path: Path, generators: list[str], strength: dict[str, float], rows_per_generator: int,
-                layout: str = "genimage", seed: int = 0) -> str:
+                layout: str = "genimage", seed: int = 0, timestep: int = 200) -> str:
     """A complete store: each generator folder holds half reals (JPEG q90) and half fakes (PNG), GenImage style;
     in the drct layout a generator holds only fakes, and one with strength None only reals (DRCT's MSCOCO)."""
     n = rows_per_generator * len(generators)
@@ -37,7 +37,7 @@ def build_store(path: Path, generators: list[str], strength: dict[str, float], r
                  "clip_layer3": FeatureSpec((CHANNELS, GRID, GRID), "float32", "lz4")},
                 generators, num_rows=n, shard_size=SHARD, keys=[f"img{r:05d}" for r in range(n)],
                 labels=labels.tolist(), shards=f"{path.stem}_shards", pixels={"resolution": 64, **RAW_PROTOCOL},
-                identity=path.stem, generators=codes.tolist(), layout=layout,
+                identity=path.stem, generators=codes.tolist(), layout=layout, timestep=timestep,
                 row_columns={"format": np.where(labels == 1, "png", "jpeg").tolist(),
                              "jpeg_quality": np.where(labels == 1, -1, 90).tolist(),
                              "width": [64] * n, "height": [64] * n})

@@ -212,7 +212,12 @@ class DetectorBase(pl.LightningModule):
         return losses["loss"]
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        loss = self._step(batch, "train")
+        if not torch.isfinite(loss):  # a NaN step would silently poison every weight and the saved checkpoint
+            raise ValueError(f"{type(self).__name__}: training loss is {loss.item()} at step {self.global_step} "
+                             f"(epoch {self.current_epoch}); check the stores for non-finite rows "
+                             "(python -m cli verify) and the learning rate")
+        return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "val")
