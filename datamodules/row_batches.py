@@ -141,8 +141,8 @@ class SplitRows:
     def read(self, positions: np.ndarray, out: dict[str, np.ndarray] | None = None,
              names: list[str] | None = None) -> dict[str, np.ndarray]:
         """Arrays `names` (default all) of sorted `positions`, stored dtype, read per store as contiguous runs cut
-        into chunk-aligned calls of about READ_ROWS rows straight into `out` (at least len(positions) rows, reused by the caller) or into
-        new arrays."""
+        into chunk-aligned calls of about READ_ROWS rows (`read_calls`) straight into `out` (at least
+        len(positions) rows, reused by the caller) or into new arrays."""
         names = names or self.features
         out = out if out is not None else {name: np.empty((len(positions), *self.layout_of[name][0]),
                                                           self.layout_of[name][1]) for name in names}
