@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from datamodules.image_shards import preprocessor_from_provenance
 from datamodules.row_batches import Batches, BlockRows, EpochSettings, ResidentRows, Rows, SplitRows
 from feature_cache.paired_augment import apply_flip_crop, sample_flip_crop
-from feature_cache.store import FLAG_COLUMNS, FeatureStore, config_differences
+from feature_cache.store import CHUNK_ROWS, FLAG_COLUMNS, FeatureStore, config_differences
 
 RAM_SHARE = 0.5  # in_memory loads into RAM only if the selected rows take at most this share of available RAM
 DEVICE_SHARE = 0.6  # in_memory: device loads only if the rows take at most this share of free accelerator memory
@@ -127,7 +127,9 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         val_fraction: share of the training rows held out for validation (seeded by `seed`).
         seed: seed of the validation split.
         crop_scale: area-fraction range of the random resized crop applied with `images`.
-        block_rows: consecutive rows read per block when reading from disk (the unit of the shuffle).
+        block_rows: consecutive rows read per block when reading from disk (the unit of the shuffle); the
+            default is the store's inner chunk (`CHUNK_ROWS`), so a block is one chunk decode when tars hold a
+            multiple of it (else a block covers whole chunks of the largest divisor of the tar size).
         shuffle_blocks: blocks per shuffle window (each batch mixes rows of about this many blocks).
         allow_shared_images: accept train/val/test splits that share an image (same content hash).
         verify_checksums: check every store file's sha256 at setup (presence and size are always checked).
@@ -137,7 +139,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
                  test: list[str] = [], generators: list[str] | None = None, batch_size: int = 48,  # noqa: B006
                  num_workers: int = 2, in_memory: bool | Literal["device"] = True, images: bool = False,
                  val_fraction: float = 0.0, seed: int = 0, crop_scale: tuple[float, float] = (0.5, 1.0),
-                 block_rows: int = 32, shuffle_blocks: int = 32, allow_shared_images: bool = False,
+                 block_rows: int = CHUNK_ROWS, shuffle_blocks: int = 32, allow_shared_images: bool = False,
                  verify_checksums: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()

@@ -7,8 +7,11 @@ Layout (docs/contracts.md, "Feature store, format 2"; S = shard size, n = rows, 
   `rows.checksums.json` records every rows/ file (and is the creation marker of rows/).
 - `GROUP/FEATURE`: one array per feature, one Zarr shard file per tar (`shards=(S, ...)`), so the process
   that computed a tar is the only writer of its files (NOTES: writers sharing a shard lose data); inner
-  chunks ~64 KiB, because a single-row read costs ~1 ms per call until the decoded chunk passes ~100 KB
-  while bigger chunks make whole-tar writes and loads faster. Dtype and codec per feature (`codecs`).
+  chunks of `CHUNK_ROWS` rows (the largest divisor of S within it, so a chunk never spans two tars),
+  because reads are bound by Zarr's per-chunk cost, not by bytes: the phase-2 reader's 32-row block is then
+  one chunk decode instead of 32 (CLIP rows of 400 KB were one row per chunk at the old ~64 KiB target).
+  Stores written with other inner chunks read unchanged (the chunk shape is per-array Zarr metadata,
+  `chunk_rows`). Dtype and codec per feature (`codecs`).
   `FEATURE__scale` (n, C) float32 for int8_rowscale; `error` str and `flags` int32 (n, 2) =
   (non-finite values, underflowed values) per row.
 - `GROUP/done/TAR.json`: a tar's done marker with the size and sha256 of each file it wrote, written
@@ -39,14 +42,14 @@ from feature_cache.provenance import (ExtractorProvenance, FeatureSpec, GroupInf
                                       config_differences, file_sha256, normalized)
 
 __all__ = ["FeatureStore", "FeatureInfo", "Damage", "ProvenanceMismatchError", "StoreLockedError", "store_lock",
-           "config_differences", "FORMAT_VERSION", "ROW_COLUMNS", "FLAG_COLUMNS"]
+           "config_differences", "CHUNK_ROWS", "FORMAT_VERSION", "ROW_COLUMNS", "FLAG_COLUMNS"]
 
 FORMAT_VERSION = 2
 ROW_COLUMNS = {"key": str, "sha256": str, "label": "int8", "generator": "int16", "format": str,
                "jpeg_quality": "int16", "width": "int32", "height": "int32"}
 FLAG_COLUMNS = ("non_finite", "underflow")
 _ROW_FILL = {"label": -1, "generator": -1, "jpeg_quality": -1, "width": 0, "height": 0}
-_INNER_CHUNK_BYTES = 64 * 1024
+CHUNK_ROWS = 32  # rows per inner chunk of a feature array: the phase-2 reader's default block (block_rows)
 _ROWS_CHECKSUMS = "rows.checksums.json"
 _LOCK = ".lock"
 
@@ -115,10 +118,9 @@ def store_lock(path: str | Path) -> Iterator[None]:
         handle.close()  # closing releases the flock
 
 
-def _inner_rows(shard_size: int, row_shape: tuple[int, ...], itemsize: int) -> int:
-    """Rows per inner chunk: the largest divisor of the shard size within ~64 KiB (at least 1)."""
-    target = max(1, _INNER_CHUNK_BYTES // max(1, int(np.prod(row_shape)) * itemsize))
-    return max(d for d in range(1, min(target, shard_size) + 1) if shard_size % d == 0)
+def _inner_rows(shard_size: int) -> int:
+    """Rows per inner chunk: the largest divisor of the shard size within CHUNK_ROWS (chunks tile each tar)."""
+    return max(d for d in range(1, min(CHUNK_ROWS, shard_size) + 1) if shard_size % d == 0)
 
 
 def _chunk_file(array: str, index: int, ndim: int) -> str:
@@ -294,7 +296,7 @@ class FeatureStore:
             for name, (shape, array_dtype, codec) in arrays.items():
                 if only is None or name in only:
                     zgroup.create_array(name, shape=(n, *shape), dtype=array_dtype, fill_value=0, overwrite=True,
-                                        chunks=(_inner_rows(size, shape, array_dtype.itemsize), *shape),
+                                        chunks=(_inner_rows(size), *shape),
                                         shards=(size, *shape), compressors=codec)
         if only is None or "error" in only:
             zgroup.create_array("error", shape=(n,), chunks=(size,), dtype=str, overwrite=True)
@@ -383,6 +385,10 @@ class FeatureStore:
             return self._feature_array(name)[selection]
         self._feature_array(name).get_basic_selection(selection, out=NDBuffer.from_numpy_array(out))
         return out
+
+    def chunk_rows(self, name: str) -> int:
+        """Rows per inner chunk of a feature (or `NAME__scale`), from its Zarr metadata (older stores differ)."""
+        return int(self._feature_array(name).chunks[0])
 
     def read_rows(self, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """Sorted rows of a feature (or `NAME__scale`), one contiguous read per tar they fall in."""

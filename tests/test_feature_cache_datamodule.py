@@ -11,7 +11,7 @@ import torch
 
 from datamodules.cached_features import FeatureCacheDataModule
 from lightning_modules.detectors.base import DetectorBase
-from datamodules.row_batches import RING_SLOTS, contiguous_runs, epoch_order
+from datamodules.row_batches import READ_ROWS, RING_SLOTS, contiguous_runs, epoch_order, read_calls
 from feature_cache.paired_augment import FlipCrop, apply_flip_crop, sample_flip_crop
 from feature_cache.provenance import FeatureSpec
 from feature_cache.store import FeatureStore
@@ -96,6 +96,18 @@ def test_clear_errors_for_bad_requests(tmp_path: Path, stores: tuple[str, str]) 
 def test_contiguous_runs() -> None:
     assert contiguous_runs(np.array([2, 3, 4, 9, 11, 12])) == [(2, 5), (9, 10), (11, 13)]
     assert contiguous_runs(np.array([], dtype=np.int64)) == []
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 4, 25, 32, 40])
+def test_read_calls_cover_runs_once_and_each_stays_within_whole_chunks(chunk_rows: int) -> None:
+    """Catches calls that straddle a chunk boundary (two calls decoding one chunk, the per-chunk cost that bounds
+    reads) or that lose or repeat rows of a run."""
+    runs = [(3, 70), (90, 91), (100, 260)]
+    calls = read_calls(runs, chunk_rows)
+    covered = np.concatenate([np.arange(a, b) for a, b in calls])
+    np.testing.assert_array_equal(covered, np.concatenate([np.arange(a, b) for a, b in runs]))
+    step = chunk_rows * max(1, READ_ROWS // chunk_rows)
+    assert all(a // step == (b - 1) // step for a, b in calls)  # one aligned call-sized span of whole chunks
 
 
 def centroid(x: torch.Tensor) -> torch.Tensor:

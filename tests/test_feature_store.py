@@ -79,11 +79,27 @@ def test_round_trip_per_dtype_and_codec(full) -> None:
     info = store.feature_info("clip_layer3")
     assert (info.group, info.shape, info.dtype, info.codec) == ("g0", (64, 14, 14), "float16", "lz4")
     layer3 = zarr.open_array(store.path / "g0" / "clip_layer3", mode="r")
-    assert layer3.shards == (4, 64, 14, 14) and layer3.chunks == (2, 64, 14, 14)  # 25 KB rows: 2 per ~64 KiB
+    assert layer3.shards == (4, 64, 14, 14) and layer3.chunks == (4, 64, 14, 14)  # a 4-row tar: one chunk
+    assert {store.chunk_rows(name) for name in [*SPECS, "clip_pooled__scale"]} == {4}
     assert store.rows("key").tolist() == ROWS["key"] and store.rows("sha256").tolist() == ROWS["sha256"]
     assert store.rows("label").dtype == np.int8 and store.rows("generator").tolist() == ROWS["generator"]
     assert store.provenance == PROVENANCE and store.groups == {"g0": GroupInfo(SPECS, EXTRACTOR)}
     assert store.pixels.extra == {"resize": "bicubic"} and store.dataset.stats["width"] == [32, 64]
+
+
+def test_inner_chunks_are_the_largest_divisor_of_the_tar_within_chunk_rows(tmp_path: Path, monkeypatch) -> None:
+    """Catches inner chunks that span two tars (CHUNK_ROWS not dividing the shard size: two writers of one
+    chunk) and a store written with other chunks (as before format 2's CHUNK_ROWS) no longer reading or
+    verifying: chunking is per-array Zarr metadata."""
+    monkeypatch.setattr("feature_cache.store.CHUNK_ROWS", 3)  # 4-row tars: chunks of 2 rows, not 3
+    store, group = create(tmp_path / "s")
+    values = {k: tar_values(k) for k in range(3)}
+    for k in range(3):
+        write(store, group, k, values[k])
+    monkeypatch.undo()
+    store = FeatureStore.open(tmp_path / "s")
+    assert {store.chunk_rows(name) for name in SPECS} == {2} and store.verify() == []
+    np.testing.assert_array_equal(store.read("deu", 1, 9), np.concatenate([values[k]["deu"] for k in range(3)])[1:9])
 
 
 def test_read_rows_equals_slicing_across_tars(full) -> None:
