@@ -121,9 +121,9 @@ class ForensicsCLI(LightningCLI):
         else:
             run = next_run_dir(parent, base)
         init.save_dir, init.name, init.version = str(run.parent), "", run.name
-        os.environ[RUN_DIR_ENV], os.environ[CKPT_ENV] = str(run), str(config.ckpt_path or "")
+        os.environ[RUN_DIR_ENV], os.environ[CKPT_ENV] = str(run), str(config.get("ckpt_path") or "")
         print(f"python -m cli {subcommand}: run directory {run}" +
-              (f", checkpoint {config.ckpt_path}" if subcommand in SCORED else ""), flush=True)
+              (f", checkpoint {config.get('ckpt_path')}" if subcommand in SCORED else ""), flush=True)
 
     def before_test(self) -> None:
         """Replace (not add to) the previous test's event files, and hand `paper_row` to the report."""

@@ -24,7 +24,7 @@ from datamodules.image_shards import ImageShardDataModule, pixel_settings
 from datamodules.perturbations import ROBUSTNESS_SWEEP, parse_sweep, perturbation_label
 from feature_cache.codecs import widen
 from feature_cache.store import FeatureStore
-from feature_cache.writer import ZarrFeatureWriter, select_outputs
+from feature_cache.writer import ZarrFeatureWriter
 from lightning_modules.on_the_fly import OnTheFlyDetector
 from reports.evaluation import Predictions, protocol_table, save_rows
 
@@ -65,7 +65,7 @@ def cached_features(model: OnTheFlyDetector, datamodule: ImageShardDataModule, c
         trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, callbacks=[writer],
                              enable_model_summary=False)
         trainer.predict(extractor, datamodule=datamodule, return_predictions=False)
-        select_outputs(extractor, names)  # the writer selected the outputs the store lacked; scoring needs all
+        extractor.set_outputs(names)  # the writer selected the outputs the store lacked; scoring needs all
     return FeatureStore.open(path), reused
 
 

@@ -234,11 +234,13 @@ class FeatureExtractor(pl.LightningModule):
     def _pad(self, images: torch.Tensor, generators: list[torch.Generator]
              ) -> tuple[torch.Tensor, list[torch.Generator]]:
         """Under `compile`, pad the batch with zero images (own generators) to `compile_batch_size` rows."""
+        if not self.hparams.compile:
+            return images, generators
         missing = self.hparams.compile_batch_size - images.shape[0]
-        if not self.hparams.compile or missing <= 0:
-            if self.hparams.compile and missing < 0:
-                raise ValueError(f"batch of {images.shape[0]} rows exceeds compile_batch_size "
-                                 f"{self.hparams.compile_batch_size}; set it to the data's batch_size")
+        if missing < 0:
+            raise ValueError(f"batch of {images.shape[0]} rows exceeds compile_batch_size "
+                             f"{self.hparams.compile_batch_size}; set it to the data's batch_size")
+        if missing == 0:
             return images, generators
         padding = images.new_zeros(missing, *images.shape[1:])
         return (torch.cat([images, padding]),

@@ -30,7 +30,7 @@ def build_store(path: Path, generators: list[str], strength: dict[str, float], r
     make_shard_dir(path.parent / f"{path.stem}_shards", n, SHARD, generators=generators)
     rng = np.random.default_rng(seed)
     shift = np.array([strength[g] or 0.0 for g in generators])[codes] * labels
-    deu = rng.normal(0, 1, (n, 4, 8, 8)) + shift[:, None, None, None]
+    deu = np.exp(rng.normal(0, 1, (n, 4, 8, 8)) + shift[:, None, None, None])  # DEU is a variance: positive
     clip = rng.normal(0, 1, (n, CHANNELS, GRID, GRID)) + 0.3 * shift[:, None, None, None]
     write_store(path, lambda rows: {"deu": deu[rows], "clip_layer3": clip[rows]},
                 {"deu": FeatureSpec((4, 8, 8), "float32", "zstd"),

@@ -69,7 +69,7 @@ class DEUADetector(DetectorBase):
         self.visual_norm = nn.LayerNorm(channels)
         if self.guidance:
             g = self.guidance_channels
-            self.spatial_weight = nn.Linear(g, 1)
+            self.spatial_weight = nn.Linear(g, 1, bias=False)  # a bias shifts every position's logit: softmax ignores it
             self.visual_attention = nn.MultiheadAttention(channels, num_heads, kdim=g, vdim=channels, batch_first=True)
             self.guidance_embed = nn.Linear(g, guidance_dim)
             self.guidance_pos = nn.Parameter(torch.randn(grid_size * grid_size, guidance_dim) / guidance_dim ** 0.5)
