@@ -41,8 +41,12 @@ def _by_name(provenance: dict[str, Any]) -> dict[str, Any]:
 
 
 def extractor_part(provenance: dict[str, Any]) -> dict[str, Any]:
-    """The extractor's provenance inside a checkpoint's feature provenance: flat (format-1 stores, every
-    setting at the top level), or typed {common, maps} (format 2, possibly under `extractor`)."""
+    """The extractor's provenance inside a checkpoint's feature provenance: phase 2's per-feature form
+    {features: {name: {common, map}}} (the settings every feature shares, and each feature's own), typed
+    {common, maps} (possibly under `extractor`), or flat (format-1 stores, every setting at the top level)."""
+    if isinstance(provenance.get("features"), dict):
+        parts = provenance["features"]
+        return {"common": next(iter(parts.values()))["common"], "maps": {n: part["map"] for n, part in parts.items()}}
     typed = provenance.get("extractor", provenance)
     return typed if isinstance(typed, dict) and "common" in typed else provenance
 
