@@ -128,18 +128,22 @@ def test_predict_with_other_weights_is_refused_naming_the_hashes(demo, tmp_path)
 
 def test_robustness_sweep_caches_features_and_reports_per_generator(demo, tmp_path):
     """Bugs caught: features recomputed for every checkpoint, a level list that cannot be chosen, only an overall
-    row. The second checkpoint (same extractor) must reuse every tar and agree with on-the-fly `predict`."""
+    row. DEUA after LaRE² (same extractor) grows each level's store by its own map only; a checkpoint run again
+    reuses every tar."""
     cache = tmp_path / "cache"
-    for detector in ("lare2", "deua"):
+    outputs = {}
+    for run, detector in enumerate(("lare2", "deua", "lare2")):
         result = _cli("robustness", "--ckpt", str(demo / "runs" / detector / "demo-seed0" / "checkpoints" / "last.ckpt"),
-                      "--shards", str(demo / "shards" / "val"), "--out", str(tmp_path / detector), "--num_workers",
-                      "0", "--levels", "none,jpeg:75,blur:1", "--cache", str(cache), cwd=tmp_path)
+                      "--shards", str(demo / "shards" / "val"), "--out", str(tmp_path / f"{detector}-{run}"),
+                      "--num_workers", "0", "--levels", "none,jpeg:75,blur:1", "--cache", str(cache), cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
-    assert "robustness [3/3] blur 1: done in" in result.stdout and "1/1 tars reused" in result.stdout
-    rows = _read_csv(tmp_path / "deua" / "robustness.csv")
+        outputs[run] = result.stdout
+    assert "robustness [3/3] blur 1: done in" in outputs[1] and "0/1 tars reused" in outputs[1]
+    assert outputs[2].count("1/1 tars reused") == 3
+    rows = _read_csv(tmp_path / "deua-1" / "robustness.csv")
     assert [r["perturbation"] for r in rows] == ["none", "jpeg 75", "blur 1"]
     assert all(int(r["n_real"]) + int(r["n_fake"]) == 16 and 0 <= float(r["acc"]) <= 1 for r in rows)
-    per_generator = _read_csv(tmp_path / "deua" / "robustness_per_generator.csv")
+    per_generator = _read_csv(tmp_path / "deua-1" / "robustness_per_generator.csv")
     assert [(r["perturbation"], r["generator"]) for r in per_generator[:3]] == [
         ("none", "demo_smooth"), ("none", "demo_upsample"), ("none", "average")]
     assert len(list(cache.iterdir())) == 3
