@@ -77,7 +77,7 @@ def grid(rows: Path, base: Path | None = None, extra: list[Path] | None = None, 
         for seed in dict.fromkeys(seed for *_, seed in plan):
             rows_of_seed = {f"{row.stem} seed {seed}": [*configs, "--seed_everything", str(seed)]
                             for row, configs, _, _, s in plan if s == seed}
-            print(f"grid: fitting {', '.join(rows_of_seed)} together in one process", flush=True)
+            print(f"grid rows {', '.join(rows_of_seed)}: fit together in one process", flush=True)
             failed += [] if dry_run else [f"{name} (fit)" for name in run_together(rows_of_seed)]
     steps = plan if dry_run else report_progress(plan, len(plan), "grid", "runs", every_s=0, always=True)
     for row, configs, parent, version, seed in steps:

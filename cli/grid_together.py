@@ -174,6 +174,9 @@ def fit_together(row_args: list[list[str]], names: list[str]) -> list[str]:
     shared = rows[0].datamodule
     shared.trainer = rows[0].trainer  # the device to load onto; epochs are driven below, not by this Trainer
     shared.setup("fit")
+    for row in rows:  # what `fit` does in on_fit_start, from the shared rows (the lockstep views serve training only)
+        if getattr(row.model, "guidance", None):
+            row.model.fit_guidance_norm(shared.batches("train", epoch=lambda: 0))
     train = SharedBatches(lambda epoch: shared.batches("train", epoch=lambda: epoch), len(rows))
     val = SharedBatches(lambda epoch: shared.batches("val"), len(rows)) if shared.sources.get("val") else None
     failed: dict[str, BaseException] = {}

@@ -77,11 +77,12 @@ def test_rows_trained_together_equal_rows_trained_alone(tmp_path: Path) -> None:
     assert "fit together in one process" in done.stdout
     weights = {}
     for name in ("deu", "asym"):
-        alone, together = _weights(alone_root / "runs" / "deua" / name), _weights(together_root / "runs" / "deua" / name)
+        run = f"{name}-seed3"  # one run directory per row and seed
+        alone, together = _weights(alone_root / "runs" / "deua" / run), _weights(together_root / "runs" / "deua" / run)
         assert list(together) == list(alone)
         for key in alone:
             torch.testing.assert_close(together[key], alone[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
-        assert list((together_root / "runs" / "deua" / name).glob("events.out.tfevents.*"))
+        assert list((together_root / "runs" / "deua" / run).glob("events.out.tfevents.*"))
         weights[name] = together
     common = set(weights["deu"]) & set(weights["asym"])  # the rows are different models, not one shared
     assert any(not torch.equal(weights["deu"][k], weights["asym"][k]) for k in common)
