@@ -126,26 +126,25 @@ class ForensicsCLI(LightningCLI):
               (f", checkpoint {config.get('ckpt_path')}" if subcommand in SCORED else ""), flush=True)
 
     def before_test(self) -> None:
-        """Replace (not add to) the previous test's event files, and hand `paper_row` to the report."""
+        """Note the run's event files (a finished test replaces the previous test's), hand `paper_row` to the report."""
         from reports.protocol_report import ProtocolReport
 
         for callback in self.trainer.callbacks:
             if isinstance(callback, ProtocolReport):
                 callback.paper_row = self.config["test"].get("paper_row")
         run = self._run_dir()
-        if run is None:
-            return
-        marker = run / TEST_EVENTS
-        if marker.is_file():
-            for name in json.loads(marker.read_text()):
-                (run / name).unlink(missing_ok=True)
-        self._events_before = {p.name for p in run.glob("events.out.tfevents.*")}
+        self._events_before = {p.name for p in run.glob("events.out.tfevents.*")} if run is not None else set()
 
     def after_test(self) -> None:
+        """Only now drop the previous test's event files: a test refused or killed halfway keeps them."""
         run = self._run_dir()
         if run is not None and self.trainer.is_global_zero:
+            marker = run / TEST_EVENTS
+            if marker.is_file():
+                for name in json.loads(marker.read_text()):
+                    (run / name).unlink(missing_ok=True)
             written = sorted({p.name for p in run.glob("events.out.tfevents.*")} - self._events_before)
-            (run / TEST_EVENTS).write_text(json.dumps(written))
+            marker.write_text(json.dumps(written))
 
     def _run_dir(self) -> Path | None:
         log_dir = self.trainer.log_dir
