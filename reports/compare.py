@@ -148,7 +148,7 @@ def generalisation_matrix(frame: pd.DataFrame, runs_dir: Path) -> tuple[pd.DataF
             continue
         trained_on = "+".join(train_generators(run)) or run["row"]
         rows = pd.read_csv(table, dtype={"generator": str})
-        rows = rows[rows["generator"] != "format-only reference"]
+        rows = rows[~rows["generator"].str.endswith(" reference")]  # format-only, double-JPEG: not generators
         rows["generator"] = rows["generator"].replace({"average": "mean"})
         records += [{"train": trained_on, "test": r.generator, "seed": run["seed"], "acc": r.acc, "auroc": r.auroc}
                     for r in rows.itertuples()]
