@@ -52,6 +52,9 @@ class PassOutput:
     eps_hat: torch.Tensor  # UNet ε-prediction (conv_out output), (B, N, 4, h, w)
     noise: torch.Tensor  # the ε_j that were added, (B, N, 4, h, w)
     phi: torch.Tensor  # conv_out's input φ_j, (B, N, C, h, w)
+    # The UNet's input x_t exactly as the pass fed it ((B·N, C, h, w), UNet dtype and layout): kept, not copied, so
+    # a map can ask for ε̂ under another conditioning on the very same noised latents (`conditioned_eps`).
+    x_t: torch.Tensor
 
 
 class DiffusionPass:
@@ -108,8 +111,7 @@ class DiffusionPass:
         vae, unet, scheduler = self.parts.vae, self.parts.unet, self.parts.scheduler
         captured: list[torch.Tensor] = []
         hook = unet.conv_out.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
-        layout = self._layout
-        text = self.text_embedding(device).expand(batch * n, -1, -1)
+        layout, text = self._layout, self.text_embedding(device)  # the text encoder outside autocast
         try:
             with autocast_context(device, self.autocast_dtype):
                 dist = vae.encode(images.to(vae.dtype).contiguous(memory_format=layout)).latent_dist
@@ -117,9 +119,22 @@ class DiffusionPass:
                 x0 = x0 * vae.config.scaling_factor
                 timesteps = torch.full((batch * n,), self.timestep, device=device, dtype=torch.long)
                 x_t = scheduler.add_noise(x0.repeat_interleave(n, dim=0), noise.flatten(0, 1), timesteps)
-                eps_hat = self._unet(x_t.to(unet.dtype).contiguous(memory_format=layout), timesteps,
-                                     encoder_hidden_states=text.to(unet.dtype)).sample
+                x_t = x_t.to(unet.dtype).contiguous(memory_format=layout)
+                eps_hat = self._eps(x_t, text)
         finally:
             hook.remove()
         (phi,) = captured
-        return PassOutput(eps_hat.float().unflatten(0, (batch, n)), noise, phi.float().unflatten(0, (batch, n)))
+        return PassOutput(eps_hat.float().unflatten(0, (batch, n)), noise, phi.float().unflatten(0, (batch, n)), x_t)
+
+    def _eps(self, x_t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The UNet's ε̂ for the pass's input x_t (B·N rows) at the pass's timestep under text (1, L, D)."""
+        timesteps = torch.full((x_t.shape[0],), self.timestep, device=x_t.device, dtype=torch.long)
+        return self._unet(x_t, timesteps, encoder_hidden_states=text.expand(x_t.shape[0], -1, -1).to(
+            self.parts.unet.dtype)).sample
+
+    def conditioned_eps(self, out: PassOutput, text: torch.Tensor) -> torch.Tensor:
+        """ε̂ (B, N, C, h, w) fp32 of a pass's own x_t under another conditioning `text` (L, D): one UNet call on its
+        B·N rows, same kernels, autocast and row grouping as the pass, so the prompt's own embedding gives ε̂ exactly."""
+        with autocast_context(out.x_t.device, self.autocast_dtype):
+            eps = self._eps(out.x_t, text.to(out.x_t.device).unsqueeze(0))
+        return eps.float().unflatten(0, tuple(out.noise.shape[:2]))

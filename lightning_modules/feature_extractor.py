@@ -16,6 +16,7 @@ by new maps that see the same noises. All maps are on the ε-prediction scale (s
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -256,7 +257,7 @@ class FeatureExtractor(pl.LightningModule):
         wanted = {"deu_mode", "num_weight_samples"} | {s for name in names for s in MAP_REGISTRY[name].settings}
         ctx = MapContext(out, padded_generators, {k: self.setting(k) for k in sorted(wanted)},
                          conv.weight.float(), conv.bias.float(), getattr(self, "var_w", None),
-                         getattr(self, "var_b", None))
+                         getattr(self, "var_b", None), partial(self.diffusion.conditioned_eps, out))
         return {name: ctx.map(name)[:rows] for name in names}
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:

@@ -202,6 +202,85 @@ def test_ensemble_maps_refuse_members_of_other_settings(tiny_model_paths: dict[s
             make_batch(["r"]), 0)
 
 
+# ---- maps from `embedding` members: K more UNet calls on the fused pass's own noised latents ----
+
+@pytest.fixture(scope="module")
+def embedding_members_file(tiny_model_paths: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """embedding members (one learned text embedding each) fitted once for the map tests."""
+    path = tmp_path_factory.mktemp("members") / "embedding.pt"
+    fit_members(tiny_model_paths["sd"], path, "embedding")
+    return path
+
+
+@torch.no_grad()
+def per_member_means(sd: Path, batch: dict, embeddings: torch.Tensor, num_noises: int = 3) -> torch.Tensor:
+    """Independent computation of μ_k: the extractor's content-keyed draws redone by hand (VAE ε, then the N noises),
+    x_t = √ᾱ·x₀ + √(1−ᾱ)·ε, and one plain UNet call per member with its own embedding, averaged over the noises."""
+    parts = load_stable_diffusion(str(sd))
+    means = []
+    for image, digest in zip(as_float(batch["image"]), batch["sha256"]):
+        gen = key_generator(0, digest)
+        dist = parts.vae.encode(image[None]).latent_dist
+        latent_eps = torch.randn(dist.mean.shape[1:], generator=gen)
+        noise = torch.randn((num_noises, *dist.mean.shape[1:]), generator=gen)
+        x0 = (dist.mean + dist.std * latent_eps) * parts.vae.config.scaling_factor
+        alpha_bar = parts.scheduler.alphas_cumprod[200]
+        x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+        t = torch.full((num_noises,), 200)
+        means.append(torch.stack([parts.unet(x_t, t, encoder_hidden_states=e[None].expand(num_noises, -1, -1))
+                                  .sample.mean(0) for e in embeddings]))
+    return torch.stack(means)
+
+
+def test_embedding_member_maps_equal_a_per_member_unet_loop(tiny_model_paths: dict[str, Path],
+                                                            embedding_members_file: Path) -> None:
+    """ensemble_mi/ensemble_var from embedding members equal PaiDE / Var_k of a loop that calls the UNet once per
+    member on the same x_t. Catches members evaluated on other noises than the fused pass's (e.g. fresh draws), the
+    prompt's embedding used instead of the member's, means taken over the wrong axis, and σ² not per channel."""
+    batch = make_batch(["m0", "m1"])
+    with torch.no_grad():
+        maps = ensemble_extractor(tiny_model_paths["sd"], embedding_members_file).predict_step(batch, 0)
+    members = load_members(embedding_members_file)
+    means = per_member_means(tiny_model_paths["sd"], batch, members["embeddings"])
+    torch.testing.assert_close(maps["ensemble_var"], means.var(dim=1, correction=0), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(maps["ensemble_mi"], paide_mutual_information(means, members["sigma2"].view(-1, 1, 1)),
+                               rtol=1e-4, atol=1e-7)
+    assert (maps["ensemble_mi"] > 0).all() and (maps["ensemble_mi"] <= math.log(3)).all()
+
+
+def test_identical_embedding_members_give_zero(tiny_model_paths: dict[str, Path], embedding_members_file: Path,
+                                               tmp_path: Path) -> None:
+    """K copies of one embedding carry no epistemic information: both maps exactly 0 (bit-identical member calls).
+    Catches member calls that differ by more than their embedding (other noises or row grouping per member)."""
+    members = load_members(embedding_members_file)
+    members["embeddings"] = members["embeddings"][:1].expand_as(members["embeddings"]).clone()
+    torch.save(members, tmp_path / "identical.pt")
+    with torch.no_grad():
+        maps = ensemble_extractor(tiny_model_paths["sd"], tmp_path / "identical.pt").predict_step(
+            make_batch(["z0", "z1"]), 0)
+    assert torch.equal(maps["ensemble_mi"], torch.zeros_like(maps["ensemble_mi"]))
+    assert torch.equal(maps["ensemble_var"], torch.zeros_like(maps["ensemble_var"]))
+
+
+def test_embedding_member_maps_are_batch_invariant_and_refuse_other_settings(
+        tiny_model_paths: dict[str, Path], embedding_members_file: Path) -> None:
+    """A row's maps alone equal the row among others (so rank- and resume-invariant, the noises being keyed by
+    content), and an extractor at another timestep refuses the members in one line naming the field. Catches member
+    embeddings broadcast against the batch axis and embedding members used with settings they were not fitted at."""
+    fe = ensemble_extractor(tiny_model_paths["sd"], embedding_members_file)
+    names = ["i0", "i1", "i2"]
+    with torch.no_grad():
+        together = fe.predict_step(make_batch(names), 0)
+        for i, name_ in enumerate(names):
+            single = fe.predict_step(make_batch([name_]), 0)
+            for name in ("ensemble_mi", "ensemble_var"):
+                torch.testing.assert_close(together[name][i], single[name][0], rtol=5e-5, atol=1e-8)
+    with pytest.raises(ValueError, match=r"trained with other settings.*'timestep': \(200, 300\)") as refused:
+        ensemble_extractor(tiny_model_paths["sd"], embedding_members_file, timestep=300).predict_step(
+            make_batch(["r"]), 0)
+    assert "\n" not in str(refused.value)
+
+
 @pytest.mark.slow
 def test_ensemble_fit_cli_is_rank_count_invariant(tiny_model_paths: dict[str, Path], tmp_path: Path) -> None:
     """`python -m cli ensemble-fit` on real shards with 1 and 2 gloo ranks writes the same members (each image

@@ -2,12 +2,15 @@
 
 Maps ask each other for values through `ctx.map(name)` (cached per batch), so MI reuses the DEU and
 aleatoric maps of the same rows instead of recomputing them, and a map computed alone equals the
-same map computed beside others.
+same map computed beside others. Intermediates that several maps share (the ensemble members' means)
+go through `ctx.shared(key, compute)`. A map that needs more UNet evaluations than the fused pass's one
+asks `ctx.conditioned_eps(text)`: ε̂ of the pass's own x_t under another conditioning, run only when called,
+so the default pass costs nothing more.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -28,7 +31,10 @@ class MapContext:
     conv_bias: torch.Tensor
     var_w: torch.Tensor | None = None  # posterior variances of conv_out (None without a posterior)
     var_b: torch.Tensor | None = None
+    # text (L, D) → ε̂ (B, N, C, h, w) of the pass's x_t under that conditioning: one UNet call on the B·N rows
+    conditioned_eps: Callable[[torch.Tensor], torch.Tensor] | None = None
     _maps: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _shared: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def eps_hat(self) -> torch.Tensor:
@@ -60,6 +66,12 @@ class MapContext:
         device = self.phi.device
         seeds = [int(torch.randint(0, 2**62, (1,), generator=g)) for g in self.generators]
         return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def shared(self, key: str, compute: Callable[[], Any]) -> Any:
+        """An intermediate that several maps of this batch use, computed once (e.g. K members' UNet calls)."""
+        if key not in self._shared:
+            self._shared[key] = compute()
+        return self._shared[key]
 
     def map(self, name: str) -> torch.Tensor:
         """Map `name` for this batch, computed once."""

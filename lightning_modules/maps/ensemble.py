@@ -6,11 +6,13 @@ Enable them in the extractor config (the first maps added the registry way: this
     map_settings: {ensemble_members: members/sd15_conv_out_t200.pt, ensemble_distance: bhattacharyya}
     outputs: [lare, deu, ensemble_mi, ensemble_var]
 
-The members file comes from `python -m cli ensemble-fit` with kind `conv_out`: the K heads run on the fused
-pass's φ̄ (no extra UNet call), μ_k = W_k∗φ̄ + b_k = E_j ε̂_k(x_t^j) by linearity. `ensemble_var` = Var_k μ_k;
-`ensemble_mi` = PaiDE's I(y; k) for the mixture of N(μ_k, σ²), σ² per channel from the fit's residuals.
-Members of kind `embedding` need K UNet calls per noise with the pass's x_t, which the map context does not
-carry: they are refused here with that reason.
+The members file comes from `python -m cli ensemble-fit`; μ_k = E_j ε̂_k(x_t^j), the member's prediction averaged
+over the pass's N noised latents:
+- kind `conv_out`: the K heads run on the fused pass's φ̄ (no extra UNet call), μ_k = W_k∗φ̄ + b_k by linearity;
+- kind `embedding`: K more UNet calls on the pass's own x_t (B·N rows each), member k's learned text embedding
+  as the conditioning, so the map stays a function of the image (same noises as every other map).
+`ensemble_var` = Var_k μ_k; `ensemble_mi` = PaiDE's I(y; k) for the mixture of N(μ_k, σ²), σ² per channel from
+the fit's residuals. Both maps share one set of means per batch.
 """
 
 from __future__ import annotations
@@ -41,9 +43,6 @@ def _members(ctx: MapContext) -> dict[str, Any]:
     if path not in _LOADED:
         _LOADED[path] = load_members(path)
     members = _LOADED[path]
-    if members["kind"] != "conv_out":
-        raise ValueError(f"ensemble members {path} are of kind {members['kind']!r}; the phase-1 maps evaluate "
-                         "kind 'conv_out' heads on the fused pass (embedding members need K UNet calls with x_t)")
     check_members(members, path, {k: ctx.settings[k] for k in ("unet_hash", "timestep", "prompt", "latent")})
     latent_size = tuple(members["metadata"]["latent_size"])
     if tuple(ctx.phi.shape[-2:]) != latent_size:
@@ -53,10 +52,17 @@ def _members(ctx: MapContext) -> dict[str, Any]:
 
 
 def member_means(ctx: MapContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """(μ (B, K, C, h, w) on the pass's device, σ² (C, 1, 1)) for this batch."""
+    """(μ (B, K, C, h, w) on the pass's device, σ² (C, 1, 1)) for this batch, computed once for both maps."""
+    return ctx.shared("ensemble_member_means", lambda: _member_means(ctx))
+
+
+def _member_means(ctx: MapContext) -> tuple[torch.Tensor, torch.Tensor]:
     members = _members(ctx)
     device = ctx.phi.device
-    means = conv_out_member_means(ctx.phi_bar, members["weights"].to(device), members["biases"].to(device))
+    if members["kind"] == "conv_out":
+        means = conv_out_member_means(ctx.phi_bar, members["weights"].to(device), members["biases"].to(device))
+    else:  # embedding: one UNet call per member on the pass's B·N noised latents, averaged over the N noises
+        means = torch.stack([ctx.conditioned_eps(embedding).mean(dim=1) for embedding in members["embeddings"]], 1)
     return means, members["sigma2"].to(device).view(-1, 1, 1)
 
 

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from lightning_modules.maps.context import MapContext
 
 MapFunction = Callable[["MapContext"], torch.Tensor]
-BUILTIN_MAP_MODULES = ("lightning_modules.maps.builtin",)
+# Imported everywhere the registry is (extractor, detectors, reports, predict), so phase 2 knows these names too.
+BUILTIN_MAP_MODULES = ("lightning_modules.maps.builtin", "lightning_modules.maps.ensemble")
 
 
 def latent_channels(channels: int) -> int:
