@@ -11,8 +11,8 @@ Model-only (the extractor's own `compute_maps`, uint8 images already on the devi
   naive MC (M):      DEU as DEUA Eq. 13 spells it, with its N noises batched (the fair baseline): one UNet call
                      on the B·N latents per weight sample (conv_out perturbed), plus one for LaRE: (M+1) calls.
   ensemble conv_out (K): fused closed form + DECU's ensemble_mi/ensemble_var from K conv_out heads on its φ̄.
-  ensemble embedding (K): fused closed form + K more UNet calls on its B·N noised latents, one per member's
-                     conditioning embedding (DECU's design; its maps are not in the registry, the cost is).
+  ensemble embedding (K): fused closed form + DECU's maps from K embedding members: K more UNet calls on the
+                     pass's B·N noised latents, one per member's conditioning embedding (DECU's design).
   The FLOP ratio naive/fused is the bound on the speed-up (×3.87 at M = N = 4, 256², ×12.5 at M = 16); the
   measured throughput ratio is printed beside it.
 End to end (--end-to-end): `python -m cli precompute` on synthetic JPEG/PNG shards (decode → features → store),
@@ -41,9 +41,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
-from lightning_modules.diffusion_pass import autocast_context, key_generator, normalise_images
+from lightning_modules.diffusion_pass import DiffusionPass, autocast_context, key_generator, normalise_images
 from lightning_modules.ensemble_fit import MEMBERS_FORMAT
-from lightning_modules.ensemble_uncertainty import ensemble_variance, paide_mutual_information
 from lightning_modules.feature_extractor import FeatureExtractor
 from lightning_modules.laplace_fit import POSTERIOR_FORMAT
 from lightning_modules.pretrained import load_stable_diffusion, weights_hash
@@ -100,34 +99,21 @@ def write_posterior(sd: Path, out: Path, resolution: int) -> Path:
     return out
 
 
-def write_members(sd: Path, out: Path, num_members: int, resolution: int) -> Path:
-    """A conv_out members file with small random perturbations that the ensemble maps accept for `sd`."""
-    unet = load_stable_diffusion(str(sd)).unet
-    conv = unet.conv_out
-    torch.save({"format": MEMBERS_FORMAT, "kind": "conv_out", "num_members": num_members,
-                "weights": conv.weight.detach() + 1e-2 * torch.randn(num_members, *conv.weight.shape),
-                "biases": conv.bias.detach() + 1e-2 * torch.randn(num_members, *conv.bias.shape),
-                "embeddings": None, "sigma2": torch.ones(conv.out_channels),
+def write_members(sd: Path, out: Path, kind: str, num_members: int, resolution: int) -> Path:
+    """A members file of `kind` (conv_out heads or text embeddings) with small random perturbations of the
+    pretrained tensors that the ensemble maps accept for `sd` (speed needs no real fit)."""
+    parts = load_stable_diffusion(str(sd))
+    unet, conv = parts.unet, parts.unet.conv_out
+    text = DiffusionPass(parts, 200, 1, "a photo", "sample").text_embedding(torch.device("cpu"))[0]
+    conv_out = kind == "conv_out"
+    torch.save({"format": MEMBERS_FORMAT, "kind": kind, "num_members": num_members,
+                "weights": conv.weight.detach() + 1e-2 * torch.randn(num_members, *conv.weight.shape) if conv_out else None,
+                "biases": conv.bias.detach() + 1e-2 * torch.randn(num_members, *conv.bias.shape) if conv_out else None,
+                "embeddings": None if conv_out else text + 1e-2 * torch.randn(num_members, *text.shape),
+                "sigma2": torch.ones(conv.out_channels),
                 "metadata": {"unet_hash": weights_hash(unet), "timestep": 200, "prompt": "a photo", "latent": "sample",
                              "latent_size": [resolution // 8, resolution // 8]}}, out)
     return out
-
-
-def ensemble_embedding(fe: FeatureExtractor, images: torch.Tensor, sha256: list[str], num_members: int) -> object:
-    """The fused closed-form pass plus K UNet calls on its noised latents x_t, one per member's text embedding."""
-    unet, captured = fe.unet, []
-    hook = unet.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
-    try:
-        maps = fe.compute_maps(images, sha256, ["lare", "deu"])
-    finally:
-        hook.remove()
-    x_t, diffusion = captured[0], fe.diffusion
-    t = torch.full((x_t.shape[0],), diffusion.timestep, device=x_t.device, dtype=torch.long)
-    text = diffusion.text_embedding(x_t.device).expand(x_t.shape[0], -1, -1).to(unet.dtype)
-    with autocast_context(x_t.device, diffusion.autocast_dtype):
-        means = torch.stack([unet(x_t, t, encoder_hidden_states=text + 1e-2 * k).sample.float()
-                             .unflatten(0, (images.shape[0], diffusion.num_noises)).mean(1) for k in range(num_members)], 1)
-    return maps, paide_mutual_information(means, 1.0), ensemble_variance(means)
 
 
 def naive_mc(fe: FeatureExtractor, images: torch.Tensor, sha256: list[str], num_samples: int) -> torch.Tensor:
@@ -179,11 +165,11 @@ def images_per_second(fn: Callable[[], object], batch: int, iters: int, warmup: 
     return batch * iters / (time.perf_counter() - start)
 
 
-def extractor_kwargs(args: argparse.Namespace, sd: Path, posterior: Path, kernel: str) -> dict[str, object]:
+def extractor_kwargs(args: argparse.Namespace, sd: Path, posterior: Path, kernel: str,
+                     members: str = "conv_out") -> dict[str, object]:
     return dict(sd=str(sd), posterior=str(posterior), outputs=["lare", "deu", "aleatoric", "mi"],
                 num_noises=args.num_noises, autocast_dtype=args.dtype, compile_batch_size=args.batch_size,
-                map_modules=["lightning_modules.maps.builtin", "lightning_modules.maps.ensemble"],
-                map_settings={"ensemble_members": str(args.members), "ensemble_distance": "bhattacharyya"},
+                map_settings={"ensemble_members": str(args.members[members]), "ensemble_distance": "bhattacharyya"},
                 **KERNELS[kernel])
 
 
@@ -207,10 +193,10 @@ def model_only(args: argparse.Namespace, sd: Path, posterior: Path, device: torc
         if kernel == args.kernels[0]:
             for m in args.num_weight_samples:
                 runs[f"naive MC (M={m}, N batched)"] = lambda x, m=m: naive_mc(fe, x, sha256[:len(x)], m)
-            k = args.num_members
-            runs[f"ensemble conv_out (K={k})"] = lambda x: fe.compute_maps(
-                x, sha256[:len(x)], ["lare", "deu", "ensemble_mi", "ensemble_var"])
-            runs[f"ensemble embedding (K={k})"] = lambda x: ensemble_embedding(fe, x, sha256[:len(x)], k)
+            k, ensemble = args.num_members, ["lare", "deu", "ensemble_mi", "ensemble_var"]
+            fe_embedding = FeatureExtractor(**extractor_kwargs(args, sd, posterior, kernel, "embedding")).to(device)
+            runs[f"ensemble conv_out (K={k})"] = lambda x: fe.compute_maps(x, sha256[:len(x)], ensemble)
+            runs[f"ensemble embedding (K={k})"] = lambda x: fe_embedding.compute_maps(x, sha256[:len(x)], ensemble)
         results: dict[str, tuple[float, float]] = {}
         for label, fn in runs.items():
             if label not in flops_by_label:  # counted once, uncompiled (FLOPs do not depend on kernel settings)
@@ -335,7 +321,8 @@ def main() -> None:
         if args.arch == "sd15":
             sd = write_sd15_random(sd, work / "sd15")
         posterior = write_posterior(sd, work / "posterior.pt", args.resolution)
-        args.members = write_members(sd, work / "members.pt", args.num_members, args.resolution)
+        args.members = {kind: write_members(sd, work / f"members_{kind}.pt", kind, args.num_members, args.resolution)
+                        for kind in ("conv_out", "embedding")}
         model_only(args, sd, posterior, device)
         if args.end_to_end:
             end_to_end(args, sd, posterior, work)
