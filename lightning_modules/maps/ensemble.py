@@ -1,8 +1,8 @@
 """DECU's ensemble maps (Berry, Brando, Meger, arXiv 2406.18580) in the map registry: `ensemble_mi`, `ensemble_var`.
 
-Enable them in the extractor config (the first maps added the registry way: this file plus YAML lines):
+Enable them in the extractor config (the first maps added the registry way: this file plus YAML lines; the
+module is among the default `map_modules`, so phase 2 knows the names too):
 
-    map_modules: [lightning_modules.maps.builtin, lightning_modules.maps.ensemble]
     map_settings: {ensemble_members: members/sd15_conv_out_t200.pt, ensemble_distance: bhattacharyya}
     outputs: [lare, deu, ensemble_mi, ensemble_var]
 
