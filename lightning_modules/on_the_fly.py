@@ -52,12 +52,17 @@ def extractor_part(provenance: dict[str, Any]) -> dict[str, Any]:
 
 
 def extractor_settings(recorded: dict[str, Any]) -> dict[str, Any]:
-    """FeatureExtractor arguments from its recorded provenance: every leaf named like an argument, and the
-    outputs (the typed form's map names)."""
+    """FeatureExtractor arguments from its recorded provenance: every leaf named like an argument, the outputs
+    (the typed form's map names), and `map_settings`: the maps' own settings that are no argument and not derived
+    by the extractor (a file's X_sha256, weight hashes, the posterior's σ), e.g. DECU's members file."""
     names = set(inspect.signature(FeatureExtractor).parameters)
     settings = {name: value for name, value in _by_name(recorded).items() if name in names}
     if "maps" in recorded:
         settings["outputs"] = list(recorded["maps"])
+        own = {name: value for map_settings in recorded["maps"].values() for name, value in map_settings.items()
+               if name not in names and name != "sigma" and not name.endswith(("_sha256", "_hash"))}
+        if own:
+            settings["map_settings"] = own
     return settings
 
 

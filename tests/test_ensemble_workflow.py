@@ -114,8 +114,9 @@ def test_refused_members_are_one_line(workspace: dict[str, Path], tiny_model_pat
 def test_deua_guided_by_ensemble_mi_fits_tests_and_writes_its_table(workspace: dict[str, Path]) -> None:
     """configs/deua.yaml + configs/deua_ensemble.yaml as documented, with a local.yaml of store paths and tiny
     dimensions: fit writes a checkpoint whose detector is guided by ensemble_mi, test writes the protocol table
-    with a row per test generator. Catches the registry not knowing ensemble_mi in phase 2, the override not
-    replacing DEUA's guidance and features, and a test step that rejects the ensemble store's provenance."""
+    with a row per test generator, and `predict` on the raw images gives the test run's probabilities. Catches the
+    registry not knowing ensemble_mi in phase 2, the override not replacing DEUA's guidance and features, a test
+    step that rejects the ensemble store's provenance, and a predict that loses the members file (map_settings)."""
     root = workspace["root"]
     (root / "local.yaml").write_text(yaml.safe_dump({
         "trainer": {"accelerator": "cpu", "max_epochs": 2, "enable_progress_bar": False,
@@ -133,6 +134,15 @@ def test_deua_guided_by_ensemble_mi_fits_tests_and_writes_its_table(workspace: d
     table = pd.read_csv(run / "protocol_table.csv")
     assert set(GENERATORS) <= set(table["generator"]), table
     assert table.loc[table["generator"].isin(GENERATORS), "acc"].between(0, 1).all()
+    # On raw files: `predict` rebuilds the extractor (members file included) from the checkpoint's provenance and
+    # gives the test run's probabilities for the same images (matched by content hash).
+    out = root / "predictions.csv"
+    ok(cli("predict", "--ckpt", str(run / "checkpoints/last.ckpt"), "--data", str(root / "images"), "--out", str(out),
+           "--num_workers", "0", cwd=root))
+    scored = pd.read_csv(run / "test_predictions.csv")
+    scored["sha256"] = FeatureStore.open(workspace["val"]).rows("sha256")[scored["row"]]
+    on_the_fly = pd.read_csv(out).set_index("sha256").loc[scored["sha256"], "p_fake"].to_numpy()
+    np.testing.assert_allclose(on_the_fly, scored["p_fake"], atol=1e-4)
 
 
 def test_separability_report_covers_the_ensemble_maps(workspace: dict[str, Path]) -> None:
