@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 import torch.nn.functional as F
 
+from cli.__main__ import main as cli_main
 from cli.trainer import ForensicsTrainer
 from datamodules.shards import convert
+from lightning_modules.detectors import DEUADetector
 from lightning_modules.diffusion_pass import DiffusionPass, key_generator
 from lightning_modules.feature_extractor import FeatureExtractor
 from lightning_modules.laplace_fit import file_sha256
@@ -279,6 +282,27 @@ def test_embedding_member_maps_are_batch_invariant_and_refuse_other_settings(
         ensemble_extractor(tiny_model_paths["sd"], embedding_members_file, timestep=300).predict_step(
             make_batch(["r"]), 0)
     assert "\n" not in str(refused.value)
+
+
+# ---- the comparison configs ----
+
+@pytest.mark.parametrize("override", ["deua_ensemble.yaml", *(f"ablations/ensemble/{row.name}" for row in
+                                                               sorted((REPO / "configs/ablations/ensemble").glob("*.yaml")))])
+def test_ensemble_configs_resolve_to_a_detector_reading_its_guidance(override: str, capsys) -> None:
+    """Each comparison config stacked on configs/deua.yaml, as LightningCLI resolves it: its guidance maps are
+    registered, read from the stores (data features), a DEUA head is built for them, and runs land in deua_ensemble.
+    Catches a row whose guidance is missing from its features (fit would fail after phase 1) or names an
+    unregistered map, and rows logged into DEU's own run directory."""
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(REPO / "configs/deua.yaml"), "--config", str(REPO / "configs" / override),
+                  "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    model, features = config["model"]["init_args"], config["data"]["init_args"]["features"]
+    assert set(model["guidance"]) <= set(features) and "clip_layer3" in features
+    assert config["trainer"]["logger"]["init_args"]["name"] == "deua_ensemble"
+    assert any(name.startswith("ensemble_") for name in model["guidance"]) or model["guidance"] == ["deu"]
+    detector = DEUADetector(**{**model, "visual_channels": 16})
+    assert detector.guidance_channels == 4 * len(model["guidance"])
 
 
 @pytest.mark.slow
