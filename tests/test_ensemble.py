@@ -251,6 +251,19 @@ def test_embedding_member_maps_equal_a_per_member_unet_loop(tiny_model_paths: di
     assert (maps["ensemble_mi"] > 0).all() and (maps["ensemble_mi"] <= math.log(3)).all()
 
 
+@torch.no_grad()
+def test_conditioned_eps_under_the_prompt_is_the_fused_pass(tiny_model_paths: dict[str, Path]) -> None:
+    """The extra UNet call a map asks for runs on the pass's own x_t: under the prompt's own embedding it returns the
+    pass's ε̂ bit for bit, and another embedding changes it. Catches re-drawn noises, another timestep or
+    another row grouping in the extra call, and a conditioning that is ignored."""
+    diffusion = DiffusionPass(load_stable_diffusion(str(tiny_model_paths["sd"])), 200, 3, "a photo", "sample")
+    batch = make_batch(["c0", "c1"])
+    out = diffusion(as_float(batch["image"]), [key_generator(0, s) for s in batch["sha256"]])
+    prompt = diffusion.text_embedding(torch.device("cpu"))[0]
+    assert torch.equal(diffusion.conditioned_eps(out, prompt), out.eps_hat)
+    assert not torch.allclose(diffusion.conditioned_eps(out, prompt + 0.5), out.eps_hat)
+
+
 def test_identical_embedding_members_give_zero(tiny_model_paths: dict[str, Path], embedding_members_file: Path,
                                                tmp_path: Path) -> None:
     """K copies of one embedding carry no epistemic information: both maps exactly 0 (bit-identical member calls).
