@@ -3,8 +3,11 @@
 Rich bars (Lightning's, `rich.progress.track`) redraw one terminal line; in a file they print nothing
 useful until the end. When stdout is not a terminal, long work reports with plain lines instead:
 - `PlainLogProgress`, a Lightning callback (`python -m cli` adds it to every Trainer run), for batches;
-- `report_progress(items, total, label)`, a generator for plain commands' loops (tars, runs, images).
-Both print the first step, then at most one line per `every_s` seconds, and the last step.
+  a streaming loader without a length gets its total from the datamodule's `predict_batches()`;
+- `report_progress(items, total, label)`, a generator for plain commands' loops (tars, runs, images);
+- `ProgressLine` itself where a loop also marks milestones (`force=True`: the shards and feature-store
+  writers print one line per tar).
+All print the first step, then at most one line per `every_s` seconds, and the last step.
 """
 
 from __future__ import annotations
