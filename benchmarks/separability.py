@@ -1,7 +1,7 @@
 """Streaming throughput and peak memory of `python -m cli separability` (run by hand; prints figures).
 
     python benchmarks/separability.py [--rows 300000] [--shard-size 1000] [--dir /tmp/bench_separability]
-                                      [--workers 2] [--bootstrap 1000]
+                                      [--workers 2] [--bootstrap 1000] [--stages summaries command]
 
 Builds (once) a float32 store of one 4x32x32 map (`deu`, the format-2 guidance-map dtype) with ReLU-like
 LaRE-like values, then, each in a fresh process so the figures are its own: (1) the streaming summaries
@@ -88,6 +88,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/bench_separability"))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--stages", nargs="+", choices=["summaries", "command"], default=["summaries", "command"])
     parser.add_argument("--stage", choices=["summaries", "command"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     path = args.dir / f"store_{args.rows}_{args.shard_size}.zarr"
@@ -101,7 +102,7 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"{'stage':10s} {'seconds':>8s} {'rows/s':>9s} {'rows/CPU-s':>11s} {'RSS after imports MiB':>22s} "
           f"{'peak RSS MiB':>13s}")
-    for stage in ("summaries", "command"):
+    for stage in args.stages:
         output = subprocess.run([sys.executable, __file__, "--rows", str(args.rows), "--shard-size", str(args.shard_size),
                                  "--dir", str(args.dir), "--workers", str(args.workers), "--bootstrap",
                                  str(args.bootstrap), "--stage", stage], capture_output=True, text=True, check=True)

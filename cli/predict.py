@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import pandas as pd
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from cli.progress import PlainLogProgress
 from datamodules.image_files import METADATA, ImageFilesDataModule
 from datamodules.image_shards import preprocessor_from_provenance
 from lightning_modules.on_the_fly import OnTheFlyDetector
@@ -41,7 +42,7 @@ class RowCollector(BasePredictionWriter):
 
 def run_predict(model: pl.LightningModule, datamodule: pl.LightningDataModule, accelerator: str) -> list[dict]:
     collector = RowCollector()
-    trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, callbacks=[collector],
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, callbacks=[collector, PlainLogProgress()],
                          enable_model_summary=False)
     trainer.predict(model, datamodule=datamodule, return_predictions=False)
     return collector.rows

@@ -3,8 +3,11 @@
 Rich bars (Lightning's, `rich.progress.track`) redraw one terminal line; in a file they print nothing
 useful until the end. When stdout is not a terminal, long work reports with plain lines instead:
 - `PlainLogProgress`, a Lightning callback (`python -m cli` adds it to every Trainer run), for batches;
-- `report_progress(items, total, label)`, a generator for plain commands' loops (tars, runs, images).
-Both print the first step, then at most one line per `every_s` seconds, and the last step.
+  a streaming loader without a length gets its total from the datamodule's `predict_batches()`;
+- `report_progress(items, total, label)`, a generator for plain commands' loops (tars, runs, images);
+- `ProgressLine` itself where a loop also marks milestones (`force=True`: the shards and feature-store
+  writers print one line per tar).
+All print the first step, then at most one line per `every_s` seconds, and the last step.
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ def _clock(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def _rate(per_second: float) -> str:
+    """Three significant digits, never in exponent form: 0.0042 tars/s and 1234 rows/s both read."""
+    return f"{per_second:.3g}" if per_second < 100 else f"{per_second:.0f}"
+
+
 class ProgressLine:
     """Formats and rate-limits `label: done/total unit (pct), rate unit/s, elapsed, ETA` lines."""
 
@@ -44,13 +52,14 @@ class ProgressLine:
         self.last_print = -math.inf
         self.done = 0
 
-    def advance(self, steps: int = 1, note: str = "") -> str | None:
-        """Count `steps` more finished items; the line to print, or None when the last line is recent."""
+    def advance(self, steps: int = 1, note: str = "", force: bool = False) -> str | None:
+        """Count `steps` more finished items; the line to print, or None when the last line is recent
+        (`force`: a line now, e.g. at the end of a tar)."""
         self.done += steps
         done = self.done
         now = time.monotonic()
         finished = self.total is not None and done >= self.total
-        if not finished and done != 1 and now - self.last_print < self.every_s:
+        if not (force or finished) and done != steps and now - self.last_print < self.every_s:
             return None
         self.last_print = now
         elapsed = now - self.start
@@ -59,7 +68,7 @@ class ProgressLine:
         of = f"/{int(self.total)}" if known else ""
         pct = f" ({100 * done / self.total:.0f}%)" if known else ""
         eta = f", ETA {_clock((self.total - done) / rate if rate > 0 else math.inf)}" if known else ""
-        return (f"{self.label}: {done}{of} {self.unit}{pct}, {rate:.2f} {self.unit}/s, "
+        return (f"{self.label}: {done}{of} {self.unit}{pct}, {_rate(rate)} {self.unit}/s, "
                 f"elapsed {_clock(elapsed)}{eta}{f', {note}' if note else ''}")
 
 
@@ -123,7 +132,10 @@ class PlainLogProgress(pl.Callback):
         self._step(trainer, "test")
 
     def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start("predict", trainer.num_predict_batches)
+        total = sum(trainer.num_predict_batches)
+        if not math.isfinite(total) and hasattr(trainer.datamodule, "predict_batches"):
+            total = trainer.datamodule.predict_batches()  # a streaming loader has no length; its shard table knows
+        self._start("predict", total)
 
     def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
         self._step(trainer, "predict")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from cli.predict import pixel_provenance, run_predict
+from cli.progress import PlainLogProgress
 from datamodules.image_shards import ImageShardDataModule, pixel_settings
 from datamodules.perturbations import ROBUSTNESS_SWEEP, parse_sweep, perturbation_label
 from feature_cache.codecs import widen
@@ -62,7 +63,7 @@ def cached_features(model: OnTheFlyDetector, datamodule: ImageShardDataModule, c
     reused = done_everywhere(path, names)
     if reused < len(datamodule.shard_table()):
         writer = ZarrFeatureWriter(str(path))  # the exactly-once, resumable writer of `precompute`
-        trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, callbacks=[writer],
+        trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, callbacks=[writer, PlainLogProgress()],
                              enable_model_summary=False)
         trainer.predict(extractor, datamodule=datamodule, return_predictions=False)
         extractor.set_outputs(names)  # the writer selected the outputs the store lacked; scoring needs all

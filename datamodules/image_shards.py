@@ -264,6 +264,12 @@ class ImageShardDataModule(pl.LightningDataModule):
         todo = [entry for entry in self._index["shards"] if entry["name"] not in self._excluded]
         return balance(todo, world_size)[rank]
 
+    def predict_batches(self) -> int:
+        """Batches this rank's loader yields, known before any image is read (progress totals, ETA): batches
+        never span two tars, so each tar gives ceil(rows / batch_size) of them."""
+        size = self.hparams.batch_size
+        return sum(-(-int(entry["num_samples"]) // size) for entry in self.rank_shards(*self._rank_and_world()))
+
     def predict_dataloader(self) -> DataLoader:
         """This rank's tars, split over its workers; each image exactly once over all ranks × workers."""
         mine = self.rank_shards(*self._rank_and_world())

@@ -30,6 +30,7 @@ from typing import Literal
 
 from rich.progress import track
 
+from cli.progress import ProgressLine, plain_output
 from datamodules.image_io import FORMAT_EXTENSIONS, KNOWN_EXTENSIONS, decode_rgb, describe_error, \
     estimate_jpeg_quality, read_regular_file
 from feature_cache.manifest import read_manifest_rows
@@ -324,12 +325,12 @@ def _ordered_map(function: Callable, items: list, workers: int, description: str
     instead of the endless wait `multiprocessing.Pool` gives.
     """
     if workers <= 1 or len(items) <= 1:
-        yield from track(map(function, items), description=description, total=len(items))
+        yield from track(map(function, items), description=description, total=len(items), disable=plain_output())
         return
     with ProcessPoolExecutor(workers) as pool:
         source = iter(items)
         window = deque((item, pool.submit(function, item)) for item in islice(source, 16 * workers))
-        for _ in track(range(len(items)), description=description):
+        for _ in track(range(len(items)), description=description, disable=plain_output()):
             item, future = window.popleft()
             try:
                 result = future.result()
@@ -409,20 +410,29 @@ def convert(layout: Layout, root: Path, split: Split, out: Path, shard_size: int
     shards = ShardSequence(out, shard_size)
     try:
         checked = _ordered_map(check_file, [f.path for f in files], workers, "decoding")
+        # In a log (not a terminal): a line per filled tar and at least every 30 s, images read of all found.
+        line = ProgressLine("shards", len(files), "images") if plain_output() else None
         for source, (info, data) in zip(files, checked):
             if info.reason:
                 rejected.append((source.rel, info.reason))
-                continue
-            row = len(manifest)
-            key = f"{row:09d}"  # dot-free and unique: WebDataset splits keys from extensions at the first dot
-            record = {"key": key, "row": row, "label": source.label, "generator": source.generator,
-                      "path": source.rel, "shard": shards.shard_of(row), "format": info.format,
-                      "jpeg_quality": "" if info.jpeg_quality is None else info.jpeg_quality,
-                      "width": info.width, "height": info.height,
-                      # No layout names the class in a folder; parsing file names for it is what STYLE.md warns against.
-                      "class_name": "", "sha256": info.sha256}
-            shards.add(key, info.extension, data, record)
-            manifest.append(record)
+            else:
+                row = len(manifest)
+                key = f"{row:09d}"  # dot-free and unique: WebDataset splits keys from extensions at the first dot
+                record = {"key": key, "row": row, "label": source.label, "generator": source.generator,
+                          "path": source.rel, "shard": shards.shard_of(row), "format": info.format,
+                          "jpeg_quality": "" if info.jpeg_quality is None else info.jpeg_quality,
+                          "width": info.width, "height": info.height,
+                          # No layout names the class in a folder; parsing file names for it is what STYLE.md
+                          # warns against.
+                          "class_name": "", "sha256": info.sha256}
+                shards.add(key, info.extension, data, record)
+                manifest.append(record)
+            if line is not None:
+                filled = not info.reason and len(manifest) % shard_size == 0
+                text = line.advance(1, f"{len(shards.table)} tars of at most {-(-len(files) // shard_size)}, "
+                                       f"{len(rejected)} rejected", force=filled)
+                if text:
+                    print(text, flush=True)
         shards.close()
     finally:
         shards.abort()

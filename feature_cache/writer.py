@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar
 
+from cli.progress import ProgressLine, plain_output
 from feature_cache.codecs import encode
 from feature_cache.manifest import read_rejected, store_rows
 from feature_cache.provenance import (DatasetProvenance, ExtractorProvenance, FeatureSpec, PixelProvenance,
@@ -128,6 +129,8 @@ class ZarrFeatureWriter(BasePredictionWriter):
     def _reset(self) -> None:
         self._pending: dict[int, _TarBuffer] = {}
         self._written = 0
+        self._tar_line: ProgressLine | None = None
+        self._tars_to_write = 0
         self._error: BaseException | None = None
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
@@ -161,17 +164,30 @@ class ZarrFeatureWriter(BasePredictionWriter):
         trainer.strategy.barrier("zarr_feature_writer_setup")
         self.store = FeatureStore.open(self.path, writable=True)
         self.group = self._group_to_compute(self.store, list(requested.maps))
-        if self.group is None:
-            datamodule.exclude_shards({t["name"] for t in self.store.shard_table})
-        else:
+        tars = [t["name"] for t in self.store.shard_table]
+        done = set(tars) if self.group is None else self.store.done_tars(self.group)
+        if self.group is not None:
             pl_module.set_outputs(list(self.store.groups[self.group].features))  # compute this group only
-            datamodule.exclude_shards(self.store.done_tars(self.group))
-        self._done_before = 0 if self.group is None else len(self.store.done_tars(self.group))
+        datamodule.exclude_shards(done)
+        self._done_before = len(done)
+        if trainer.is_global_zero and done:
+            print(f"resume: skipped {len(done)} of {len(tars)} tars already in the store {self.path}", flush=True)
+        self._tar_line = self._tar_progress(trainer, datamodule, done) if plain_output() else None
         if self.background:
             bound = self.queue_tars * -(-self.store.shard_size // max(1, int(requested.common["batch_size"] or 1)))
             self._queue = queue.Queue(maxsize=bound)
             self._thread = threading.Thread(target=self._drain, name="feature-store-writer", daemon=True)
             self._thread.start()
+
+    def _tar_progress(self, trainer: pl.Trainer, datamodule: pl.LightningDataModule, done: set[str]) -> ProgressLine:
+        """A plain log line per tar this process writes: rows done/total, rate, ETA (the Rich bar's description
+        shows the tars on a terminal). Its share is the datamodule's `rank_shards`, else every tar still to do."""
+        assert self.store is not None
+        share = (datamodule.rank_shards(trainer.global_rank, trainer.world_size) if hasattr(datamodule, "rank_shards")
+                 else [t for t in self.store.shard_table if t["name"] not in done])
+        self._tars_to_write = len(share)
+        rank = f" (rank {trainer.global_rank})" if trainer.world_size > 1 else ""
+        return ProgressLine(f"writing {self.path.name}{rank}", sum(int(t["num_samples"]) for t in share), "rows")
 
     def _prepare(self, datamodule: pl.LightningDataModule, data: dict[str, Any], requested: ExtractorProvenance,
                  shapes: dict[str, tuple[int, ...]]) -> None:
@@ -312,6 +328,9 @@ class ZarrFeatureWriter(BasePredictionWriter):
                 store.write_tar(group, shard_index, buffer.arrays, buffer.errors, buffer.flags)
                 del self._pending[shard_index]
                 self._written += 1
+                if self._tar_line is not None:
+                    print(self._tar_line.advance(len(buffer.errors), f"tar {self._written}/{self._tars_to_write} "
+                                                 f"({store.shard_table[shard_index]['name']})", force=True), flush=True)
 
     def _buffer(self, shard_index: int) -> _TarBuffer:
         if shard_index not in self._pending:

@@ -21,6 +21,7 @@ current one is summarised; only the (rows × summaries) table stays in memory.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -54,14 +55,21 @@ def guidance_maps(store: FeatureStore) -> list[str]:
 def map_blocks(store: FeatureStore, names: list[str]) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
     """(start, stop, {map: values in stored dtype}) for each tar in row order, whole Zarr shards per read.
 
+    A block is valid until the next-but-one is requested: blocks alternate between two reused buffers per map
+    (fresh 16 MB arrays per tar are page-faulted in on every touch), so a consumer may hold one block while the
+    next is read. Whole-tar reads, not `row_batches`' chunk-aligned 32-row calls: for these small rows in
+    25-row chunks a tar in 25-row calls cost twice the CPU time (51 vs 25 µs per row, docs/separability.md).
     Zarr decodes the inner chunks of a shard one by one by default; batching 64 of them per codec call cut the
-    CPU time of a whole-tar read of 4x32x32 float32 maps in 4-row chunks from 67-84 to 44 µs per row; stores
-    written with `CHUNK_ROWS`-row chunks (25-32 rows) pay the per-chunk cost ~8x less often (docs/separability.md).
+    CPU time of a whole-tar read of 4x32x32 float32 maps in (older) 4-row chunks from 67-84 to 44 µs per row.
     """
+    rows = max((stop - start for start, stop in map(store.tar_rows, range(len(store.shard_table)))), default=0)
+    buffers = [{name: np.empty((rows, *store.feature_info(name).shape), store.feature_info(name).storage_dtype)
+                for name in names} for _ in range(2)]
     for index in range(len(store.shard_table)):
         start, stop = store.tar_rows(index)
         with zarr.config.set({"codec_pipeline.batch_size": _DECODE_BATCH}):
-            yield start, stop, {name: store.read(name, start, stop) for name in names}
+            yield start, stop, {name: store.read(name, start, stop, out=buffer[:stop - start])
+                                for name, buffer in buffers[index % 2].items()}
 
 
 @dataclass
@@ -93,48 +101,90 @@ class StoreRows:
 
 # --- summaries ---------------------------------------------------------------------------------------------
 
-def map_summaries(values: np.ndarray) -> np.ndarray:
-    """(B, len(SUMMARIES)) float64 summaries of B maps (B, C, H, W) in any float dtype (see module docstring)."""
-    maps = values.astype(np.float32, copy=False)
-    count = maps.shape[0]
-    size = math.prod(maps.shape[1:])
-    flat = maps.reshape(count, size)
+_SLAB_ROWS = 64  # rows summarised per numpy pass: a 64-row slab (1 MiB at 4x32x32) stays in cache across the passes
+
+
+def _sortable(bits: np.ndarray) -> np.ndarray:
+    """int32 keys in the order of the float32 values whose bits they are, and back (the map is its own inverse).
+
+    IEEE-754 floats of one sign are ordered like their bit patterns; flipping the magnitude bits of negative
+    ones makes the whole int32 order match the float order (-0.0 just below +0.0). numpy partitions int32
+    ~1.5x faster than float32, whose comparisons must also order NaNs."""
+    return bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))
+
+
+@functools.lru_cache(maxsize=8)
+def _highpass_layout(channels: int, height: int, width: int) -> tuple[np.ndarray, int]:
+    """For the Laplacian over a flattened (C·H·W) row, centred on positions W+1 .. C·H·W−W−2: the offsets in
+    that range that are not interior pixels of their channel (zeroed), and the number of interior pixels."""
+    positions = np.arange(width + 1, channels * height * width - width - 1)
+    row, column = positions % (height * width) // width, positions % width
+    interior = (row >= 1) & (row <= height - 2) & (column >= 1) & (column <= width - 2)
+    return np.flatnonzero(~interior), channels * max(height - 2, 0) * max(width - 2, 0)
+
+
+def _summarise_slab(flat: np.ndarray, shape: tuple[int, int, int], out: np.ndarray) -> None:
+    """`map_summaries` of a few rows (C·H·W float32 values each, C-contiguous) into `out` (rows, 5) float64."""
+    count, size = flat.shape
+    channels, height, width = shape
+    out[:, 0] = flat.mean(1, dtype=np.float64)
     positions = {q: (size - 1) * q for q in (0.5, 0.95)}
     kth = sorted({k for p in positions.values() for k in (math.floor(p), math.ceil(p))})
-    part = np.partition(flat, kth, axis=1)  # linear-time selection, as numpy.quantile does internally
-
-    def quantile(q: float) -> np.ndarray:
+    keys = np.partition(_sortable(flat.view(np.int32)), kth, axis=1)  # linear-time selection, as numpy.quantile
+    picked = dict(zip(kth, _sortable(np.ascontiguousarray(keys[:, kth])).view(np.float32).astype(np.float64).T))
+    for column, q in ((1, 0.5), (2, 0.95)):
         low, high = math.floor(positions[q]), math.ceil(positions[q])
-        lower = part[:, low].astype(np.float64)
-        return lower + (positions[q] - low) * (part[:, high].astype(np.float64) - lower)
+        out[:, column] = picked[low] + (positions[q] - low) * (picked[high] - picked[low])
+    out[np.isnan(flat).any(1), 1:3] = np.nan  # as numpy.quantile (the int keys would order a NaN like a number)
+    out[:, 3] = flat.reshape(count, channels, height * width).mean(1).std(1, dtype=np.float64)
+    border, interior = _highpass_layout(channels, height, width)
+    if not interior:
+        out[:, 4] = np.nan
+        return
+    # 4-neighbour Laplacian on the flat rows: neighbours are ±1 (columns) and ±W (rows) positions away; results
+    # centred on border pixels (or spanning two channels) are zeroed. Contiguous slices vectorise; 4-D ones did not.
+    laplacian = flat[:, 1:-2 * width - 1] + flat[:, 2 * width + 1:-1]
+    laplacian += flat[:, width:-width - 2]
+    laplacian += flat[:, width + 2:-width]
+    laplacian -= 4 * flat[:, width + 1:-width - 1]
+    laplacian[:, border] = 0
+    out[:, 4] = np.einsum("ij,ij->i", laplacian, laplacian, dtype=np.float64) / interior
 
-    laplacian = 4 * maps[..., 1:-1, 1:-1]
-    for neighbour in (maps[..., :-2, 1:-1], maps[..., 2:, 1:-1], maps[..., 1:-1, :-2], maps[..., 1:-1, 2:]):
-        laplacian -= neighbour
-    laplacian = laplacian.reshape(count, math.prod(laplacian.shape[1:]))
-    return np.stack([flat.mean(1, dtype=np.float64), quantile(0.5), quantile(0.95),
-                     maps.mean(1).reshape(count, math.prod(maps.shape[2:])).std(1, dtype=np.float64),
-                     np.einsum("ij,ij->i", laplacian, laplacian, dtype=np.float64) / laplacian.shape[1]], axis=1)
 
+def map_summaries(values: np.ndarray) -> np.ndarray:
+    """(B, len(SUMMARIES)) float64 summaries of B maps (B, C, H, W) in any float dtype (see module docstring).
 
-def _summarise_block(block: dict[str, np.ndarray], pool: ThreadPoolExecutor, workers: int) -> dict[str, np.ndarray]:
-    """Each map's summaries, the rows split across `workers` threads (numpy's selection releases the GIL)."""
-    return {name: np.concatenate(list(pool.map(map_summaries, np.array_split(values, workers))))
-            for name, values in block.items()}
+    All five come from one pass over cache-sized slabs of rows, in float32 with float64 accumulation."""
+    maps = np.ascontiguousarray(values, dtype=np.float32)
+    shape = maps.shape[1:]
+    flat = maps.reshape(len(maps), math.prod(shape))
+    out = np.empty((len(maps), len(SUMMARIES)))
+    for start in range(0, len(maps), _SLAB_ROWS):
+        _summarise_slab(flat[start:start + _SLAB_ROWS], shape, out[start:start + _SLAB_ROWS])
+    return out
 
 
 def summarise_store(store: FeatureStore, names: list[str], workers: int = 2,
                     progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
-    """{map: (num_rows, len(SUMMARIES)) float32} over every row, streaming one tar at a time."""
+    """{map: (num_rows, len(SUMMARIES)) float32} over every row, streaming one tar at a time: the next tar is
+    decoded in a thread while this one's rows are summarised by `workers` threads (numpy's selection and
+    ufuncs release the GIL), each writing its share of rows straight into the table."""
     summaries = {name: np.zeros((store.num_rows, len(SUMMARIES)), dtype=np.float32) for name in names}
     blocks = map_blocks(store, names)
+
+    def summarise(name: str, values: np.ndarray, start: int) -> None:
+        summaries[name][start:start + len(values)] = map_summaries(values)
+
     with ThreadPoolExecutor(max_workers=workers + 1) as pool:
         pending = pool.submit(next, blocks, None)
         while (item := pending.result()) is not None:
             pending = pool.submit(next, blocks, None)  # decode the next tar while this one is summarised
             start, stop, block = item
-            for name, values in _summarise_block(block, pool, workers).items():
-                summaries[name][start:stop] = values
+            step = max(1, -(-(stop - start) // workers))
+            shares = [(name, values[first:first + step], start + first) for name, values in block.items()
+                      for first in range(0, stop - start, step)]
+            for done in [pool.submit(summarise, *share) for share in shares]:
+                done.result()
             if progress is not None:
                 progress(stop - start)
     return summaries

@@ -139,6 +139,10 @@ def test_robustness_sweep_caches_features_and_reports_per_generator(demo, tmp_pa
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[run] = result.stdout
     assert "robustness [3/3] blur 1: done in" in outputs[1] and "0/1 tars reused" in outputs[1]
+    # stdout is a pipe (as under SLURM): each level's feature pass logs batches and tars with totals and ETA
+    logged = [line for line in outputs[0].splitlines() if line.startswith(("predict: ", "writing "))]
+    assert sum(line.startswith("writing ") and "tar 1/1" in line for line in logged) == 3, logged
+    assert all("/" in line.split(":")[1] and "ETA" in line for line in logged), logged
     assert outputs[2].count("1/1 tars reused") == 3
     rows = _read_csv(tmp_path / "deua-1" / "robustness.csv")
     assert [r["perturbation"] for r in rows] == ["none", "jpeg 75", "blur 1"]

@@ -7,6 +7,7 @@ store; stores are compared file by file.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,6 +156,28 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(setup, single_process_st
     assert 2 <= partial < 12, f"the kill should land mid-run, {partial}/12 tars were done"
     result = _run(setup, store)
     assert result.returncode == 0, result.stderr[-3000:]
+    _assert_bit_identical(single_process_store, store)
+
+
+def test_plain_log_shows_totals_eta_per_tar_and_the_resume_skip(setup, single_process_store):
+    """stdout piped (not a terminal), as under SLURM or `> log`: a resume after 3 of 12 tars lost their done
+    markers. Catches a streaming loader's batch line without a total (no ETA), tars written without a line,
+    and a resume that does not say how many tars it skipped or counts the ones it recomputes."""
+    store = setup["root"] / "plain_log.zarr"
+    shutil.copytree(single_process_store, store)
+    for marker in sorted((store / "g0" / "done").glob("*.json"))[-3:]:
+        marker.unlink()
+    result = _run(setup, store)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert f"resume: skipped 9 of 12 tars already in the store {store}" in lines
+    batches = [line for line in lines if line.startswith("predict: ")]  # 3 tars of 2 rows, batch size 3: 3 batches
+    assert batches[0].startswith("predict: 1/3 batches (33%)") and "ETA" in batches[0], lines
+    assert batches[-1].startswith("predict: 3/3 batches (100%)"), lines
+    tars = [line for line in lines if line.startswith("writing plain_log.zarr: ")]
+    assert [line.split(",")[0] for line in tars] == [f"writing plain_log.zarr: {2 * k}/6 rows ({100 * k / 3:.0f}%)"
+                                                     for k in (1, 2, 3)], lines
+    assert all("ETA" in line and f"tar {k}/3 (shard-" in line for k, line in enumerate(tars, 1)), lines
     _assert_bit_identical(single_process_store, store)
 
 

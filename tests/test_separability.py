@@ -57,6 +57,30 @@ def test_quantiles_equal_numpy_on_random_maps():
     np.testing.assert_allclose(got[:, 2], np.quantile(flat, 0.95, axis=1), rtol=1e-6)
 
 
+def test_summaries_over_many_slabs_equal_numpy():
+    """Catches the fast path's own bugs: the int32 sort keys misordering negative values or ±0, rows lost or
+    shifted between the 64-row slabs, a flat-row Laplacian that wraps across rows or channels at the borders,
+    and a NaN row given a number where numpy.quantile gives NaN. 150 maps of 3x5x7 (non-square, odd sizes)
+    of signed values with ties, against numpy.quantile and a float64 Laplacian over 4-D slices."""
+    rng = np.random.default_rng(1)
+    maps = np.round(rng.normal(size=(150, 3, 5, 7)), 1).astype(np.float32)  # rounded: many ties
+    maps[3] = -0.0
+    maps[4, 0] = 0.0
+    maps[7, 1, 2, 3] = np.nan
+    got = map_summaries(maps)
+    wide = maps.astype(np.float64)
+    flat = wide.reshape(150, -1)
+    np.testing.assert_allclose(got[:, 0], flat.mean(1), rtol=1e-12, equal_nan=True)
+    np.testing.assert_array_equal(got[:, 1], np.quantile(flat, 0.5, axis=1))
+    np.testing.assert_allclose(got[:, 2], np.quantile(flat, 0.95, axis=1), rtol=1e-12, equal_nan=True)
+    assert np.isnan(got[7, 1]) and np.isnan(got[7, 2])
+    laplacian = (4 * wide[..., 1:-1, 1:-1] - wide[..., :-2, 1:-1] - wide[..., 2:, 1:-1] - wide[..., 1:-1, :-2]
+                 - wide[..., 1:-1, 2:])
+    np.testing.assert_allclose(got[:, 4], (laplacian ** 2).mean(axis=(1, 2, 3)), rtol=1e-5, equal_nan=True)
+    np.testing.assert_allclose(got[:, 3], wide.mean(1).reshape(150, -1).std(1), rtol=1e-5, atol=1e-7,
+                               equal_nan=True)
+
+
 def test_weighted_auroc_ap_equal_torchmetrics_and_duplication():
     """Catches ties counted as 0 or 1 instead of ½, or an AP that interpolates: with unit weights the bootstrap
     metric equals torchmetrics (the protocol table's definition); with weight 2 it equals the duplicated rows."""

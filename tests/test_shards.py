@@ -186,6 +186,20 @@ def test_cli_converts_and_filters_generators(genimage, tmp_path: Path) -> None:
     assert [s["num_samples"] for s in read_shard_index(tmp_path / "o")["shards"]] == [2, 1]
 
 
+def test_cli_log_has_a_line_per_filled_tar_with_total_and_eta(genimage, tmp_path: Path) -> None:
+    """stdout piped, as under SLURM or `> log`. Catches progress shown only as a redrawn bar (nothing useful in a
+    log), a filled tar without its line, or lines without the total and ETA."""
+    base, _, _ = genimage
+    result = _cli("--layout", "genimage", "--root", str(base / "root"), "--split", "val", "--out", str(tmp_path / "o"),
+                  "--shard_size", "2", "--generators", "imagenet_glide", "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    found = len(read_manifest_rows(tmp_path / "o")) + len(read_csv(tmp_path / "o" / "rejected.csv"))
+    lines = [line for line in result.stdout.splitlines() if line.startswith("shards: ")]
+    assert lines[0].startswith(f"shards: 1/{found} images") and all("ETA" in line for line in lines), lines
+    assert any(", 1 tars of at most" in line for line in lines), lines  # the first tar's line, forced when it fills
+    assert lines[-1].startswith(f"shards: {found}/{found} images (100%)"), lines
+
+
 @pytest.mark.parametrize("layout, root_name, extra, message", [
     ("genimage", "missing", (), "missing: not a directory"),
     ("drct", "root", (), "no MSCOCO/train2017 or DRCT-2M/<generator>/train2017"),
