@@ -305,7 +305,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
                 return ResidentRows(rows, torch.device("cpu"))
             rank_zero_info(f"FeatureCacheDataModule: {split} needs {needed / 2**30:.1f} GiB, more than "
                            f"{RAM_SHARE:.0%} of the {available / 2**30:.1f} GiB free; reading from disk instead")
-        return BlockRows(rows)
+        return BlockRows(rows, pin=device.type == "cuda")
 
     def _row_bytes(self, path: str) -> int:
         return sum(math.prod(shape) * dtype.itemsize for shape, dtype in SplitRows.layout(path, self.features).values())
