@@ -3,14 +3,15 @@
     python benchmarks/cache_read.py [--rows 3000] [--clip-dtype float16] [--clip-codec none] [--dir DIR]
 
 Builds (once per setting) a format-2 store of RN50-shaped rows: clip_layer3 1024x14x14 (dtype/codec as
-given) + deu 4x32x32 float32 zstd, through the store's own writer API. Measures the ceilings first:
-memcpy, page-cache read of the store's files, O_DIRECT read of the same files (cold disk, no page
-cache), the codec's decode speed, and a plain-numpy gather of the resident rows into one reused batch; each
-mode's ceilings right before it (the machine's load moves), then two shuffled training epochs of the data
-module, the second timed (steady state: reused buffers already faulted in; the first epoch's rate is shown
-beside it), one line per ceiling `<mode>: <N> rows/s (<GB/s>, <percent> of <ceiling>)`. Cold reads evict
-the store's files from the page cache with posix_fadvise(DONTNEED) (no root needed) before the timed epoch.
-Also prints the shuffle's quality on a store sorted by label: the spread of each batch's fake fraction against an ideal shuffle's.
+given) + deu 4x32x32 float32 zstd, through the store's own writer API. Before each mode it measures that
+mode's ceilings (the load of a shared machine moves): memcpy and a plain-numpy gather of the resident rows
+into RING_SLOTS reused batches (ram, device), a page-cache read of the store's files (page_cache; or the
+codec's decode speed when lower), an O_DIRECT read of the same files (cold_disk). Then two shuffled training
+epochs of the data module, the second timed (steady state: reused buffers already faulted in; the first
+epoch's rate is shown beside it), one line per ceiling: `<mode>: <N> rows/s (<GB/s>, <percent> of
+<ceiling>)`. Cold reads evict the store's files from the page cache with posix_fadvise(DONTNEED) (no root
+needed) before the timed epoch. Also prints the shuffle's quality on a store sorted by label: the spread
+of each batch's fake fraction against an ideal shuffle's.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules.cached_features import FeatureCacheDataModule  # noqa: E402
-from datamodules.row_batches import epoch_order  # noqa: E402
+from datamodules.row_batches import RING_SLOTS, epoch_order  # noqa: E402
 from feature_cache.codecs import encode, storage_dtype  # noqa: E402
 from feature_cache.provenance import (DatasetProvenance, ExtractorProvenance, FeatureSpec,  # noqa: E402
                                       PixelProvenance, StoreProvenance)
@@ -108,17 +109,17 @@ def file_read(files: list[Path], direct: bool) -> int:
 
 
 def gather_ceiling(path: Path, batch_size: int) -> float:
-    """Bytes per second of plain numpy copying every resident row once, in random order, into a reused batch:
-    the reader's resident work without any of its code (on a VM under memory pressure this, not memcpy of a
-    hot buffer, is what RAM delivers)."""
+    """Bytes per second of plain numpy copying every resident row once, in random order, into RING_SLOTS reused
+    batches in turn: the resident reader's work without any of its code (its batches must outlive RING_SLOTS
+    steps, so their 77 MB do not stay in a 32 MB L3 cache, unlike a single reused batch)."""
     store = FeatureStore.open(path)
     arrays = [store.read(name) for name in ("clip_layer3", "deu")]
-    outs = [np.empty((batch_size, *a.shape[1:]), a.dtype) for a in arrays]
+    outs = [[np.zeros((batch_size, *a.shape[1:]), a.dtype) for a in arrays] for _ in range(RING_SLOTS)]
     order = np.random.default_rng(0).permutation(len(arrays[0]))
 
     def gather() -> int:
         for i, row in enumerate(order.tolist()):
-            for array, out in zip(arrays, outs):
+            for array, out in zip(arrays, outs[i // batch_size % RING_SLOTS]):
                 np.copyto(out[i % batch_size], array[row])
         return sum(a.nbytes for a in arrays)
     return timed(gather)
