@@ -257,9 +257,11 @@ class BlockRows:
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feature-window")
         self._buffers: list[dict[str, torch.Tensor]] = []
         self._fences: dict[int, torch.cuda.Event] = {}
+        self._turn = 0  # windows read so far, across epochs: consecutive windows never share a buffer
+        self._pending: Future | None = None
 
     def fence(self, slot: int, event: torch.cuda.Event) -> None:
-        """The copies out of buffer `slot` are done when `event` is (recorded after its window's last batch)."""
+        """The copies out of buffer `slot` are done when `event` is (recorded after each batch's copy)."""
         self._fences[slot] = event
 
     def _prepare(self, window_rows: int, batch_size: int) -> None:
@@ -279,15 +281,20 @@ class BlockRows:
         return Window(window, arrays, slot=slot)
 
     def windows(self, order: np.ndarray, window_rows: int, batch_size: int) -> Iterator[Window]:
+        if self._pending is not None:  # an epoch broken off (limit_train_batches) may still be reading a buffer
+            self._pending.result()
+            self._pending = None
         self._prepare(window_rows, batch_size)
-        starts = range(0, len(order), window_rows)
-        pending: Future | None = None
-        for k, start in enumerate(starts):
-            slot = k % len(self._buffers)
-            current = pending.result() if pending is not None else self._load(order[start:start + window_rows], slot)
+        for start in range(0, len(order), window_rows):
+            slot = self._turn % len(self._buffers)
+            self._turn += 1
+            if self._pending is not None:
+                current, self._pending = self._pending.result(), None
+            else:
+                current = self._load(order[start:start + window_rows], slot)
             following = order[start + window_rows:start + 2 * window_rows]
-            pending = (self._reader.submit(self._load, following, (k + 1) % len(self._buffers)) if len(following)
-                       else None)
+            if len(following):
+                self._pending = self._reader.submit(self._load, following, self._turn % len(self._buffers))
             yield current
 
 
@@ -347,10 +354,9 @@ class Batches:
         batch = {name: values[rows] for name, values in window.arrays.items()}
         if self.device.type == "cuda":
             batch = {name: value.to(self.device, non_blocking=True) for name, value in batch.items()}
-            if rows.stop >= len(window.order):
-                event = torch.cuda.Event()
-                event.record()
-                self.source.fence(window.slot, event)
+            event = torch.cuda.Event()
+            event.record()
+            self.source.fence(window.slot, event)
         return batch
 
     def _gather(self, arrays: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
