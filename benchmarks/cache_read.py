@@ -139,9 +139,10 @@ def decode_ceiling(dtype: str, codec: str) -> float | None:
 
 
 def epoch_rate(path: Path, in_memory: bool | str, batch_size: int, block_rows: int, shuffle_blocks: int,
-               before: Callable[[], object]) -> tuple[float, float, float]:
-    """(setup seconds, rows/s of the first epoch, rows/s of the second) of shuffled training epochs through the
-    data module; `before` runs before the second (steady-state: its reused buffers are already faulted in)."""
+               before: Callable[[], object]) -> tuple[str, float, float, float]:
+    """(the source the data module chose, setup seconds, rows/s of the first epoch, rows/s of the second) of
+    shuffled training epochs; `before` runs before the second (steady state: reused buffers already faulted in).
+    The source shows when `in_memory` fell back to disk reads (the split takes over half the free RAM)."""
     start = time.perf_counter()
     dm = FeatureCacheDataModule(features=["clip_layer3", "deu"], train=[str(path)], batch_size=batch_size,
                                 in_memory=in_memory, block_rows=block_rows, shuffle_blocks=shuffle_blocks)
@@ -158,7 +159,8 @@ def epoch_rate(path: Path, in_memory: bool | str, batch_size: int, block_rows: i
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         rates.append(count / (time.perf_counter() - start))
-    return setup, *rates
+    source = dm.sources["train"]
+    return f"{type(source).__name__}({getattr(source, 'device', 'disk')})", setup, *rates
 
 
 def shuffle_quality(rows: int, batch_size: int, block_rows: int, shuffle_blocks: int) -> str:
@@ -234,11 +236,11 @@ def main() -> None:
         if mode == "page_cache" and decode and decode < measured["page-cache read"]:
             measured = {f"{args.clip_codec} decode": decode}
         in_memory = {"ram": True, "device": "device", "page_cache": False, "cold_disk": False}[mode]
-        setup, first, rate = epoch_rate(path, in_memory, args.batch_size, args.block_rows, args.shuffle_blocks,
+        source, setup, first, rate = epoch_rate(path, in_memory, args.batch_size, args.block_rows, args.shuffle_blocks,
                                         before[mode])
         for name, value in measured.items():
-            print(f"{line(mode, rate, row_bytes, name, value)}  [first epoch {first:,.0f} rows/s, setup {setup:.1f} s]",
-                  flush=True)
+            print(f"{line(mode, rate, row_bytes, name, value)}  [{source}, first epoch {first:,.0f} rows/s, "
+                  f"setup {setup:.1f} s]", flush=True)
     print(shuffle_quality(324_000, args.batch_size, args.block_rows, args.shuffle_blocks))
 
 
