@@ -63,7 +63,7 @@ class Window:
 
     `index` None: row i of every array is position `order[i]` (a block read laid the window out in batch order,
     so a batch is a slice); else `index[i]` is the row of `order[i]` in `arrays` (resident: a gather). `slot` is
-    the reused buffer that holds a block read window (its last batch's GPU copy is fenced before a refill)."""
+    the reused buffer that holds a block read window (refilled only after its batches' GPU copies are done)."""
 
     order: np.ndarray
     arrays: dict[str, torch.Tensor]
@@ -250,7 +250,7 @@ class BlockRows:
 
     Buffers rotate so that a batch stays valid RING_SLOTS batches after it is handed out, as ring batches do:
     one window served, one being read, and enough earlier ones to cover RING_SLOTS batches. Pinned when the
-    batches go to a GPU; a buffer is refilled only after the copies of its last batch have finished."""
+    batches go to a GPU; a buffer is refilled only after the copies of its batches have finished."""
 
     def __init__(self, split: SplitRows, pin: bool = False) -> None:
         self.split, self.pin = split, pin
