@@ -5,8 +5,9 @@ uint64 pair per inner chunk, then a crc32c). An inner chunk is the rows' little-
 they are (codec `none`) or blosc-compressed (`lz4`, `zstd`). Reading a chunk's byte range with one
 `preadv` that scatters it into the destination rows is one kernel copy from the page cache; Zarr's
 own read copies each chunk out of the store and again into `out`, with ~0.5 ms of per-call overhead
-(measured ~10x slower, docs/phase2_reading.md). Zarr stays the format: `RawChunks.of` returns None for
-any other layout (then the caller reads through Zarr), and tests compare every value with Zarr's read.
+(the reader was 3–5x slower with it, from the page cache and from cold disk: docs/phase2_reading.md).
+Zarr stays the format: `RawChunks.of` returns None for any other layout (then the caller reads through
+Zarr), and tests compare every value with Zarr's read.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class RawChunks:
         self.shard_rows, self.chunk_rows = int(array.shards[0]), int(array.chunks[0])
         self.row_bytes = int(np.prod(array.shape[1:])) * array.dtype.itemsize
         self.fill = array.fill_value
-        self._index: dict[int, np.ndarray | None] = {}
+        self._index: dict[int, np.ndarray] = {}
         self._scratch = np.empty(self.chunk_rows * self.row_bytes if compressed else 0, np.uint8)
 
     @classmethod
@@ -68,14 +69,17 @@ class RawChunks:
         if shard not in self._index:
             chunks = self.shard_rows // self.chunk_rows  # the index covers the full shard shape, even the last one's
             size, index_bytes = os.fstat(fd).st_size, chunks * 16 + 4
+            damaged = ValueError(f"{self._file(shard)}: damaged shard index (run `python -m cli verify` on the store)")
+            if size < index_bytes:
+                raise damaged
             try:
-                raw = CRC32C().decode(os.pread(fd, index_bytes, size - index_bytes)) if size >= index_bytes else None
-            except RuntimeError:
-                raw = None
-            index = np.frombuffer(raw, "<u8").reshape(chunks, 2) if raw is not None else None
-            written = index[index[:, 0] != EMPTY] if index is not None else None
-            if index is None or (written[:, 0] + written[:, 1] > size - index_bytes).any():
-                raise ValueError(f"{self._file(shard)}: damaged shard index (run `python -m cli verify` on the store)")
+                index = np.frombuffer(CRC32C().decode(os.pread(fd, index_bytes, size - index_bytes)), "<u8")
+            except RuntimeError:  # checksum mismatch
+                raise damaged from None
+            index = index.reshape(chunks, 2)
+            written = index[index[:, 0] != EMPTY]
+            if (written[:, 0] + written[:, 1] > size - index_bytes).any():
+                raise damaged
             self._index[shard] = index
         return self._index[shard]
 
@@ -117,7 +121,7 @@ class RawChunks:
             chunk = self._scratch  # inner chunks are whole (Zarr pads a short last one to the chunk shape)
             blosc.decompress(data, chunk)
             for k, row in enumerate(rows):
-                row.reshape(-1).view(np.uint8)[:] = chunk[(skip + k) * self.row_bytes:(skip + k + 1) * self.row_bytes]
+                memoryview(row).cast("B")[:] = chunk[(skip + k) * self.row_bytes:(skip + k + 1) * self.row_bytes]
             return
         if nbytes != self.chunk_rows * self.row_bytes:
             raise ValueError(f"{self._file(shard)}: an uncompressed chunk of {nbytes} bytes, expected "
