@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.cached_features import FeatureCacheDataModule
+from datamodules.cached_features import FeatureCacheDataModule, available_ram
 from lightning_modules.detectors.base import DetectorBase
 from datamodules.row_batches import READ_ROWS, RING_SLOTS, contiguous_runs, epoch_order, read_calls
 from feature_cache.paired_augment import FlipCrop, apply_flip_crop, sample_flip_crop
@@ -292,3 +293,13 @@ def test_eight_bit_maps_arrive_narrow_and_widen_to_the_stored_values(tmp_path: P
         expected = torch.round(original / scale) * scale
     assert widened.dtype == torch.float32
     torch.testing.assert_close(widened, expected, rtol=1e-6, atol=0)
+
+
+def test_available_ram_counts_the_reclaimable_page_cache(tmp_path: Path) -> None:
+    """Catches sizing `in_memory` by free pages only: after phase 1 wrote the stores, the page cache holds most
+    of RAM, free pages are near zero, and every split would silently be read from disk."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       25000000 kB\nMemFree:          300000 kB\nMemAvailable:   20000000 kB\n"
+                       "Buffers:           10000 kB\nCached:         19000000 kB\n")
+    assert available_ram(meminfo) == 20_000_000 * 1024
+    assert available_ram(tmp_path / "absent") == os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
