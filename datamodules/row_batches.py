@@ -128,13 +128,13 @@ class SplitRows:
         self.views = {name: torch.float8_e4m3fn for name in features
                       if FeatureStore.open(paths[parts[0].store]).feature_info(name).dtype == "float8_e4m3"}
         self.bounds = np.cumsum([0] + [len(p.rows) for p in parts])
+        self._raw: dict[tuple[int, str], RawChunks | None] = {}  # per (part, feature); None: read through Zarr
+        self._scratches: dict[str, np.ndarray] = {}
         self.metadata = {"label": np.concatenate([p.labels for p in parts]).astype(np.int64),
                          "generator": np.concatenate([p.generators for p in parts]).astype(np.int64),
                          "row": np.concatenate([p.rows for p in parts]).astype(np.int64),
                          "store": np.concatenate([np.full(len(p.rows), p.store) for p in parts]).astype(np.int64)}
         self._stores: dict[str, FeatureStore] = {}
-        self._raw: dict[tuple[int, str], RawChunks | None] = {}
-        self._scratches: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
         return int(self.bounds[-1])
