@@ -32,17 +32,6 @@ RAM_SHARE = 0.5  # in_memory loads into RAM only if the selected rows take at mo
 DEVICE_SHARE = 0.6  # in_memory: device loads only if the rows take at most this share of free accelerator memory
 
 
-def available_ram(meminfo: Path = Path("/proc/meminfo")) -> int:
-    """Bytes of RAM a load can take: the kernel's MemAvailable (free pages plus the reclaimable page cache). Free
-    pages alone are near zero on a machine whose page cache holds the stores phase 1 just wrote, which made
-    `in_memory` fall back to disk reads with plenty of RAM. Elsewhere (no /proc): the free pages."""
-    if meminfo.is_file():
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 class ShardImages:
     """Random access to the images inside a store's WebDataset tars (member offsets indexed once per tar).
 
@@ -348,3 +337,14 @@ class FeatureCacheDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> Batches | list:
         return self.batches("test")
+
+
+def available_ram(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """Bytes of RAM a load can take: the kernel's MemAvailable (free pages plus the reclaimable page cache). Free
+    pages alone are near zero on a machine whose page cache holds the stores phase 1 just wrote, which made
+    `in_memory` fall back to disk reads with plenty of RAM. Elsewhere (no /proc): the free pages."""
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
