@@ -3,12 +3,15 @@
     python benchmarks/cache_read.py [--rows 3000] [--clip-dtype float16] [--clip-codec none] [--dir DIR]
 
 Builds (once per setting) a format-2 store of RN50-shaped rows: clip_layer3 1024x14x14 (dtype/codec as
-given) + deu 4x32x32 float32 zstd, through the store's own writer API. Measures the ceilings first:
-memcpy, page-cache read of the store's files, O_DIRECT read of the same files (cold disk, no page
-cache), the codec's decode speed, and a plain-numpy gather of the resident rows; then one training epoch of the data module per mode, each line
-`<mode>: <N> rows/s (<GB/s>, <percent> of <ceiling>)`. Cold reads evict the store's files from the page
-cache with posix_fadvise(DONTNEED) (no root needed). Also prints the shuffle's quality on a store sorted
-by label: the spread of each batch's fake fraction against an ideal shuffle's.
+given) + deu 4x32x32 float32 zstd, through the store's own writer API. Before each mode it measures that
+mode's ceilings (the load of a shared machine moves): memcpy and a plain-numpy gather of the resident rows
+into RING_SLOTS reused batches (ram, device), a page-cache read of the store's files (page_cache; or the
+codec's decode speed when lower), an O_DIRECT read of the same files (cold_disk). Then two shuffled training
+epochs of the data module, the second timed (steady state: reused buffers already faulted in; the first
+epoch's rate is shown beside it), one line per ceiling: `<mode>: <N> rows/s (<GB/s>, <percent> of
+<ceiling>)`. Cold reads evict the store's files from the page cache with posix_fadvise(DONTNEED) (no root
+needed) before the timed epoch. Also prints the shuffle's quality on a store sorted by label: the spread
+of each batch's fake fraction against an ideal shuffle's.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules.cached_features import FeatureCacheDataModule  # noqa: E402
-from datamodules.row_batches import epoch_order  # noqa: E402
+from datamodules.row_batches import RING_SLOTS, epoch_order  # noqa: E402
 from feature_cache.codecs import encode, storage_dtype  # noqa: E402
 from feature_cache.provenance import (DatasetProvenance, ExtractorProvenance, FeatureSpec,  # noqa: E402
                                       PixelProvenance, StoreProvenance)
@@ -106,17 +109,17 @@ def file_read(files: list[Path], direct: bool) -> int:
 
 
 def gather_ceiling(path: Path, batch_size: int) -> float:
-    """Bytes per second of plain numpy copying every resident row once, in random order, into a reused batch:
-    the reader's resident work without any of its code (on a VM under memory pressure this, not memcpy of a
-    hot buffer, is what RAM delivers)."""
+    """Bytes per second of plain numpy copying every resident row once, in random order, into RING_SLOTS reused
+    batches in turn: the resident reader's work without any of its code (its batches must outlive RING_SLOTS
+    steps, so their 77 MB do not stay in a 32 MB L3 cache, unlike a single reused batch)."""
     store = FeatureStore.open(path)
     arrays = [store.read(name) for name in ("clip_layer3", "deu")]
-    outs = [np.empty((batch_size, *a.shape[1:]), a.dtype) for a in arrays]
+    outs = [[np.zeros((batch_size, *a.shape[1:]), a.dtype) for a in arrays] for _ in range(RING_SLOTS)]
     order = np.random.default_rng(0).permutation(len(arrays[0]))
 
     def gather() -> int:
         for i, row in enumerate(order.tolist()):
-            for array, out in zip(arrays, outs):
+            for array, out in zip(arrays, outs[i // batch_size % RING_SLOTS]):
                 np.copyto(out[i % batch_size], array[row])
         return sum(a.nbytes for a in arrays)
     return timed(gather)
@@ -135,21 +138,29 @@ def decode_ceiling(dtype: str, codec: str) -> float | None:
     return max(timed(lambda: (blosc.decode(packed), values.nbytes)[1]) for _ in range(3))
 
 
-def epoch_rate(path: Path, in_memory: bool | str, batch_size: int, block_rows: int, shuffle_blocks: int) -> tuple[float, float]:
-    """(setup seconds, rows per second over one shuffled training epoch) through the data module."""
+def epoch_rate(path: Path, in_memory: bool | str, batch_size: int, block_rows: int, shuffle_blocks: int,
+               before: Callable[[], object]) -> tuple[str, float, float, float]:
+    """(the source the data module chose, setup seconds, rows/s of the first epoch, rows/s of the second) of
+    shuffled training epochs; `before` runs before the second (steady state: reused buffers already faulted in).
+    The source shows when `in_memory` fell back to disk reads (the split takes over half the free RAM)."""
     start = time.perf_counter()
     dm = FeatureCacheDataModule(features=["clip_layer3", "deu"], train=[str(path)], batch_size=batch_size,
                                 in_memory=in_memory, block_rows=block_rows, shuffle_blocks=shuffle_blocks)
-    if torch.cuda.is_available():  # batches go to the GPU as in training (pinned ring, asynchronous copies)
+    if torch.cuda.is_available():  # batches go to the GPU as in training (pinned buffers, asynchronous copies)
         dm.trainer = pl.Trainer(accelerator="gpu", devices=1, logger=False, enable_progress_bar=False)
     dm.setup("fit")
-    setup = time.perf_counter() - start
-    start, count = time.perf_counter(), 0
-    for batch in dm.train_dataloader():
-        count += len(batch["row"])
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return setup, count / (time.perf_counter() - start)
+    setup, loader, rates = time.perf_counter() - start, dm.train_dataloader(), []
+    for epoch in range(2):
+        if epoch:
+            before()
+        start, count = time.perf_counter(), 0
+        for batch in loader:
+            count += len(batch["row"])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        rates.append(count / (time.perf_counter() - start))
+    source = dm.sources["train"]
+    return f"{type(source).__name__}({getattr(source, 'device', 'disk')})", setup, *rates
 
 
 def shuffle_quality(rows: int, batch_size: int, block_rows: int, shuffle_blocks: int) -> str:
@@ -195,34 +206,41 @@ def main() -> None:
     print(f"store {path}: {args.rows} rows, {row_bytes / 1e3:.0f} KB per row stored, "
           f"{sum(f.stat().st_size for f in files) / 1e9:.2f} GB of chunk files, {os.cpu_count()} CPUs")
 
-    memcpy = memcpy_ceiling()
-    file_read(files, direct=False)
-    page_cache = timed(lambda: file_read(files, direct=False))
-    try:
-        direct: float | None = timed(lambda: file_read(files, direct=True))
-    except OSError as error:  # tmpfs and some overlay file systems refuse O_DIRECT
-        print(f"O_DIRECT unavailable here: {error}")
-        direct = None
     decode = decode_ceiling(args.clip_dtype, args.clip_codec)
-    gather = gather_ceiling(path, args.batch_size)
-    print(f"ceiling memcpy: {memcpy / 1e9:.2f} GB/s ({memcpy / row_bytes:,.0f} rows/s)")
-    print(f"ceiling resident gather (numpy): {gather / 1e9:.2f} GB/s ({gather / row_bytes:,.0f} rows/s)")
-    print(f"ceiling page-cache read: {page_cache / 1e9:.2f} GB/s ({page_cache / row_bytes:,.0f} rows/s)")
-    if direct:
-        print(f"ceiling O_DIRECT read: {direct / 1e9:.2f} GB/s ({direct / row_bytes:,.0f} rows/s)")
     if decode:
         print(f"ceiling {args.clip_codec} decode (1 core): {decode / 1e9:.2f} GB/s ({decode / row_bytes:,.0f} rows/s)")
-    cached_ceiling = ("page-cache read", page_cache) if not decode or page_cache < decode else (f"{args.clip_codec} decode", decode)
-    ceilings = {"ram": ("resident gather", gather), "device": ("resident gather", gather), "page_cache": cached_ceiling,
-                "cold_disk": ("O_DIRECT read", direct)}
+
+    def page_cache_read() -> float:
+        file_read(files, direct=False)
+        return timed(lambda: file_read(files, direct=False))
+
+    def direct_read() -> float | None:
+        try:
+            return timed(lambda: file_read(files, direct=True))
+        except OSError as error:  # tmpfs and some overlay file systems refuse O_DIRECT
+            print(f"O_DIRECT unavailable here: {error}")
+            return None
+
+    # Each mode's ceilings are measured right before it: on a machine shared with other jobs the load moves.
+    ceilings = {"ram": {"memcpy": memcpy_ceiling,
+                        "resident gather (numpy)": lambda: gather_ceiling(path, args.batch_size)},
+                "page_cache": {"page-cache read": page_cache_read}, "cold_disk": {"O_DIRECT read": direct_read}}
+    ceilings["device"] = ceilings["ram"]
+    before = {"ram": lambda: None, "device": lambda: None, "page_cache": lambda: file_read(files, direct=False),
+              "cold_disk": lambda: evict(files)}
     for mode in args.modes.split(","):
+        measured = {name: measure() for name, measure in ceilings[mode].items()}
+        for name, value in measured.items():
+            if value:
+                print(f"ceiling {name}: {value / 1e9:.2f} GB/s ({value / row_bytes:,.0f} rows/s)")
+        if mode == "page_cache" and decode and decode < measured["page-cache read"]:
+            measured = {f"{args.clip_codec} decode": decode}
         in_memory = {"ram": True, "device": "device", "page_cache": False, "cold_disk": False}[mode]
-        if mode == "page_cache":
-            file_read(files, direct=False)
-        if mode == "cold_disk":
-            evict(files)
-        setup, rate = epoch_rate(path, in_memory, args.batch_size, args.block_rows, args.shuffle_blocks)
-        print(line(mode, rate, row_bytes, *ceilings[mode]) + f"  [setup {setup:.1f} s]", flush=True)
+        source, setup, first, rate = epoch_rate(path, in_memory, args.batch_size, args.block_rows, args.shuffle_blocks,
+                                        before[mode])
+        for name, value in measured.items():
+            print(f"{line(mode, rate, row_bytes, name, value)}  [{source}, first epoch {first:,.0f} rows/s, "
+                  f"setup {setup:.1f} s]", flush=True)
     print(shuffle_quality(324_000, args.batch_size, args.block_rows, args.shuffle_blocks))
 
 

@@ -105,7 +105,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
     resized crop (`crop_scale` = area fraction range) identically to the image and every spatial map.
 
     Reading (`datamodules/row_batches.py`): `in_memory` true loads the split once into RAM (if it takes at
-    most RAM_SHARE of free RAM, else reads from disk), `device` into accelerator memory (if it fits
+    most RAM_SHARE of the available RAM, else reads from disk), `device` into accelerator memory (if it fits
     DEVICE_SHARE of the free memory, else as `true`), false reads from disk. Training order: a seeded
     per-epoch permutation of blocks of `block_rows` consecutive rows (resident data: single rows), then
     a permutation within windows of `shuffle_blocks` blocks; every batch mixes rows of ~`shuffle_blocks`
@@ -300,12 +300,12 @@ class FeatureCacheDataModule(pl.LightningDataModule):
             rank_zero_info(f"FeatureCacheDataModule: {split} needs {needed / 2**30:.1f} GiB, more than "
                            f"{DEVICE_SHARE:.0%} of the {free / 2**30:.1f} GiB free on {device}; loading into RAM")
         if self.hparams.in_memory:
-            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            available = available_ram()
             if needed <= RAM_SHARE * available:
                 return ResidentRows(rows, torch.device("cpu"))
             rank_zero_info(f"FeatureCacheDataModule: {split} needs {needed / 2**30:.1f} GiB, more than "
-                           f"{RAM_SHARE:.0%} of the {available / 2**30:.1f} GiB free; reading from disk instead")
-        return BlockRows(rows)
+                           f"{RAM_SHARE:.0%} of the {available / 2**30:.1f} GiB available; reading from disk instead")
+        return BlockRows(rows, pin=device.type == "cuda")
 
     def _row_bytes(self, path: str) -> int:
         return sum(math.prod(shape) * dtype.itemsize for shape, dtype in SplitRows.layout(path, self.features).values())
@@ -337,3 +337,14 @@ class FeatureCacheDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> Batches | list:
         return self.batches("test")
+
+
+def available_ram(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """Bytes of RAM a load can take: the kernel's MemAvailable (free pages plus the reclaimable page cache). Free
+    pages alone are near zero on a machine whose page cache holds the stores phase 1 just wrote, which made
+    `in_memory` fall back to disk reads with plenty of RAM. Elsewhere (no /proc): the free pages."""
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

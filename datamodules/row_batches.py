@@ -1,20 +1,22 @@
 """Batches of cached feature rows at memory speed: block-shuffled orders, whole-block reads, reused buffers.
 
-Three sources, one order and one gather:
+Two sources, one order:
 
-- `ResidentRows` (`in_memory: true` / `device`): every selected row loaded once, whole tars per Zarr
-  call, in the stored dtype, into RAM or accelerator memory; a batch is one `index_select`.
-- `BlockRows` (`in_memory: false`, or a split larger than the RAM share): the epoch's order is read
-  window by window; a window's rows are read as sorted contiguous runs (one Zarr call per run and
-  feature, never one per row) while a background thread reads the next window.
+- `ResidentRows` (`in_memory: true` / `device`): every selected row loaded once, in the stored dtype, into
+  RAM or accelerator memory; a batch is a gather (`index_select` on the device; on the host `np.take` into
+  a ring of reused, pinned when the target is a GPU, batch buffers: a fresh 20–40 MB batch per step costs
+  more in page faults than the gather itself).
+- `BlockRows` (`in_memory: false`, or a split larger than the RAM share): the epoch's order is read window
+  by window into reused buffers laid out in batch order, so a batch is a slice of its window. A window's
+  rows are read as sorted contiguous runs cut at whole inner chunks (never one call per row), each chunk's
+  bytes scattered by one `preadv` straight to its rows' places (`feature_cache.raw_chunks`: one kernel copy
+  from the page cache, no Zarr per-call cost), while a background thread reads the next window.
 
 The order (`epoch_order`) is a seeded per-epoch permutation of blocks of `block_rows` consecutive rows,
 dealt to DDP ranks, then permuted within windows of `window_rows` rows. Resident sources use blocks of
 one row (a full shuffle: random access to resident rows is as fast as sequential). Batches leave in the
 stored dtype (float16 CLIP maps stay float16) and are widened on the device by the model's first op
-(`feature_cache.codecs.widen`); on the host they are written into a ring of reused (pinned, when the
-target is a GPU) buffers, because a fresh 20–40 MB batch per step costs more in page faults than the
-gather itself.
+(`feature_cache.codecs.widen`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 
 from feature_cache.codecs import scale_channels
+from feature_cache.raw_chunks import RawChunks
 from feature_cache.store import FeatureStore
 
 RING_SLOTS = 4  # batches alive at once: Lightning's one-batch prefetch, the step's batch, the one being filled, a spare
@@ -36,7 +39,6 @@ METADATA = ("label", "generator", "row", "store")
 # rows from the page cache: 32-row calls read ~5x faster than one call for a whole 600-row run (1,100 vs 200 rows/s),
 # which decodes every chunk before returning.
 READ_ROWS = 32
-Window = tuple[np.ndarray, np.ndarray, dict[str, torch.Tensor]]  # (the window's order, its sorted positions, their arrays)
 
 
 @dataclass
@@ -53,6 +55,20 @@ class Rows:
     def subset(self, mask: np.ndarray) -> Rows:
         return Rows(self.store, self.rows[mask], self.labels[mask], self.generators[mask], self.keys[mask],
                     self.sha256[mask])
+
+
+@dataclass
+class Window:
+    """Consecutive positions of the epoch's order (whole batches) and the arrays holding their rows.
+
+    `index` None: row i of every array is position `order[i]` (a block read laid the window out in batch order,
+    so a batch is a slice); else `index[i]` is the row of `order[i]` in `arrays` (resident: a gather). `slot` is
+    the reused buffer that holds a block read window (refilled only after its batches' GPU copies are done)."""
+
+    order: np.ndarray
+    arrays: dict[str, torch.Tensor]
+    index: torch.Tensor | None = None
+    slot: int | None = None
 
 
 def read_calls(runs: list[tuple[int, int]], chunk_rows: int) -> list[tuple[int, int]]:
@@ -78,9 +94,9 @@ def epoch_order(num_rows: int, *, shuffle: bool, block_rows: int, window_rows: i
     Shuffled: a permutation of blocks of `block_rows` consecutive positions seeded by (seed, epoch), dealt
     round-robin to the ranks, each rank's sequence cut or wrapped to num_rows // world_size positions
     (equal step counts, so DDP never waits on a collective), then permuted within consecutive windows of
-    `window_rows` (a multiple of `block_rows`, so each block is read by one call). Not shuffled: positions in order, padded by wrapping to a multiple of the world size
-    like DistributedSampler, one contiguous slice per rank (every row scored; duplicates are dropped by
-    the prediction log's (store, row) identity).
+    `window_rows` (a multiple of `block_rows`, so each block is read by one call). Not shuffled: positions in
+    order, padded by wrapping to a multiple of the world size like DistributedSampler, one contiguous slice
+    per rank (every row scored; duplicates are dropped by the prediction log's (store, row) identity).
     """
     if not shuffle:
         per_rank = -(-num_rows // world_size)
@@ -112,6 +128,8 @@ class SplitRows:
         self.views = {name: torch.float8_e4m3fn for name in features
                       if FeatureStore.open(paths[parts[0].store]).feature_info(name).dtype == "float8_e4m3"}
         self.bounds = np.cumsum([0] + [len(p.rows) for p in parts])
+        self._raw: dict[tuple[int, str], RawChunks | None] = {}  # per (part, feature); None: read through Zarr
+        self._scratches: dict[str, np.ndarray] = {}
         self.metadata = {"label": np.concatenate([p.labels for p in parts]).astype(np.int64),
                          "generator": np.concatenate([p.generators for p in parts]).astype(np.int64),
                          "row": np.concatenate([p.rows for p in parts]).astype(np.int64),
@@ -132,30 +150,61 @@ class SplitRows:
                 layout[f"{name}__scale"] = ((scale_channels(info.shape),), np.dtype("float32"))
         return layout
 
+    def torch_layout(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """`layout_of` with torch dtypes (float8 as its uint8 storage): what reused batch buffers are made of."""
+        return {name: (shape, torch.from_numpy(np.empty(0, dtype)).dtype)
+                for name, (shape, dtype) in self.layout_of.items()}
+
     def store(self, part: int) -> FeatureStore:
         path = self.paths[self.parts[part].store]
         if path not in self._stores:
             self._stores[path] = FeatureStore.open(path)
         return self._stores[path]
 
+    def raw(self, part: int, name: str) -> RawChunks | None:
+        """The byte-range reader of a feature (or `NAME__scale`) in a part's store; None: read through Zarr."""
+        if (part, name) not in self._raw:
+            store = self.store(part)
+            self._raw[part, name] = RawChunks.of(store.path / store.group_of(name.removesuffix("__scale")) / name)
+        return self._raw[part, name]
+
     def read(self, positions: np.ndarray, out: dict[str, np.ndarray] | None = None,
              names: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Arrays `names` (default all) of sorted `positions`, stored dtype, read per store as contiguous runs cut
-        into chunk-aligned calls of about READ_ROWS rows (`read_calls`) straight into `out` (at least
-        len(positions) rows, reused by the caller) or into new arrays."""
+        """Arrays `names` (default all) of `positions` (any order, repeats allowed) in the stored dtype: row i of each
+        array is position i, written into `out` (at least len(positions) rows, reused by the caller) or new arrays.
+
+        Rows are read in sorted contiguous runs cut into chunk-aligned calls (`read_calls`); each call's rows go
+        straight to their places in `out` (`RawChunks`: one kernel copy from the page cache), or, for a layout
+        RawChunks does not read, through Zarr into a scratch block first."""
         names = names or self.features
         out = out if out is not None else {name: np.empty((len(positions), *self.layout_of[name][0]),
                                                           self.layout_of[name][1]) for name in names}
+        sorter = np.argsort(positions, kind="stable")
+        ordered = positions[sorter]
         filled = 0
         for part, (lo, hi) in enumerate(zip(self.bounds[:-1], self.bounds[1:])):
-            first, last = np.searchsorted(positions, [lo, hi])
-            store, rows = self.store(part), self.parts[part].rows[positions[first:last] - lo]
+            first, last = np.searchsorted(ordered, [lo, hi])
+            store, rows = self.store(part), self.parts[part].rows[ordered[first:last] - lo]
             calls = read_calls(contiguous_runs(rows), max(store.chunk_rows(name) for name in names))
             for start, stop in calls:
+                slots = sorter[filled:filled + stop - start]
                 for name in names:
-                    store.read(name, start, stop, out=out[name][filled:filled + stop - start])
+                    raw = self.raw(part, name)
+                    if raw is not None:
+                        raw.read(start, stop, [out[name][slot] for slot in slots.tolist()])
+                    else:
+                        scratch = self._scratch(name, stop - start)
+                        store.read(name, start, stop, out=scratch)
+                        out[name][slots] = scratch
                 filled += stop - start
         return {name: out[name][:len(positions)] for name in names}
+
+    def _scratch(self, name: str, rows: int) -> np.ndarray:
+        """A reused block for Zarr reads (fresh memory per call would be page-faulted on every touch)."""
+        shape, dtype = self.layout_of[name]
+        if name not in self._scratches or len(self._scratches[name]) < rows:
+            self._scratches[name] = np.empty((rows, *shape), dtype)
+        return self._scratches[name][:rows]
 
 
 class BatchRing:
@@ -164,10 +213,9 @@ class BatchRing:
     A slot is refilled RING_SLOTS batches later; with a GPU target the copy's event is waited on first.
     """
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype], batch_size: int,
-                 pin: bool) -> None:
-        self.slots = [{name: torch.empty((batch_size, *shape), dtype=dtypes[name], pin_memory=pin)
-                       for name, shape in shapes.items()} for _ in range(RING_SLOTS)]
+    def __init__(self, layout: dict[str, tuple[tuple[int, ...], torch.dtype]], batch_size: int, pin: bool) -> None:
+        self.slots = [{name: torch.empty((batch_size, *shape), dtype=dtype, pin_memory=pin)
+                       for name, (shape, dtype) in layout.items()} for _ in range(RING_SLOTS)]
         self.events: list[torch.cuda.Event | None] = [None] * RING_SLOTS
         self.next = 0
 
@@ -190,44 +238,63 @@ class ResidentRows:
             self.tensors[name] = torch.from_numpy(split.read(positions, names=[name])[name]).to(device)
         self.tensors.update({name: torch.from_numpy(values).to(device) for name, values in split.metadata.items()})
 
-    def windows(self, order: np.ndarray, window_rows: int) -> Iterator[Window]:
-        everything = np.arange(len(self.split))
+    def windows(self, order: np.ndarray, window_rows: int, batch_size: int) -> Iterator[Window]:
         for start in range(0, len(order), window_rows):
-            yield order[start:start + window_rows], everything, self.tensors
+            window = order[start:start + window_rows]
+            yield Window(window, self.tensors, torch.from_numpy(window).to(self.device))
 
 
 class BlockRows:
-    """Windows of the epoch's order read from the stores, the next one read by a background thread."""
+    """Windows of the epoch's order read from the stores into reused buffers laid out in batch order (a batch is
+    a slice: no gather, no second copy), the next window read by a background thread.
 
-    def __init__(self, split: SplitRows) -> None:
-        self.split = split
+    Buffers rotate so that a batch stays valid RING_SLOTS batches after it is handed out, as ring batches do:
+    one window served, one being read, and enough earlier ones to cover RING_SLOTS batches. Pinned when the
+    batches go to a GPU; a buffer is refilled only after the copies of its batches have finished."""
+
+    def __init__(self, split: SplitRows, pin: bool = False) -> None:
+        self.split, self.pin = split, pin
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feature-window")
-        self._buffers: list[dict[str, np.ndarray] | None] = [None, None]  # alternating: one served, one filled
-        self._turn = 0
+        self._buffers: list[dict[str, torch.Tensor]] = []
+        self._fences: dict[int, torch.cuda.Event] = {}
+        self._turn = 0  # windows read so far, across epochs: consecutive windows never share a buffer
+        self._pending: Future | None = None
 
-    def _buffer(self, rows: int) -> dict[str, np.ndarray]:
-        """The next of two reused window buffers (grown when a window is larger): fresh memory is page-faulted
-        on every touch, which on a busy VM costs more than the read itself (measured ~0.15 GB/s)."""
-        self._turn = 1 - self._turn
-        current = self._buffers[self._turn]
-        if current is None or len(next(iter(current.values()))) < rows:
-            current = {name: np.empty((rows, *shape), dtype) for name, (shape, dtype) in self.split.layout_of.items()}
-            self._buffers[self._turn] = current
-        return current
+    def fence(self, slot: int, event: torch.cuda.Event) -> None:
+        """The copies out of buffer `slot` are done when `event` is (recorded after each batch's copy)."""
+        self._fences[slot] = event
 
-    def _load(self, window: np.ndarray) -> Window:
-        positions = np.unique(window)
-        arrays = {name: torch.from_numpy(values)
-                  for name, values in self.split.read(positions, self._buffer(len(positions))).items()}
-        arrays.update({name: torch.from_numpy(values[positions]) for name, values in self.split.metadata.items()})
-        return window, positions, arrays
+    def _prepare(self, window_rows: int, batch_size: int) -> None:
+        slots = 2 + math.ceil(RING_SLOTS / math.ceil(window_rows / batch_size))
+        if len(self._buffers) != slots or len(next(iter(self._buffers[0].values()))) < window_rows:
+            self._buffers = [{name: torch.empty((window_rows, *shape), dtype=dtype, pin_memory=self.pin)
+                              for name, (shape, dtype) in self.split.torch_layout().items()} for _ in range(slots)]
+            self._fences = {}
 
-    def windows(self, order: np.ndarray, window_rows: int) -> Iterator[Window]:
-        pending: Future | None = None
+    def _load(self, window: np.ndarray, slot: int) -> Window:
+        if slot in self._fences:
+            self._fences.pop(slot).synchronize()
+        buffers = self._buffers[slot]
+        self.split.read(window, {name: values.numpy() for name, values in buffers.items()})
+        arrays = {name: values[:len(window)] for name, values in buffers.items()}
+        arrays.update({name: torch.from_numpy(values[window]) for name, values in self.split.metadata.items()})
+        return Window(window, arrays, slot=slot)
+
+    def windows(self, order: np.ndarray, window_rows: int, batch_size: int) -> Iterator[Window]:
+        if self._pending is not None:  # an epoch broken off (limit_train_batches) may still be reading a buffer
+            self._pending.result()
+            self._pending = None
+        self._prepare(window_rows, batch_size)
         for start in range(0, len(order), window_rows):
-            current = pending.result() if pending is not None else self._load(order[start:start + window_rows])
+            slot = self._turn % len(self._buffers)
+            self._turn += 1
+            if self._pending is not None:
+                current, self._pending = self._pending.result(), None
+            else:
+                current = self._load(order[start:start + window_rows], slot)
             following = order[start + window_rows:start + 2 * window_rows]
-            pending = self._reader.submit(self._load, following) if len(following) else None
+            if len(following):
+                self._pending = self._reader.submit(self._load, following, self._turn % len(self._buffers))
             yield current
 
 
@@ -256,12 +323,9 @@ class Batches:
         self.source, self.batch_size, self.settings, self.device = source, batch_size, settings, device
         self.decorate = decorate
         split = source.split
-        on_host = not isinstance(source, ResidentRows) or source.device.type == "cpu"
         self.ring = None
-        if on_host:
-            shapes = {name: shape for name, (shape, _) in split.layout_of.items()}
-            dtypes = {name: torch.from_numpy(np.empty(0, dtype)).dtype for name, (_, dtype) in split.layout_of.items()}
-            self.ring = BatchRing(shapes, dtypes, batch_size, pin=device.type == "cuda")
+        if isinstance(source, ResidentRows) and source.device.type == "cpu":
+            self.ring = BatchRing(split.torch_layout(), batch_size, pin=device.type == "cuda")
 
     def order(self) -> np.ndarray:
         s = self.settings
@@ -273,32 +337,46 @@ class Batches:
         return math.ceil(len(self.order()) / self.batch_size)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for window, positions, arrays in self.source.windows(self.order(), self.settings.window_rows):
-            index = torch.from_numpy(np.searchsorted(positions, window)).to(arrays["row"].device)
-            for start in range(0, len(window), self.batch_size):
-                yield self._gather(arrays, index[start:start + self.batch_size], window[start:start + self.batch_size])
+        for window in self.source.windows(self.order(), self.settings.window_rows, self.batch_size):
+            for start in range(0, len(window.order), self.batch_size):
+                rows = slice(start, start + self.batch_size)
+                if window.index is None:
+                    batch = self._slice(window, rows)
+                else:
+                    batch = self._gather(window.arrays, window.index[rows])
+                batch.update({name: batch[name].view(view) for name, view in self.source.split.views.items()})
+                if self.decorate is not None:
+                    self.decorate(batch, window.order[rows])
+                yield batch
 
-    def _gather(self, arrays: dict[str, torch.Tensor], index: torch.Tensor, positions: np.ndarray) -> dict:
+    def _slice(self, window: Window, rows: slice) -> dict[str, torch.Tensor]:
+        """A block read window's batch: views of its buffer (copied to the GPU, asynchronously, when there is one)."""
+        batch = {name: values[rows] for name, values in window.arrays.items()}
+        if self.device.type == "cuda":
+            batch = {name: value.to(self.device, non_blocking=True) for name, value in batch.items()}
+            event = torch.cuda.Event()
+            event.record()
+            self.source.fence(window.slot, event)
+        return batch
+
+    def _gather(self, arrays: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A resident batch: rows `index` of the split's tensors (on the device, or copied into a ring slot)."""
         batch: dict[str, torch.Tensor] = {name: arrays[name].index_select(0, index) for name in METADATA}
         if self.ring is None:  # device-resident: gathered on the device, the caching allocator reuses memory
             batch.update({name: arrays[name].index_select(0, index) for name in self.source.split.features})
-        else:
-            slot, buffers = self.ring.take()
-            sources = index.tolist()
-            for name in self.source.split.features:
-                out, values = buffers[name][:len(sources)], arrays[name].numpy()
-                target = out.numpy()
-                # One single-threaded numpy memcpy per row. Measured on 2 busy cores: CPU index_select on large
-                # float16 rows runs at ~1% of memcpy speed, and torch's copy_ of a row splits it across OpenMP
-                # threads whose barriers stall when a core is taken (~4% of a plain numpy gather).
-                for slot_row, source in enumerate(sources):
-                    target[slot_row] = values[source]
-                batch[name] = out
-            if self.device.type == "cuda":
-                batch = {name: value.to(self.device, non_blocking=True) for name, value in batch.items()}
-                self.ring.events[slot] = torch.cuda.Event()
-                self.ring.events[slot].record()
-        batch.update({name: batch[name].view(view) for name, view in self.source.split.views.items()})
-        if self.decorate is not None:
-            self.decorate(batch, positions)
+            return batch
+        slot, buffers = self.ring.take()
+        sources = index.numpy()
+        for name in self.source.split.features:
+            out = buffers[name][:len(sources)]
+            # numpy's take: one memcpy per row, single-threaded (mode "clip": with the default "raise" numpy
+            # buffers `out`, a second copy into fresh memory). Measured on 2 busy cores: CPU index_select on large
+            # float16 rows runs at ~1% of memcpy speed, and torch's copy_ of a row splits it across OpenMP
+            # threads whose barriers stall when a core is taken.
+            np.take(arrays[name].numpy(), sources, axis=0, out=out.numpy(), mode="clip")
+            batch[name] = out
+        if self.device.type == "cuda":
+            batch = {name: value.to(self.device, non_blocking=True) for name, value in batch.items()}
+            self.ring.events[slot] = torch.cuda.Event()
+            self.ring.events[slot].record()
         return batch

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.cached_features import FeatureCacheDataModule
+from datamodules.cached_features import FeatureCacheDataModule, available_ram
 from lightning_modules.detectors.base import DetectorBase
 from datamodules.row_batches import READ_ROWS, RING_SLOTS, contiguous_runs, epoch_order, read_calls
 from feature_cache.paired_augment import FlipCrop, apply_flip_crop, sample_flip_crop
@@ -208,19 +210,32 @@ def test_block_shuffle_covers_every_row_once_and_deals_ranks_disjoint_blocks() -
     assert [e.tolist() for e in evaluation] == [[0, 1, 2], [3, 4, 0]]  # padded like DistributedSampler
 
 
-def test_same_seed_same_batches_and_host_batches_reuse_their_buffers(stores: tuple[str, str]) -> None:
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_same_seed_same_batches_and_host_batches_reuse_their_buffers(stores: tuple[str, str], in_memory: bool) -> None:
     """Catches an order that depends on anything but (seed, epoch) (grid rows trained together must see the
-    batches they would see alone) and a reader that allocates a fresh batch per step."""
-    def rows_in_order(in_memory: bool) -> tuple[list[int], set[int]]:
+    batches they would see alone), a reader that allocates fresh batch memory every epoch, and buffers reused
+    too early (a batch overwritten before RING_SLOTS more batches were handed out: Lightning's prefetch and a
+    grid's lockstep rows still hold it)."""
+    def epoch(loader: Iterable[dict[str, torch.Tensor]]) -> tuple[list[int], set[int]]:
+        batches, kept = [], []
+        for batch in loader:
+            kept.append((batch, {k: v.clone() for k, v in batch.items()}))
+            if len(kept) == RING_SLOTS:  # the oldest must hold while RING_SLOTS - 1 later batches exist
+                old, copy = kept.pop(0)
+                assert all(torch.equal(old[k], copy[k]) for k in copy), "a batch was overwritten too early"
+            batches.append(batch)
+        return [int(r) for b in batches for r in b["row"]], {b["deu"].data_ptr() for b in batches}
+
+    def loader() -> Iterable[dict[str, torch.Tensor]]:
         dm = FeatureCacheDataModule(features=["deu"], train=list(stores), batch_size=2, in_memory=in_memory,
                                     block_rows=2, shuffle_blocks=2, seed=5)
         dm.setup("fit")
-        batches = list(dm.train_dataloader())
-        return [int(r) for b in batches for r in b["row"]], {b["deu"].data_ptr() for b in batches}
+        return dm.train_dataloader()
 
-    order, buffers = rows_in_order(False)
-    assert rows_in_order(False)[0] == order and len(order) == 16
-    assert len(buffers) == RING_SLOTS  # 8 batches through 4 reused slots
+    batches = loader()
+    order, buffers = epoch(batches)
+    assert epoch(loader())[0] == order and len(order) == 16
+    assert epoch(batches)[1] <= buffers  # the second epoch reuses the first one's memory
 
 
 def test_splits_sharing_an_image_are_refused_unless_allowed(tmp_path: Path) -> None:
@@ -278,3 +293,13 @@ def test_eight_bit_maps_arrive_narrow_and_widen_to_the_stored_values(tmp_path: P
         expected = torch.round(original / scale) * scale
     assert widened.dtype == torch.float32
     torch.testing.assert_close(widened, expected, rtol=1e-6, atol=0)
+
+
+def test_available_ram_counts_the_reclaimable_page_cache(tmp_path: Path) -> None:
+    """Catches sizing `in_memory` by free pages only: after phase 1 wrote the stores, the page cache holds most
+    of RAM, free pages are near zero, and every split would silently be read from disk."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       25000000 kB\nMemFree:          300000 kB\nMemAvailable:   20000000 kB\n"
+                       "Buffers:           10000 kB\nCached:         19000000 kB\n")
+    assert available_ram(meminfo) == 20_000_000 * 1024
+    assert available_ram(tmp_path / "absent") == os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

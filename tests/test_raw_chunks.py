@@ -1,0 +1,87 @@
+"""RawChunks: a feature's rows read by byte range from its Zarr shard files equal Zarr's own read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import datamodules.row_batches as row_batches
+from datamodules.row_batches import Rows, SplitRows
+from feature_cache.provenance import FeatureSpec
+from feature_cache.raw_chunks import RawChunks
+from feature_cache.store import FeatureStore
+from feature_cache_fakes import write_store
+
+SHAPE = (3, 2, 2)
+
+
+def make_store(path: Path, dtype: str, codec: str) -> FeatureStore:
+    """100 rows in 40-row tars (20-row inner chunks, a short last tar); rows 20..39 are all zero, so Zarr leaves
+    that inner chunk unwritten (its index entry says empty)."""
+    def values(rows: np.ndarray) -> dict[str, np.ndarray]:
+        grid = np.arange(np.prod(SHAPE), dtype=np.float32).reshape(1, *SHAPE)
+        maps = (rows.reshape(-1, 1, 1, 1) + 1) * (1 + grid) * np.float32(0.37)
+        maps[(rows >= 20) & (rows < 40)] = 0
+        return {"m": maps}
+    return write_store(path, values, {"m": FeatureSpec(SHAPE, dtype, codec)}, ["sdv4"], num_rows=100, shard_size=40)
+
+
+@pytest.mark.parametrize(("dtype", "codec"), [("float16", "none"), ("float16", "lz4"), ("float32", "zstd"),
+                                              ("int8_rowscale", "none"), ("float8_e4m3", "none")])
+def test_rows_read_by_byte_range_equal_zarrs_read(tmp_path: Path, dtype: str, codec: str) -> None:
+    """Catches a wrong byte offset (a row or chunk off by one, the index read from the wrong end of the file),
+    rows of a call crossing an inner-chunk or shard boundary sent to the wrong targets, an unwritten (all-zero)
+    chunk read as garbage, and a compressed chunk decoded into the wrong rows."""
+    store = make_store(tmp_path / "s", dtype, codec)
+    names = ["m", "m__scale"] if dtype == "int8_rowscale" else ["m"]
+    for name in names:
+        raw = RawChunks.of(store.path / "g0" / name)
+        assert raw is not None and raw.compressed == (codec != "none" or name.endswith("__scale"))
+        expected = store.read(name)
+        places = np.random.default_rng(0).permutation(100)  # row r goes to out[places[r]]
+        out = np.full_like(expected, 7)
+        for start, stop in [(0, 7), (7, 45), (45, 100)]:  # across chunks (20 rows) and shards (40 rows)
+            raw.read(start, stop, [out[places[r]] for r in range(start, stop)])
+        np.testing.assert_array_equal(out[places], expected)
+    assert not store.read("m")[20:40].any() and store.read("m")[40:].all()
+
+
+def test_unwritten_chunk_is_read_as_the_fill_value(tmp_path: Path) -> None:
+    """Catches a reader that trusts an empty index entry's offset (2^64 - 1) or leaves the rows untouched."""
+    store = make_store(tmp_path / "s", "float16", "none")
+    shard = store.path / "g0/m/c/0/0/0/0"
+    assert shard.stat().st_size < 40 * 12 * 2  # only one of the shard's two 20-row chunks was written
+    out = np.full((20, *SHAPE), 7, np.float16)
+    RawChunks.of(store.path / "g0" / "m").read(20, 40, list(out))
+    assert not out.any()
+
+
+def test_damaged_shard_index_and_other_layouts(tmp_path: Path) -> None:
+    """Catches offsets taken from a corrupt index (checked by its crc32c) and a raw read attempted on an array
+    that is not sharded along rows (it must fall back to Zarr)."""
+    store = make_store(tmp_path / "s", "float16", "none")
+    shard = store.path / "g0/m/c/1/0/0/0"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    raw = RawChunks.of(store.path / "g0" / "m")
+    with pytest.raises(ValueError, match=r"g0/m/c/1/0/0/0: damaged shard index"):
+        raw.read(40, 41, [np.empty(SHAPE, np.float16)])
+    assert RawChunks.of(store.path / "g0" / "flags") is None
+
+
+def test_split_reads_through_zarr_equal_raw_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches the Zarr fallback (layouts RawChunks does not read) scattering its scratch block to the wrong
+    rows, and either path mishandling unsorted or repeated positions (a DDP rank's wrapped order)."""
+    store = make_store(tmp_path / "s", "float16", "lz4")
+    rows = np.flatnonzero(np.arange(100) % 7 != 3)  # gaps: runs of several calls
+    part = Rows(0, rows, rows % 2, np.zeros_like(rows), rows.astype(str), rows.astype(str))
+    positions = np.concatenate([np.random.default_rng(1).permutation(len(rows)), [5, 5, 60]])
+    raw = SplitRows([str(store.path)], [part], ["m"]).read(positions)["m"]
+    monkeypatch.setattr(row_batches.RawChunks, "of", classmethod(lambda cls, path: None))
+    through_zarr = SplitRows([str(store.path)], [part], ["m"]).read(positions)["m"]
+    expected = store.read("m")[rows[positions]]
+    np.testing.assert_array_equal(raw, expected)
+    np.testing.assert_array_equal(through_zarr, expected)
