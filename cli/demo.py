@@ -20,6 +20,7 @@ from datamodules.demo_data import GENERATORS, build_demo_images
 from datamodules.shards import convert
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DEMO_LR = 1e-3  # ten times the paper configs' rate: the demo trains for a few dozen steps, not thousands
 TRAIN_GENERATOR = GENERATORS[0]  # GenImage protocol: train on one generator, test on every generator
 DISCLAIMER = ("With the tiny random-weight models this is a pipeline demonstration, not a detector result: "
               "the numbers show the plumbing works, not how well DEU or LaRE detect generated images.")
@@ -59,6 +60,7 @@ def _detector_config(base: str, out: Path, clip: str, tiny: bool, features: list
     config["trainer"]["logger"]["init_args"].update(save_dir=str(out / "runs"), version="demo")
     model = config["model"]["init_args"]
     model["clip"] = clip
+    model["lr"] = DEMO_LR
     if tiny:
         model.update(visual_channels=128)
         if "pooled_dim" in model:
