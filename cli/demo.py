@@ -22,8 +22,11 @@ from datamodules.shards import convert
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEMO_LR = 1e-3  # ten times the paper configs' rate: the demo trains for a few dozen steps, not thousands
 TRAIN_GENERATOR = GENERATORS[0]  # GenImage protocol: train on one generator, test on every generator
-DISCLAIMER = ("With the tiny random-weight models this is a pipeline demonstration, not a detector result: "
-              "the numbers show the plumbing works, not how well DEU or LaRE detect generated images.")
+DISCLAIMER = ("With tiny random-weight models (never trained) and synthetic fakes, this is a pipeline demonstration, "
+              "not a detector result: both demo generators add the same 8-pixel checkerboard to ×8-downsampled "
+              "photo tiles, and what carries that trace is the random CLIP's layer3 map (a linear probe on its "
+              "channel means and stds separates the classes); the random VAE/UNet maps (DEU, LaRE) sit at chance. "
+              "The numbers show the plumbing works, not how well DEU or LaRE detect real generators' images.")
 
 
 def _load(name: str) -> dict:

@@ -81,6 +81,33 @@ def build_tiny_stable_diffusion(out_dir: str | Path, seed: int = 0) -> Path:
     return out
 
 
+def _unit_scale_layer3(visual: torch.nn.Module) -> None:
+    """Rescale layer3's output BatchNorms so its map has unit std, keeping the random features' directions.
+
+    open_clip's random init (default conv init, each block's bn3 zeroed) shrinks activations ~0.6× per
+    layer: layer3 ends near 1e-3, below the detectors' LayerNorm eps (1e-5 on the variance), which then
+    normalises the map's content away. A trained RN50's layer3 is O(1). ReLU is positively homogeneous,
+    so scaling both BatchNorms that end the block scales its output exactly.
+    """
+    visual.eval()
+    with torch.no_grad():
+        std = _layer3(visual, torch.randn(8, 3, 224, 224)).std()
+        block = visual.layer3[-1]
+        norms = [block.bn3] + ([module for module in block.downsample.modules()
+                                if isinstance(module, torch.nn.BatchNorm2d)] if block.downsample is not None else [])
+        for norm in norms:
+            norm.weight.div_(std)
+            norm.bias.div_(std)
+
+
+def _layer3(visual: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """ModifiedResNet's layer3 map (the stem and layers 1-3)."""
+    x = visual.act1(visual.bn1(visual.conv1(x)))
+    x = visual.act2(visual.bn2(visual.conv2(x)))
+    x = visual.avgpool(visual.act3(visual.bn3(visual.conv3(x))))
+    return visual.layer3(visual.layer2(visual.layer1(x)))
+
+
 def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
     """Write an open_clip local-dir (config + weights) of a small ModifiedResNet with RN50's structure."""
     import open_clip
@@ -101,6 +128,7 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> Path:
         model = open_clip.create_model(f"local-dir:{out}", pretrained=None, load_weights=False)
     finally:
         logging.disable(logging.NOTSET)
+    _unit_scale_layer3(model.visual)
     torch.save(model.state_dict(), out / "open_clip_pytorch_model.bin")
     return out
 
