@@ -11,6 +11,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -20,13 +21,14 @@ from datamodules.demo_data import GENERATORS, build_demo_images
 from datamodules.shards import convert
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-DEMO_LR = 1e-3  # ten times the paper configs' rate: the demo trains for a few dozen steps, not thousands
+DEMO_LR = 1e-3  # ten times the paper configs' rate: the demo trains for a few hundred steps, not thousands
+DEMO_BATCH_SIZE = 4  # small batches: more optimisation steps from the demo's few dozen rows at the same cost
 TRAIN_GENERATOR = GENERATORS[0]  # GenImage protocol: train on one generator, test on every generator
-DISCLAIMER = ("With tiny random-weight models (never trained) and synthetic fakes, this is a pipeline demonstration, "
-              "not a detector result: both demo generators add the same 8-pixel checkerboard to ×8-downsampled "
-              "photo tiles, and what carries that trace is the random CLIP's layer3 map (a linear probe on its "
-              "channel means and stds separates the classes); the random VAE/UNet maps (DEU, LaRE) sit at chance. "
-              "The numbers show the plumbing works, not how well DEU or LaRE detect real generators' images.")
+DISCLAIMER = ("With tiny models and synthetic fakes, this is a pipeline demonstration, not a detector result: the "
+              "fakes are ×8-downsampled photo tiles with an 8-pixel checkerboard, and the tiny SD's VAE and UNet were "
+              "trained for seconds on the demo's own real training images (the CLIP is random). The numbers show "
+              "that features and labels flow through both phases, not how well DEU or LaRE detect real generators' "
+              "images.")
 
 
 def _load(name: str) -> dict:
@@ -57,7 +59,7 @@ def _run(args: list[str], log: Path) -> None:
     print(f"  done in {time.monotonic() - started:.0f}s (log: {log})", flush=True)
 
 
-def _detector_config(base: str, out: Path, clip: str, tiny: bool, features: list[str], epochs: int) -> dict:
+def _detector_config(base: str, features: list[str], out: Path, clip: str, tiny: bool, epochs: int) -> dict:
     config = _load(base)
     config["trainer"].update(accelerator="auto", max_epochs=epochs, log_every_n_steps=1)
     config["trainer"]["logger"]["init_args"].update(save_dir=str(out / "runs"), version="demo")
@@ -70,26 +72,36 @@ def _detector_config(base: str, out: Path, clip: str, tiny: bool, features: list
             model["pooled_dim"] = 32
     config["data"]["init_args"].update(
         features=features, train=[str(out / "cache" / "train.zarr")], val=[], val_fraction=0.25,
-        test=[str(out / "cache" / "val.zarr")], batch_size=16, num_workers=0)
+        test=[str(out / "cache" / "val.zarr")], batch_size=DEMO_BATCH_SIZE, num_workers=0)
     return config
 
 
+DETECTORS = {"deua": ("deua.yaml", ["deu", "clip_layer3"]),
+             "lare2": ("lare2.yaml", ["lare", "clip_layer3", "clip_pooled"])}
+
+
 def run_demo(out: Path, sd: str | None, clip: str | None, images_per_class: int, resolution: int,
-             epochs: int) -> None:
+             epochs: int, permute_labels: bool = False, detectors: Sequence[str] = tuple(DETECTORS)) -> None:
     out = out.resolve()
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     print(DISCLAIMER, flush=True)
     tiny = sd is None
+    if not tiny and clip is None:
+        raise SystemExit("python -m cli demo: --sd needs --clip too (an RN50 checkpoint, open_clip dir or 'openai')")
+    images = build_demo_images(out / "images", {"train": images_per_class, "val": max(4, images_per_class // 2)},
+                               tile_size=resolution, permute_labels=permute_labels)
+    reals = out / "images" / TRAIN_GENERATOR / "train" / "nature"
     if tiny:
-        from lightning_modules.tiny_models import build_tiny_models
+        from lightning_modules.tiny_models import build_tiny_models, train_tiny_stable_diffusion
 
+        started = time.monotonic()
         paths = build_tiny_models(out / "models")
         sd, clip = str(paths["sd"]), str(paths["clip"])
-    elif clip is None:
-        raise SystemExit("python -m cli demo: --sd needs --clip too (an RN50 checkpoint, open_clip dir or 'openai')")
-
-    images = build_demo_images(out / "images", {"train": images_per_class, "val": max(4, images_per_class // 2)})
+        record = train_tiny_stable_diffusion(sd, reals, resolution)
+        print(f"tiny SD trained on the {record['num_images']} real training images in {reals} (VAE "
+              f"{record['vae_steps']} steps, UNet {record['unet_steps']} steps) in "
+              f"{time.monotonic() - started:.0f}s", flush=True)
     shard_size = 16
     convert("genimage", images, "train", out / "shards" / "train", shard_size, [TRAIN_GENERATOR], workers=1,
             overwrite=True)
@@ -109,9 +121,11 @@ def run_demo(out: Path, sd: str | None, clip: str | None, images_per_class: int,
     configs = out / "configs"
     _write(laplace, configs / "laplace_fit.yaml")
     _write(precompute, configs / "precompute.yaml")
-    detectors = {
-        "deua": _detector_config("deua.yaml", out, clip, tiny, ["deu", "clip_layer3"], epochs),
-        "lare2": _detector_config("lare2.yaml", out, clip, tiny, ["lare", "clip_layer3", "clip_pooled"], epochs)}
+    unknown = sorted(set(detectors) - set(DETECTORS))
+    if unknown:
+        raise SystemExit(f"python -m cli demo: unknown detectors {unknown}; choose from {sorted(DETECTORS)}")
+    detectors = {key: _detector_config(*DETECTORS[key], out=out, clip=clip, tiny=tiny, epochs=epochs)
+                 for key in detectors}
     for key, config in detectors.items():
         _write(config, configs / f"{key}.yaml")
 
@@ -132,6 +146,8 @@ def run_demo(out: Path, sd: str | None, clip: str | None, images_per_class: int,
         print(f"## {key}\n" + (table.read_text() if table.is_file() else f"(no table at {table})"))
     print(f"TensorBoard: tensorboard --logdir {out / 'runs'}")
     print("Rerun each phase by hand:")
+    if tiny:
+        print(f"  python -m cli tiny-models {out / 'models'} --train_on {reals} --resolution {resolution}")
     print(f"  python -m cli laplace-fit --config {configs / 'laplace_fit.yaml'}")
     print(f"  python -m cli precompute --config {configs / 'precompute.yaml'}")
     print(f"  python -m cli precompute --config {configs / 'precompute.yaml'} --data.init_args.shards "

@@ -66,19 +66,27 @@ def synthesize_fake(tile: np.ndarray, generator: str) -> np.ndarray:
 
 
 def build_demo_images(root: str | Path, per_class: dict[str, int] | None = None, tile_size: int = 128,
-                      seed: int = 0) -> Path:
-    """Write the demo tree; `per_class` maps split → images per class and generator."""
+                      seed: int = 0, permute_labels: bool = False) -> Path:
+    """Write the demo tree; `per_class` maps split → images per class and generator.
+
+    `permute_labels` is the control run: the same images, but for a random half of the (real, fake)
+    pairs the real goes to ai/ and the fake to nature/, so labels no longer depend on the images and
+    a pipeline that keeps features and labels aligned must score at chance.
+    """
     per_class = per_class or {"train": 40, "val": 20}
     root = Path(root)
     photos = _photos()
     for split_index, (split, count) in enumerate(sorted(per_class.items())):
         for gen_index, generator in enumerate(GENERATORS):
             rng = np.random.default_rng([seed, split_index, gen_index])
+            swaps = np.random.default_rng([seed, split_index, gen_index, 1]).permutation(count) < count // 2
             for label_dir in ("ai", "nature"):
                 (root / generator / split / label_dir).mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                Image.fromarray(_random_tile(photos, tile_size, rng)).save(
-                    root / generator / split / "nature" / f"real_{i:04d}.png")
+                real = _random_tile(photos, tile_size, rng)
                 fake = synthesize_fake(_random_tile(photos, tile_size, rng), generator)
+                if permute_labels and swaps[i]:
+                    real, fake = fake, real
+                Image.fromarray(real).save(root / generator / split / "nature" / f"real_{i:04d}.png")
                 Image.fromarray(fake).save(root / generator / split / "ai" / f"fake_{i:04d}.png")
     return root
