@@ -68,7 +68,7 @@ def shards(*, layout: Literal["genimage", "drct", "folder"], root: Path, split: 
           f"(see duplicates.csv), generators {','.join(summary.generators)}: {summary.out}")
 
 
-def demo(out: Path = Path("demo_out"), sd: str | None = None, clip: str | None = None, images_per_class: int = 32,
+def demo(out: Path = Path("demo_out"), sd: str | None = None, clip: str | None = None, images_per_class: int = 48,
          resolution: int = 128, epochs: int = 10, permute_labels: bool = False, detectors: str = "deua,lare2") -> None:
     """Run the whole two-phase pipeline on built-in data with tiny models (or real ones).
 

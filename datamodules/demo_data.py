@@ -7,7 +7,7 @@ synthetic process that leaves generator-like traces, one per demo "generator":
 - `demo_smooth`: the tile is downsampled ×8 and upsampled bilinearly: fine detail is replaced by
   smooth interpolation, as in low-resolution-then-upsampled generation.
 
-Both then get the same ±16 checkerboard of 8-pixel cells, the periodic trace an ×8 upsampling
+Both then get the same ±48 checkerboard of 8-pixel cells, the periodic trace an ×8 upsampling
 decoder leaves: the shared trace is what lets a detector trained on one generator find the other
 (GenImage's protocol), and its 8-pixel scale is what a latent (/8) and CLIP's layer3 (/16) keep.
 
@@ -27,7 +27,7 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immu
           "camera", "brick", "grass", "gravel")
 GENERATORS = ("demo_upsample", "demo_smooth")
 TRACE_SCALE = 8  # the VAE's downsampling factor: the scale at which a latent diffusion decoder leaves its traces
-GRID_AMPLITUDE = 16  # grey levels of the shared grid trace; both generators carry it, so one transfers to the other
+GRID_AMPLITUDE = 48  # grey levels of the shared grid trace; both generators carry it, so one transfers to the other
 
 
 def _photos() -> list[np.ndarray]:
