@@ -85,6 +85,9 @@ DETECTORS = {"deua": ("deua.yaml", ["deu", "clip_layer3"]),
 
 def run_demo(out: Path, sd: str | None, clip: str | None, images_per_class: int, resolution: int,
              epochs: int, permute_labels: bool = False, detectors: Sequence[str] = tuple(DETECTORS)) -> None:
+    unknown = sorted(set(detectors) - set(DETECTORS))
+    if unknown:
+        raise SystemExit(f"python -m cli demo: unknown detectors {unknown}; choose from {sorted(DETECTORS)}")
     out = out.resolve()
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -124,9 +127,6 @@ def run_demo(out: Path, sd: str | None, clip: str | None, images_per_class: int,
     configs = out / "configs"
     _write(laplace, configs / "laplace_fit.yaml")
     _write(precompute, configs / "precompute.yaml")
-    unknown = sorted(set(detectors) - set(DETECTORS))
-    if unknown:
-        raise SystemExit(f"python -m cli demo: unknown detectors {unknown}; choose from {sorted(DETECTORS)}")
     detectors = {key: _detector_config(*DETECTORS[key], out=out, clip=clip, tiny=tiny, epochs=epochs)
                  for key in detectors}
     for key, config in detectors.items():
