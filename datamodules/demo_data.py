@@ -3,10 +3,13 @@
 Real images are tiles cut from scikit-image's bundled photographs. Fakes come from a documented
 synthetic process that leaves generator-like traces, one per demo "generator":
 
-- `demo_upsample`: the tile is downsampled ×2 and upsampled with nearest neighbour, then a faint
-  2-pixel checkerboard is added: the periodic up-convolution trace of many generators.
-- `demo_smooth`: the tile is downsampled ×4 and upsampled bilinearly: fine detail is replaced by
+- `demo_upsample`: the tile is downsampled ×8 and upsampled with nearest neighbour (8-pixel blocks).
+- `demo_smooth`: the tile is downsampled ×8 and upsampled bilinearly: fine detail is replaced by
   smooth interpolation, as in low-resolution-then-upsampled generation.
+
+Both then get the same ±48 checkerboard of 8-pixel cells, the periodic trace an ×8 upsampling
+decoder leaves: the shared trace is what lets a detector trained on one generator find the other
+(GenImage's protocol), and its 8-pixel scale is what a latent (/8) and CLIP's layer3 (/16) keep.
 
 Both classes are saved as PNG so file format is no shortcut. The tree is GenImage's layout
 (`<root>/<generator>/{train,val}/{ai,nature}`), so the demo runs the same converter and protocol
@@ -23,6 +26,8 @@ from PIL import Image
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
           "camera", "brick", "grass", "gravel")
 GENERATORS = ("demo_upsample", "demo_smooth")
+TRACE_SCALE = 8  # the VAE's downsampling factor: the scale at which a latent diffusion decoder leaves its traces
+GRID_AMPLITUDE = 48  # grey levels of the shared grid trace; both generators carry it, so one transfers to the other
 
 
 def _photos() -> list[np.ndarray]:
@@ -42,35 +47,46 @@ def _random_tile(photos: list[np.ndarray], size: int, rng: np.random.Generator) 
     return photo[top:top + size, left:left + size]
 
 
+def _grid_trace(size: int, amplitude: int) -> np.ndarray:
+    """A checkerboard of TRACE_SCALE-pixel cells: the periodic trace of an ×8 upsampling decoder."""
+    return ((np.indices((size, size)).sum(0) // TRACE_SCALE) % 2 * 2 * amplitude - amplitude)[..., None]
+
+
 def synthesize_fake(tile: np.ndarray, generator: str) -> np.ndarray:
     """Apply one demo generator's synthetic process to a real uint8 RGB tile."""
     size = tile.shape[0]
-    image = Image.fromarray(tile)
+    small = Image.fromarray(tile).resize((size // TRACE_SCALE, size // TRACE_SCALE), Image.Resampling.BILINEAR)
     if generator == "demo_upsample":
-        small = image.resize((size // 2, size // 2), Image.Resampling.BILINEAR)
-        up = np.asarray(small.resize((size, size), Image.Resampling.NEAREST)).astype(np.int16)
-        checker = ((np.indices((size, size)).sum(0) // 2) % 2 * 6 - 3)[..., None]
-        return np.clip(up + checker, 0, 255).astype(np.uint8)
-    if generator == "demo_smooth":
-        small = image.resize((size // 4, size // 4), Image.Resampling.BILINEAR)
-        return np.asarray(small.resize((size, size), Image.Resampling.BILINEAR))
-    raise ValueError(f"unknown demo generator {generator!r}; choose from {GENERATORS}")
+        up = small.resize((size, size), Image.Resampling.NEAREST)
+    elif generator == "demo_smooth":
+        up = small.resize((size, size), Image.Resampling.BILINEAR)
+    else:
+        raise ValueError(f"unknown demo generator {generator!r}; choose from {GENERATORS}")
+    return np.clip(np.asarray(up).astype(np.int16) + _grid_trace(size, GRID_AMPLITUDE), 0, 255).astype(np.uint8)
 
 
 def build_demo_images(root: str | Path, per_class: dict[str, int] | None = None, tile_size: int = 128,
-                      seed: int = 0) -> Path:
-    """Write the demo tree; `per_class` maps split → images per class and generator."""
+                      seed: int = 0, permute_labels: bool = False) -> Path:
+    """Write the demo tree; `per_class` maps split → images per class and generator.
+
+    `permute_labels` is the control run: the same images, but for a random half of the (real, fake)
+    pairs the real goes to ai/ and the fake to nature/, so labels no longer depend on the images and
+    a pipeline that keeps features and labels aligned must score at chance.
+    """
     per_class = per_class or {"train": 40, "val": 20}
     root = Path(root)
     photos = _photos()
     for split_index, (split, count) in enumerate(sorted(per_class.items())):
         for gen_index, generator in enumerate(GENERATORS):
             rng = np.random.default_rng([seed, split_index, gen_index])
+            swaps = np.random.default_rng([seed, split_index, gen_index, 1]).permutation(count) < count // 2
             for label_dir in ("ai", "nature"):
                 (root / generator / split / label_dir).mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                Image.fromarray(_random_tile(photos, tile_size, rng)).save(
-                    root / generator / split / "nature" / f"real_{i:04d}.png")
+                real = _random_tile(photos, tile_size, rng)
                 fake = synthesize_fake(_random_tile(photos, tile_size, rng), generator)
+                if permute_labels and swaps[i]:
+                    real, fake = fake, real
+                Image.fromarray(real).save(root / generator / split / "nature" / f"real_{i:04d}.png")
                 Image.fromarray(fake).save(root / generator / split / "ai" / f"fake_{i:04d}.png")
     return root
