@@ -245,7 +245,11 @@ def score_table(score: np.ndarray, label: np.ndarray, generator: np.ndarray, rep
 
     The average row's interval comes from the mean over generators of each replicate.
     """
-    table = protocol_table(Predictions(score, label, generator))
+    # protocol_table scores like a detector's p_fake: float32 in [0, 1] (torchmetrics takes anything else for logits
+    # and squashes it with a sigmoid, tying every summary above ~17; float32 flushes DEU's ~1e-40 energies to 0).
+    # AUROC/AP depend only on the order, so it gets the scores' dense ranks scaled into [0, 1].
+    ranks = np.unique(score, return_inverse=True)[1] / max(len(score) - 1, 1)
+    table = protocol_table(Predictions(np.where(np.isnan(score), np.nan, ranks), label, generator))
     draws = {}
     for k, (name, mask) in enumerate(generator_groups(generator, label)):
         draws[name] = bootstrap_replicates(score[mask], label[mask], replicates, seed + k) if replicates else None

@@ -20,7 +20,7 @@ from feature_cache.provenance import (DatasetProvenance, ExtractorProvenance, Fe
                                       StoreProvenance)
 from feature_cache.store import FeatureStore, store_lock
 from feature_cache_fakes import make_shard_dir
-from reports.separability import (SUMMARIES, bootstrap_weights, map_summaries, summarise_store,
+from reports.separability import (SUMMARIES, bootstrap_weights, map_summaries, score_table, summarise_store,
                                   weighted_auroc_ap)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,6 +98,20 @@ def test_weighted_auroc_ap_equal_torchmetrics_and_duplication():
     assert auroc[0] == pytest.approx(roc_auc_score(doubled[1], doubled[0]))
     assert ap[0] == pytest.approx(float(binary_average_precision(torch.from_numpy(doubled[0]).float(),
                                                                  torch.from_numpy(doubled[1]))), abs=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-45, 1.0, 1e3])
+def test_score_table_scores_summaries_at_any_magnitude(scale):
+    """Catches the point AUROC/AP computed on the raw summaries through torchmetrics: float32 flushed DEU's
+    high-pass energy (~1e-40) to ties (AUROC 0.500 with a bootstrap interval excluding 0.5), and values above 1
+    are taken for logits and squashed by a sigmoid into ties."""
+    rng = np.random.default_rng(2)
+    label = np.repeat([0, 1], 40)
+    score = np.exp(rng.normal(size=80) + 1.5 * label) * scale
+    rows = {row["generator"]: row for row in score_table(score, label, np.full(80, "sd"), replicates=50, seed=0)}
+    assert rows["sd"]["auroc"] == pytest.approx(roc_auc_score(label, score))
+    assert rows["sd"]["auroc"] > 0.8
+    assert rows["sd"]["auroc_low"] <= rows["sd"]["auroc"] <= rows["sd"]["auroc_high"]
 
 
 def test_bootstrap_weights_keep_class_sizes():
