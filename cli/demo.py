@@ -53,16 +53,12 @@ def _run(args: list[str], log: Path) -> None:
     print(f"  done in {time.monotonic() - started:.0f}s (log: {log})", flush=True)
 
 
-def _detector_config(base: str, out: Path, clip: str, tiny: bool, features: list[str], epochs: int) -> dict:
+def _detector_config(base: str, out: Path, clip: str, features: list[str], epochs: int) -> dict:
     config = _load(base)
     config["trainer"].update(accelerator="auto", max_epochs=epochs, log_every_n_steps=1)
     config["trainer"]["logger"]["init_args"].update(save_dir=str(out / "runs"), version="demo")
     model = config["model"]["init_args"]
-    model["clip"] = clip
-    if tiny:
-        model.update(visual_channels=128)
-        if "pooled_dim" in model:
-            model["pooled_dim"] = 32
+    model["clip"] = clip  # CLIP dimensions come from the stores' shapes (link_arguments)
     config["data"]["init_args"].update(
         features=features, train=[str(out / "cache" / "train.zarr")], val=[], val_fraction=0.25,
         test=[str(out / "cache" / "val.zarr")], batch_size=16, num_workers=0)
@@ -105,8 +101,8 @@ def run_demo(out: Path, sd: str | None, clip: str | None, images_per_class: int,
     _write(laplace, configs / "laplace_fit.yaml")
     _write(precompute, configs / "precompute.yaml")
     detectors = {
-        "deua": _detector_config("deua.yaml", out, clip, tiny, ["deu", "clip_layer3"], epochs),
-        "lare2": _detector_config("lare2.yaml", out, clip, tiny, ["lare", "clip_layer3", "clip_pooled"], epochs)}
+        "deua": _detector_config("deua.yaml", out, clip, ["deu", "clip_layer3"], epochs),
+        "lare2": _detector_config("lare2.yaml", out, clip, ["lare", "clip_layer3", "clip_pooled"], epochs)}
     for key, config in detectors.items():
         _write(config, configs / f"{key}.yaml")
 

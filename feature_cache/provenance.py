@@ -174,25 +174,29 @@ class ExtractorProvenance:
 
     `common` holds the extractor class, weights and their hashes, seed, timestep, noises, prompt, latent,
     autocast dtype, trainer precision, batch size, CPU threads and output scale; `maps[name]` only what that
-    output depends on (e.g. deu_mode, num_weight_samples, posterior_sha256).
+    output depends on (e.g. deu_mode, num_weight_samples, posterior_sha256). `modules[name]` is the module that
+    registers map `name`: phase 2 and `predict` import it, so a user's map file needs no other mention (not
+    compared: moving a map's code changes no value).
     """
 
     common: dict[str, Any]
     maps: dict[str, dict[str, Any]]
+    modules: dict[str, str] = field(default_factory=dict)
 
     def to_attrs(self) -> dict[str, Any]:
-        return normalized({"common": self.common, "maps": self.maps})
+        return normalized({"common": self.common, "maps": self.maps, "modules": self.modules})
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> ExtractorProvenance:
-        return cls(dict(attrs["common"]), {k: dict(v) for k, v in attrs["maps"].items()})
+        return cls(dict(attrs["common"]), {k: dict(v) for k, v in attrs["maps"].items()}, dict(attrs.get("modules", {})))
 
     def restricted(self, names: list[str]) -> ExtractorProvenance:
         """The same settings for a subset of the outputs."""
         missing = [n for n in names if n not in self.maps]
         if missing:
             raise KeyError(f"extractor provenance has no settings for outputs {missing}")
-        return ExtractorProvenance(dict(self.common), {n: dict(self.maps[n]) for n in names})
+        return ExtractorProvenance(dict(self.common), {n: dict(self.maps[n]) for n in names},
+                                   {n: m for n, m in self.modules.items() if n in names})
 
     def differences(self, requested: ExtractorProvenance, names: list[str]) -> list[str]:
         """Differing fields on the common settings and on `names`' own settings (dotted, both values)."""
