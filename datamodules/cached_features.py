@@ -45,7 +45,7 @@ class ShardImages:
         if missing:
             raise FileNotFoundError(f"feature store {store.path}: images=True reads the images from {self.shard_dir}, "
                                     f"which lacks {len(missing)} of its tars (e.g. {missing[0]})")
-        self.preprocess = preprocessor_from_provenance({"shards": store.dataset.shards, **store.pixels.to_attrs()})
+        self.preprocess = preprocessor_from_provenance(store.pixels.to_attrs(), store.dataset.stats)
         self._firsts = [int(s["first_row"]) for s in self.table]
         self._index: dict[int, dict[str, tuple[int, int]]] = {}
 

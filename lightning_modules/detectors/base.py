@@ -23,7 +23,8 @@ from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryAver
                                          BinarySpecificity)
 
 from feature_cache.codecs import widen
-from reports.evaluation import HP_METRICS, Predictions, choose_threshold, hparams_settings, protocol_table
+from reports.evaluation import (HP_METRICS, Predictions, choose_threshold, hparams_settings, protocol_table,
+                                setting_departures)
 from lightning_modules.detectors.guidance_norm import GuidanceNorm, GuidanceNormalizer
 from lightning_modules.detectors.predictions import PredictionLog, generator_names_of, write_predictions_csv
 from lightning_modules.maps import map_channels
@@ -65,7 +66,8 @@ class DetectorBase(pl.LightningModule):
     """
 
     uses_pooled: bool = True  # whether forward needs CLIP's attention-pooled vector
-    # The settings the paper's published numbers were obtained with (configs/<name>_paper.yaml).
+    # The settings the paper's published numbers were obtained with (configs/<name>_paper.yaml); the one
+    # definition: reports.evaluation.PUBLISHED rows name only what their ablation changes from it.
     paper_setting: dict[str, object] = {}
 
     def __init__(self, guidance: list[GuidanceName], backbone: Backbone, clip: str | None,
@@ -107,9 +109,8 @@ class DetectorBase(pl.LightningModule):
 
     def paper_departures(self) -> list[str]:
         """`name=ours (paper: theirs)` for every setting that differs from `paper_setting`; the published
-        accuracy is printed only beside runs with none."""
-        return [f"{name}={self.hparams.get(name)!r} (paper: {value!r})" for name, value in self.paper_setting.items()
-                if self.hparams.get(name) != value]
+        accuracy is printed only beside runs with none (`reports.evaluation.published_for`, same comparison)."""
+        return setting_departures(self.hparams, self.paper_setting)
 
     def required_features(self) -> list[str]:
         """The store features a batch must carry: the guidance maps, and CLIP's maps when CLIP is not trained."""

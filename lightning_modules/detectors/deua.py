@@ -55,8 +55,9 @@ class DEUADetector(DetectorBase):
 
     uses_pooled = False
     # The paper does not say whether CLIP trains; it follows LaRE²'s end-to-end training (configs/deua_paper.yaml).
-    paper_setting = {"guidance": ["deu"], "backbone": "finetune", "visual_channels": 1024, "grid_size": 14,
-                     "asym_weight": 0.5, "margin_real": 0.6, "margin_fake": 1.0, "lr": 1e-4}
+    # CLIP's sizes are the RN50 tower's (derived, not settings).
+    paper_setting = {"guidance": ["deu"], "backbone": "finetune", "asym_weight": 0.5, "margin_real": 0.6,
+                     "margin_fake": 1.0, "lr": 1e-4}
 
     def __init__(self, guidance: list[GuidanceName] = ["deu"], backbone: Backbone = "frozen", clip: str | None = None,
                  visual_channels: int | None = 1024, grid_size: int | None = 14, num_heads: int = 8,

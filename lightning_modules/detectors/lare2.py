@@ -96,9 +96,8 @@ class LaRE2Detector(DetectorBase):
     """
 
     # The official training (train_classifier_wmap.sh, CLipClassifierWMapV6): all of CLIP trains, raw LaRE maps.
-    paper_setting = {"guidance": ["lare"], "backbone": "finetune", "visual_channels": 1024, "pooled_dim": 1024,
-                     "grid_size": 14, "num_heads": 8, "head_dim": 64, "dropout": 0.1, "spatial": True,
-                     "channel": True, "gate_hidden": 128, "lr": 1e-4, "guidance_norm": "none"}
+    paper_setting = {"guidance": ["lare"], "backbone": "finetune", "num_heads": 8, "head_dim": 64, "dropout": 0.1,
+                     "spatial": True, "channel": True, "gate_hidden": 128, "lr": 1e-4, "guidance_norm": "none"}
 
     def __init__(self, guidance: list[GuidanceName] = ["lare"], backbone: Backbone = "frozen",
                  clip: str | None = None, visual_channels: int | None = 1024, pooled_dim: int | None = 1024,
