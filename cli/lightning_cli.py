@@ -66,9 +66,9 @@ def layer3_grid(shapes: dict[str, tuple[int, ...]]) -> int | None:
     return shapes["clip_layer3"][-1] if "clip_layer3" in shapes else None
 
 
-def pooled_dim(shapes: dict[str, tuple[int, ...]]) -> int | None:
+def first_dim(shape: tuple[int, ...]) -> int:
     """Dimension of the stored CLIP attention-pooled vector."""
-    return shapes["clip_pooled"][0] if "clip_pooled" in shapes else None
+    return shape[0]
 
 
 SCORED = ("test", "validate")  # subcommands that score a fitted run's checkpoint
@@ -95,12 +95,15 @@ class ForensicsCLI(LightningCLI):
                 "ensemble_fit": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # A detector's CLIP dimensions are the stores' shapes (applied once the datamodule exists; a configured value
-        # is replaced, a datamodule without `stored_shapes` or a model without the argument leaves it alone).
-        for target, compute in (("visual_channels", layer3_channels), ("grid_size", layer3_grid),
-                                ("pooled_dim", pooled_dim)):
+        # A detector's CLIP dimensions are the stores' shapes, applied once the datamodule exists (a configured value
+        # is replaced; None, without stored CLIP maps, lets a fine-tuned tower give its own). A datamodule without
+        # the attribute (precompute's) leaves the model alone; `clip_pooled_shape` exists only when clip_pooled is
+        # requested, so detectors without pooled vectors never receive `pooled_dim`.
+        for target, compute in (("visual_channels", layer3_channels), ("grid_size", layer3_grid)):
             parser.link_arguments("data.stored_shapes", f"model.init_args.{target}", compute_fn=compute,
                                   apply_on="instantiate")
+        parser.link_arguments("data.clip_pooled_shape", "model.init_args.pooled_dim", compute_fn=first_dim,
+                              apply_on="instantiate")
         parser.add_argument("--paper_row", type=str | None, default=None,
                             help="Name of the published configuration this config reproduces (see "
                                  "reports.evaluation.PUBLISHED); its paper number is shown beside this run only "

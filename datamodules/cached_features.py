@@ -205,6 +205,14 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         return {} if first is None else {name: first.feature_info(name).shape for name in self.features
                                          if name in first.feature_names}
 
+    @property
+    def clip_pooled_shape(self) -> tuple[int, ...]:
+        """Stored shape of clip_pooled; no such attribute when it is not requested, so the CLI's link to a
+        detector's `pooled_dim` is skipped (a detector without pooled vectors never gets the argument)."""
+        if "clip_pooled" not in self.features:
+            raise AttributeError("clip_pooled_shape: clip_pooled is not among the requested features")
+        return self.stored_shapes["clip_pooled"]
+
     def feature_provenance(self, path: str | None = None) -> dict[str, Any] | None:
         """What a checkpoint needs to recompute its features from raw images: a store's data and pixel provenance,
         and each requested feature's extractor settings (`extractor` {common, map, module}). Default: the first

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
+import torch
 
 from datamodules.demo_data import GENERATORS, build_demo_images
 from datamodules.shards import convert
@@ -61,7 +61,7 @@ class MeanDetector(DetectorBase):
 
 
 def _config(root: Path) -> str:
-    """The user's one YAML: the detector by class path, its guidance, the stores; nothing stated twice."""
+    """The user's one YAML: the detector by class path, its guidance, the stores (CLIP sizes come from them)."""
     return textwrap.dedent(f"""\
         seed_everything: 0
         trainer:
@@ -81,6 +81,7 @@ def _config(root: Path) -> str:
         data:
           class_path: datamodules.cached_features.FeatureCacheDataModule
           init_args:
+            features: [spread, clip_layer3]
             train: [{root / 'train.zarr'}]
             val_fraction: 0.25
             test: [{root / 'val.zarr'}]
@@ -158,12 +159,11 @@ def test_fit_test_predict_with_the_user_detector_guided_by_the_user_map(grown):
     for split in ("train", "val"):  # phase 2 and predict take what they need from the stores' provenance
         manifest = root / "shards" / split / "manifest.csv"
         manifest.rename(manifest.with_suffix(".csv.moved"))
-    fitted = _cli(root, "fit", "--config", "mean.yaml")
+    _cli(root, "fit", "--config", "mean.yaml")
     run = next((root / "runs" / "mean").glob("spread*"))
-    saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["data"]["init_args"]["features"] == ["spread", "clip_layer3"], fitted.stdout[-2000:]
-    assert saved["model"]["init_args"]["visual_channels"] == FeatureStore.open(root / "train.zarr") \
-        .feature_info("clip_layer3").shape[0]
+    hparams = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["hyper_parameters"]
+    layer3 = FeatureStore.open(root / "train.zarr").feature_info("clip_layer3").shape
+    assert (hparams["visual_channels"], hparams["grid_size"]) == (layer3[0], layer3[-1]) and "pooled_dim" not in hparams
     _cli(root, "test", "--config", "mean.yaml")
     table = pd.read_csv(run / "test_predictions.csv")
     assert len(table) == FeatureStore.open(root / "val.zarr").num_rows and table["p_fake"].between(0, 1).all()

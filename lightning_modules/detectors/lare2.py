@@ -79,7 +79,8 @@ class LaRE2Detector(DetectorBase):
         clip: CLIP RN50 weights for finetune ('openai', a checkpoint file or an open_clip local-dir).
         visual_channels: channels of CLIP's layer3 map (1024 for RN50); `python -m cli` derives it from the
             stores' clip_layer3 shape (finetune: from the tower), replacing a configured value.
-        pooled_dim: dimension of CLIP's attention-pooled vector (1024 for RN50); derived from clip_pooled.
+        pooled_dim: dimension of CLIP's attention-pooled vector (1024 for RN50); derived from the stored clip_pooled
+            (finetune: from the tower).
         grid_size: side of CLIP's layer3 grid (14 at 224 px); derived like visual_channels.
         num_heads: attention heads.
         head_dim: width of each attention head (the official code: 8 x 64, so 1024 -> 512 -> 1024).
@@ -100,7 +101,7 @@ class LaRE2Detector(DetectorBase):
                      "spatial": True, "channel": True, "gate_hidden": 128, "lr": 1e-4, "guidance_norm": "none"}
 
     def __init__(self, guidance: list[GuidanceName] = ["lare"], backbone: Backbone = "frozen",
-                 clip: str | None = None, visual_channels: int | None = 1024, pooled_dim: int | None = 1024,
+                 clip: str | None = None, visual_channels: int | None = 1024, pooled_dim: int | None = None,
                  grid_size: int | None = 14,
                  num_heads: int = 8, head_dim: int = 64, dropout: float = 0.1, spatial: bool = True,
                  channel: bool = True, gate_hidden: int = 128, lr: float = 1e-4, plateau_factor: float = 0.5,
