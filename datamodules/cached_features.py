@@ -354,8 +354,8 @@ class FeatureCacheDataModule(pl.LightningDataModule):
             epoch=epoch or (lambda: trainer.current_epoch if trainer is not None else 0),
             rank=lambda: (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1))
         images = (PairedImages(source.split, [self._images[path] for path in source.split.paths], self.generator_names,
-                               augment=split == "train",
-                               crop_scale=self.hparams.crop_scale, threads=self.hparams.num_workers)
+                               augment=split == "train", crop_scale=self.hparams.crop_scale,
+                               threads=self.hparams.num_workers)
                   if self.hparams.images else None)
         return Batches(source, self.hparams.batch_size, settings, self._device(), decorate=images)
 

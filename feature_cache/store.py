@@ -23,9 +23,8 @@ Layout (docs/contracts.md, "Feature store, format 2"; S = shard size, n = rows, 
 
 from __future__ import annotations
 
-import importlib
-
 import fcntl
+import importlib
 import json
 import os
 import shutil

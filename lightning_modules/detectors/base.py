@@ -77,7 +77,6 @@ class DetectorBase(pl.LightningModule):
         if len(set(guidance)) != len(guidance):
             raise ValueError(f"guidance lists a map twice: {list(guidance)}")
         self.guidance = list(guidance)
-        self.backbone_mode = backbone
         self.visual_channels = visual_channels
         self.pooled_dim = pooled_dim
         self.grid_size = grid_size
