@@ -13,6 +13,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 from jsonargparse import Namespace
@@ -94,16 +95,22 @@ class ForensicsCLI(LightningCLI):
                 "generate": {"model"},
                 "ensemble_fit": {"model", "datamodule"}}
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        self._building = subcommand  # add_arguments_to_parser links the detector runs' arguments only
+        return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # A detector's CLIP dimensions are the stores' shapes, applied once the datamodule exists (a configured value
-        # is replaced; None, without stored CLIP maps, lets a fine-tuned tower give its own). A datamodule without
-        # the attribute (precompute's) leaves the model alone; `clip_pooled_shape` exists only when clip_pooled is
-        # requested, so detectors without pooled vectors never receive `pooled_dim`.
-        for target, compute in (("visual_channels", layer3_channels), ("grid_size", layer3_grid)):
-            parser.link_arguments("data.stored_shapes", f"model.init_args.{target}", compute_fn=compute,
+        # is replaced; None, without stored CLIP maps, lets a fine-tuned tower give its own). `clip_pooled_shape`
+        # exists only when clip_pooled is requested, so detectors without pooled vectors never receive `pooled_dim`.
+        # Only for detector runs (and `grid --together`'s parser without subcommands): a link makes the datamodule
+        # be built first, and precompute & co. should report a bad model before a bad data directory.
+        if getattr(self, "_building", None) in (None, "fit", "validate", "test"):
+            for target, compute in (("visual_channels", layer3_channels), ("grid_size", layer3_grid)):
+                parser.link_arguments("data.stored_shapes", f"model.init_args.{target}", compute_fn=compute,
+                                      apply_on="instantiate")
+            parser.link_arguments("data.clip_pooled_shape", "model.init_args.pooled_dim", compute_fn=first_dim,
                                   apply_on="instantiate")
-        parser.link_arguments("data.clip_pooled_shape", "model.init_args.pooled_dim", compute_fn=first_dim,
-                              apply_on="instantiate")
         parser.add_argument("--paper_row", type=str | None, default=None,
                             help="Name of the published configuration this config reproduces (see "
                                  "reports.evaluation.PUBLISHED); its paper number is shown beside this run only "
