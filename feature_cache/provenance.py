@@ -204,7 +204,8 @@ class ExtractorProvenance:
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> ExtractorProvenance:
-        return cls(dict(attrs["common"]), {k: dict(v) for k, v in attrs["maps"].items()}, dict(attrs.get("modules", {})))
+        return cls(dict(attrs["common"]), {k: dict(v) for k, v in attrs["maps"].items()},
+                   dict(attrs.get("modules", {})))
 
     def restricted(self, names: list[str]) -> ExtractorProvenance:
         """The same settings for a subset of the outputs."""
