@@ -62,17 +62,13 @@ def _run(args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
     print(f"  done in {time.monotonic() - started:.0f}s (log: {log})", flush=True)
 
 
-def _detector_config(base: str, features: list[str], out: Path, clip: str, tiny: bool, epochs: int) -> dict:
+def _detector_config(base: str, features: list[str], out: Path, clip: str, epochs: int) -> dict:
     config = _load(base)
     config["trainer"].update(accelerator="auto", max_epochs=epochs, log_every_n_steps=1)
     config["trainer"]["logger"]["init_args"].update(save_dir=str(out / "runs"), version="demo")
     model = config["model"]["init_args"]
-    model["clip"] = clip
+    model["clip"] = clip  # CLIP dimensions come from the stores' shapes (link_arguments)
     model["lr"] = DEMO_LR
-    if tiny:
-        model.update(visual_channels=128)
-        if "pooled_dim" in model:
-            model["pooled_dim"] = 32
     config["data"]["init_args"].update(
         features=features, train=[str(out / "cache" / "train.zarr")], val=[], val_fraction=0.25,
         test=[str(out / "cache" / "val.zarr")], batch_size=DEMO_BATCH_SIZE, num_workers=0)
@@ -127,8 +123,7 @@ def run_demo(out: Path, sd: str | None, clip: str | None, images_per_class: int,
     configs = out / "configs"
     _write(laplace, configs / "laplace_fit.yaml")
     _write(precompute, configs / "precompute.yaml")
-    detectors = {key: _detector_config(*DETECTORS[key], out=out, clip=clip, tiny=tiny, epochs=epochs)
-                 for key in detectors}
+    detectors = {key: _detector_config(*DETECTORS[key], out=out, clip=clip, epochs=epochs) for key in detectors}
     for key, config in detectors.items():
         _write(config, configs / f"{key}.yaml")
 

@@ -13,6 +13,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 from jsonargparse import Namespace
@@ -56,6 +57,21 @@ class SaveConfigBesideOutput(SaveConfigCallback):
         return Path(folder) / self.config_filename if folder else None
 
 
+def layer3_channels(shapes: dict[str, tuple[int, ...]]) -> int | None:
+    """Channels of the stored CLIP layer3 map (None without it: a fine-tuned tower gives its own)."""
+    return shapes["clip_layer3"][0] if "clip_layer3" in shapes else None
+
+
+def layer3_grid(shapes: dict[str, tuple[int, ...]]) -> int | None:
+    """Side of the stored CLIP layer3 grid."""
+    return shapes["clip_layer3"][-1] if "clip_layer3" in shapes else None
+
+
+def first_dim(shape: tuple[int, ...]) -> int:
+    """Dimension of the stored CLIP attention-pooled vector."""
+    return shape[0]
+
+
 SCORED = ("test", "validate")  # subcommands that score a fitted run's checkpoint
 TEST_EVENTS = "test_events.json"
 # Inherited by the processes a DDP launch re-executes, so every rank logs to the directory rank 0 chose
@@ -79,11 +95,39 @@ class ForensicsCLI(LightningCLI):
                 "generate": {"model"},
                 "ensemble_fit": {"model", "datamodule"}}
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        self._building = subcommand  # add_arguments_to_parser links the detector runs' arguments only
+        return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # A detector's CLIP dimensions are the stores' shapes, applied once the datamodule exists (a configured value
+        # is replaced; None, without stored CLIP maps, lets a fine-tuned tower give its own). `clip_pooled_shape`
+        # exists only when clip_pooled is requested, so detectors without pooled vectors never receive `pooled_dim`.
+        # Only for detector runs (and `grid --together`'s parser without subcommands): a link makes the datamodule
+        # be built first, and precompute & co. should report a bad model before a bad data directory.
+        if getattr(self, "_building", None) in (None, "fit", "validate", "test"):
+            for target, compute in (("visual_channels", layer3_channels), ("grid_size", layer3_grid)):
+                parser.link_arguments("data.stored_shapes", f"model.init_args.{target}", compute_fn=compute,
+                                      apply_on="instantiate")
+            parser.link_arguments("data.clip_pooled_shape", "model.init_args.pooled_dim", compute_fn=first_dim,
+                                  apply_on="instantiate")
         parser.add_argument("--paper_row", type=str | None, default=None,
                             help="Name of the published configuration this config reproduces (see "
                                  "reports.evaluation.PUBLISHED); its paper number is shown beside this run only "
                                  "when settings and protocol match.")
+
+    def instantiate_classes(self) -> None:
+        """Build the classes, then refuse a detector whose inputs the datamodule does not request (one line, before
+        any store is read)."""
+        super().instantiate_classes()
+        required = getattr(self.model, "required_features", None)
+        features = getattr(self.datamodule, "features", None)
+        if callable(required) and features is not None:
+            missing = [name for name in required() if name not in features]
+            if missing:
+                raise ValueError(f"{type(self.model).__name__} reads {missing}, which data.init_args.features "
+                                 f"{list(features)} does not request: add them (guidance maps, and CLIP's maps for "
+                                 "a frozen backbone)")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:
         super().parse_arguments(parser, args)

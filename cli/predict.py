@@ -89,7 +89,7 @@ def predict_folder(ckpt: str, data: str, out: str, batch_size: int, num_workers:
     """Score every file under `data`; one CSV row per file (PREDICT_COLUMNS)."""
     out_path = check_output_file(out, overwrite)
     model, provenance = OnTheFlyDetector.from_checkpoint(ckpt, **paths)
-    preprocess = preprocessor_from_provenance(pixel_provenance(provenance))
+    preprocess = preprocessor_from_provenance(provenance["pixels"], provenance["dataset"]["stats"])
     datamodule = ImageFilesDataModule(data, preprocess, batch_size, num_workers)
     rows = run_predict(model, datamodule, accelerator)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ class ShardImages:
         if missing:
             raise FileNotFoundError(f"feature store {store.path}: images=True reads the images from {self.shard_dir}, "
                                     f"which lacks {len(missing)} of its tars (e.g. {missing[0]})")
-        self.preprocess = preprocessor_from_provenance({"shards": store.dataset.shards, **store.pixels.to_attrs()})
+        self.preprocess = preprocessor_from_provenance(store.pixels.to_attrs(), store.dataset.stats)
         self._firsts = [int(s["first_row"]) for s in self.table]
         self._index: dict[int, dict[str, tuple[int, int]]] = {}
 
@@ -72,10 +72,10 @@ class ShardImages:
 class PairedImages:
     """Adds `image` to a batch: decoded (threads), and in training flipped/cropped with every spatial map."""
 
-    def __init__(self, split: SplitRows, generator_names: list[str], augment: bool,
+    def __init__(self, split: SplitRows, readers: list[ShardImages], generator_names: list[str], augment: bool,
                  crop_scale: tuple[float, float], threads: int) -> None:
         self.split, self.generator_names, self.augment, self.crop_scale = split, generator_names, augment, crop_scale
-        self.readers = [ShardImages(FeatureStore.open(path)) for path in split.paths]
+        self.readers = readers
         self.keys = np.concatenate([p.keys for p in split.parts])
         self.pool = ThreadPoolExecutor(max_workers=threads) if threads > 0 else None
 
@@ -156,6 +156,8 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         self.stores = {"train": list(train), "val": list(val), "test": list(test)}
         self.generator_names: list[str] = []
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self._opened: dict[str, FeatureStore] = {}  # every store of the run, opened once (`opened_stores`)
+        self._images: dict[str, ShardImages] = {}
         self.parts: dict[str, list[Rows]] = {}  # selected rows per split (cheap: metadata only)
         self.sources: dict[str, ResidentRows | BlockRows] = {}  # loaded splits
 
@@ -164,8 +166,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         if not self.parts:
             if self.stores["val"] and self.hparams.val_fraction > 0:
                 raise ValueError("FeatureCacheDataModule: give either val stores or val_fraction, not both")
-            paths = [p for split in ("train", "val", "test") for p in self.stores[split]]
-            opened = {path: FeatureStore.open(path) for path in dict.fromkeys(paths)}
+            opened = self.opened_stores()
             self.generator_names = sorted({name for store in opened.values() for name in store.generator_names})
             self._check(opened)
             self.parts = {split: [self._rows(opened[p], index) for index, p in enumerate(self.stores[split])]
@@ -185,14 +186,41 @@ class FeatureCacheDataModule(pl.LightningDataModule):
             if self.stores[split] and split not in self.sources:
                 self.sources[split] = self._source(split)
 
+    def opened_stores(self) -> dict[str, FeatureStore]:
+        """Every store of the run by path, opened once per run (setup, the CLI's links, the checkpoint check and
+        the protocol report all use these); the modules that registered the requested maps are imported, so a
+        user's map file is known to the detector and `predict` without any mention in phase 2's config."""
+        if not self._opened:
+            paths = [p for split in ("train", "val", "test") for p in self.stores[split]]
+            self._opened = {path: FeatureStore.open(path) for path in dict.fromkeys(paths)}
+            for store in self._opened.values():
+                store.import_map_modules([name for name in self.features if name in store.feature_names])
+        return self._opened
+
+    @property
+    def stored_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-row stored shape of each requested feature (first store; setup checks that all stores agree): what
+        the CLI derives the detector's CLIP dimensions from (`cli/lightning_cli.py`, link_arguments)."""
+        first = next(iter(self.opened_stores().values()), None)
+        return {} if first is None else {name: first.feature_info(name).shape for name in self.features
+                                         if name in first.feature_names}
+
+    @property
+    def clip_pooled_shape(self) -> tuple[int, ...]:
+        """Stored shape of clip_pooled; no such attribute when it is not requested, so the CLI's link to a
+        detector's `pooled_dim` is skipped (a detector without pooled vectors never gets the argument)."""
+        if "clip_pooled" not in self.features:
+            raise AttributeError("clip_pooled_shape: clip_pooled is not among the requested features")
+        return self.stored_shapes["clip_pooled"]
+
     def feature_provenance(self, path: str | None = None) -> dict[str, Any] | None:
         """What a checkpoint needs to recompute its features from raw images: a store's data and pixel provenance,
-        and each requested feature's extractor settings (`extractor` {common, map}). Default: the first train
-        store (what `fit` records in the checkpoint); `test` compares it with each test store's."""
+        and each requested feature's extractor settings (`extractor` {common, map, module}). Default: the first
+        train store (what `fit` records in the checkpoint); `test` compares it with each test store's."""
         path = path or (self.stores["train"][0] if self.stores["train"] else None)
         if path is None:
             return None
-        store = FeatureStore.open(path)
+        store = self.opened_stores()[path]
         return {**store.provenance.to_attrs(),
                 "features": {name: store.feature_provenance(name)["extractor"] for name in self.features}}
 
@@ -228,7 +256,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
                 raise ValueError(f"feature store {path}: {len(damage)} damaged files ({shown}); "
                                  f"`python -m cli verify {path}` lists them, a precompute rerun recomputes them")
             if self.hparams.images:
-                ShardImages(store)  # fail at setup, not mid-epoch, if the images cannot be paired
+                self._images[path] = ShardImages(store)  # fail at setup, not mid-epoch, if images cannot be paired
         self.shapes = {name: first.feature_info(name).shape for name in self.features}
         unknown = sorted(set(self.hparams.generators or []) - set(self.generator_names))
         if unknown:
@@ -290,7 +318,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
 
     def _source(self, split: str) -> ResidentRows | BlockRows:
         """Resident in the memory `in_memory` asks for when the split fits there, else read block-wise from disk."""
-        rows = SplitRows(self.stores[split], self.parts[split], self.features)
+        rows = SplitRows(self.stores[split], self.parts[split], self.features, self.opened_stores())
         needed = sum(len(p.rows) * self._row_bytes(self.stores[split][p.store]) for p in self.parts[split])
         device = self._device()
         if self.hparams.in_memory == "device" and device.type != "cpu":
@@ -308,7 +336,8 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         return BlockRows(rows, pin=device.type == "cuda")
 
     def _row_bytes(self, path: str) -> int:
-        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in SplitRows.layout(path, self.features).values())
+        layout = SplitRows.layout(self.opened_stores()[path], self.features)
+        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout.values())
 
     def batches(self, split: str, epoch: Callable[[], int] | None = None) -> Batches | list:
         """The split's batches (training order for "train"); `epoch` overrides the Trainer's current epoch, for a
@@ -324,8 +353,9 @@ class FeatureCacheDataModule(pl.LightningDataModule):
             window_rows=math.ceil(block_rows * self.hparams.shuffle_blocks / step) * step,
             epoch=epoch or (lambda: trainer.current_epoch if trainer is not None else 0),
             rank=lambda: (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1))
-        images = (PairedImages(source.split, self.generator_names, augment=split == "train",
-                               crop_scale=self.hparams.crop_scale, threads=self.hparams.num_workers)
+        images = (PairedImages(source.split, [self._images[path] for path in source.split.paths], self.generator_names,
+                               augment=split == "train", crop_scale=self.hparams.crop_scale,
+                               threads=self.hparams.num_workers)
                   if self.hparams.images else None)
         return Batches(source, self.hparams.batch_size, settings, self._device(), decorate=images)
 

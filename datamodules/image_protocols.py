@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -144,16 +143,3 @@ class ImagePreprocessor:
                 if jpeg else None,
                 "protocol_seed": self.seed if jpeg and self.jpeg_quality is None else None,
                 "size_filter": self.fake_side_ranges is not None, "perturbation": list(self.perturbation)}
-
-
-def fake_side_ranges(labels: Sequence[int], generators: Sequence[str], widths: Sequence[int],
-                     heights: Sequence[int]) -> tuple[tuple[str, int, int], ...]:
-    """(generator, min, max) of the fake images' shorter sides per generator, plus ("", min, max) over all."""
-    sides: dict[str, list[int]] = {}
-    for label, generator, width, height in zip(labels, generators, widths, heights):
-        if label == 1:
-            sides.setdefault(generator, []).append(min(width, height))
-            sides.setdefault("", []).append(min(width, height))
-    if not sides:
-        raise ValueError("size_filter needs fake images (label 1) in the manifest to take their size range from")
-    return tuple((name, min(values), max(values)) for name, values in sorted(sides.items()))

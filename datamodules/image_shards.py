@@ -24,10 +24,10 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.image_io import describe_error
-from datamodules.image_protocols import JPEG_PROTOCOLS, SIZE_PROTOCOLS, ImagePreprocessor, Protocol, \
-    fake_side_ranges
+from datamodules.image_protocols import JPEG_PROTOCOLS, SIZE_PROTOCOLS, ImagePreprocessor, Protocol
 from datamodules.shards import read_shard_index
 from feature_cache.manifest import read_manifest_rows
+from feature_cache.provenance import manifest_stats, real_jpeg_qualities
 
 
 def balance(shards: list[dict[str, Any]], parts: int) -> list[list[dict[str, Any]]]:
@@ -44,24 +44,23 @@ def balance(shards: list[dict[str, Any]], parts: int) -> list[list[dict[str, Any
     return [[shards[i] for i in sorted(indices)] for indices in assigned]
 
 
-def build_preprocessor(shard_dir: str | Path, resolution: int, protocol: Protocol = "raw",
+def build_preprocessor(stats: Mapping[str, Any], resolution: int, protocol: Protocol = "raw",
                        jpeg_quality: int | None = None, seed: int = 0, size_filter: bool = False,
                        perturbation: tuple[str, float] = ("none", 0.0)) -> ImagePreprocessor:
-    """A protocol's image pipeline for one shard directory; reads the manifest only for the statistics it needs.
+    """A protocol's image pipeline from a shard directory's statistics (`feature_cache.provenance.manifest_stats`,
+    stored in every feature store), so phase 2 and `predict` rebuild it without manifest.csv.
 
     Anything else that shows these images to a model (e.g. fine-tuning from the feature cache) should get
     its pipeline from `preprocessor_from_provenance`, so phase 1 and phase 2 see the same pixels.
     """
     if size_filter and protocol not in SIZE_PROTOCOLS:
         raise ValueError(f"size_filter applies to the size protocols only, not protocol {protocol}")
-    qualities: tuple[int, ...] = ()
+    qualities = real_jpeg_qualities(stats) if protocol in JPEG_PROTOCOLS and jpeg_quality is None else ()
     ranges = None
-    if (protocol in JPEG_PROTOCOLS and jpeg_quality is None) or size_filter:
-        manifest = read_manifest_rows(shard_dir)
-        qualities = tuple(r["jpeg_quality"] for r in manifest if r["label"] == 0 and r["jpeg_quality"])
-        if size_filter:
-            ranges = fake_side_ranges([r["label"] for r in manifest], [r["generator"] for r in manifest],
-                                      [r["width"] for r in manifest], [r["height"] for r in manifest])
+    if size_filter:
+        if not stats.get("fake_side_ranges"):
+            raise ValueError("size_filter needs fake images (label 1) in the manifest to take their size range from")
+        ranges = tuple((str(name), int(low), int(high)) for name, low, high in stats["fake_side_ranges"])
     return ImagePreprocessor(resolution, protocol, jpeg_quality, qualities, seed, ranges, tuple(perturbation))
 
 
@@ -73,9 +72,9 @@ def pixel_settings(provenance: Mapping[str, Any]) -> dict[str, Any]:
             "perturbation": tuple(provenance.get("perturbation", ("none", 0.0)))}
 
 
-def preprocessor_from_provenance(provenance: Mapping[str, Any]) -> ImagePreprocessor:
-    """The pipeline that `ImageShardDataModule.provenance()` describes (e.g. as saved in a feature store's attrs)."""
-    return build_preprocessor(provenance["shards"], **pixel_settings(provenance))
+def preprocessor_from_provenance(pixels: Mapping[str, Any], stats: Mapping[str, Any]) -> ImagePreprocessor:
+    """The pipeline that a store's (or checkpoint's) pixel provenance and dataset statistics describe."""
+    return build_preprocessor(stats, **pixel_settings(pixels))
 
 
 def blank_image(resolution: int) -> torch.Tensor:
@@ -211,7 +210,8 @@ class ImageShardDataModule(pl.LightningDataModule):
         self.shard_dir = Path(shards)
         self._index = read_shard_index(self.shard_dir)
         self._excluded: set[str] = set()
-        self.preprocess = build_preprocessor(self.shard_dir, resolution, protocol, jpeg_quality, seed, size_filter,
+        self.stats = manifest_stats(self.shard_dir / "manifest.csv")
+        self.preprocess = build_preprocessor(self.stats, resolution, protocol, jpeg_quality, seed, size_filter,
                                              perturbation)
 
     @property

@@ -22,7 +22,7 @@ stored dtype (float16 CLIP maps stay float16) and are widened on the device by t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -120,13 +120,15 @@ class SplitRows:
     (B, C) float32 for int8_rowscale features.
     """
 
-    def __init__(self, paths: list[str], parts: list[Rows], features: list[str]) -> None:
+    def __init__(self, paths: list[str], parts: list[Rows], features: list[str],
+                 opened: Mapping[str, FeatureStore] | None = None) -> None:
         self.paths, self.parts = paths, parts
-        self.layout_of = self.layout(paths[parts[0].store], features)
+        self._stores: dict[str, FeatureStore] = dict(opened or {})  # the datamodule's, opened once per run
+        self.layout_of = self.layout(self.store(0), features)
         self.features = list(self.layout_of)
         # float8 is stored as uint8 bits (numpy has no float8): batches view them as torch.float8_e4m3fn
         self.views = {name: torch.float8_e4m3fn for name in features
-                      if FeatureStore.open(paths[parts[0].store]).feature_info(name).dtype == "float8_e4m3"}
+                      if self.store(0).feature_info(name).dtype == "float8_e4m3"}
         self.bounds = np.cumsum([0] + [len(p.rows) for p in parts])
         self._raw: dict[tuple[int, str], RawChunks | None] = {}  # per (part, feature); None: read through Zarr
         self._scratches: dict[str, np.ndarray] = {}
@@ -134,15 +136,14 @@ class SplitRows:
                          "generator": np.concatenate([p.generators for p in parts]).astype(np.int64),
                          "row": np.concatenate([p.rows for p in parts]).astype(np.int64),
                          "store": np.concatenate([np.full(len(p.rows), p.store) for p in parts]).astype(np.int64)}
-        self._stores: dict[str, FeatureStore] = {}
 
     def __len__(self) -> int:
         return int(self.bounds[-1])
 
     @staticmethod
-    def layout(path: str, features: list[str]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    def layout(store: FeatureStore, features: list[str]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Per-row shape and storage dtype of each array a batch carries for `features` (scales included)."""
-        store, layout = FeatureStore.open(path), {}
+        layout = {}
         for name in features:
             info = store.feature_info(name)
             layout[name] = (info.shape, info.storage_dtype)

@@ -81,7 +81,7 @@ class DatasetProvenance:
             tars.append({"name": entry["name"], "first_row": int(entry["first_row"]),
                          "num_samples": int(entry["num_samples"]), "bytes": status.st_size,
                          "mtime_ns": status.st_mtime_ns})
-        return cls(str(shard_dir), layout, split, file_sha256(manifest), tars, _manifest_stats(manifest))
+        return cls(str(shard_dir), layout, split, file_sha256(manifest), tars, manifest_stats(manifest))
 
     def to_attrs(self) -> dict[str, Any]:
         return normalized(asdict(self))
@@ -110,15 +110,31 @@ class DatasetProvenance:
         return "; ".join(parts)
 
 
-def _manifest_stats(manifest: Path) -> dict[str, Any]:
-    """The per-split statistics phase 2 and `predict` need, so manifest.csv need not exist later."""
+def manifest_stats(manifest: Path) -> dict[str, Any]:
+    """What the pixel protocols need from a shard directory's manifest, stored so manifest.csv need not exist
+    later: the real JPEGs' qualities {quality: count} (drawn from in key order, see `real_jpeg_qualities`), the
+    width/height ranges, and the shorter side's [generator, min, max] of the fakes per generator plus
+    ["", min, max] over all fakes (the size filter's ranges)."""
     with manifest.open(newline="") as f:
         records = list(csv.DictReader(f))
     qualities = Counter(int(r["jpeg_quality"]) for r in records if r["label"] == "0" and r["jpeg_quality"])
     widths, heights = [int(r["width"]) for r in records], [int(r["height"]) for r in records]
+    sides: dict[str, list[int]] = {}
+    for r in records:
+        if r["label"] == "1":
+            side = min(int(r["width"]), int(r["height"]))
+            sides.setdefault(r["generator"], []).append(side)
+            sides.setdefault("", []).append(side)
     return {"real_jpeg_qualities": {str(q): n for q, n in sorted(qualities.items())},
             "width": [min(widths), max(widths)] if widths else None,
-            "height": [min(heights), max(heights)] if heights else None}
+            "height": [min(heights), max(heights)] if heights else None,
+            "fake_side_ranges": [[name, min(values), max(values)] for name, values in sorted(sides.items())]}
+
+
+def real_jpeg_qualities(stats: Mapping[str, Any]) -> tuple[int, ...]:
+    """The real images' JPEG qualities as the sorted multiset the per-image draw chooses from (phases 1 and 2 alike)."""
+    return tuple(int(q) for q, n in sorted(stats["real_jpeg_qualities"].items(), key=lambda item: int(item[0]))
+                 for _ in range(int(n)))
 
 
 @dataclass(frozen=True)
@@ -174,25 +190,30 @@ class ExtractorProvenance:
 
     `common` holds the extractor class, weights and their hashes, seed, timestep, noises, prompt, latent,
     autocast dtype, trainer precision, batch size, CPU threads and output scale; `maps[name]` only what that
-    output depends on (e.g. deu_mode, num_weight_samples, posterior_sha256).
+    output depends on (e.g. deu_mode, num_weight_samples, posterior_sha256). `modules[name]` is the module that
+    registers map `name`: phase 2 and `predict` import it, so a user's map file needs no other mention (not
+    compared: moving a map's code changes no value).
     """
 
     common: dict[str, Any]
     maps: dict[str, dict[str, Any]]
+    modules: dict[str, str] = field(default_factory=dict)
 
     def to_attrs(self) -> dict[str, Any]:
-        return normalized({"common": self.common, "maps": self.maps})
+        return normalized({"common": self.common, "maps": self.maps, "modules": self.modules})
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> ExtractorProvenance:
-        return cls(dict(attrs["common"]), {k: dict(v) for k, v in attrs["maps"].items()})
+        return cls(dict(attrs["common"]), {k: dict(v) for k, v in attrs["maps"].items()},
+                   dict(attrs.get("modules", {})))
 
     def restricted(self, names: list[str]) -> ExtractorProvenance:
         """The same settings for a subset of the outputs."""
         missing = [n for n in names if n not in self.maps]
         if missing:
             raise KeyError(f"extractor provenance has no settings for outputs {missing}")
-        return ExtractorProvenance(dict(self.common), {n: dict(self.maps[n]) for n in names})
+        return ExtractorProvenance(dict(self.common), {n: dict(self.maps[n]) for n in names},
+                                   {n: m for n, m in self.modules.items() if n in names})
 
     def differences(self, requested: ExtractorProvenance, names: list[str]) -> list[str]:
         """Differing fields on the common settings and on `names`' own settings (dotted, both values)."""

@@ -24,6 +24,7 @@ Layout (docs/contracts.md, "Feature store, format 2"; S = shard size, n = rows, 
 from __future__ import annotations
 
 import fcntl
+import importlib
 import json
 import os
 import shutil
@@ -345,9 +346,26 @@ class FeatureStore:
         return FeatureInfo(group, spec.shape, spec.dtype, spec.codec)
 
     def feature_provenance(self, name: str) -> dict[str, Any]:
-        """A feature's full provenance: the store's plus its group's common settings and its own."""
+        """A feature's full provenance: the store's plus its group's common settings and its own (and, for a
+        registered map, the module that registers it)."""
         extractor = self.groups[self.group_of(name)].extractor
-        return {**self.provenance.to_attrs(), "extractor": {"common": extractor.common, "map": extractor.maps[name]}}
+        own = {"common": extractor.common, "map": extractor.maps[name]}
+        if name in extractor.modules:
+            own["module"] = extractor.modules[name]
+        return {**self.provenance.to_attrs(), "extractor": own}
+
+    def import_map_modules(self, names: Sequence[str]) -> None:
+        """Import the modules that registered these features' maps (recorded per group), so a reader's map
+        registry knows them as phase 1's did: a user's map file needs no mention in phase 2 or `predict`."""
+        for name in names:
+            module = self.groups[self.group_of(name)].extractor.modules.get(name)
+            if module is None:
+                continue
+            try:
+                importlib.import_module(module)
+            except ModuleNotFoundError as missing:
+                raise ValueError(f"feature store {self.path}: map {name!r} is registered by module {module!r}, which "
+                                 f"cannot be imported here ({missing}); put it on PYTHONPATH") from missing
 
     def tar_rows(self, index: int) -> tuple[int, int]:
         """Row range [start, stop) of tar `index`."""

@@ -44,7 +44,7 @@ def extractor_provenance(model: pl.LightningModule, trainer: pl.Trainer,
     on_cpu = trainer.strategy.root_device.type == "cpu"
     return ExtractorProvenance({**provenance.common, "trainer_precision": str(trainer.precision),
                                 "batch_size": batch_size, "cpu_threads": torch.get_num_threads() if on_cpu else None},
-                               provenance.maps)
+                               provenance.maps, provenance.modules)
 
 
 @dataclass

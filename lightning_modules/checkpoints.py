@@ -17,6 +17,8 @@ from typing import Any
 import torch
 
 from lightning_modules.detectors import DetectorBase
+from lightning_modules.maps import import_map_modules
+
 
 def _one_line(error: BaseException) -> str:
     """The informative line of a torch/pickle error (torch's weights-only refusal is a paragraph)."""
@@ -59,6 +61,13 @@ def detector_class(class_path: str, source: str) -> type[DetectorBase]:
     return cls
 
 
+def map_modules_of(feature_provenance: dict[str, Any]) -> list[str]:
+    """The modules that register the maps a store's or checkpoint's features came from (format 2 records them)."""
+    features = feature_provenance.get("features")
+    parts = features.values() if isinstance(features, dict) else []
+    return list(dict.fromkeys(part["module"] for part in parts if isinstance(part, dict) and "module" in part))
+
+
 def load_detector(checkpoint_path: str | Path) -> tuple[DetectorBase, dict[str, Any]]:
     """The detector in a checkpoint (evaluation mode, CPU) and the feature provenance it was trained with."""
     source = f"checkpoint {checkpoint_path}"
@@ -70,5 +79,6 @@ def load_detector(checkpoint_path: str | Path) -> tuple[DetectorBase, dict[str, 
         raise ValueError(f"{source} has no detector_class/feature_provenance: it was not written by "
                          "`python -m cli fit` of a detector on a feature store")
     cls = detector_class(class_path, source)
+    import_map_modules(map_modules_of(provenance))  # the registry must know the guidance maps' channels
     detector = cls.load_from_checkpoint(checkpoint_path, map_location="cpu", weights_only=True)
     return detector.eval(), provenance

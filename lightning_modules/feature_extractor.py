@@ -197,7 +197,8 @@ class FeatureExtractor(pl.LightningModule):
         return recorded_path(self.hparams[name]) if name == "posterior" else self.hparams[name]
 
     def provenance(self) -> dict[str, Any]:
-        """{"common": what every output shares, "maps": {output: the settings only it depends on}}."""
+        """{"common": what every output shares, "maps": {output: the settings only it depends on},
+        "modules": {map: the module that registers it}}."""
         hp, hashes = self.hparams, self.weight_hashes()
         common = {"extractor": f"{type(self).__module__}.{type(self).__qualname__}", "sd": recorded_path(hp.sd),
                   "sd_source": self.sd_source, **{f"{k}_hash": hashes[k] for k in ("vae", "unet", "text_encoder")},
@@ -212,7 +213,8 @@ class FeatureExtractor(pl.LightningModule):
                 maps[name] = {s: self.setting(s) for s in MAP_REGISTRY[name].settings}
             else:
                 maps[name] = {"clip": recorded_path(hp.clip), "clip_hash": self._hashes.get("clip")}
-        return {"common": common, "maps": maps}
+        modules = {name: MAP_REGISTRY[name].fn.__module__ for name in self.outputs if name in MAP_REGISTRY}
+        return {"common": common, "maps": maps, "modules": modules}
 
     @torch.no_grad()
     def feature_shapes(self, resolution: int) -> dict[str, tuple[int, ...]]:

@@ -21,6 +21,7 @@ from lightning_modules.checkpoints import load_detector
 from lightning_modules.detectors import DetectorBase
 from lightning_modules.diffusion_pass import normalise_images
 from lightning_modules.feature_extractor import FeatureExtractor
+from lightning_modules.maps import BUILTIN_MAP_MODULES
 
 MODEL_PATHS = ("sd", "clip", "posterior")  # where the weights are: may differ; their hashes may not
 # Recorded for the reader only: where SD was loaded from, and the extractor's class (bare name in format 1).
@@ -46,24 +47,32 @@ def extractor_part(provenance: dict[str, Any]) -> dict[str, Any]:
     {common, maps} (possibly under `extractor`), or flat (format-1 stores, every setting at the top level)."""
     if isinstance(provenance.get("features"), dict):
         parts = provenance["features"]
-        return {"common": next(iter(parts.values()))["common"], "maps": {n: part["map"] for n, part in parts.items()}}
+        return {"common": next(iter(parts.values()))["common"], "maps": {n: part["map"] for n, part in parts.items()},
+                "modules": {n: part["module"] for n, part in parts.items() if "module" in part}}
     typed = provenance.get("extractor", provenance)
     return typed if isinstance(typed, dict) and "common" in typed else provenance
 
 
 def extractor_settings(recorded: dict[str, Any]) -> dict[str, Any]:
     """FeatureExtractor arguments from its recorded provenance: every leaf named like an argument, the outputs
-    (the typed form's map names), and `map_settings`: the maps' own settings that are no argument and not derived
-    by the extractor (a file's X_sha256, weight hashes, the posterior's σ), e.g. DECU's members file."""
+    (the typed form's map names), the modules that register them (a user's map file included) and `map_settings`:
+    the maps' own settings that are no argument and not derived by the extractor (a file's X_sha256, weight
+    hashes, the posterior's σ), e.g. DECU's members file."""
     names = set(inspect.signature(FeatureExtractor).parameters)
-    settings = {name: value for name, value in _by_name(recorded).items() if name in names}
+    settings = {name: value for name, value in _by_name(_compared(recorded)).items() if name in names}
     if "maps" in recorded:
         settings["outputs"] = list(recorded["maps"])
+        settings["map_modules"] = list(dict.fromkeys([*BUILTIN_MAP_MODULES, *recorded.get("modules", {}).values()]))
         own = {name: value for map_settings in recorded["maps"].values() for name, value in map_settings.items()
                if name not in names and name != "sigma" and not name.endswith(("_sha256", "_hash"))}
         if own:
             settings["map_settings"] = own
     return settings
+
+
+def _compared(recorded: dict[str, Any]) -> dict[str, Any]:
+    """The settings that fix the values (where a map's code lives does not)."""
+    return {key: value for key, value in recorded.items() if key != "modules"}
 
 
 def extractor_from_provenance(provenance: dict[str, Any], **paths: str | None) -> FeatureExtractor:
@@ -81,7 +90,7 @@ def extractor_from_provenance(provenance: dict[str, Any], **paths: str | None) -
                                     "(the weights are checked against the hashes the checkpoint recorded)")
     extractor = FeatureExtractor(**settings)
     # Compared by setting name, so flat (format 1) and typed ({common, maps}) provenance compare alike.
-    before, now = _by_name(recorded), _by_name(extractor.provenance())
+    before, now = _by_name(_compared(recorded)), _by_name(_compared(extractor.provenance()))
     different = [f"{name} {before[name]} != {now[name]}" for name in sorted(before.keys() & now.keys())
                  if name not in MODEL_PATHS + SOURCES and before[name] != now[name]]
     if different:
@@ -103,7 +112,7 @@ class OnTheFlyDetector(pl.LightningModule):
     @classmethod
     def from_checkpoint(cls, checkpoint_path: str, **paths: str | None) -> tuple[OnTheFlyDetector, dict[str, Any]]:
         """The checkpoint's detector with its extractor (model paths overridable, see `extractor_from_provenance`)."""
-        detector, provenance = load_detector(checkpoint_path)
+        detector, provenance = load_detector(checkpoint_path)  # imports the map modules its guidance needs
         return cls(detector, extractor_from_provenance(provenance, **paths)), provenance
 
     @torch.no_grad()

@@ -29,66 +29,71 @@ HP_METRICS = ("hp/val_acc", "hp/val_ap", "hp/val_auroc", "hp/test_acc", "hp/test
 class PublishedRow:
     """A number a paper reports, with what a run must match to be shown beside it.
 
-    `settings` are detector hparams that define the row (a frozen sweep is not the finetuned paper model);
-    `layout` and `train_generators` the protocol (GenImage trained on SD v1.4, or DRCT-2M).
+    The paper's setting is the detector's own `paper_setting` (one definition, beside the code it configures);
+    a row adds only what its ablation changes (`changes`, e.g. DEUA's CLIP baseline: no guidance, no asymmetric
+    loss), and the protocol: `layout` and `train_generators` (GenImage trained on SD v1.4, or DRCT-2M).
     """
 
     detector: str
     layout: str
     train_generators: tuple[str, ...] | None
-    settings: Mapping[str, object]
+    changes: Mapping[str, object]
     acc: float
     ap: float | None = None
     source: str = ""
 
+    def settings(self, paper_setting: Mapping[str, object]) -> dict[str, object]:
+        """The detector hparams this row was obtained with."""
+        return {**paper_setting, **self.changes}
+
 
 GENIMAGE_SDV4 = ("imagenet_ai_0419_sdv4",)
-_DEUA_FULL = {"backbone": "finetune", "guidance": ["deu"], "asym_weight": 0.5}
-_LARE2_FULL = {"backbone": "finetune", "guidance": ["lare"], "spatial": True, "channel": True}
 # SPEC §7. A config names its row with `paper_row: NAME`; nothing else ever gets a published number.
 PUBLISHED: dict[str, PublishedRow] = {
-    "deua": PublishedRow("DEUADetector", "genimage", GENIMAGE_SDV4, _DEUA_FULL, 85.6,
-                         source="DEUA, GenImage mean ACC"),
-    "deua_drct": PublishedRow("DEUADetector", "drct", None, _DEUA_FULL, 90.5, source="DEUA, DRCT-2M mean ACC"),
-    "lare2": PublishedRow("LaRE2Detector", "genimage", GENIMAGE_SDV4, _LARE2_FULL, 79.1,
-                          source="LaRE², GenImage mean ACC"),
-    "lare2_drct": PublishedRow("LaRE2Detector", "drct", None, _LARE2_FULL, 88.0, source="LaRE², DRCT-2M mean ACC"),
-    "deua_baseline": PublishedRow("DEUADetector", "genimage", GENIMAGE_SDV4,
-                                  {"backbone": "finetune", "guidance": [], "asym_weight": 0.0}, 76.1, 90.7,
-                                  source="DEUA ablation, CLIP baseline"),
-    "deua_deu": PublishedRow("DEUADetector", "genimage", GENIMAGE_SDV4,
-                             {"backbone": "finetune", "guidance": ["deu"], "asym_weight": 0.0}, 90.3, 98.7,
+    "deua": PublishedRow("DEUADetector", "genimage", GENIMAGE_SDV4, {}, 85.6, source="DEUA, GenImage mean ACC"),
+    "deua_drct": PublishedRow("DEUADetector", "drct", None, {}, 90.5, source="DEUA, DRCT-2M mean ACC"),
+    "lare2": PublishedRow("LaRE2Detector", "genimage", GENIMAGE_SDV4, {}, 79.1, source="LaRE², GenImage mean ACC"),
+    "lare2_drct": PublishedRow("LaRE2Detector", "drct", None, {}, 88.0, source="LaRE², DRCT-2M mean ACC"),
+    "deua_baseline": PublishedRow("DEUADetector", "genimage", GENIMAGE_SDV4, {"guidance": [], "asym_weight": 0.0},
+                                  76.1, 90.7, source="DEUA ablation, CLIP baseline"),
+    "deua_deu": PublishedRow("DEUADetector", "genimage", GENIMAGE_SDV4, {"asym_weight": 0.0}, 90.3, 98.7,
                              source="DEUA ablation, + DEU"),
-    "deua_asym": PublishedRow("DEUADetector", "genimage", GENIMAGE_SDV4,
-                              {"backbone": "finetune", "guidance": [], "asym_weight": 0.5}, 81.7, 93.8,
+    "deua_asym": PublishedRow("DEUADetector", "genimage", GENIMAGE_SDV4, {"guidance": []}, 81.7, 93.8,
                               source="DEUA ablation, + asymmetric loss"),
-    "deua_both": PublishedRow("DEUADetector", "genimage", GENIMAGE_SDV4, _DEUA_FULL, 91.5, 99.7,
+    "deua_both": PublishedRow("DEUADetector", "genimage", GENIMAGE_SDV4, {}, 91.5, 99.7,
                               source="DEUA ablation, DEU + asymmetric loss"),
     "lare2_baseline": PublishedRow("LaRE2Detector", "genimage", GENIMAGE_SDV4,
-                                   {"backbone": "finetune", "spatial": False, "channel": False}, 73.1, 92.3,
+                                   {"guidance": [], "spatial": False, "channel": False}, 73.1, 92.3,
                                    source="LaRE² ablation, baseline"),
-    "lare2_spatial": PublishedRow("LaRE2Detector", "genimage", GENIMAGE_SDV4,
-                                  {"backbone": "finetune", "spatial": True, "channel": False}, 81.7, 97.6,
+    "lare2_spatial": PublishedRow("LaRE2Detector", "genimage", GENIMAGE_SDV4, {"channel": False}, 81.7, 97.6,
                                   source="LaRE² ablation, + spatial refinement"),
-    "lare2_channel": PublishedRow("LaRE2Detector", "genimage", GENIMAGE_SDV4,
-                                  {"backbone": "finetune", "spatial": False, "channel": True}, 78.8, 94.7,
+    "lare2_channel": PublishedRow("LaRE2Detector", "genimage", GENIMAGE_SDV4, {"spatial": False}, 78.8, 94.7,
                                   source="LaRE² ablation, + channel refinement"),
-    "lare2_both": PublishedRow("LaRE2Detector", "genimage", GENIMAGE_SDV4, _LARE2_FULL, 84.5, 99.5,
+    "lare2_both": PublishedRow("LaRE2Detector", "genimage", GENIMAGE_SDV4, {}, 84.5, 99.5,
                                source="LaRE² ablation, spatial + channel"),
 }
 
 
-def published_for(paper_row: str | None, detector: str, hparams: Mapping[str, object], layout: str | None,
-                  protocol: str | None, train_generators: list[str]) -> tuple[PublishedRow | None, str]:
-    """The published row this run reproduces, or None and the reason (shown under the table) why not."""
+def setting_departures(hparams: Mapping[str, object], setting: Mapping[str, object]) -> list[str]:
+    """`name=ours (paper: theirs)` for every setting a run's hparams do not share with a paper's."""
+    return [f"{key}={hparams.get(key)!r} (paper: {value!r})" for key, value in setting.items()
+            if hparams.get(key) != value]
+
+
+def published_for(paper_row: str | None, detector: str, hparams: Mapping[str, object],
+                  paper_setting: Mapping[str, object], layout: str | None, protocol: str | None,
+                  train_generators: list[str]) -> tuple[PublishedRow | None, str]:
+    """The published row this run reproduces, or None and the reason (shown under the table) why not.
+
+    `paper_setting` is the run's detector class's (`DetectorBase.paper_setting`); the row adds its ablation changes.
+    """
     if paper_row is None:
         return None, ""
     if paper_row not in PUBLISHED:
         raise ValueError(f"paper_row {paper_row!r} is not a published row (known: {sorted(PUBLISHED)})")
     row = PUBLISHED[paper_row]
     problems = [f"detector {detector} (paper: {row.detector})"] if detector != row.detector else []
-    problems += [f"{key}={hparams.get(key)!r} (paper: {value!r})" for key, value in row.settings.items()
-                 if hparams.get(key) != value]
+    problems += setting_departures(hparams, row.settings(paper_setting))
     if (protocol or "raw") != "raw":
         problems.append(f"protocol {protocol} (paper: raw files)")
     if layout != row.layout:

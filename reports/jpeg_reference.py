@@ -162,7 +162,7 @@ def store_jpeg_features(store: FeatureStore, rows: np.ndarray) -> np.ndarray:
     "not a JPEG" vector (such rows carry a phase-1 error and are normally filtered out before).
     """
     shard_dir = Path(store.dataset.shards)
-    preprocess = preprocessor_from_provenance({"shards": str(shard_dir), **store.pixels.to_attrs()})
+    preprocess = preprocessor_from_provenance(store.pixels.to_attrs(), store.dataset.stats)
     keys, order = store.rows("key"), np.argsort(rows, kind="stable")
     rows = np.asarray(rows)[order]
     features = np.zeros((len(rows), FEATURE_SIZE))

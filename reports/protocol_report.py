@@ -57,7 +57,8 @@ class ProtocolReport(pl.Callback):
                             np.array([names[g] for g in table["generator"].tolist()]))
         threshold = float(getattr(pl_module, "val_threshold", 0.5))
         rows = protocol_table(preds, threshold)
-        test_stores = [FeatureStore.open(p) for p in datamodule.stores["test"]]
+        opened = datamodule.opened_stores()  # the run's stores, opened once by the datamodule
+        test_stores = [opened[p] for p in datamodule.stores["test"]]
         reference = self._format_only_row(datamodule, test_stores, table, preds)
         double_jpeg = self._double_jpeg_row(datamodule, test_stores, table, preds) if self.double_jpeg else None
         rows += [r for r in (reference, double_jpeg) if r is not None]
@@ -68,9 +69,10 @@ class ProtocolReport(pl.Callback):
         title = (f"{type(pl_module).__name__}, protocol {pixels.protocol}, "
                  f"threshold {threshold:.3f} (chosen on validation)")
         train_generators = sorted({name for path in datamodule.stores["train"]
-                                   for name in FeatureStore.open(path).generator_names})
+                                   for name in opened[path].generator_names})
         published, why_not = published_for(self.paper_row, type(pl_module).__name__, dict(pl_module.hparams),
-                                           dataset.layout, pixels.protocol, train_generators)
+                                           getattr(pl_module, "paper_setting", {}), dataset.layout, pixels.protocol,
+                                           train_generators)
         _, markdown_path = write_table(rows, out, "protocol_table", title, published, note + why_not)
         markdown = markdown_path.read_text()
         print(f"\n{markdown}\n(written to {markdown_path})", flush=True)
@@ -115,7 +117,8 @@ class ProtocolReport(pl.Callback):
         the detector itself was trained on (the datamodule's filtered train split)."""
         train_meta, train_labels = [], []
         for part in datamodule.parts.get("train", []):
-            train_meta.append(store_metadata(FeatureStore.open(datamodule.stores["train"][part.store]), part.rows))
+            train_meta.append(store_metadata(datamodule.opened_stores()[datamodule.stores["train"][part.store]],
+                                             part.rows))
             train_labels.append(part.labels)
         if not train_meta:
             return None
@@ -136,7 +139,7 @@ class ProtocolReport(pl.Callback):
                          preds: Predictions) -> dict | None:
         """The reference on JPEG-domain features (DCT-coefficient histograms), fitted like the format-only row on
         the detector's own training rows; None when a store's images (its shard directory) are gone."""
-        train = [(FeatureStore.open(datamodule.stores["train"][part.store]), part.rows, part.labels)
+        train = [(datamodule.opened_stores()[datamodule.stores["train"][part.store]], part.rows, part.labels)
                  for part in datamodule.parts.get("train", [])]
         stores = [store for store, _, _ in train] + test_stores
         if not all(has_images(store) for store in stores) or len({int(v) for *_, labels in train for v in labels}) < 2:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import yaml
 from cli.__main__ import main
 from cli.grid import grid
 from feature_cache.provenance import ExtractorProvenance, FeatureSpec
+from feature_cache.store import FeatureStore
 from lightning_modules.detectors import DEUADetector, LaRE2Detector
 from lightning_modules.diffusion_pass import key_generator
 from lightning_modules.feature_extractor import FeatureExtractor
@@ -164,3 +166,24 @@ def test_paper_configs_hold_the_papers_setting_and_the_fast_mode_does_not(name, 
     model = detector(**{**fast, "visual_channels": 16, "pooled_dim": 8} if name == "lare2" else
                      {**fast, "visual_channels": 16})
     assert any(departure.startswith("backbone='frozen'") for departure in model.paper_departures())
+
+
+@pytest.mark.slow
+def test_fit_and_test_open_each_store_once(tiny_cache, tmp_path, monkeypatch):
+    """Catches a run that re-opens its stores (the CLI's links, setup, the readers, `test`'s checkpoint check and the
+    protocol report each opening their own copy: 4-7 opens per store before)."""
+    opens: Counter[str] = Counter()
+    open_store = FeatureStore.open.__func__
+
+    def counted(cls, path, writable=False):
+        opens[str(path)] += 1
+        return open_store(cls, path, writable)
+
+    monkeypatch.setattr(FeatureStore, "open", classmethod(counted))
+    configs = ["--config", str(REPO / "configs/deua.yaml"),
+               "--config", str(local_config(tmp_path / "local.yaml", tiny_cache, tmp_path / "runs"))]
+    main(["fit", *configs])
+    assert dict(opens) == {tiny_cache["train"]: 1, tiny_cache["test"]: 1}
+    opens.clear()
+    main(["test", *configs])
+    assert dict(opens) == {tiny_cache["train"]: 1, tiny_cache["test"]: 1}

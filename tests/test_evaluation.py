@@ -7,6 +7,7 @@ import csv
 import numpy as np
 import pytest
 
+from lightning_modules.detectors import DEUADetector
 from reports.evaluation import (PUBLISHED, Predictions, choose_threshold, hparams_settings, protocol_table,
                                 published_for, write_table)
 from reports.plots import map_histograms, overlay_figure, roc_pr_figure, save_figure
@@ -132,26 +133,27 @@ def test_fast_threshold_equals_brute_force_search():
         assert choose_threshold(val) == pytest.approx(min(ties, key=lambda t: abs(t - 0.5)))
 
 
-FULL_DEUA = {"backbone": "finetune", "guidance": ["deu"], "asym_weight": 0.5}
+FULL_DEUA = dict(DEUADetector.paper_setting)
+PAPER = DEUADetector.paper_setting
 
 
 def test_published_number_only_for_its_own_configuration():
     """Bugs caught: DEUA's full-model 85.6 beside the CLIP baseline; a frozen sweep given the finetuned paper's
     number; a number shown for jpeg_aligned or non-GenImage data; an unknown paper_row silently ignored."""
     sdv4 = ["imagenet_ai_0419_sdv4"]
-    row, why = published_for("deua", "DEUADetector", FULL_DEUA, "genimage", "raw", sdv4)
+    row, why = published_for("deua", "DEUADetector", FULL_DEUA, PAPER, "genimage", "raw", sdv4)
     assert row.acc == 85.6 and why == ""
     baseline = {**FULL_DEUA, "guidance": [], "asym_weight": 0.0}
-    assert published_for("deua_baseline", "DEUADetector", baseline, "genimage", "raw", sdv4)[0].acc == 76.1
-    row, why = published_for("deua", "DEUADetector", baseline, "genimage", "raw", sdv4)
+    assert published_for("deua_baseline", "DEUADetector", baseline, PAPER, "genimage", "raw", sdv4)[0].acc == 76.1
+    row, why = published_for("deua", "DEUADetector", baseline, PAPER, "genimage", "raw", sdv4)
     assert row is None and "guidance=[] (paper: ['deu'])" in why and "asym_weight=0.0 (paper: 0.5)" in why
-    row, why = published_for("deua", "DEUADetector", {**FULL_DEUA, "backbone": "frozen"}, "genimage",
+    row, why = published_for("deua", "DEUADetector", {**FULL_DEUA, "backbone": "frozen"}, PAPER, "genimage",
                              "jpeg_aligned", ["imagenet_glide"])
     assert row is None and "backbone='frozen'" in why and "protocol jpeg_aligned" in why and "imagenet_glide" in why
-    assert published_for(None, "DEUADetector", FULL_DEUA, "genimage", "raw", sdv4) == (None, "")
-    assert published_for("deua_drct", "DEUADetector", FULL_DEUA, "drct", "raw", ["ldm", "sdxl"])[0].acc == 90.5
+    assert published_for(None, "DEUADetector", FULL_DEUA, PAPER, "genimage", "raw", sdv4) == (None, "")
+    assert published_for("deua_drct", "DEUADetector", FULL_DEUA, PAPER, "drct", "raw", ["ldm", "sdxl"])[0].acc == 90.5
     with pytest.raises(ValueError, match="paper_row 'deua_full' is not a published row"):
-        published_for("deua_full", "DEUADetector", FULL_DEUA, "genimage", "raw", sdv4)
+        published_for("deua_full", "DEUADetector", FULL_DEUA, PAPER, "genimage", "raw", sdv4)
 
 
 def test_hparams_settings_spell_out_lists_and_drop_bookkeeping():

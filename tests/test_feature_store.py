@@ -238,7 +238,8 @@ def test_dataset_binding_names_changed_tars(tmp_path: Path) -> None:
     for entry in table:
         (shards / entry["name"]).write_bytes(b"x" * 10)
     before = DatasetProvenance.from_shard_dir(shards, "folder", "val", table)
-    assert before.stats == {"real_jpeg_qualities": {"75": 1}, "width": [10, 30], "height": [5, 20]}
+    assert before.stats == {"real_jpeg_qualities": {"75": 1}, "width": [10, 30], "height": [5, 20],
+                            "fake_side_ranges": [["", 5, 5], ["g", 5, 5]]}
     (shards / "shard-000001.tar").write_bytes(b"y" * 11)
     after = DatasetProvenance.from_shard_dir(shards, "folder", "val", table)
     assert before.binding_problem(after) == "tars changed (size or mtime): shard-000001.tar"

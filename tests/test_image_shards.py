@@ -101,7 +101,7 @@ def test_metadata_methods(shard_dir: Path) -> None:
 def test_provenance_rebuilds_the_same_pipeline(shard_dir: Path, settings: dict) -> None:
     """Phase 2 (fine-tuning on images) can show the model exactly the pixels phase 1 saw."""
     datamodule = ImageShardDataModule(str(shard_dir), resolution=RESOLUTION, **settings)
-    assert preprocessor_from_provenance(datamodule.provenance()) == datamodule.preprocess
+    assert preprocessor_from_provenance(datamodule.provenance(), datamodule.stats) == datamodule.preprocess
 
 
 def rewrite_member(tar_path: Path, key: str, transform: Callable[[bytes], bytes]) -> None:

@@ -185,7 +185,7 @@ def test_protocol_report_rows_and_note_name_the_double_jpeg_reference(jpeg_align
     rows, labels = np.arange(store.num_rows), store.rows("label").astype(np.int64)
     train, test = rows[rows % 2 == 0], rows[rows % 2 == 1]
     datamodule = SimpleNamespace(parts={"train": [SimpleNamespace(store=0, rows=train, labels=labels[train])]},
-                                 stores={"train": [str(store.path)]})
+                                 stores={"train": [str(store.path)]}, opened_stores=lambda: {str(store.path): store})
     shuffled = np.random.default_rng(0).permutation(test)  # a test table is in loader order, not row order
     table = {"store": torch.zeros(len(shuffled), dtype=torch.int64), "row": torch.from_numpy(shuffled)}
     preds = Predictions(np.full(len(shuffled), 0.5), labels[shuffled], np.array(["g"] * len(shuffled)))

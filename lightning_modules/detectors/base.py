@@ -23,7 +23,8 @@ from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryAver
                                          BinarySpecificity)
 
 from feature_cache.codecs import widen
-from reports.evaluation import HP_METRICS, Predictions, choose_threshold, hparams_settings, protocol_table
+from reports.evaluation import (HP_METRICS, Predictions, choose_threshold, hparams_settings, protocol_table,
+                                setting_departures)
 from lightning_modules.detectors.guidance_norm import GuidanceNorm, GuidanceNormalizer
 from lightning_modules.detectors.predictions import PredictionLog, generator_names_of, write_predictions_csv
 from lightning_modules.maps import map_channels
@@ -65,12 +66,13 @@ class DetectorBase(pl.LightningModule):
     """
 
     uses_pooled: bool = True  # whether forward needs CLIP's attention-pooled vector
-    # The settings the paper's published numbers were obtained with (configs/<name>_paper.yaml).
+    # The settings the paper's published numbers were obtained with (configs/<name>_paper.yaml); the one
+    # definition: reports.evaluation.PUBLISHED rows name only what their ablation changes from it.
     paper_setting: dict[str, object] = {}
 
-    def __init__(self, guidance: list[GuidanceName], backbone: Backbone, clip: str | None, visual_channels: int,
-                 pooled_dim: int | None, grid_size: int, lr: float, guidance_norm: GuidanceNorm = "log",
-                 norm_rows: int = 2048) -> None:
+    def __init__(self, guidance: list[GuidanceName], backbone: Backbone, clip: str | None,
+                 visual_channels: int | None, pooled_dim: int | None, grid_size: int | None, lr: float,
+                 guidance_norm: GuidanceNorm = "log", norm_rows: int = 2048) -> None:
         super().__init__()
         if len(set(guidance)) != len(guidance):
             raise ValueError(f"guidance lists a map twice: {list(guidance)}")
@@ -85,6 +87,10 @@ class DetectorBase(pl.LightningModule):
             self.backbone = self.clip.visual  # registered, so it trains and is checkpointed
         elif backbone != "frozen":
             raise ValueError(f"backbone must be 'frozen' or 'finetune', got {backbone!r}")
+        elif visual_channels is None or grid_size is None or (self.uses_pooled and pooled_dim is None):
+            raise ValueError(f"{type(self).__name__}: backbone='frozen' needs visual_channels, grid_size"
+                             f"{' and pooled_dim' if self.uses_pooled else ''}; `python -m cli` derives them from the "
+                             "stores' clip_layer3/clip_pooled shapes (add them to data.init_args.features)")
         self.norm_rows = norm_rows
         self.map_channels = {name: map_channels(name) for name in self.guidance}  # unknown names: KeyError
         self.guidance_norm = GuidanceNormalizer(self.guidance, list(self.map_channels.values()), guidance_norm)
@@ -102,22 +108,30 @@ class DetectorBase(pl.LightningModule):
 
     def paper_departures(self) -> list[str]:
         """`name=ours (paper: theirs)` for every setting that differs from `paper_setting`; the published
-        accuracy is printed only beside runs with none."""
-        return [f"{name}={self.hparams.get(name)!r} (paper: {value!r})" for name, value in self.paper_setting.items()
-                if self.hparams.get(name) != value]
+        accuracy is printed only beside runs with none (`reports.evaluation.published_for`, same comparison)."""
+        return setting_departures(self.hparams, self.paper_setting)
+
+    def required_features(self) -> list[str]:
+        """The store features a batch must carry: the guidance maps, and CLIP's maps when CLIP is not trained."""
+        clip = [] if self.clip is not None else ["clip_layer3", *(["clip_pooled"] if self.uses_pooled else [])]
+        return [*self.guidance, *clip]
 
     @property
     def guidance_channels(self) -> int:
         return sum(self.map_channels.values())
 
     def _load_backbone(self, clip: str | None) -> ClipVisual:
-        """Load the trainable CLIP tower and check it has the dimensions the head is built for."""
+        """Load the trainable CLIP tower; dimensions not given are the tower's, given ones must match it."""
         if not clip:
             raise ValueError("backbone='finetune' needs the CLIP weights: set model.init_args.clip "
                              "('openai', an RN50 checkpoint file or an open_clip local-dir)")
         loaded = load_clip_rn50(clip)
         visual = loaded.visual
         channels = visual.layer3[-1].conv3.out_channels
+        self.visual_channels = channels if self.visual_channels is None else self.visual_channels
+        self.grid_size = loaded.image_size // 16 if self.grid_size is None else self.grid_size  # ResNet: stride 16
+        if self.uses_pooled and self.pooled_dim is None:
+            self.pooled_dim = visual.output_dim
         if channels != self.visual_channels or (self.pooled_dim is not None and visual.output_dim != self.pooled_dim):
             raise ValueError(f"CLIP at {clip} has layer3 channels {channels} and pooled dim {visual.output_dim}, "
                              f"but the model is set to visual_channels={self.visual_channels}, "

@@ -40,8 +40,9 @@ class DEUADetector(DetectorBase):
         guidance: cached guidance maps the head is steered by, in order (4 channels each); [] = plain CLIP.
         backbone: frozen = read CLIP maps from the feature store (fast sweeps); finetune = train CLIP on images.
         clip: CLIP RN50 weights for finetune ('openai', a checkpoint file or an open_clip local-dir).
-        visual_channels: channels of CLIP's layer3 map (1024 for RN50).
-        grid_size: side of CLIP's layer3 grid (14 at 224 px).
+        visual_channels: channels of CLIP's layer3 map (1024 for RN50); `python -m cli` derives it from the
+            stores' clip_layer3 shape (finetune: from the tower), replacing a configured value.
+        grid_size: side of CLIP's layer3 grid (14 at 224 px); derived like visual_channels.
         num_heads: attention heads.
         guidance_dim: width of the guidance tokens in the attention pooling of u.
         asym_weight: weight of the asymmetric margin loss (0 switches it off).
@@ -54,25 +55,27 @@ class DEUADetector(DetectorBase):
 
     uses_pooled = False
     # The paper does not say whether CLIP trains; it follows LaRE²'s end-to-end training (configs/deua_paper.yaml).
-    paper_setting = {"guidance": ["deu"], "backbone": "finetune", "visual_channels": 1024, "grid_size": 14,
-                     "asym_weight": 0.5, "margin_real": 0.6, "margin_fake": 1.0, "lr": 1e-4}
+    # CLIP's sizes are the RN50 tower's (derived, not settings).
+    paper_setting = {"guidance": ["deu"], "backbone": "finetune", "asym_weight": 0.5, "margin_real": 0.6,
+                     "margin_fake": 1.0, "lr": 1e-4}
 
     def __init__(self, guidance: list[GuidanceName] = ["deu"], backbone: Backbone = "frozen", clip: str | None = None,
-                 visual_channels: int = 1024, grid_size: int = 14, num_heads: int = 8, guidance_dim: int = 64,
+                 visual_channels: int | None = 1024, grid_size: int | None = 14, num_heads: int = 8,
+                 guidance_dim: int = 64,
                  asym_weight: float = 0.5, margin_real: float = 0.6, margin_fake: float = 1.0,
                  lr: float = 1e-4, guidance_norm: GuidanceNorm = "log", norm_rows: int = 2048) -> None:
         super().__init__(guidance, backbone, clip, visual_channels, None, grid_size, lr, guidance_norm, norm_rows)
         self.save_hyperparameters()
         self.asym_weight = asym_weight
         self.asym = AsymmetricMarginLoss(margin_real, margin_fake)
-        channels = visual_channels
+        channels = self.visual_channels
         self.visual_norm = nn.LayerNorm(channels)
         if self.guidance:
             g = self.guidance_channels
             self.spatial_weight = nn.Linear(g, 1, bias=False)  # a bias shifts every position's logit: softmax ignores it
             self.visual_attention = nn.MultiheadAttention(channels, num_heads, kdim=g, vdim=channels, batch_first=True)
             self.guidance_embed = nn.Linear(g, guidance_dim)
-            self.guidance_pos = nn.Parameter(torch.randn(grid_size * grid_size, guidance_dim) / guidance_dim ** 0.5)
+            self.guidance_pos = nn.Parameter(torch.randn(self.grid_size ** 2, guidance_dim) / guidance_dim ** 0.5)
             self.guidance_pool = nn.MultiheadAttention(guidance_dim, num_heads, batch_first=True)
             self.head = nn.Linear(channels + guidance_dim, 2)
         else:

@@ -77,9 +77,11 @@ class LaRE2Detector(DetectorBase):
         guidance: registered guidance maps the head is steered by, in order; [] = plain CLIP.
         backbone: frozen = read CLIP maps from the feature store (fast sweeps); finetune = train CLIP on images.
         clip: CLIP RN50 weights for finetune ('openai', a checkpoint file or an open_clip local-dir).
-        visual_channels: channels of CLIP's layer3 map (1024 for RN50).
-        pooled_dim: dimension of CLIP's attention-pooled vector (1024 for RN50).
-        grid_size: side of CLIP's layer3 grid (14 at 224 px).
+        visual_channels: channels of CLIP's layer3 map (1024 for RN50); `python -m cli` derives it from the
+            stores' clip_layer3 shape (finetune: from the tower), replacing a configured value.
+        pooled_dim: dimension of CLIP's attention-pooled vector (1024 for RN50); derived from the stored clip_pooled
+            (finetune: from the tower).
+        grid_size: side of CLIP's layer3 grid (14 at 224 px); derived like visual_channels.
         num_heads: attention heads.
         head_dim: width of each attention head (the official code: 8 x 64, so 1024 -> 512 -> 1024).
         dropout: dropout in the attention and head (0.1 as the official code).
@@ -95,12 +97,12 @@ class LaRE2Detector(DetectorBase):
     """
 
     # The official training (train_classifier_wmap.sh, CLipClassifierWMapV6): all of CLIP trains, raw LaRE maps.
-    paper_setting = {"guidance": ["lare"], "backbone": "finetune", "visual_channels": 1024, "pooled_dim": 1024,
-                     "grid_size": 14, "num_heads": 8, "head_dim": 64, "dropout": 0.1, "spatial": True,
-                     "channel": True, "gate_hidden": 128, "lr": 1e-4, "guidance_norm": "none"}
+    paper_setting = {"guidance": ["lare"], "backbone": "finetune", "num_heads": 8, "head_dim": 64, "dropout": 0.1,
+                     "spatial": True, "channel": True, "gate_hidden": 128, "lr": 1e-4, "guidance_norm": "none"}
 
     def __init__(self, guidance: list[GuidanceName] = ["lare"], backbone: Backbone = "frozen",
-                 clip: str | None = None, visual_channels: int = 1024, pooled_dim: int = 1024, grid_size: int = 14,
+                 clip: str | None = None, visual_channels: int | None = 1024, pooled_dim: int | None = None,
+                 grid_size: int | None = 14,
                  num_heads: int = 8, head_dim: int = 64, dropout: float = 0.1, spatial: bool = True,
                  channel: bool = True, gate_hidden: int = 128, lr: float = 1e-4, plateau_factor: float = 0.5,
                  plateau_patience: int = 4, min_lr: float = 1e-7, guidance_norm: GuidanceNorm = "log",
@@ -113,11 +115,11 @@ class LaRE2Detector(DetectorBase):
         self.plateau_factor = plateau_factor
         self.plateau_patience = plateau_patience
         self.min_lr = min_lr
-        self.attention = GuidedAttentionPool(visual_channels, grid_size, num_heads, head_dim, dropout)
+        self.attention = GuidedAttentionPool(self.visual_channels, self.grid_size, num_heads, head_dim, dropout)
         self.head_bias = nn.Conv2d(self.guidance_channels, num_heads, kernel_size=1) if spatial else None
         self.gate = nn.Sequential(nn.Linear(self.guidance_channels, gate_hidden, bias=False), nn.ReLU(),
-                                  nn.Linear(gate_hidden, visual_channels, bias=False)) if channel else None
-        self.head = nn.Linear(2 * visual_channels + pooled_dim, 2)
+                                  nn.Linear(gate_hidden, self.visual_channels, bias=False)) if channel else None
+        self.head = nn.Linear(2 * self.visual_channels + self.pooled_dim, 2)
 
     def forward(self, batch: dict) -> DetectorOutput:
         layer3, pooled = self.visual_features(batch)

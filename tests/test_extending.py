@@ -1,0 +1,175 @@
+"""A user adds a guidance map and a detector the way the README says: one map module, one detector module,
+one YAML, all outside the repository (on PYTHONPATH only), then grows existing stores by the map and fits,
+tests and predicts with the detector; every step a real CLI subprocess on tiny real models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from datamodules.demo_data import GENERATORS, build_demo_images
+from datamodules.shards import convert
+from feature_cache.store import FeatureStore
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+BASE_OUTPUTS = ("lare", "aleatoric", "clip_layer3")
+
+# The README's map example ("Adding a guidance map or a detector"), verbatim but for the module name.
+MAP_MODULE = '''
+from lightning_modules.maps import register_map
+
+@register_map("spread", channels=1, description="max over channels of the aleatoric variance",
+              settings=(), min_noises=2)
+def spread(ctx):
+    return ctx.map("aleatoric").amax(1, keepdim=True)
+'''
+
+DETECTOR_MODULE = '''
+"""A toy detector: CLIP layer3's mean and the guidance maps' means, one linear layer."""
+import torch
+from torch import nn
+
+from lightning_modules.detectors import DetectorBase, DetectorOutput
+
+
+class MeanDetector(DetectorBase):
+    uses_pooled = False
+    paper_setting = {}
+
+    def __init__(self, guidance: list[str] = ["spread"], backbone: str = "frozen", clip: str | None = None,
+                 visual_channels: int | None = None, grid_size: int | None = None, lr: float = 1e-2,
+                 guidance_norm: str = "log", norm_rows: int = 2048) -> None:
+        super().__init__(guidance, backbone, clip, visual_channels, None, grid_size, lr, guidance_norm, norm_rows)
+        self.save_hyperparameters()
+        self.head = nn.Linear(self.visual_channels + self.guidance_channels, 2)
+
+    def forward(self, batch: dict) -> DetectorOutput:
+        layer3, _ = self.visual_features(batch)
+        u = self.guidance_map(batch, layer3.shape[-2:])
+        features = torch.cat([layer3.mean(dim=(2, 3)), u.mean(dim=(2, 3))], dim=1)
+        return DetectorOutput(self.head(features), features)
+'''
+
+
+def _config(root: Path) -> str:
+    """The user's one YAML: the detector by class path, its guidance, the stores (CLIP sizes come from them)."""
+    return textwrap.dedent(f"""\
+        seed_everything: 0
+        trainer:
+          accelerator: cpu
+          max_epochs: 2
+          log_every_n_steps: 1
+          logger:
+            class_path: lightning.pytorch.loggers.TensorBoardLogger
+            init_args: {{save_dir: {root / 'runs'}, name: mean, version: spread, default_hp_metric: false}}
+          callbacks:
+            - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+              init_args: {{monitor: val_loss, mode: min, save_last: true, enable_version_counter: false}}
+        model:
+          class_path: mean_detector.MeanDetector
+          init_args:
+            guidance: [spread]
+        data:
+          class_path: datamodules.cached_features.FeatureCacheDataModule
+          init_args:
+            features: [spread, clip_layer3]
+            train: [{root / 'train.zarr'}]
+            val_fraction: 0.25
+            test: [{root / 'val.zarr'}]
+            batch_size: 8
+            num_workers: 0
+        """)
+
+
+def _cli(root: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m cli ...` with the user's folder on PYTHONPATH beside the repository, run from that folder."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(root / "user")])}
+    result = subprocess.run([sys.executable, "-m", "cli", *args], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, f"python -m cli {' '.join(args)}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def _precompute(root: Path, models: dict[str, Path], split: str, outputs: tuple[str, ...],
+                map_modules: tuple[str, ...] = ("lightning_modules.maps.builtin",)) -> None:
+    _cli(root, "precompute", "--config", str(REPO / "configs" / "precompute.yaml"),
+         "--model.init_args.sd", str(models["sd"]), "--model.init_args.clip", str(models["clip"]),
+         "--model.init_args.posterior", "null", "--model.init_args.num_noises", "2",
+         "--model.init_args.autocast_dtype", "float32", "--model.init_args.outputs", f"[{','.join(outputs)}]",
+         "--model.init_args.map_modules", f"[{','.join(map_modules)}]",
+         "--data.init_args.shards", str(root / "shards" / split), "--data.init_args.resolution", "64",
+         "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
+         "--trainer.accelerator", "cpu", "--trainer.callbacks", "[]", "--store", str(root / f"{split}.zarr"))
+
+
+def _files(store: Path, group: str) -> dict[str, bytes]:
+    return {p.relative_to(store).as_posix(): p.read_bytes() for p in sorted((store / group).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def grown(tiny_model_paths, tmp_path_factory) -> dict[str, object]:
+    """Stores built with the built-in maps, then grown by the user's map; the group-0 files before growing."""
+    root = tmp_path_factory.mktemp("extending")
+    user = root / "user"
+    user.mkdir()
+    (user / "my_maps.py").write_text(MAP_MODULE)
+    (user / "mean_detector.py").write_text(DETECTOR_MODULE)
+    (root / "mean.yaml").write_text(_config(root))
+    images = build_demo_images(root / "images", {"train": 8, "val": 4}, tile_size=64)
+    convert("genimage", images, "train", root / "shards" / "train", 8, [GENERATORS[0]], workers=1)
+    convert("genimage", images, "val", root / "shards" / "val", 8, None, workers=1)
+    before = {}
+    for split in ("train", "val"):
+        _precompute(root, tiny_model_paths, split, BASE_OUTPUTS)
+        before[split] = _files(root / f"{split}.zarr", "g0")
+        _precompute(root, tiny_model_paths, split, (*BASE_OUTPUTS, "spread"),
+                    ("lightning_modules.maps.builtin", "my_maps"))
+    return {"root": root, "before": before, "images": images}
+
+
+def test_growing_by_a_user_map_adds_one_group_and_leaves_the_others_byte_identical(grown):
+    """Catches a grow that recomputes or rewrites the maps already stored, a user map that cannot be registered
+    from outside the repository, or a new map with the wrong shape (channels from the registry, grid from the
+    latent)."""
+    for split in ("train", "val"):
+        path = grown["root"] / f"{split}.zarr"
+        store = FeatureStore.open(path)
+        assert _files(path, "g0") == grown["before"][split]
+        assert store.group_of("spread") == "g1" and list(store.groups["g1"].features) == ["spread"]
+        aleatoric, spread = store.read("aleatoric"), store.read("spread")
+        assert spread.shape == (store.num_rows, 1, *aleatoric.shape[2:]) and spread.dtype == np.float32
+        np.testing.assert_array_equal(spread, aleatoric.max(axis=1, keepdims=True))  # same noises as group g0
+
+
+def test_fit_test_predict_with_the_user_detector_guided_by_the_user_map(grown):
+    """Catches phase 2 or `predict` that cannot find a map or detector defined outside the repository (a
+    hand-kept list, a registry that only phase 1 filled), CLIP dimensions or guidance that must be stated
+    twice, and a pipeline that still needs manifest.csv after the stores were written."""
+    root = grown["root"]
+    for split in ("train", "val"):  # phase 2 and predict take what they need from the stores' provenance
+        manifest = root / "shards" / split / "manifest.csv"
+        manifest.rename(manifest.with_suffix(".csv.moved"))
+    _cli(root, "fit", "--config", "mean.yaml")
+    run = next((root / "runs" / "mean").glob("spread*"))
+    hparams = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["hyper_parameters"]
+    layer3 = FeatureStore.open(root / "train.zarr").feature_info("clip_layer3").shape
+    assert (hparams["visual_channels"], hparams["grid_size"]) == (layer3[0], layer3[-1]) and "pooled_dim" not in hparams
+    _cli(root, "test", "--config", "mean.yaml")
+    table = pd.read_csv(run / "test_predictions.csv")
+    assert len(table) == FeatureStore.open(root / "val.zarr").num_rows and table["p_fake"].between(0, 1).all()
+    folder = grown["images"] / GENERATORS[1] / "val"
+    _cli(root, "predict", "--ckpt", str(run / "checkpoints" / "last.ckpt"), "--data", str(folder),
+         "--out", "predictions.csv", "--num_workers", "0", "--accelerator", "cpu")
+    predictions = pd.read_csv(root / "predictions.csv")
+    assert len(predictions) == len([p for p in folder.rglob("*") if p.is_file()])
+    assert predictions["error"].isna().all() and predictions["p_fake"].between(0, 1).all()
