@@ -23,6 +23,7 @@ from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryAver
                                          BinarySpecificity)
 
 from feature_cache.codecs import widen
+from feature_cache.paired_augment import crop_to_boxes
 from reports.evaluation import HP_METRICS, Predictions, choose_threshold, hparams_settings, protocol_table
 from lightning_modules.detectors.guidance_norm import GuidanceNorm, GuidanceNormalizer
 from lightning_modules.detectors.predictions import PredictionLog, generator_names_of, write_predictions_csv
@@ -161,7 +162,11 @@ class DetectorBase(pl.LightningModule):
         return layer3, pooled
 
     def pooled_guidance(self, batch: dict, size: tuple[int, int]) -> torch.Tensor:
-        """Guidance maps concatenated on channels and pooled to `size`, not yet standardised: (B, G, *size)."""
+        """Guidance maps concatenated on channels and pooled to `size`, not yet standardised: (B, G, *size).
+
+        With `clip_box` (B, 4) in the batch (CLIP saw a native-resolution crop: `clip_input: native_crop`), the
+        whole-image maps are first cropped to that window (resampled at their own resolution), so CLIP's grid
+        and the guidance grid cover the same pixels."""
         maps = []
         for name in self.guidance:
             u = self.batch_tensor(batch, name)
@@ -169,7 +174,10 @@ class DetectorBase(pl.LightningModule):
                 raise ValueError(f"guidance map {name!r} has shape {tuple(u.shape)}, "
                                  f"expected (B, {self.map_channels[name]}, h, w)")
             maps.append(u)
-        return F.adaptive_avg_pool2d(torch.cat(maps, dim=1).float(), size)
+        stacked = torch.cat(maps, dim=1).float()
+        if "clip_box" in batch:
+            stacked = crop_to_boxes(stacked, batch["clip_box"])
+        return F.adaptive_avg_pool2d(stacked, size)
 
     def guidance_map(self, batch: dict, size: tuple[int, int]) -> torch.Tensor:
         """Guidance maps concatenated on channels, pooled to `size`, standardised: (B, G, *size)."""
