@@ -79,8 +79,12 @@ PUBLISHED: dict[str, PublishedRow] = {
 
 
 def published_for(paper_row: str | None, detector: str, hparams: Mapping[str, object], layout: str | None,
-                  protocol: str | None, train_generators: list[str]) -> tuple[PublishedRow | None, str]:
-    """The published row this run reproduces, or None and the reason (shown under the table) why not."""
+                  protocol: str | None, train_generators: list[str], *,
+                  clip_input: str) -> tuple[PublishedRow | None, str]:
+    """The published row this run reproduces, or None and the reason (shown under the table) why not.
+
+    `clip_input` is how CLIP saw the images (the stores' pixel provenance): both papers' numbers come from
+    LaRE²'s native-resolution 224 crops (DEUA builds on its training), not from resized images."""
     if paper_row is None:
         return None, ""
     if paper_row not in PUBLISHED:
@@ -91,6 +95,8 @@ def published_for(paper_row: str | None, detector: str, hparams: Mapping[str, ob
                  if hparams.get(key) != value]
     if (protocol or "raw") != "raw":
         problems.append(f"protocol {protocol} (paper: raw files)")
+    if clip_input != "native_crop":
+        problems.append(f"CLIP input {clip_input} (paper: native_crop, native-resolution 224 crops)")
     if layout != row.layout:
         problems.append(f"layout {layout} (paper: {row.layout})")
     if row.train_generators is not None and tuple(sorted(train_generators)) != row.train_generators:

@@ -70,7 +70,8 @@ class ProtocolReport(pl.Callback):
         train_generators = sorted({name for path in datamodule.stores["train"]
                                    for name in FeatureStore.open(path).generator_names})
         published, why_not = published_for(self.paper_row, type(pl_module).__name__, dict(pl_module.hparams),
-                                           dataset.layout, pixels.protocol, train_generators)
+                                           dataset.layout, pixels.protocol, train_generators,
+                                           clip_input=pixels.clip_input)
         _, markdown_path = write_table(rows, out, "protocol_table", title, published, note + why_not)
         markdown = markdown_path.read_text()
         print(f"\n{markdown}\n(written to {markdown_path})", flush=True)

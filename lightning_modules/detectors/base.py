@@ -104,8 +104,12 @@ class DetectorBase(pl.LightningModule):
     def paper_departures(self) -> list[str]:
         """`name=ours (paper: theirs)` for every setting that differs from `paper_setting`; the published
         accuracy is printed only beside runs with none."""
-        return [f"{name}={self.hparams.get(name)!r} (paper: {value!r})" for name, value in self.paper_setting.items()
-                if self.hparams.get(name) != value]
+        departures = [f"{name}={self.hparams.get(name)!r} (paper: {value!r})"
+                      for name, value in self.paper_setting.items() if self.hparams.get(name) != value]
+        clip_input = ((self.feature_provenance or {}).get("pixels") or {}).get("clip_input")  # known once fitted
+        if self.paper_setting and clip_input != "native_crop":  # both papers: LaRE²'s native 224 crops
+            departures.append(f"clip_input={clip_input!r} (paper: 'native_crop')")
+        return departures
 
     @property
     def guidance_channels(self) -> int:
