@@ -118,7 +118,8 @@ class PairedImages:
         self.keys = np.concatenate([p.keys for p in split.parts])
         self.pool = ThreadPoolExecutor(max_workers=threads) if threads > 0 else None
 
-    def _image(self, position: int, window: tuple[float, float] | None) -> torch.Tensor | tuple[torch.Tensor, np.ndarray]:
+    def _image(self, position: int,
+               window: tuple[float, float] | None) -> torch.Tensor | tuple[torch.Tensor, np.ndarray]:
         meta = {name: int(values[position]) for name, values in self.split.metadata.items()}
         reader, args = self.readers[meta["store"]], (meta["row"], str(self.keys[position]), meta["label"],
                                                      self.generator_names[meta["generator"]])
@@ -151,6 +152,9 @@ class FeatureCacheDataModule(pl.LightningDataModule):
     the train rows gives the validation split. `images=True` pairs each row with its image from the
     store's shard directory (`store.dataset.shards`) and, for training, applies one random flip +
     resized crop (`crop_scale` = area fraction range) identically to the image and every spatial map.
+    Stores made with `clip_input: native_crop` give CLIP's window instead: batches carry `clip_box` (centred;
+    with `images=True` in training a random native-resolution window, which is then the `image`), and the
+    detector crops the guidance maps to it (docs/detectors.md).
 
     Reading (`datamodules/row_batches.py`): `in_memory` true loads the split once into RAM (if it takes at
     most RAM_SHARE of free RAM, else reads from disk), `device` into accelerator memory (if it fits

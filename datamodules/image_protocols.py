@@ -202,7 +202,8 @@ class ImagePreprocessor:
                 if jpeg else None,
                 "protocol_seed": self.seed if jpeg and self.jpeg_quality is None else None,
                 "size_filter": self.fake_side_ranges is not None, "perturbation": list(self.perturbation),
-                "clip_input": self.clip_input, "clip_size": self.clip_size if self.clip_input == "native_crop" else None}
+                "clip_input": self.clip_input,
+                "clip_size": self.clip_size if self.clip_input == "native_crop" else None}
 
 
 def fake_side_ranges(labels: Sequence[int], generators: Sequence[str], widths: Sequence[int],

@@ -269,8 +269,8 @@ class FeatureExtractor(pl.LightningModule):
             return normalise_images(batch["image"])
         size = self.clip_model.image_size if self.clip_model is not None else None
         if size is not None and tuple(batch["clip_image"].shape[-2:]) != (size, size):
-            raise ValueError(f"clip_image is {tuple(batch['clip_image'].shape[-2:])} but this CLIP takes {size}x{size}: "
-                             f"set the datamodule's clip_size to {size}")
+            raise ValueError(f"clip_image is {tuple(batch['clip_image'].shape[-2:])} but this CLIP takes "
+                             f"{size}x{size}: set the datamodule's clip_size to {size}")
         return normalise_images(batch["clip_image"])
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:

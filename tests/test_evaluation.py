@@ -152,7 +152,8 @@ def test_published_number_only_for_its_own_configuration():
     row, why = published_for("deua", "DEUADetector", {**FULL_DEUA, "backbone": "frozen"}, "genimage",
                              "jpeg_aligned", ["imagenet_glide"], clip_input="native_crop")
     assert row is None and "backbone='frozen'" in why and "protocol jpeg_aligned" in why and "imagenet_glide" in why
-    assert published_for(None, "DEUADetector", FULL_DEUA, "genimage", "raw", sdv4, clip_input="native_crop") == (None, "")
+    assert published_for(None, "DEUADetector", FULL_DEUA, "genimage", "raw", sdv4,
+                         clip_input="native_crop") == (None, "")
     assert published_for("deua_drct", "DEUADetector", FULL_DEUA, "drct", "raw", ["ldm", "sdxl"],
                          clip_input="native_crop")[0].acc == 90.5
     with pytest.raises(ValueError, match="paper_row 'deua_full' is not a published row"):
