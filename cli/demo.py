@@ -109,7 +109,8 @@ def run_demo(out: Path, sd: str | None, clip: str | None, images_per_class: int,
             overwrite=True)
     convert("genimage", images, "val", out / "shards" / "val", shard_size, None, workers=1, overwrite=True)
 
-    data = {"resolution": resolution, "batch_size": 8, "num_workers": 1}
+    # The demo's images are smaller than CLIP's 224 input: a native crop would be mostly reflected padding.
+    data = {"resolution": resolution, "batch_size": 8, "num_workers": 1, "clip_input": "resize"}
     laplace = _load("laplace_fit.yaml")
     laplace["trainer"]["accelerator"] = "auto"
     laplace["model"]["init_args"].update(sd=sd, output=str(out / "posterior.pt"))

@@ -21,6 +21,7 @@ import torch
 
 from cli.predict import pixel_provenance, run_predict
 from cli.progress import PlainLogProgress
+from datamodules.cached_features import centre_clip_boxes
 from datamodules.image_shards import ImageShardDataModule, pixel_settings
 from datamodules.perturbations import ROBUSTNESS_SWEEP, parse_sweep, perturbation_label
 from feature_cache.codecs import widen
@@ -81,6 +82,9 @@ def score_store(detector: torch.nn.Module, store: FeatureStore, names: list[str]
     for index in range(len(store.shard_table)):
         start, stop = store.tar_rows(index)
         batch = {}
+        boxes = centre_clip_boxes(store, np.arange(start, stop))  # CLIP's window, where it saw a native crop
+        if boxes is not None:
+            batch["clip_box"] = torch.from_numpy(boxes)
         for name in names:
             info = store.feature_info(name)
             scale = store.read(f"{name}__scale", start, stop) if info.has_scale else None

@@ -25,11 +25,22 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.image_shards import preprocessor_from_provenance
 from datamodules.row_batches import Batches, BlockRows, EpochSettings, ResidentRows, Rows, SplitRows
-from feature_cache.paired_augment import apply_flip_crop, sample_flip_crop
+from feature_cache.paired_augment import apply_flip_crop, centre_crop_origin, native_crop_box, sample_flip_crop
 from feature_cache.store import CHUNK_ROWS, FLAG_COLUMNS, FeatureStore, config_differences
 
 RAM_SHARE = 0.5  # in_memory loads into RAM only if the selected rows take at most this share of available RAM
 DEVICE_SHARE = 0.6  # in_memory: device loads only if the rows take at most this share of free accelerator memory
+
+
+def centre_clip_boxes(store: FeatureStore, rows: np.ndarray) -> np.ndarray | None:
+    """(n, 4) boxes of the centred native crop CLIP saw for `rows` (as fractions of each image, see
+    feature_cache.paired_augment), from the sizes the store records; None for a store made with `resize`."""
+    if store.pixels.clip_input != "native_crop":
+        return None
+    size = int(store.pixels.clip_size)
+    width = np.maximum(store.rows("width")[rows], 1)  # rows that failed to decode carry no size; they are dropped
+    height = np.maximum(store.rows("height")[rows], 1)
+    return native_crop_box(width, height, size, *centre_crop_origin(width, height, size))
 
 
 class ShardImages:
@@ -57,8 +68,7 @@ class ShardImages:
                                       if m.isfile() and not m.name.endswith((".json", ".cls", ".txt"))}
         return self._index[shard]
 
-    def read(self, row: int, key: str, label: int, generator: str) -> torch.Tensor:
-        """(3, R, R) float32 in [-1, 1]: the row's image as phase 1 saw it."""
+    def _bytes(self, row: int, key: str) -> bytes:
         shard = bisect.bisect_right(self._firsts, row) - 1
         members = self._members(shard)
         if key not in members:
@@ -66,26 +76,65 @@ class ShardImages:
         offset, size = members[key]
         with (self.shard_dir / self.table[shard]["name"]).open("rb") as f:
             f.seek(offset)
-            return self.preprocess(f.read(size), key, label, generator)
+            return f.read(size)
+
+    def read(self, row: int, key: str, label: int, generator: str) -> torch.Tensor:
+        """(3, R, R) float32 in [-1, 1]: the row's image as phase 1 saw it."""
+        return self.preprocess(self._bytes(row, key), key, label, generator)
+
+    def read_native_crop(self, row: int, key: str, label: int, generator: str,
+                         position: tuple[float, float] | None) -> tuple[torch.Tensor, np.ndarray]:
+        """((3, S, S) float32 in [-1, 1], its box (4,)): the row's native-resolution crop for CLIP, centred as
+        phase 1 took it (`position` None), or at a drawn position (training; see ImagePreprocessor.native_crop)."""
+        prepared = self.preprocess.prepared(self._bytes(row, key), key, label, generator)
+        crop, box = self.preprocess.native_crop(prepared, position)
+        return crop.float() / 127.5 - 1, box
+
+
+class CentreClipBoxes:
+    """Adds `clip_box` (B, 4) to a batch of a native_crop store: the centred window CLIP's cached maps were computed
+    on, which the detector crops the guidance maps to (frozen CLIP cannot be cropped again, so no random crop)."""
+
+    def __init__(self, split: SplitRows) -> None:
+        self.boxes = torch.from_numpy(np.concatenate([centre_clip_boxes(split.store(k), part.rows)
+                                                      for k, part in enumerate(split.parts)]))
+
+    def __call__(self, batch: dict[str, torch.Tensor], positions: np.ndarray) -> None:
+        batch["clip_box"] = self.boxes[torch.from_numpy(positions)].to(batch["label"].device)
 
 
 class PairedImages:
-    """Adds `image` to a batch: decoded (threads), and in training flipped/cropped with every spatial map."""
+    """Adds `image` to a batch: decoded (threads), and in training flipped/cropped with every spatial map.
+
+    Under `clip_input: native_crop` the image is LaRE²'s native-resolution crop instead, at a random position
+    in training and centred otherwise, with its window as `clip_box` (the detector crops the guidance maps
+    to it); the maps themselves stay whole."""
 
     def __init__(self, split: SplitRows, readers: list[ShardImages], generator_names: list[str], augment: bool,
                  crop_scale: tuple[float, float], threads: int) -> None:
         self.split, self.generator_names, self.augment, self.crop_scale = split, generator_names, augment, crop_scale
         self.readers = readers
+        self.native = self.readers[0].preprocess.clip_input == "native_crop"  # equal in every store (checked)
         self.keys = np.concatenate([p.keys for p in split.parts])
         self.pool = ThreadPoolExecutor(max_workers=threads) if threads > 0 else None
 
-    def _image(self, position: int) -> torch.Tensor:
+    def _image(self, position: int,
+               window: tuple[float, float] | None) -> torch.Tensor | tuple[torch.Tensor, np.ndarray]:
         meta = {name: int(values[position]) for name, values in self.split.metadata.items()}
-        return self.readers[meta["store"]].read(meta["row"], str(self.keys[position]), meta["label"],
-                                                self.generator_names[meta["generator"]])
+        reader, args = self.readers[meta["store"]], (meta["row"], str(self.keys[position]), meta["label"],
+                                                     self.generator_names[meta["generator"]])
+        return reader.read_native_crop(*args, window) if self.native else reader.read(*args)
 
     def __call__(self, batch: dict[str, torch.Tensor], positions: np.ndarray) -> None:
-        images = list(self.pool.map(self._image, positions.tolist()) if self.pool else map(self._image, positions.tolist()))
+        # Crop positions are drawn here, in order, from the run's seeded generator (not in the decoding threads).
+        windows = ([tuple(draw) for draw in torch.rand(len(positions), 2).tolist()]
+                   if self.native and self.augment else [None] * len(positions))
+        rows = positions.tolist()
+        images = list(self.pool.map(self._image, rows, windows) if self.pool else map(self._image, rows, windows))
+        if self.native:
+            batch["image"] = torch.stack([crop for crop, _ in images])
+            batch["clip_box"] = torch.from_numpy(np.stack([box for _, box in images])).to(batch["label"].device)
+            return
         if self.augment:
             for i, box in enumerate(sample_flip_crop(self.crop_scale) for _ in images):
                 images[i] = apply_flip_crop(images[i], box)
@@ -103,6 +152,9 @@ class FeatureCacheDataModule(pl.LightningDataModule):
     the train rows gives the validation split. `images=True` pairs each row with its image from the
     store's shard directory (`store.dataset.shards`) and, for training, applies one random flip +
     resized crop (`crop_scale` = area fraction range) identically to the image and every spatial map.
+    Stores made with `clip_input: native_crop` give CLIP's window instead: batches carry `clip_box` (centred;
+    with `images=True` in training a random native-resolution window, which is then the `image`), and the
+    detector crops the guidance maps to it (docs/detectors.md).
 
     Reading (`datamodules/row_batches.py`): `in_memory` true loads the split once into RAM (if it takes at
     most RAM_SHARE of the available RAM, else reads from disk), `device` into accelerator memory (if it fits
@@ -353,11 +405,14 @@ class FeatureCacheDataModule(pl.LightningDataModule):
             window_rows=math.ceil(block_rows * self.hparams.shuffle_blocks / step) * step,
             epoch=epoch or (lambda: trainer.current_epoch if trainer is not None else 0),
             rank=lambda: (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1))
-        images = (PairedImages(source.split, [self._images[path] for path in source.split.paths], self.generator_names,
-                               augment=split == "train", crop_scale=self.hparams.crop_scale,
-                               threads=self.hparams.num_workers)
-                  if self.hparams.images else None)
-        return Batches(source, self.hparams.batch_size, settings, self._device(), decorate=images)
+        decorate: PairedImages | CentreClipBoxes | None = None
+        if self.hparams.images:
+            decorate = PairedImages(source.split, [self._images[path] for path in source.split.paths],
+                                    self.generator_names, augment=split == "train", crop_scale=self.hparams.crop_scale,
+                                    threads=self.hparams.num_workers)
+        elif source.split.store(0).pixels.clip_input == "native_crop":
+            decorate = CentreClipBoxes(source.split)
+        return Batches(source, self.hparams.batch_size, settings, self._device(), decorate=decorate)
 
     def train_dataloader(self) -> Batches | list:
         return self.batches("train")

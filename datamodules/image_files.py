@@ -45,7 +45,8 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         path, label, generator, error = self.rows[index]
         key = path.name if path == self.root else path.relative_to(self.root).as_posix()
-        row: dict[str, Any] = {"image": blank_image(self.preprocess.resolution), "key": key, "row": index, "label": label,
+        row: dict[str, Any] = {"image": blank_image(self.preprocess.resolution), **self.preprocess.blank_clip_pixels(),
+                               "key": key, "row": index, "label": label,
                                "generator": generator, "shard_index": 0, "error": error, "path": str(path),
                                "sha256": "", "format": "", "jpeg_quality": None, "width": None, "height": None}
         if error:
@@ -53,7 +54,9 @@ class ImageFiles(Dataset):
         try:
             data = read_regular_file(path)  # read once: the hash is of the bytes that were scored
             row["sha256"] = hashlib.sha256(data).hexdigest()
-            row["image"] = self.preprocess.pixels(data, key, label, "")  # uint8, as image shards give it
+            prepared = self.preprocess.prepared(data, key, label, "")
+            row["image"] = self.preprocess.resized(prepared)  # uint8, as image shards give it
+            row.update(self.preprocess.clip_pixels(prepared))
             row.update(header_metadata(data))
         except Exception as failure:  # noqa: BLE001  reported per file; one bad file never stops the run
             row["error"] = describe_error(failure)

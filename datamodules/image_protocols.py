@@ -16,6 +16,14 @@ a detector can score well by spotting JPEG artefacts or resize statistics instea
 
 Every random choice is seeded by (seed, image key), so an image looks the same on every rank, worker and
 rerun.
+
+How CLIP sees the image (`clip_input`): `resize` gives CLIP the resized R×R image (resized again to 224
+by the CLIP preprocessing); `native_crop` gives it a `clip_size`² window of the image at its own
+resolution after the protocol (before the final resize), as LaRE² does (its official code: albumentations
+PadIfNeeded with reflect-101 padding for smaller images, then CenterCrop at test, RandomCrop in
+training), keeping the high-frequency traces a resize averages away. The diffusion maps still see the
+whole resized image; the window, as a box of the image (`feature_cache.paired_augment.native_crop_box`),
+crops them where they meet CLIP's grid (DetectorBase.pooled_guidance).
 """
 
 from __future__ import annotations
@@ -31,8 +39,11 @@ from PIL import Image
 
 from datamodules.image_io import decode_rgb, jpeg_reencode
 from datamodules.perturbations import PERTURBATIONS, perturb
+from feature_cache.paired_augment import centre_crop_origin, native_crop_box, padded_offsets
 
 Protocol = Literal["raw", "jpeg_aligned", "size_aligned", "jpeg_size_aligned"]
+ClipInput = Literal["resize", "native_crop"]
+CLIP_INPUTS = ("resize", "native_crop")
 JPEG_PROTOCOLS = ("jpeg_aligned", "jpeg_size_aligned")
 SIZE_PROTOCOLS = ("size_aligned", "jpeg_size_aligned")
 RESIZE = "PIL bilinear, antialiased (as torchvision Resize on PIL images in the LaRE² code)"
@@ -72,6 +83,8 @@ class ImagePreprocessor:
     fake_side_ranges: tuple[tuple[str, int, int], ...] | None = None
     # What happened to the file before the detector saw it (robustness sweep), e.g. ("jpeg", 75).
     perturbation: tuple[str, float] = ("none", 0.0)
+    clip_input: ClipInput = "resize"
+    clip_size: int = 224  # side of the native crop (CLIP RN50's input); only used by native_crop
 
     def __post_init__(self) -> None:
         if self.resolution < 8 or self.resolution % 8:
@@ -84,6 +97,10 @@ class ImagePreprocessor:
             raise ValueError(f"perturbation {self.perturbation[0]!r}: choose from {sorted(PERTURBATIONS)}")
         if self.jpeg_quality is not None and not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality {self.jpeg_quality}: must be within 1..100")
+        if self.clip_input not in CLIP_INPUTS:
+            raise ValueError(f"clip_input {self.clip_input!r}: choose from {list(CLIP_INPUTS)}")
+        if self.clip_size < 1:
+            raise ValueError(f"clip_size {self.clip_size}: must be a positive number of pixels")
 
     def quality_for(self, key: str) -> int:
         """The fixed quality, or one drawn (seeded by key) from the real images' quality distribution."""
@@ -101,15 +118,56 @@ class ImagePreprocessor:
             raise ExcludedByProtocol(f"excluded by size_filter: real image's shorter side {side} is outside "
                                      f"the fake images' range [{low}, {high}]")
 
-    def pixels(self, data: bytes, key: str, label: int, generator: str) -> torch.Tensor:
-        """(3, R, R) uint8, normalised later where it is used; raises on undecodable data or a protocol exclusion."""
+    def prepared(self, data: bytes, key: str, label: int, generator: str) -> Image.Image:
+        """The image as the protocol leaves it before the final resize; raises on undecodable data or an exclusion."""
         image = perturb(decode_rgb(data)[1], *self.perturbation)
         if self.protocol in JPEG_PROTOCOLS:
             image = jpeg_reencode(image, self.quality_for(key))
         if self.protocol in SIZE_PROTOCOLS:
             self._check_size(image, label, generator)
             image = center_square(image)
+        return image
+
+    def resized(self, image: Image.Image) -> torch.Tensor:
+        """(3, R, R) uint8 of a prepared image."""
         return to_uint8(image.resize((self.resolution, self.resolution), Image.BILINEAR))
+
+    def pixels(self, data: bytes, key: str, label: int, generator: str) -> torch.Tensor:
+        """(3, R, R) uint8, normalised later where it is used; raises on undecodable data or a protocol exclusion."""
+        return self.resized(self.prepared(data, key, label, generator))
+
+    def native_crop(self, image: Image.Image, position: tuple[float, float] | None = None
+                    ) -> tuple[torch.Tensor, np.ndarray]:
+        """((3, S, S) uint8, its box (4,)): the S = clip_size window of a prepared image at native resolution,
+        reflect-101 padded where a side is shorter; centred, or (training) at `position` = uniform draws in
+        [0, 1) per axis scaled to the free range (drawn by the caller, so threads decoding images keep the
+        run's random order)."""
+        pixels = np.asarray(image, dtype=np.uint8)
+        height, width, size = pixels.shape[0], pixels.shape[1], self.clip_size
+        pad_top, pad_left = padded_offsets(width, height, size)
+        pad_height, pad_width = max(size - height, 0), max(size - width, 0)
+        pixels = np.pad(pixels, ((pad_top, pad_height - pad_top), (pad_left, pad_width - pad_left), (0, 0)),
+                        mode="reflect")  # numpy's reflect repeats no edge pixel: OpenCV's BORDER_REFLECT_101
+        if position is not None:
+            top, left = (int(fraction * (extent - size + 1)) for fraction, extent in zip(position, pixels.shape[:2]))
+        else:
+            top, left = (int(v) for v in centre_crop_origin(width, height, size))
+        crop = torch.from_numpy(np.ascontiguousarray(pixels[top:top + size, left:left + size])).permute(2, 0, 1)
+        return crop.contiguous(), native_crop_box(width, height, size, top, left)
+
+    def clip_pixels(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        """The batch fields CLIP's input adds under native_crop (centred window and its box); none under resize."""
+        if self.clip_input == "resize":
+            return {}
+        crop, box = self.native_crop(image)
+        return {"clip_image": crop, "clip_box": torch.from_numpy(box)}
+
+    def blank_clip_pixels(self) -> dict[str, torch.Tensor]:
+        """`clip_pixels` of a row that could not be read: a blank window covering the whole (blank) image."""
+        if self.clip_input == "resize":
+            return {}
+        return {"clip_image": torch.full((3, self.clip_size, self.clip_size), 127, dtype=torch.uint8),
+                "clip_box": torch.tensor([0.0, 0.0, 1.0, 1.0])}
 
     def __call__(self, data: bytes, key: str, label: int, generator: str) -> torch.Tensor:
         """(3, R, R) float32 in [-1, 1]: `pixels` normalised with the arithmetic the extractor uses on the device."""
@@ -142,4 +200,6 @@ class ImagePreprocessor:
                 "jpeg_quality_source": ("fixed" if self.jpeg_quality is not None else "real-image distribution")
                 if jpeg else None,
                 "protocol_seed": self.seed if jpeg and self.jpeg_quality is None else None,
-                "size_filter": self.fake_side_ranges is not None, "perturbation": list(self.perturbation)}
+                "size_filter": self.fake_side_ranges is not None, "perturbation": list(self.perturbation),
+                "clip_input": self.clip_input,
+                "clip_size": self.clip_size if self.clip_input == "native_crop" else None}

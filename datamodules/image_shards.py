@@ -24,7 +24,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.image_io import describe_error
-from datamodules.image_protocols import JPEG_PROTOCOLS, SIZE_PROTOCOLS, ImagePreprocessor, Protocol
+from datamodules.image_protocols import JPEG_PROTOCOLS, SIZE_PROTOCOLS, ClipInput, ImagePreprocessor, Protocol
 from datamodules.shards import read_shard_index
 from feature_cache.manifest import read_manifest_rows
 from feature_cache.provenance import manifest_stats, real_jpeg_qualities
@@ -46,7 +46,8 @@ def balance(shards: list[dict[str, Any]], parts: int) -> list[list[dict[str, Any
 
 def build_preprocessor(stats: Mapping[str, Any], resolution: int, protocol: Protocol = "raw",
                        jpeg_quality: int | None = None, seed: int = 0, size_filter: bool = False,
-                       perturbation: tuple[str, float] = ("none", 0.0)) -> ImagePreprocessor:
+                       perturbation: tuple[str, float] = ("none", 0.0), clip_input: ClipInput = "resize",
+                       clip_size: int = 224) -> ImagePreprocessor:
     """A protocol's image pipeline from a shard directory's statistics (`feature_cache.provenance.manifest_stats`,
     stored in every feature store), so phase 2 and `predict` rebuild it without manifest.csv.
 
@@ -61,15 +62,18 @@ def build_preprocessor(stats: Mapping[str, Any], resolution: int, protocol: Prot
         if not stats.get("fake_side_ranges"):
             raise ValueError("size_filter needs fake images (label 1) in the manifest to take their size range from")
         ranges = tuple((str(name), int(low), int(high)) for name, low, high in stats["fake_side_ranges"])
-    return ImagePreprocessor(resolution, protocol, jpeg_quality, qualities, seed, ranges, tuple(perturbation))
+    return ImagePreprocessor(resolution, protocol, jpeg_quality, qualities, seed, ranges, tuple(perturbation),
+                             clip_input, clip_size)
 
 
 def pixel_settings(provenance: Mapping[str, Any]) -> dict[str, Any]:
-    """ImageShardDataModule's pixel arguments from its `provenance()` (e.g. as saved in a feature store's attrs)."""
+    """ImageShardDataModule's pixel arguments from its `provenance()` (e.g. as saved in a feature store's attrs);
+    provenance from before `clip_input` existed was made with `resize`."""
     return {"resolution": int(provenance["resolution"]), "protocol": provenance["protocol"],
             "jpeg_quality": provenance["jpeg_quality"], "seed": provenance["protocol_seed"] or 0,
             "size_filter": bool(provenance["size_filter"]),
-            "perturbation": tuple(provenance.get("perturbation", ("none", 0.0)))}
+            "perturbation": tuple(provenance.get("perturbation", ("none", 0.0))),
+            "clip_input": provenance.get("clip_input", "resize"), "clip_size": provenance.get("clip_size") or 224}
 
 
 def preprocessor_from_provenance(pixels: Mapping[str, Any], stats: Mapping[str, Any]) -> ImagePreprocessor:
@@ -99,26 +103,30 @@ class SampleDecoder:
                 raise ValueError(f"expected one image member, found {sorted(image_members)}")
             data = sample[image_members[0]]
             digest = hashlib.sha256(data).hexdigest()
-            image = self.preprocess.pixels(data, sample["__key__"], int(meta["label"]), meta["generator"])
+            prepared = self.preprocess.prepared(data, sample["__key__"], int(meta["label"]), meta["generator"])
+            pixels = {"image": self.preprocess.resized(prepared), **self.preprocess.clip_pixels(prepared)}
         except Exception as failure:  # noqa: BLE001  recorded per image in `error`; one bad file never stops a worker
-            image = blank_image(self.preprocess.resolution)
+            pixels = {"image": blank_image(self.preprocess.resolution), **self.preprocess.blank_clip_pixels()}
             error = describe_error(failure)
-        return {"image": image, "key": sample["__key__"], "sha256": digest or meta.get("sha256", ""),
+        return {**pixels, "key": sample["__key__"], "sha256": digest or meta.get("sha256", ""),
                 "row": int(meta["row"]), "label": int(meta["label"]),
                 "generator": self.generator_codes[meta["generator"]],
                 "shard_index": self.shard_indices[Path(sample["__url__"]).name], "error": error}
 
     def lost(self, record: dict[str, Any], shard_name: str, reason: str) -> dict[str, Any]:
         """The row of an image its tar lost (truncated or unreadable), from the manifest's record."""
-        return {"image": blank_image(self.preprocess.resolution), "key": record["key"],
+        return {"image": blank_image(self.preprocess.resolution), **self.preprocess.blank_clip_pixels(),
+                "key": record["key"],
                 "sha256": record.get("sha256") or "", "row": int(record["row"]), "label": int(record["label"]),
                 "generator": self.generator_codes[record["generator"]], "shard_index": self.shard_indices[shard_name],
                 "error": f"lost: tar {shard_name} is truncated or unreadable ({reason})"}
 
 
 def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack images and integer fields; keep keys, content hashes (where the samples have them) and errors as lists."""
-    batch: dict[str, Any] = {"image": torch.stack([s["image"] for s in samples])}
+    """Stack images (and CLIP's native crops with their boxes) and integer fields; keep keys, content hashes (where
+    the samples have them) and errors as lists."""
+    batch: dict[str, Any] = {name: torch.stack([s[name] for s in samples])
+                             for name in ("image", "clip_image", "clip_box") if name in samples[0]}
     for name in ("row", "label", "generator", "shard_index"):
         batch[name] = torch.tensor([s[name] for s in samples], dtype=torch.int64)
     for name in ("key", "sha256", "error"):
@@ -198,11 +206,16 @@ class ImageShardDataModule(pl.LightningDataModule):
             (they come out as zero images with an `error`).
         perturbation: (name, parameter) applied to every decoded image first, for robustness sweeps
             (datamodules/perturbations.py: jpeg, downscale, blur); ("none", 0) leaves images as they are.
+        clip_input: what CLIP sees: `resize` (the resized image) or `native_crop` (LaRE²'s centred `clip_size`²
+            window at native resolution, added to batches as `clip_image` with its `clip_box`; see
+            datamodules/image_protocols.py). Recorded in the store's pixel provenance.
+        clip_size: side of the native crop (CLIP RN50's input, 224).
     """
 
     def __init__(self, shards: str, resolution: int = 256, batch_size: int = 16, num_workers: int = 2,
                  protocol: Protocol = "raw", jpeg_quality: int | None = None, seed: int = 0,
-                 size_filter: bool = False, perturbation: tuple[str, float] = ("none", 0.0)) -> None:
+                 size_filter: bool = False, perturbation: tuple[str, float] = ("none", 0.0),
+                 clip_input: ClipInput = "resize", clip_size: int = 224) -> None:
         super().__init__()
         self.save_hyperparameters()
         if batch_size < 1 or num_workers < 0:
@@ -212,7 +225,7 @@ class ImageShardDataModule(pl.LightningDataModule):
         self._excluded: set[str] = set()
         self.stats = manifest_stats(self.shard_dir / "manifest.csv")
         self.preprocess = build_preprocessor(self.stats, resolution, protocol, jpeg_quality, seed, size_filter,
-                                             perturbation)
+                                             perturbation, clip_input, clip_size)
 
     @property
     def generator_names(self) -> list[str]:

@@ -148,6 +148,7 @@ class PixelProvenance:
     size_filter: bool = False
     perturbation: list[Any] = field(default_factory=lambda: ["none", 0.0])
     clip_input: str = "resize"  # how CLIP sees the image: "resize" or "native_crop"
+    clip_size: int | None = None  # side of the native crop; None (and absent from the attrs) under resize
     extra: dict[str, Any] = field(default_factory=dict)  # any further pixel setting the datamodule reports
 
     @classmethod
@@ -157,8 +158,11 @@ class PixelProvenance:
         return cls.from_attrs(pixel)
 
     def to_attrs(self) -> dict[str, Any]:
+        """Flat attrs; `clip_size` only where it means something, so provenance recorded before it existed (every
+        store and checkpoint made with `resize`) compares equal."""
         attrs = asdict(self)
-        return normalized({**{k: v for k, v in attrs.items() if k != "extra"}, **attrs["extra"]})
+        skipped = ("extra",) + (("clip_size",) if self.clip_size is None else ())
+        return normalized({**{k: v for k, v in attrs.items() if k not in skipped}, **attrs["extra"]})
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> PixelProvenance:

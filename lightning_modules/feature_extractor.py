@@ -147,9 +147,12 @@ class FeatureExtractor(pl.LightningModule):
         torch.backends.cudnn.benchmark = bool(self.hparams.cudnn_benchmark)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """Only the images go to the device (uint8, non_blocking from pinned memory); metadata stays on the host."""
+        """Only the images (and CLIP's native crops) go to the device (uint8, non_blocking from pinned memory);
+        metadata stays on the host."""
         if isinstance(batch, dict) and "image" in batch:
-            return {**batch, "image": super().transfer_batch_to_device(batch["image"], device, dataloader_idx)}
+            return {**batch, **{name: super(FeatureExtractor, self).transfer_batch_to_device(batch[name], device,
+                                                                                           dataloader_idx)
+                                for name in ("image", "clip_image") if name in batch}}
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _load_posterior(self, path: str) -> None:
@@ -262,6 +265,17 @@ class FeatureExtractor(pl.LightningModule):
                          getattr(self, "var_b", None), partial(self.diffusion.conditioned_eps, out))
         return {name: ctx.map(name)[:rows] for name in names}
 
+    def clip_input(self, batch: dict[str, Any]) -> torch.Tensor:
+        """What CLIP sees, in [-1, 1]: the datamodule's native-resolution crop (`clip_input: native_crop`, which must
+        be CLIP's input size: it is not resized) or the resized image (`resize`; CLIP's preprocessing resizes it)."""
+        if "clip_image" not in batch:
+            return normalise_images(batch["image"])
+        size = self.clip_model.image_size if self.clip_model is not None else None
+        if size is not None and tuple(batch["clip_image"].shape[-2:]) != (size, size):
+            raise ValueError(f"clip_image is {tuple(batch['clip_image'].shape[-2:])} but this CLIP takes "
+                             f"{size}x{size}: set the datamodule's clip_size to {size}")
+        return normalise_images(batch["clip_image"])
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """One fused pass over the batch → pass-through fields + one fp32 tensor (B, ...) per requested output."""
         if "sha256" not in batch:
@@ -276,7 +290,7 @@ class FeatureExtractor(pl.LightningModule):
         clip_wanted = [name for name in self.outputs if name in CLIP_OUTPUTS]
         if clip_wanted:
             with autocast_context(images.device, self.hparams.autocast_dtype):
-                layer3, pooled = self.clip_model.layer3_and_pooled(self.clip_model.normalize(images))
+                layer3, pooled = self.clip_model.layer3_and_pooled(self.clip_model.normalize(self.clip_input(batch)))
             result.update({k: v.float() for k, v in (("clip_layer3", layer3), ("clip_pooled", pooled))
                            if k in clip_wanted})
         return result

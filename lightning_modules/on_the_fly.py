@@ -19,7 +19,6 @@ import torch
 
 from lightning_modules.checkpoints import load_detector
 from lightning_modules.detectors import DetectorBase
-from lightning_modules.diffusion_pass import normalise_images
 from lightning_modules.feature_extractor import FeatureExtractor
 from lightning_modules.maps import BUILTIN_MAP_MODULES
 
@@ -117,6 +116,11 @@ class OnTheFlyDetector(pl.LightningModule):
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Under `clip_input: native_crop` (recorded in the checkpoint's pixel provenance, which rebuilt the
+        datamodule) a fine-tuned CLIP sees the centred native crop and the guidance maps are cropped to its box."""
         features = self.extractor.predict_step(batch, batch_idx)
-        p_fake = self.detector({**features, "image": normalise_images(batch["image"])}).logits.softmax(dim=-1)[:, 1]
-        return {**{name: value for name, value in batch.items() if name != "image"}, "p_fake": p_fake}
+        window = {"clip_box": batch["clip_box"]} if "clip_box" in batch else {}
+        inputs = {**features, **window, "image": self.extractor.clip_input(batch)}
+        p_fake = self.detector(inputs).logits.softmax(dim=-1)[:, 1]
+        return {**{name: value for name, value in batch.items() if name not in ("image", "clip_image", "clip_box")},
+                "p_fake": p_fake}

@@ -82,10 +82,12 @@ def setting_departures(hparams: Mapping[str, object], setting: Mapping[str, obje
 
 def published_for(paper_row: str | None, detector: str, hparams: Mapping[str, object],
                   paper_setting: Mapping[str, object], layout: str | None, protocol: str | None,
-                  train_generators: list[str]) -> tuple[PublishedRow | None, str]:
+                  train_generators: list[str], *, clip_input: str) -> tuple[PublishedRow | None, str]:
     """The published row this run reproduces, or None and the reason (shown under the table) why not.
 
     `paper_setting` is the run's detector class's (`DetectorBase.paper_setting`); the row adds its ablation changes.
+    `clip_input` is how CLIP saw the images (the stores' pixel provenance): both papers' numbers come from
+    LaRE²'s native-resolution 224 crops (DEUA builds on its training), not from resized images.
     """
     if paper_row is None:
         return None, ""
@@ -96,6 +98,8 @@ def published_for(paper_row: str | None, detector: str, hparams: Mapping[str, ob
     problems += setting_departures(hparams, row.settings(paper_setting))
     if (protocol or "raw") != "raw":
         problems.append(f"protocol {protocol} (paper: raw files)")
+    if clip_input != "native_crop":
+        problems.append(f"CLIP input {clip_input} (paper: native_crop, native-resolution 224 crops)")
     if layout != row.layout:
         problems.append(f"layout {layout} (paper: {row.layout})")
     if row.train_generators is not None and tuple(sorted(train_generators)) != row.train_generators:

@@ -72,7 +72,7 @@ class ProtocolReport(pl.Callback):
                                    for name in opened[path].generator_names})
         published, why_not = published_for(self.paper_row, type(pl_module).__name__, dict(pl_module.hparams),
                                            getattr(pl_module, "paper_setting", {}), dataset.layout, pixels.protocol,
-                                           train_generators)
+                                           train_generators, clip_input=pixels.clip_input)
         _, markdown_path = write_table(rows, out, "protocol_table", title, published, note + why_not)
         markdown = markdown_path.read_text()
         print(f"\n{markdown}\n(written to {markdown_path})", flush=True)

@@ -44,20 +44,23 @@ def marker_image(row: int, size: int) -> np.ndarray:
 
 def make_shard_dir(root: Path, num_rows: int, shard_size: int, image_size: int = 32,
                    rejected: tuple[tuple[str, str], ...] = (("bad/broken.png", "cannot identify image file"),),
-                   generators: list[str] = GENERATORS, pixel_offset: int = 0) -> Path:
-    """A shard directory as `python -m cli shards` writes it (tars of marker PNGs; `pixel_offset` shifts
-    the markers, i.e. a re-conversion of other images with the same count)."""
+                   generators: list[str] = GENERATORS, pixel_offset: int = 0,
+                   images: list[np.ndarray] | None = None) -> Path:
+    """A shard directory as `python -m cli shards` writes it (tars of marker PNGs, or of `images` (H, W, 3)
+    uint8 of any sizes; `pixel_offset` shifts the markers, i.e. a re-conversion of other images with the same
+    count)."""
     root.mkdir(parents=True, exist_ok=True)
     num_shards = -(-num_rows // shard_size)
     shard_names = [f"shard-{k:06d}.tar" for k in range(num_shards)]
+    pixels = images or [marker_image(row + pixel_offset, image_size) for row in range(num_rows)]
     pngs = []
     for row in range(num_rows):
         png = io.BytesIO()
-        Image.fromarray(marker_image(row + pixel_offset, image_size)).save(png, format="PNG")
+        Image.fromarray(pixels[row]).save(png, format="PNG")
         pngs.append(png.getvalue())
     rows = [{"key": f"img{row:05d}", "row": row, "label": row % 2, "generator": generators[row % len(generators)],
              "path": f"src/img{row:05d}.png", "shard": shard_names[row // shard_size], "format": "png",
-             "jpeg_quality": "", "width": image_size, "height": image_size, "class_name": "",
+             "jpeg_quality": "", "width": pixels[row].shape[1], "height": pixels[row].shape[0], "class_name": "",
              "sha256": hashlib.sha256(pngs[row]).hexdigest()}
             for row in range(num_rows)]
     with (root / "manifest.csv").open("w", newline="") as f:

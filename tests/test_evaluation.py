@@ -139,21 +139,30 @@ PAPER = DEUADetector.paper_setting
 
 def test_published_number_only_for_its_own_configuration():
     """Bugs caught: DEUA's full-model 85.6 beside the CLIP baseline; a frozen sweep given the finetuned paper's
-    number; a number shown for jpeg_aligned or non-GenImage data; an unknown paper_row silently ignored."""
+    number; a number shown for jpeg_aligned or non-GenImage data; an unknown paper_row silently ignored; a run
+    whose CLIP saw resized images (not the papers' native-resolution crops) given the published number."""
     sdv4 = ["imagenet_ai_0419_sdv4"]
-    row, why = published_for("deua", "DEUADetector", FULL_DEUA, PAPER, "genimage", "raw", sdv4)
+    row, why = published_for("deua", "DEUADetector", FULL_DEUA, PAPER, "genimage", "raw", sdv4,
+                             clip_input="native_crop")
     assert row.acc == 85.6 and why == ""
+    row, why = published_for("deua", "DEUADetector", FULL_DEUA, PAPER, "genimage", "raw", sdv4, clip_input="resize")
+    assert row is None and "CLIP input resize (paper: native_crop" in why
     baseline = {**FULL_DEUA, "guidance": [], "asym_weight": 0.0}
-    assert published_for("deua_baseline", "DEUADetector", baseline, PAPER, "genimage", "raw", sdv4)[0].acc == 76.1
-    row, why = published_for("deua", "DEUADetector", baseline, PAPER, "genimage", "raw", sdv4)
+    assert published_for("deua_baseline", "DEUADetector", baseline, PAPER, "genimage", "raw", sdv4,
+                         clip_input="native_crop")[0].acc == 76.1
+    row, why = published_for("deua", "DEUADetector", baseline, PAPER, "genimage", "raw", sdv4,
+                             clip_input="native_crop")
     assert row is None and "guidance=[] (paper: ['deu'])" in why and "asym_weight=0.0 (paper: 0.5)" in why
     row, why = published_for("deua", "DEUADetector", {**FULL_DEUA, "backbone": "frozen"}, PAPER, "genimage",
-                             "jpeg_aligned", ["imagenet_glide"])
+                             "jpeg_aligned", ["imagenet_glide"], clip_input="native_crop")
     assert row is None and "backbone='frozen'" in why and "protocol jpeg_aligned" in why and "imagenet_glide" in why
-    assert published_for(None, "DEUADetector", FULL_DEUA, PAPER, "genimage", "raw", sdv4) == (None, "")
-    assert published_for("deua_drct", "DEUADetector", FULL_DEUA, PAPER, "drct", "raw", ["ldm", "sdxl"])[0].acc == 90.5
+    assert published_for(None, "DEUADetector", FULL_DEUA, PAPER, "genimage", "raw", sdv4,
+                         clip_input="native_crop") == (None, "")
+    assert published_for("deua_drct", "DEUADetector", FULL_DEUA, PAPER, "drct", "raw", ["ldm", "sdxl"],
+                         clip_input="native_crop")[0].acc == 90.5
     with pytest.raises(ValueError, match="paper_row 'deua_full' is not a published row"):
-        published_for("deua_full", "DEUADetector", FULL_DEUA, PAPER, "genimage", "raw", sdv4)
+        published_for("deua_full", "DEUADetector", FULL_DEUA, PAPER, "genimage", "raw", sdv4,
+                      clip_input="native_crop")
 
 
 def test_hparams_settings_spell_out_lists_and_drop_bookkeeping():

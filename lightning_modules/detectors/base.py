@@ -23,6 +23,7 @@ from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryAver
                                          BinarySpecificity)
 
 from feature_cache.codecs import widen
+from feature_cache.paired_augment import crop_to_boxes
 from reports.evaluation import (HP_METRICS, Predictions, choose_threshold, hparams_settings, protocol_table,
                                 setting_departures)
 from lightning_modules.detectors.guidance_norm import GuidanceNorm, GuidanceNormalizer
@@ -109,7 +110,11 @@ class DetectorBase(pl.LightningModule):
     def paper_departures(self) -> list[str]:
         """`name=ours (paper: theirs)` for every setting that differs from `paper_setting`; the published
         accuracy is printed only beside runs with none (`reports.evaluation.published_for`, same comparison)."""
-        return setting_departures(self.hparams, self.paper_setting)
+        departures = setting_departures(self.hparams, self.paper_setting)
+        clip_input = ((self.feature_provenance or {}).get("pixels") or {}).get("clip_input")  # known once fitted
+        if self.paper_setting and clip_input != "native_crop":  # both papers: LaRE²'s native 224 crops
+            departures.append(f"clip_input={clip_input!r} (paper: 'native_crop')")
+        return departures
 
     def required_features(self) -> list[str]:
         """The store features a batch must carry: the guidance maps, and CLIP's maps when CLIP is not trained."""
@@ -175,7 +180,11 @@ class DetectorBase(pl.LightningModule):
         return layer3, pooled
 
     def pooled_guidance(self, batch: dict, size: tuple[int, int]) -> torch.Tensor:
-        """Guidance maps concatenated on channels and pooled to `size`, not yet standardised: (B, G, *size)."""
+        """Guidance maps concatenated on channels and pooled to `size`, not yet standardised: (B, G, *size).
+
+        With `clip_box` (B, 4) in the batch (CLIP saw a native-resolution crop: `clip_input: native_crop`), the
+        whole-image maps are first cropped to that window (resampled at their own resolution), so CLIP's grid
+        and the guidance grid cover the same pixels."""
         maps = []
         for name in self.guidance:
             u = self.batch_tensor(batch, name)
@@ -183,7 +192,10 @@ class DetectorBase(pl.LightningModule):
                 raise ValueError(f"guidance map {name!r} has shape {tuple(u.shape)}, "
                                  f"expected (B, {self.map_channels[name]}, h, w)")
             maps.append(u)
-        return F.adaptive_avg_pool2d(torch.cat(maps, dim=1).float(), size)
+        stacked = torch.cat(maps, dim=1).float()
+        if "clip_box" in batch:
+            stacked = crop_to_boxes(stacked, batch["clip_box"])
+        return F.adaptive_avg_pool2d(stacked, size)
 
     def guidance_map(self, batch: dict, size: tuple[int, int]) -> torch.Tensor:
         """Guidance maps concatenated on channels, pooled to `size`, standardised: (B, G, *size)."""
