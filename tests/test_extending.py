@@ -5,6 +5,7 @@ tests and predicts with the detector; every step a real CLI subprocess on tiny r
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -23,41 +24,16 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 BASE_OUTPUTS = ("lare", "aleatoric", "clip_layer3")
 
-# The README's map example ("Adding a guidance map or a detector"), verbatim but for the module name.
-MAP_MODULE = '''
-from lightning_modules.maps import register_map
 
-@register_map("spread", channels=1, description="max over channels of the aleatoric variance",
-              settings=(), min_noises=2)
-def spread(ctx):
-    return ctx.map("aleatoric").amax(1, keepdim=True)
-'''
-
-DETECTOR_MODULE = '''
-"""A toy detector: CLIP layer3's mean and the guidance maps' means, one linear layer."""
-import torch
-from torch import nn
-
-from lightning_modules.detectors import DetectorBase, DetectorOutput
+def _readme_modules() -> tuple[str, str]:
+    """The two Python files of the README's "Adding a guidance map or a detector", verbatim: the README is what
+    users copy, so a stale signature or import there fails this test."""
+    section = (REPO / "README.md").read_text().split("## Adding a guidance map or a detector", 1)[1].split("\n## ")[0]
+    map_module, detector_module = re.findall(r"```python\n(.*?)```", section, re.S)
+    return map_module, detector_module
 
 
-class MeanDetector(DetectorBase):
-    uses_pooled = False
-    paper_setting = {}
-
-    def __init__(self, guidance: list[str] = ["spread"], backbone: str = "frozen", clip: str | None = None,
-                 visual_channels: int | None = None, grid_size: int | None = None, lr: float = 1e-2,
-                 guidance_norm: str = "log", norm_rows: int = 2048) -> None:
-        super().__init__(guidance, backbone, clip, visual_channels, None, grid_size, lr, guidance_norm, norm_rows)
-        self.save_hyperparameters()
-        self.head = nn.Linear(self.visual_channels + self.guidance_channels, 2)
-
-    def forward(self, batch: dict) -> DetectorOutput:
-        layer3, _ = self.visual_features(batch)
-        u = self.guidance_map(batch, layer3.shape[-2:])
-        features = torch.cat([layer3.mean(dim=(2, 3)), u.mean(dim=(2, 3))], dim=1)
-        return DetectorOutput(self.head(features), features)
-'''
+MAP_MODULE, DETECTOR_MODULE = _readme_modules()
 
 
 def _config(root: Path) -> str:
@@ -75,7 +51,7 @@ def _config(root: Path) -> str:
             - class_path: lightning.pytorch.callbacks.ModelCheckpoint
               init_args: {{monitor: val_loss, mode: min, save_last: true, enable_version_counter: false}}
         model:
-          class_path: mean_detector.MeanDetector
+          class_path: my_detector.MeanDetector
           init_args:
             guidance: [spread]
         data:
@@ -123,7 +99,7 @@ def grown(tiny_model_paths, tmp_path_factory) -> dict[str, object]:
     user = root / "user"
     user.mkdir()
     (user / "my_maps.py").write_text(MAP_MODULE)
-    (user / "mean_detector.py").write_text(DETECTOR_MODULE)
+    (user / "my_detector.py").write_text(DETECTOR_MODULE)
     (root / "mean.yaml").write_text(_config(root))
     images = build_demo_images(root / "images", {"train": 8, "val": 4}, tile_size=64)
     convert("genimage", images, "train", root / "shards" / "train", 8, [GENERATORS[0]], workers=1)
