@@ -223,7 +223,7 @@ class ImageShardDataModule(pl.LightningDataModule):
         self.shard_dir = Path(shards)
         self._index = read_shard_index(self.shard_dir)
         self._excluded: set[str] = set()
-        self.stats = manifest_stats(self.shard_dir / "manifest.csv")
+        self.stats = manifest_stats(self.shard_dir)
         self.preprocess = build_preprocessor(self.stats, resolution, protocol, jpeg_quality, seed, size_filter,
                                              perturbation, clip_input, clip_size)
 

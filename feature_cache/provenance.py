@@ -8,7 +8,6 @@ field names (`common.batch_size 3 != 4`), so a refusal names exactly what differ
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from collections import Counter
@@ -16,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from feature_cache.manifest import read_manifest_rows
 
 DATASET_KEYS = ("shards", "layout", "split")  # keys of a datamodule's provenance that describe the data, not pixels
 
@@ -81,7 +82,7 @@ class DatasetProvenance:
             tars.append({"name": entry["name"], "first_row": int(entry["first_row"]),
                          "num_samples": int(entry["num_samples"]), "bytes": status.st_size,
                          "mtime_ns": status.st_mtime_ns})
-        return cls(str(shard_dir), layout, split, file_sha256(manifest), tars, manifest_stats(manifest))
+        return cls(str(shard_dir), layout, split, file_sha256(manifest), tars, manifest_stats(shard_dir))
 
     def to_attrs(self) -> dict[str, Any]:
         return normalized(asdict(self))
@@ -110,19 +111,18 @@ class DatasetProvenance:
         return "; ".join(parts)
 
 
-def manifest_stats(manifest: Path) -> dict[str, Any]:
+def manifest_stats(shard_dir: str | Path) -> dict[str, Any]:
     """What the pixel protocols need from a shard directory's manifest, stored so manifest.csv need not exist
     later: the real JPEGs' qualities {quality: count} (drawn from in key order, see `real_jpeg_qualities`), the
     width/height ranges, and the shorter side's [generator, min, max] of the fakes per generator plus
     ["", min, max] over all fakes (the size filter's ranges)."""
-    with manifest.open(newline="") as f:
-        records = list(csv.DictReader(f))
-    qualities = Counter(int(r["jpeg_quality"]) for r in records if r["label"] == "0" and r["jpeg_quality"])
-    widths, heights = [int(r["width"]) for r in records], [int(r["height"]) for r in records]
+    records = read_manifest_rows(shard_dir)
+    qualities = Counter(r["jpeg_quality"] for r in records if r["label"] == 0 and r["jpeg_quality"])
+    widths, heights = [r["width"] for r in records], [r["height"] for r in records]
     sides: dict[str, list[int]] = {}
     for r in records:
-        if r["label"] == "1":
-            side = min(int(r["width"]), int(r["height"]))
+        if r["label"] == 1:
+            side = min(r["width"], r["height"])
             sides.setdefault(r["generator"], []).append(side)
             sides.setdefault("", []).append(side)
     return {"real_jpeg_qualities": {str(q): n for q, n in sorted(qualities.items())},
