@@ -14,7 +14,7 @@ from cli.plain_commands import PLAIN_COMMANDS
 from cli.lightning_cli import TRAINER_SUBCOMMANDS, run_lightning_cli
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("cli", "datamodules", "feature_cache", "lightning_modules", "reports")
+PACKAGES = ("cli", "workflows", "reports", "lightning_modules", "datamodules", "feature_cache", "core")
 
 
 def _usage() -> str:

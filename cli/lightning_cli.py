@@ -2,7 +2,7 @@
 ensemble-fit.
 
 `predict` (raw images with a trained detector) is a plain command: it builds its Trainer from a checkpoint.
-Runs of `fit`/`test`/`validate` are placed by `cli.run_dirs`: one directory per fit, the seed in its name,
+Runs of `fit`/`test`/`validate` are placed by `workflows.run_dirs`: one directory per fit, the seed in its name,
 and `test` scores the fitted run's checkpoint (never an untrained model).
 """
 
@@ -21,8 +21,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 import datamodules  # noqa: F401  (registers classes so YAML can name them bare)
 import lightning_modules  # noqa: F401
-from cli.progress import PlainLogProgress
-from cli.run_dirs import latest_fitted_run, next_run_dir, run_base, run_checkpoint
+from core.progress import PlainLogProgress
+from workflows.run_dirs import latest_fitted_run, next_run_dir, run_base, run_checkpoint
 from cli.trainer import ForensicsTrainer
 
 # Subcommand names as typed; LightningCLI needs the Trainer method's name.

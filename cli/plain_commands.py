@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cli.grid import grid
+from workflows.grid import grid
 from typing import Literal
 
 
@@ -83,7 +83,7 @@ def demo(out: Path = Path("demo_out"), sd: str | None = None, clip: str | None =
             phase 1, so labels carry no information about the images and every AUROC must sit at chance.
         detectors: comma-separated detectors to train and test (deua, lare2).
     """
-    from cli.demo import run_demo
+    from workflows.demo import run_demo
 
     run_demo(out, sd, clip, images_per_class, resolution, epochs, permute_labels,
              [name.strip() for name in detectors.split(",") if name.strip()])
@@ -126,7 +126,7 @@ def predict(*, ckpt: str, data: str, out: str = "predictions.csv", batch_size: i
         clip: CLIP weights, if not where the checkpoint says (checked against its weight hash).
         posterior: posterior file, if not where the checkpoint says (checked against its sha256).
     """
-    from cli.predict import predict_folder
+    from workflows.predict import predict_folder
 
     predict_folder(ckpt, data, out, batch_size, num_workers, accelerator, overwrite, sd=sd, clip=clip,
                    posterior=posterior)
@@ -152,7 +152,7 @@ def robustness(*, ckpt: str, shards: str, out: str = "robustness", batch_size: i
         clip: CLIP weights, if not where the checkpoint says (checked against its weight hash).
         posterior: posterior file, if not where the checkpoint says (checked against its sha256).
     """
-    from cli.robustness import robustness_sweep
+    from workflows.robustness import robustness_sweep
 
     robustness_sweep(ckpt, shards, out, batch_size, num_workers, accelerator, levels, cache, sd=sd, clip=clip,
                      posterior=posterior)

@@ -29,7 +29,7 @@ class ForensicsTrainer(pl.Trainer):
         """
         test_stores = getattr(datamodule, "stores", {}).get("test", [])
         if ckpt_path is not None and Path(ckpt_path).is_file() and test_stores:
-            from cli.provenance_checks import check_checkpoint_against_stores
+            from workflows.provenance_checks import check_checkpoint_against_stores
 
             check_checkpoint_against_stores(ckpt_path, {path: datamodule.feature_provenance(path) for path in test_stores})
         return super().test(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)

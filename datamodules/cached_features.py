@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.image_shards import preprocessor_from_provenance
 from datamodules.row_batches import Batches, BlockRows, EpochSettings, ResidentRows, Rows, SplitRows
-from feature_cache.paired_augment import apply_flip_crop, centre_crop_origin, native_crop_box, sample_flip_crop
+from core.geometry import apply_flip_crop, centre_crop_origin, native_crop_box, sample_flip_crop
 from feature_cache.store import CHUNK_ROWS, FLAG_COLUMNS, FeatureStore, config_differences
 
 RAM_SHARE = 0.5  # in_memory loads into RAM only if the selected rows take at most this share of available RAM
@@ -34,7 +34,7 @@ DEVICE_SHARE = 0.6  # in_memory: device loads only if the rows take at most this
 
 def centre_clip_boxes(store: FeatureStore, rows: np.ndarray) -> np.ndarray | None:
     """(n, 4) boxes of the centred native crop CLIP saw for `rows` (as fractions of each image, see
-    feature_cache.paired_augment), from the sizes the store records; None for a store made with `resize`."""
+    core.geometry), from the sizes the store records; None for a store made with `resize`."""
     if store.pixels.clip_input != "native_crop":
         return None
     size = int(store.pixels.clip_size)
@@ -393,7 +393,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
 
     def batches(self, split: str, epoch: Callable[[], int] | None = None) -> Batches | list:
         """The split's batches (training order for "train"); `epoch` overrides the Trainer's current epoch, for a
-        caller that drives several Trainers from one read (cli/grid_together.py)."""
+        caller that drives several Trainers from one read (workflows/grid_together.py)."""
         if split not in self.sources:
             return []
         source, trainer, shuffle = self.sources[split], self.trainer, split == "train"

@@ -22,7 +22,7 @@ by the CLIP preprocessing); `native_crop` gives it a `clip_size`² window of the
 resolution after the protocol (before the final resize), as LaRE² does (its official code: albumentations
 PadIfNeeded with reflect-101 padding for smaller images, then CenterCrop at test, RandomCrop in
 training), keeping the high-frequency traces a resize averages away. The diffusion maps still see the
-whole resized image; the window, as a box of the image (`feature_cache.paired_augment.native_crop_box`),
+whole resized image; the window, as a box of the image (`core.geometry.native_crop_box`),
 crops them where they meet CLIP's grid (DetectorBase.pooled_guidance).
 """
 
@@ -39,7 +39,7 @@ from PIL import Image
 
 from datamodules.image_io import decode_rgb, jpeg_reencode
 from datamodules.perturbations import PERTURBATIONS, perturb
-from feature_cache.paired_augment import centre_crop_origin, native_crop_box, padded_offsets
+from core.geometry import centre_crop_origin, native_crop_box, padded_offsets
 
 Protocol = Literal["raw", "jpeg_aligned", "size_aligned", "jpeg_size_aligned"]
 ClipInput = Literal["resize", "native_crop"]

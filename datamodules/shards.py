@@ -30,7 +30,7 @@ from typing import Literal
 
 from rich.progress import track
 
-from cli.progress import ProgressLine, plain_output
+from core.progress import ProgressLine, plain_output
 from datamodules.image_io import FORMAT_EXTENSIONS, KNOWN_EXTENSIONS, decode_rgb, describe_error, \
     estimate_jpeg_quality, read_regular_file
 from feature_cache.manifest import read_manifest_rows

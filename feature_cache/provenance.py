@@ -8,7 +8,6 @@ field names (`common.batch_size 3 != 4`), so a refusal names exactly what differ
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import Counter
 from collections.abc import Mapping
@@ -16,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.hashing import file_sha256
 from feature_cache.manifest import read_manifest_rows
 
 DATASET_KEYS = ("shards", "layout", "split")  # keys of a datamodule's provenance that describe the data, not pixels
@@ -42,15 +42,6 @@ def config_differences(stored: Mapping[str, Any], requested: Mapping[str, Any]) 
     missing = "<missing>"
     return [f"{name} {left.get(name, missing)} != {right.get(name, missing)}"
             for name in sorted(left.keys() | right.keys()) if left.get(name, missing) != right.get(name, missing)]
-
-
-def file_sha256(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes, read in chunks (hashlib releases the GIL on large updates)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while block := f.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

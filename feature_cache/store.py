@@ -38,9 +38,10 @@ import numpy as np
 import zarr
 from zarr.core.buffer.cpu import NDBuffer
 
+from core.hashing import file_sha256
 from feature_cache.codecs import compressor, has_scale, scale_channels, storage_dtype
 from feature_cache.provenance import (ExtractorProvenance, FeatureSpec, GroupInfo, StoreProvenance,
-                                      config_differences, file_sha256, normalized)
+                                      config_differences, normalized)
 
 __all__ = ["FeatureStore", "FeatureInfo", "Damage", "ProvenanceMismatchError", "StoreLockedError", "store_lock",
            "config_differences", "CHUNK_ROWS", "FORMAT_VERSION", "ROW_COLUMNS", "FLAG_COLUMNS"]

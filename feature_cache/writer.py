@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar
 
-from cli.progress import ProgressLine, plain_output
+from core.progress import ProgressLine, plain_output
 from feature_cache.codecs import encode
 from feature_cache.manifest import read_rejected, store_rows
 from feature_cache.provenance import (DatasetProvenance, ExtractorProvenance, FeatureSpec, PixelProvenance,

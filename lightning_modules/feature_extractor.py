@@ -25,7 +25,8 @@ import torch
 
 from lightning_modules.diffusion_pass import (AutocastDtype, DiffusionPass, autocast_context, key_generator,
                                              normalise_images)
-from lightning_modules.laplace_fit import file_sha256, load_posterior
+from core.hashing import file_sha256
+from lightning_modules.laplace_fit import load_posterior
 from lightning_modules.maps import BUILTIN_MAP_MODULES, MAP_REGISTRY, MapContext, import_map_modules
 from lightning_modules.pretrained import load_clip_rn50, load_stable_diffusion, weights_hash
 

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules.diffusion_pass import AutocastDtype, autocast_context, key_generator
-from lightning_modules.laplace_fit import file_sha256, load_posterior
+from core.hashing import file_sha256
+from lightning_modules.laplace_fit import load_posterior
 from lightning_modules.pretrained import load_clip_rn50, load_stable_diffusion, weights_hash
 
 SchedulerName = Literal["ddim", "dpm_solver"]

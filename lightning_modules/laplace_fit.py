@@ -7,7 +7,6 @@ and rank 0 writes the posterior file that `FeatureExtractor` loads for DEU/MI.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -71,15 +70,6 @@ def _check_posterior(file: Path, posterior: dict[str, Any], conv_out_shape: tupl
                          f"in {SIGMA_MODES} with a finite positive value")
     if not isinstance(posterior.get("metadata"), dict):
         raise ValueError(f"posterior file {file}: no metadata dict")
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes: identifies the posterior a feature store was computed with."""
-    digest = hashlib.sha256()
-    with open(Path(path).expanduser(), "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class LaplaceFit(pl.LightningModule):

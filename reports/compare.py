@@ -1,6 +1,6 @@
 """`python -m cli compare RUNS_DIR`: one table of all runs (mean ± std over seeds), or the cross-generator matrix.
 
-A run is a directory that `fit` made (`<row>-seed<S>[-r<k>]`, see `cli.run_dirs`) and holds TensorBoard
+A run is a directory that `fit` made (`<row>-seed<S>[-r<k>]`, see `workflows.run_dirs`) and holds TensorBoard
 event files. Its settings come from the `config.yaml` that `fit` saved (never from a later `test`'s
 config), its metrics from the last value of every scalar, read with TensorBoard's own EventAccumulator.
 Runs of one row with different seeds are one line: mean ± std over seeds (the newest rerun per seed).

@@ -156,8 +156,8 @@ def test_robustness_sweep_caches_features_and_reports_per_generator(demo, tmp_pa
 def test_cached_robustness_scores_equal_on_the_fly_scores(demo, tmp_path):
     """Bug caught: the cache scoring other rows, other features or a wrong decoding of the stored dtypes than
     the on-the-fly path (the two must agree up to the CLIP maps' float16 storage)."""
-    from cli.predict import pixel_provenance
-    from cli.robustness import cached_features, on_the_fly_scores, score_store
+    from workflows.predict import pixel_provenance
+    from workflows.robustness import cached_features, on_the_fly_scores, score_store
     from datamodules.image_shards import ImageShardDataModule, pixel_settings
     from lightning_modules.on_the_fly import OnTheFlyDetector
 

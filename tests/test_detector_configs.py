@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from cli.__main__ import main
-from cli.grid import grid
+from workflows.grid import grid
 from feature_cache.provenance import ExtractorProvenance, FeatureSpec
 from feature_cache.store import FeatureStore
 from lightning_modules.detectors import DEUADetector, LaRE2Detector

@@ -20,7 +20,7 @@ from datamodules.shards import convert
 from lightning_modules.detectors import DEUADetector
 from lightning_modules.diffusion_pass import DiffusionPass, key_generator
 from lightning_modules.feature_extractor import FeatureExtractor
-from lightning_modules.laplace_fit import file_sha256
+from core.hashing import file_sha256
 from lightning_modules.maps import available_maps, map_channels
 from lightning_modules.pretrained import load_stable_diffusion
 from lightning_modules.ensemble_fit import MATCHED_SETTINGS, EnsembleFit, check_members, load_members

@@ -17,12 +17,12 @@ import pytest
 import torch
 import yaml
 
-from cli.demo import TRAIN_GENERATOR
+from workflows.demo import TRAIN_GENERATOR
 from datamodules.demo_data import GENERATORS, build_demo_images
 from datamodules.shards import convert
 from feature_cache.store import FeatureStore
 from lightning_modules.ensemble_fit import load_members
-from lightning_modules.laplace_fit import file_sha256
+from core.hashing import file_sha256
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import torch
 from datamodules.cached_features import FeatureCacheDataModule, available_ram
 from lightning_modules.detectors.base import DetectorBase
 from datamodules.row_batches import READ_ROWS, RING_SLOTS, contiguous_runs, epoch_order, read_calls
-from feature_cache.paired_augment import FlipCrop, apply_flip_crop, sample_flip_crop
+from core.geometry import FlipCrop, apply_flip_crop, sample_flip_crop
 from feature_cache.provenance import FeatureSpec
 from feature_cache.store import FeatureStore
 from feature_cache_fakes import RAW_PROTOCOL, make_shard_dir, marker_image, write_store

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from cli.grid_together import SharedBatches
+from workflows.grid_together import SharedBatches
 from test_feature_cache_datamodule import write_store
 from feature_cache.provenance import FeatureSpec
 

@@ -292,8 +292,8 @@ def test_predict_out_is_checked_before_any_work(checkpoint: Path, tmp_path: Path
 def test_feature_provenance_mismatch_names_the_fields(checkpoint: Path) -> None:
     """Bug caught: a checkpoint trained on one UNet's/posterior's features was tested on a store made with
     others, rc=0. Per-dataset fields (shards, split) may differ; weight hashes and settings may not."""
-    from cli.provenance_checks import check_feature_provenance
-    from lightning_modules.checkpoints import safe_torch_load
+    from workflows.provenance_checks import check_feature_provenance
+    from core.checkpoint_io import safe_torch_load
 
     trained = safe_torch_load(checkpoint, "checkpoint")["feature_provenance"]
     same_settings = {**trained, "shards": "/data/test", "split": "val"}
@@ -307,7 +307,7 @@ def test_feature_provenance_mismatch_names_the_fields(checkpoint: Path) -> None:
 def test_checkpoint_against_test_stores_reads_the_checkpoint(checkpoint: Path) -> None:
     """Bug caught: `test` scoring a store made with another posterior (rc=0, numbers printed); the guard
     `ForensicsTrainer.test` calls reads the real checkpoint's recorded provenance and refuses."""
-    from cli.provenance_checks import check_checkpoint_against_stores
+    from workflows.provenance_checks import check_checkpoint_against_stores
 
     trained = {"unet_hash": "aaaa", "posterior_sha256": "bbbb", "timestep": 200, "resolution": 64}
     check_checkpoint_against_stores(checkpoint, {"test.zarr": {**trained, "shards": "/data/test"}})

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from cli.predict import pixel_provenance
-from cli.robustness import score_store
+from workflows.predict import pixel_provenance
+from workflows.robustness import score_store
 from datamodules.cached_features import FeatureCacheDataModule
 from datamodules.image_shards import ImageShardDataModule, pixel_settings, preprocessor_from_provenance
-from feature_cache.paired_augment import crop_to_boxes
+from core.geometry import crop_to_boxes
 from feature_cache.provenance import FeatureSpec, PixelProvenance
 from feature_cache.store import FeatureStore
 from feature_cache.writer import ZarrFeatureWriter

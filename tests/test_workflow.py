@@ -274,7 +274,7 @@ def test_ddp_fit_makes_one_run_directory(workspace, tmp_path):
 
 def test_plain_progress_lines_are_rate_limited(capsys):
     """Bugs caught: a line per item (log spam) or none until the end (a silent SLURM log)."""
-    from cli.progress import report_progress
+    from core.progress import report_progress
 
     assert list(report_progress(range(5), 5, "tars", "tars", every_s=3600, always=True)) == [0, 1, 2, 3, 4]
     lines = capsys.readouterr().out.splitlines()

@@ -23,7 +23,7 @@ from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryAver
                                          BinarySpecificity)
 
 from feature_cache.codecs import widen
-from feature_cache.paired_augment import crop_to_boxes
+from core.geometry import crop_to_boxes
 from reports.evaluation import (HP_METRICS, Predictions, choose_threshold, hparams_settings, protocol_table,
                                 setting_departures)
 from lightning_modules.detectors.guidance_norm import GuidanceNorm, GuidanceNormalizer

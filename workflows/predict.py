@@ -2,7 +2,7 @@
 
 Both run a trained detector with its phase-1 extractor rebuilt from the checkpoint's feature provenance
 (lightning_modules/on_the_fly.py). `predict` computes features on the fly; `robustness` caches each
-perturbation's features as a feature store (cli/robustness_cache.py), so a second checkpoint with the
+perturbation's features as a feature store (workflows/robustness.py), so a second checkpoint with the
 same extractor reuses them.
 """
 
@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import pandas as pd
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from cli.progress import PlainLogProgress
+from core.progress import PlainLogProgress
 from datamodules.image_files import METADATA, ImageFilesDataModule
 from datamodules.image_shards import preprocessor_from_provenance
 from lightning_modules.on_the_fly import OnTheFlyDetector

@@ -19,8 +19,8 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from cli.predict import pixel_provenance, run_predict
-from cli.progress import PlainLogProgress
+from workflows.predict import pixel_provenance, run_predict
+from core.progress import PlainLogProgress
 from datamodules.cached_features import centre_clip_boxes
 from datamodules.image_shards import ImageShardDataModule, pixel_settings
 from datamodules.perturbations import ROBUSTNESS_SWEEP, parse_sweep, perturbation_label

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
+from core.checkpoint_io import safe_torch_load
 
 
 def run_base(row: str, seed: int) -> str:
@@ -46,7 +46,7 @@ def run_checkpoint(run_dir: Path, which: str) -> Path:
     last = run_dir / "checkpoints" / "last.ckpt"
     if which == "last":
         return last
-    states = torch.load(last, map_location="cpu", weights_only=False, mmap=True).get("callbacks", {})
+    states = safe_torch_load(last, "checkpoint").get("callbacks", {})
     # By file name inside this run's checkpoints/: the recorded path may be relative to another cwd.
     best = [run_dir / "checkpoints" / Path(state["best_model_path"]).name for key, state in states.items()
             if key.startswith("ModelCheckpoint") and state.get("best_model_path")]

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from cli.grid_together import run_together
-from cli.progress import report_progress
-from cli.run_dirs import latest_fitted_run, next_run_dir, run_base
+from workflows.grid_together import run_together
+from core.progress import report_progress
+from workflows.run_dirs import latest_fitted_run, next_run_dir, run_base
 
 
 def _cli(*args: str) -> list[str]:
@@ -57,7 +57,7 @@ def grid(rows: Path, base: Path | None = None, extra: list[Path] | None = None, 
         test: after fitting, test the run's best checkpoint (writes protocol_table and test_predictions.csv).
         dry_run: print the commands instead of running them.
         together: per seed, fit all rows in one process on the same batches, one read of the stores for all
-            of them (cli/grid_together.py; rows must share their data and training loop), then test each row.
+            of them (workflows/grid_together.py; rows must share their data and training loop), then test each row.
     """
     rows, extra = Path(rows), [Path(p) for p in extra or []]
     base = Path(base) if base is not None else rows.parent.parent / f"{rows.name}.yaml"

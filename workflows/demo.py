@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from cli.run_dirs import latest_fitted_run, run_base
+from workflows.run_dirs import latest_fitted_run, run_base
 from datamodules.demo_data import GENERATORS, build_demo_images
 from datamodules.shards import convert
 

@@ -209,12 +209,12 @@ def run_together(rows: dict[str, list[str]]) -> list[str]:
     with tempfile.TemporaryDirectory(prefix="grid_together_") as folder:
         spec, result = Path(folder) / "rows.json", Path(folder) / "failed.json"
         spec.write_text(json.dumps({"names": list(rows), "args": list(rows.values()), "result": str(result)}))
-        code = subprocess.run([sys.executable, "-m", "cli.grid_together", str(spec)]).returncode
+        code = subprocess.run([sys.executable, "-m", "workflows.grid_together", str(spec)]).returncode
         return json.loads(result.read_text()) if result.is_file() else (list(rows) if code else [])
 
 
 def main(argv: list[str]) -> None:
-    """`python -m cli.grid_together ROWS.json` ({"names", "args": [fit arguments per row], "result": path})."""
+    """`python -m workflows.grid_together ROWS.json` ({"names", "args": [fit arguments per row], "result": path})."""
     spec = json.loads(Path(argv[0]).read_text())
     failed = fit_together(spec["args"], spec["names"])
     Path(spec["result"]).write_text(json.dumps(failed))

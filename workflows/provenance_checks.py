@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from feature_cache.provenance import config_differences
-from lightning_modules.checkpoints import safe_torch_load
+from core.checkpoint_io import safe_torch_load
 
 # Provenance sections and keys that describe which images a store holds, not how its features were
 # computed: they differ between the train and test stores of one run (format 1 keys, format 2 section).
