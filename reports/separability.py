@@ -12,8 +12,16 @@ Summaries of one row's map x (C×H×W), in `map_summaries`:
 - highpass_energy: mean over channels and interior pixels of the squared 4-neighbour Laplacian
   (4·x[i,j] − x[i−1,j] − x[i+1,j] − x[i,j−1] − x[i,j+1])², the map's fine-scale energy.
 
-Direction (is a higher summary more fake?) is declared or chosen on a separate store, never on the rows it
-is scored on: there a summary whose generator-mean AUROC is ≥ 0.5 is "higher", else "lower".
+With `--direction_from`, everything chosen is chosen on that separate split alone, the scored stores only
+report: per (map, summary) the direction (is a higher summary more fake?) is "higher" when the split's
+generator-mean AUROC interval lies above 0.5, "lower" when below, and "undetermined" when it contains 0.5 (then
+both directions are scored, labelled); per map the summary is the one whose AUROC there is farthest from 0.5.
+Without it the direction is declared (default higher) and the best summary is picked on the scored rows, which
+the report says (optimistic: the best of five), showing all five.
+
+Features with many channels (the CLIP maps and vectors, and guidance maps with ≥ `PROBE_MIN_CHANNELS`
+channels) are scored by a linear probe: logistic regression on standardised channel means (a vector feature as
+it is), fitted on the direction split, else cross-fitted on the scored rows (two class-stratified halves).
 
 Streaming: stores are read one tar (one Zarr shard) at a time, the next tar decoded in a thread while the
 current one is summarised; only the (rows × summaries) table stays in memory.
@@ -38,6 +46,8 @@ from reports.format_reference import FormatOnlyClassifier, confound_note, store_
 from reports.jpeg_reference import DoubleJpegClassifier, fit_double_jpeg, has_images, store_jpeg_features
 
 SUMMARIES = ("mean", "median", "p95", "spatial_std", "highpass_energy")
+PROBES = {3: "linear probe (channel means)", 1: "linear probe (the vector)"}  # summary column, by feature ndim
+PROBE_MIN_CHANNELS = 8  # a guidance map with this many channels is also probed (a scalar summary drops too much)
 REFERENCES = ("format-only", "double-JPEG")
 _BOOTSTRAP_ELEMENTS = 4_000_000  # replicates × rows held at once by the bootstrap
 _DECODE_BATCH = 64  # inner chunks per zarr codec call when streaming whole tars
@@ -50,6 +60,14 @@ def guidance_maps(store: FeatureStore) -> list[str]:
     maps are stored as float16, int8_rowscale or float8 and are features, not guidance maps)."""
     return [name for name in store.feature_names
             if len(store.feature_info(name).shape) == 3 and store.feature_info(name).dtype == "float32"]
+
+
+def probe_features(store: FeatureStore) -> list[str]:
+    """Features scored by a linear probe: every feature that is not a guidance map (CLIP maps and vectors) and
+    every guidance map with at least `PROBE_MIN_CHANNELS` channels."""
+    guidance = guidance_maps(store)
+    return [name for name in store.feature_names
+            if name not in guidance or store.feature_info(name).shape[0] >= PROBE_MIN_CHANNELS]
 
 
 def map_blocks(store: FeatureStore, names: list[str]) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
@@ -267,14 +285,84 @@ def score_table(score: np.ndarray, label: np.ndarray, generator: np.ndarray, rep
     return rows
 
 
-def choose_directions(summaries: dict[str, np.ndarray], rows: StoreRows) -> dict[tuple[str, str], str]:
-    """'higher' or 'lower' per (map, summary): the orientation whose generator-mean AUROC on these rows is ≥ 0.5."""
-    directions = {}
+@dataclass
+class SplitChoice:
+    """What the direction split decided for one map: per summary its generator-mean AUROC there (higher = fake)
+    with the bootstrap interval, the direction(s) to score, and the summary to report."""
+
+    auroc: dict[str, tuple[float, float, float]]  # summary -> (AUROC, low, high)
+    directions: dict[str, tuple[str, ...]]  # ("higher",), ("lower",) or ("higher", "lower") when undetermined
+    summary: str
+
+
+def direction_of(auroc: float, low: float, high: float) -> tuple[str, ...]:
+    """("higher",) or ("lower",) when the interval lies on one side of 0.5, both when it contains 0.5
+    (undetermined; without an interval, only an AUROC of exactly 0.5 or NaN is undetermined)."""
+    if np.isnan(low):
+        low = high = auroc
+    if not low <= 0.5 <= high:
+        return ("higher",) if auroc > 0.5 else ("lower",)
+    return ("higher", "lower")
+
+
+def choose_on_split(summaries: dict[str, np.ndarray], rows: StoreRows, replicates: int,
+                    seed: int) -> dict[str, SplitChoice]:
+    """Per map, the SplitChoice made on these rows alone (the direction split's): directions from each
+    summary's generator-mean AUROC interval, the summary whose AUROC is farthest from 0.5."""
+    choices = {}
     for name, values in summaries.items():
+        auroc = {}
         for k, summary in enumerate(SUMMARIES):
-            auroc = protocol_table(Predictions(values[rows.rows, k].astype(np.float64), rows.label, rows.generator))[-1]
-            directions[name, summary] = "higher" if not auroc["auroc"] < 0.5 else "lower"
-    return directions
+            average = score_table(values[rows.rows, k].astype(np.float64), rows.label, rows.generator, replicates,
+                                  seed)[-1]
+            auroc[summary] = (average["auroc"], average["auroc_low"], average["auroc_high"])
+        distance = {summary: abs(value[0] - 0.5) for summary, value in auroc.items() if not np.isnan(value[0])}
+        best = max(distance, key=distance.get) if distance else SUMMARIES[0]
+        choices[name] = SplitChoice(auroc, {summary: direction_of(*value) for summary, value in auroc.items()}, best)
+    return choices
+
+
+# --- the linear probe --------------------------------------------------------------------------------------
+
+def pooled_features(store: FeatureStore, name: str, rows: np.ndarray) -> np.ndarray:
+    """(len(rows), C) float64 probe inputs: channel means of a (C, ...) feature, a (D,) feature as stored
+    (widened from its stored dtype); read one tar at a time, so a CLIP store never sits in memory at once."""
+    from feature_cache.codecs import widen
+
+    info = store.feature_info(name)
+    out = np.empty((len(rows), info.shape[0]))
+    for index in range(len(store.shard_table)):
+        start, stop = store.tar_rows(index)
+        wanted = rows[(rows >= start) & (rows < stop)]
+        if not len(wanted):
+            continue
+        scale = store.read(f"{name}__scale", start, stop) if info.has_scale else None
+        values = widen(info.dtype, store.read(name, start, stop), scale).numpy()
+        pooled = values.reshape(len(values), info.shape[0], -1).mean(-1, dtype=np.float64)
+        out[np.searchsorted(rows, wanted)] = pooled[wanted - start]
+    return out
+
+
+def _probe(seed: int):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+
+
+def probe_scores(scored: StoreRows, name: str, fit: StoreRows | None, seed: int) -> np.ndarray:
+    """P(fake) of the linear probe on `name` for the scored rows: fitted on `fit`, else cross-fitted (each
+    half of the scored rows scored by a probe fitted on the other half)."""
+    features = pooled_features(scored.store, name, scored.rows)
+    if fit is not None:
+        model = _probe(seed).fit(pooled_features(fit.store, name, fit.rows), fit.label)
+        return model.predict_proba(features)[:, 1]
+    scores = np.empty(len(scored.rows))
+    for held_out in _folds(scored.label, seed):
+        model = _probe(seed).fit(features[~held_out], scored.label[~held_out])
+        scores[held_out] = model.predict_proba(features[held_out])[:, 1]
+    return scores
 
 
 # --- references --------------------------------------------------------------------------------------------
@@ -351,19 +439,43 @@ def _interval(row: pd.Series, metric: str) -> str:
     return f"{row[metric]:.3f} [{row[f'{metric}_low']:.3f}, {row[f'{metric}_high']:.3f}]"
 
 
+def _direction_cell(row: pd.Series) -> str:
+    if row["method"] == "probe":
+        return "P(fake) of the probe"
+    return f"{row['direction']} = fake" + (" (undetermined)" if row["direction_source"].startswith("undetermined")
+                                          else "")
+
+
+def _heading(rows: pd.DataFrame, name: str) -> str:
+    """What was chosen for one map's rows, and where."""
+    first = rows.iloc[0]
+    if first["method"] == "probe":
+        return f"### {name} · {first['summary']}, {first['direction_source']}\n"
+    chosen = rows[rows["chosen"]].iloc[0]
+    if chosen["summary_source"] == "best on the scored rows":
+        average = rows[(rows["generator"] == "average") & rows["chosen"]]["auroc"].iloc[0]
+        return (f"### {name} · best summary on the scored rows: {chosen['summary']} (mean AUROC {average:.3f}; "
+                f"picked on the rows it is scored on, so optimistic: the best of {len(SUMMARIES)}; all shown)\n")
+    interval = f"{chosen['split_auroc']:.3f}" + ("" if np.isnan(chosen["split_auroc_low"]) else
+                                                 f" [{chosen['split_auroc_low']:.3f}, {chosen['split_auroc_high']:.3f}]")
+    direction = ("undetermined (the interval contains 0.5: both directions scored)"
+                 if chosen["direction_source"].startswith("undetermined") else f"{chosen['direction']} = fake")
+    return (f"### {name} · {chosen['summary_source']}: summary {chosen['summary']}, direction {direction} (mean "
+            f"AUROC there, higher = fake: {interval}; the other summaries are in separability.csv)\n")
+
+
 def _markdown(table: pd.DataFrame, notes: dict[str, str], header: str) -> str:
-    """One section per store, one table per map, best summary first named."""
+    """One section per store, one table per map (and per probed feature), headed by what was chosen where."""
     parts = [header]
     for store, of_store in table.groupby("store", sort=False):
         parts.append(f"## `{store}` · protocol {of_store['protocol'].iloc[0]}\n{notes[store]}")
-        for name, of_map in of_store.groupby("map", sort=False):
-            average = of_map[of_map["generator"] == "average"].set_index("summary")["auroc"]
-            best = average.idxmax()
-            parts.append(f"### {name} (best summary: {best}, mean AUROC {average[best]:.3f})\n")
-            cells = [[r["summary"], f"{r['direction']} = fake", r["generator"], str(r["n_real"]), str(r["n_fake"]),
+        for (name, method), of_map in of_store.groupby(["map", "method"], sort=False):
+            parts.append(_heading(of_map, name))
+            shown = of_map[of_map["chosen"]] if of_map["summary_source"].iloc[0].startswith("chosen on") else of_map
+            cells = [[r["summary"], _direction_cell(r), r["generator"], str(r["n_real"]), str(r["n_fake"]),
                       _interval(r, "auroc"), _interval(r, "ap"),
                       *(f"{r[c]:.3f}" if not np.isnan(r[c]) else "n/a" for c in ("format_only_auroc", "double_jpeg_auroc"))]
-                     for _, r in of_map.iterrows()]
+                     for _, r in shown.iterrows()]
             parts.append(markdown_table(["summary", "direction", "generator", "real", "fake", "AUROC [95 % CI]",
                                          "AP [95 % CI]", "format-only AUROC", "double-JPEG AUROC"], cells))
     return "\n".join(parts)
@@ -384,32 +496,33 @@ def separability_report(stores: list[Path], out: Path, direction_from: Path | No
         raise ValueError(f"separability: --direction {direction!r} must be higher or lower")
     opened = [FeatureStore.open(path) for path in stores]
     maps = {str(store.path): guidance_maps(store) for store in opened}
+    probes = {str(store.path): probe_features(store) for store in opened}
     for store in opened:
-        if not maps[str(store.path)]:
-            raise ValueError(f"feature store {store.path}: no guidance map to score (features: {store.feature_names})")
-    scored = [StoreRows.of(store, maps[str(store.path)]) for store in opened]
+        if not maps[str(store.path)] and not probes[str(store.path)]:
+            raise ValueError(f"feature store {store.path}: no guidance map or feature to score "
+                             f"(features: {store.feature_names})")
+    scored = [StoreRows.of(store, sorted({*maps[str(store.path)], *probes[str(store.path)]})) for store in opened]
     needed = sorted({name for names in maps.values() for name in names})
+    needed_probes = sorted({name for names in probes.values() for name in names})
     fit = None
     if direction_from is not None:
         fit_store = FeatureStore.open(direction_from)
-        missing = sorted(set(needed) - set(guidance_maps(fit_store)))
+        missing = sorted((set(needed) - set(guidance_maps(fit_store))) | (set(needed_probes) - set(fit_store.feature_names)))
         if missing:
-            raise ValueError(f"feature store {direction_from} (--direction_from): lacks the maps {missing}")
-        fit = StoreRows.of(fit_store, needed)
+            raise ValueError(f"feature store {direction_from} (--direction_from): lacks the features {missing}")
+        fit = StoreRows.of(fit_store, sorted({*needed, *needed_probes}))
     out = Path(out)
     stems = [r.store.path.stem for r in scored]
     records, notes, figures = [], {}, {}
+    probe_source = f"fitted on {direction_from}" if fit is not None else "cross-fitted on the scored rows (2 folds)"
     with Progress() as progress:
         def bar(store: FeatureStore):
             task = progress.add_task(f"summaries {store.path.name}", total=store.num_rows)
             return lambda n: progress.advance(task, n)
 
+        choices = {}
         if fit is not None:
-            directions = choose_directions(summarise_store(fit.store, needed, workers, bar(fit.store)), fit)
-            source = f"chosen on {direction_from}"
-        else:
-            directions = {(name, summary): direction or "higher" for name in needed for summary in SUMMARIES}
-            source = "declared" if direction else "default"
+            choices = choose_on_split(summarise_store(fit.store, needed, workers, bar(fit.store)), fit, bootstrap, seed)
         for rows in scored:
             path = str(rows.store.path)
             summaries = summarise_store(rows.store, maps[path], workers, bar(rows.store))
@@ -419,32 +532,65 @@ def separability_report(stores: list[Path], out: Path, direction_from: Path | No
                                        protocol_table(Predictions(s, rows.label, rows.generator))} if s is not None else {})
                                for name, s in reference_scores.items()}
             notes[path] = confound_note({name: reference_auroc[name].get("average") for name in REFERENCES})
+
+            def add(name: str, method: str, summary: str, score: np.ndarray, **columns) -> None:
+                for row in score_table(score, rows.label, rows.generator, bootstrap, seed):
+                    records.append({"store": path, "protocol": rows.protocol, "map": name, "method": method,
+                                    "summary": summary, **columns, **row,
+                                    "format_only_auroc": reference_auroc["format-only"].get(row["generator"], np.nan),
+                                    "double_jpeg_auroc": reference_auroc["double-JPEG"].get(row["generator"], np.nan)})
+
             for name in maps[path]:
                 values = summaries[name][rows.rows].astype(np.float64)
-                averages = []
+                if fit is not None:
+                    choice = choices[name]
+                    best = SUMMARIES.index(choice.summary)
+                else:
+                    default = (direction or "higher",)
+                    choice = SplitChoice({s: (np.nan,) * 3 for s in SUMMARIES}, dict.fromkeys(SUMMARIES, default), "")
+                    oriented = values if default[0] == "higher" else -values
+                    averages = [score_table(oriented[:, k], rows.label, rows.generator, 0, seed)[-1]["auroc"]
+                                for k in range(len(SUMMARIES))]
+                    best = int(np.nanargmax(averages))
                 for k, summary in enumerate(SUMMARIES):
-                    chosen = directions[name, summary]
-                    score = values[:, k] if chosen == "higher" else -values[:, k]
-                    for row in score_table(score, rows.label, rows.generator, bootstrap, seed):
-                        records.append({"store": path, "protocol": rows.protocol, "map": name, "summary": summary,
-                                        "direction": chosen, "direction_source": source, **row,
-                                        "format_only_auroc": reference_auroc["format-only"].get(row["generator"], np.nan),
-                                        "double_jpeg_auroc": reference_auroc["double-JPEG"].get(row["generator"], np.nan)})
-                    averages.append(records[-1]["auroc"])
-                best = int(np.nanargmax(averages))
+                    chosen = choice.directions[summary]
+                    if fit is not None:
+                        source = f"{'undetermined' if len(chosen) == 2 else 'chosen'} on {direction_from}"
+                    else:
+                        source = "declared" if direction else "default"
+                    split = dict(zip(("split_auroc", "split_auroc_low", "split_auroc_high"), choice.auroc[summary]))
+                    for oriented_as in chosen:
+                        add(name, "summary", summary, values[:, k] if oriented_as == "higher" else -values[:, k],
+                            chosen=k == best, summary_source=(f"chosen on {direction_from}" if fit is not None
+                                                              else "best on the scored rows"),
+                            direction=oriented_as, direction_source=source, **split)
                 stem = rows.store.path.stem
                 stem = stem if stems.count(stem) == 1 else f"{rows.store.path.parent.name}_{stem}"
-                figures[f"{stem}_{name}"] = _figure(
-                    values, rows, best, directions[name, SUMMARIES[best]], f"{name} · {path} · protocol {rows.protocol}")
+                figures[f"{stem}_{name}"] = _figure(values, rows, best, choice.directions[SUMMARIES[best]][0],
+                                                    f"{name} · {path} · protocol {rows.protocol}")
+            for name in probes[path]:
+                progress.console.print(f"linear probe {name} on {path}")
+                label = PROBES[len(rows.store.feature_info(name).shape)]
+                add(name, "probe", label, probe_scores(rows, name, fit, seed), chosen=True,
+                    summary_source="fixed", direction="probe", direction_source=probe_source,
+                    split_auroc=np.nan, split_auroc_low=np.nan, split_auroc_high=np.nan)
     table = pd.DataFrame(records)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "separability.csv", index=False)
     fitted = f"fitted on {direction_from}" if fit is not None else "cross-fitted on the scored rows (2 folds)"
+    if fit is not None:
+        chosen_text = (f"Summary and direction of each map chosen on `{direction_from}` alone (the scored rows only "
+                       f"report): the direction is undetermined, and both are scored, where that split's interval "
+                       f"contains 0.5; the summary is the one farthest from 0.5 there.")
+    else:
+        chosen_text = (f"Direction {'declared' if direction else 'by default'}: {direction or 'higher'} = fake. The best "
+                       f"summary is picked on the scored rows themselves (optimistic; all {len(SUMMARIES)} shown).")
     header = (f"# Separability of the guidance maps\n\nPer generator, AUROC and AP of each summary as the protocol "
               f"table scores a detector (reals pooled against each fake-only generator); [low, high] = 95 % "
-              f"stratified bootstrap interval ({bootstrap} replicates); `average` = mean over generators. Direction "
-              f"(higher or lower summary = fake): {source}, never picked on the scored rows. References: AUROC of "
-              f"the format-only and double-JPEG classifiers on the same rows, {fitted}.\n")
+              f"stratified bootstrap interval ({bootstrap} replicates); `average` = mean over generators. "
+              f"{chosen_text} Features with many channels (CLIP): a linear probe (standardised logistic regression on "
+              f"channel means, a vector as it is), {probe_source}. References: AUROC of the format-only and double-JPEG classifiers on the same rows, "
+              f"{fitted}.\n")
     markdown = _markdown(table, notes, header)
     (out / "separability.md").write_text(markdown)
     writer = None

@@ -188,15 +188,18 @@ def test_separability_command(stores: dict[str, Path], tmp_path: Path):
     Catches: a direction picked on the scored rows (deu falls with the label in the direction store, so
     scoring the val store "lower = fake" must give AUROC far below 0.5); reals not pooled per fake generator
     (n_real must be every 'coco' row for glide and for sd); a metric that disagrees with sklearn on the same
-    rows; CLIP features scored as guidance maps; the format-only reference missing beside each generator;
+    rows; CLIP features summarised as guidance maps; the format-only reference missing beside each generator;
     missing files."""
     out = tmp_path / "report"
     result = _cli("--stores", f"[{stores['val']}]", "--out", str(out), "--direction_from", str(stores["train"]),
                   "--bootstrap", "200", "--tb", "true")
     assert result.returncode == 0, result.stderr
     table = pd.read_csv(out / "separability.csv")
-    assert set(table["map"]) == {"deu", "lare"}  # not the float16 CLIP map
-    assert len(table) == 2 * len(SUMMARIES) * 3  # maps × summaries × (glide, sd, average)
+    summaries = table[table["method"] == "summary"]
+    assert set(summaries["map"]) == {"deu", "lare"}  # the float16 CLIP map is probed, not summarised
+    assert set(table.loc[table["method"] == "probe", "map"]) == {"clip_layer3"}
+    deu_mean = summaries[(summaries["map"] == "deu") & (summaries["summary"] == "mean")]
+    assert len(deu_mean) == 3  # (glide, sd, average), one direction: the shift is clear on the direction split
     labels, generators = _layout()
     maps = FeatureStore.open(stores["val"]).read("deu")
     for name, code in (("glide", 1), ("sd", 2)):
@@ -221,3 +224,137 @@ def test_conflicting_direction_options_are_one_line(stores: dict[str, Path], tmp
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith(
         "python -m cli separability: separability: give --direction_from or --direction, not both")
+
+
+# ---- what is chosen where: summary and direction on the direction split, undetermined, the linear probe ----
+
+CHOICE_ROWS = 160
+
+
+def _row_maps(rows: np.ndarray, split: str) -> dict[str, np.ndarray]:
+    """Per-row maps, each a function of (split, row) only.
+
+    deu: on the direction split ("train") fakes are shifted up by 0.8 (the mean separates, the spread does not);
+    on the scored split ("val") fakes are spread 2.5x wider around 0 (p95 and spatial_std separate, the mean is
+    at chance). lare: rows 2m and 2m+1 (a real and a fake) share one map on the direction split, so every
+    summary is at AUROC 0.5 there exactly; on the scored split fakes are shifted up. clip_layer3 (float16,
+    16 channels): channel 3's mean rises with the label on both splits, by a little against the others' noise."""
+    label = (rows % 2).astype(np.float32)
+    out = {"deu": [], "lare": [], "clip_layer3": []}
+    for row, fake in zip(rows.tolist(), label.tolist()):
+        rng = np.random.default_rng([row, split == "train"])
+        noise = rng.normal(size=(4, 8, 8)).astype(np.float32)
+        if split == "train":
+            out["deu"].append(noise + 0.8 * fake)
+            out["lare"].append(np.random.default_rng([row // 2, 7]).normal(size=(4, 8, 8)).astype(np.float32))
+        else:
+            out["deu"].append(noise * (1 + 1.5 * fake))
+            out["lare"].append(rng.normal(size=(4, 8, 8)).astype(np.float32) + 0.5 * fake)
+        clip = rng.normal(size=(16, 4, 4)).astype(np.float32)
+        clip[3] += 0.4 * fake
+        out["clip_layer3"].append(clip)
+    return {name: np.stack(values) for name, values in out.items()}
+
+
+@pytest.fixture(scope="module")
+def choice_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A direction split and a scored split (real stores through the store API, no tars), and the reports with
+    and without --direction_from."""
+    from feature_cache_fakes import write_store
+    from reports.separability import separability_report
+
+    root = tmp_path_factory.mktemp("choices")
+    specs = {"deu": FeatureSpec((4, 8, 8), "float32", "zstd"), "lare": FeatureSpec((4, 8, 8), "float32", "zstd"),
+             "clip_layer3": FeatureSpec((16, 4, 4), "float16", "lz4")}
+    generators = [(r // 2) % 2 for r in range(CHOICE_ROWS)]  # both generators hold reals and fakes
+    paths = {}
+    for split in ("train", "val"):
+        paths[split] = root / split / "store.zarr"
+        paths[split].parent.mkdir()
+        write_store(paths[split], lambda rows, split=split: _row_maps(rows, split), specs, ["glide", "sd"],
+                    num_rows=CHOICE_ROWS, shard_size=40, generators=generators, identity=split)
+    chosen = separability_report([paths["val"]], root / "chosen", direction_from=paths["train"], bootstrap=200,
+                                 double_jpeg=False)
+    scored_rows = separability_report([paths["val"]], root / "scored_rows", bootstrap=0, double_jpeg=False)
+    return {"paths": paths, "chosen": chosen, "chosen_md": (root / "chosen" / "separability.md").read_text(),
+            "scored_rows": scored_rows, "scored_rows_md": (root / "scored_rows" / "separability.md").read_text()}
+
+
+def _average_auroc(score: np.ndarray) -> float:
+    """Mean over the two generators of sklearn's AUROC (each generator holds both classes)."""
+    rows = np.arange(CHOICE_ROWS)
+    label, generator = rows % 2, (rows // 2) % 2
+    return float(np.mean([roc_auc_score(label[generator == g], score[generator == g]) for g in (0, 1)]))
+
+
+def test_summary_and_direction_are_chosen_on_the_direction_split(choice_report: dict):
+    """Catches the best of five summaries picked on the scored rows (the flattering choice): on the scored rows
+    p95 beats the mean by far, on the direction split only the mean separates, and the report must use the
+    mean, oriented as the direction split says, and show only it in the Markdown."""
+    val = _row_maps(np.arange(CHOICE_ROWS), "val")["deu"].reshape(CHOICE_ROWS, -1).astype(np.float64)
+    on_scored = {"mean": _average_auroc(val.mean(1)), "p95": _average_auroc(np.quantile(val, 0.95, axis=1))}
+    assert on_scored["p95"] > on_scored["mean"] + 0.3  # the trap: the scored rows prefer p95
+    table = choice_report["chosen"]
+    deu = table[(table["map"] == "deu") & table["chosen"]]
+    assert set(deu["summary"]) == {"mean"} and set(deu["direction"]) == {"higher"}
+    assert set(deu["summary_source"]) == {f"chosen on {choice_report['paths']['train']}"}
+    average = deu[deu["generator"] == "average"].iloc[0]
+    assert average["auroc"] == pytest.approx(on_scored["mean"], abs=1e-6)
+    assert average["split_auroc_low"] > 0.5  # the direction split decided it
+    markdown = choice_report["chosen_md"]
+    section = markdown.split("### deu")[1].split("###")[0]
+    assert "summary mean, direction higher = fake" in section and "| p95" not in section
+
+
+def test_without_direction_split_the_best_summary_is_named_as_picked_on_the_scored_rows(choice_report: dict):
+    """Catches a report that hides where its best summary came from: without --direction_from the heading says
+    it was picked on the scored rows (p95 or another spread summary here, not the mean) and all five are shown."""
+    table = choice_report["scored_rows"]
+    deu = table[(table["map"] == "deu")]
+    assert set(deu["summary"]) == set(SUMMARIES)
+    assert set(deu.loc[deu["chosen"], "summary"]) != {"mean"}
+    section = choice_report["scored_rows_md"].split("### deu")[1].split("###")[0]
+    assert "best summary on the scored rows" in section and "optimistic" in section
+    assert all(f"| {summary}" in section for summary in SUMMARIES)
+
+
+def test_a_map_at_chance_on_the_direction_split_is_undetermined_and_scored_both_ways(choice_report: dict):
+    """Catches a direction committed to on a split at chance (in a small study that turned a map into AUROC
+    0.20): lare's real and fake rows share maps on the direction split, so every summary's interval there holds
+    0.5; the report must say "undetermined" and score both orientations (AUROCs summing to 1 per generator)."""
+    table = choice_report["chosen"]
+    lare = table[table["map"] == "lare"]
+    assert lare["direction_source"].str.startswith("undetermined on").all()
+    assert (lare["split_auroc"] == 0.5).all()
+    chosen = lare[lare["chosen"]]
+    assert sorted(chosen["direction"].unique()) == ["higher", "lower"]
+    for generator, rows in chosen.groupby("generator"):
+        higher, lower = (rows.loc[rows["direction"] == d, "auroc"].iloc[0] for d in ("higher", "lower"))
+        assert higher + lower == pytest.approx(1.0)
+    section = choice_report["chosen_md"].split("### lare")[1].split("###")[0]
+    assert "undetermined" in section and "higher = fake (undetermined)" in section
+    assert "lower = fake (undetermined)" in section
+
+
+def test_clip_maps_get_a_linear_probe_row(choice_report: dict):
+    """Catches CLIP maps skipped (no row) or a probe fitted on the scored rows: the AUROC equals an independent
+    sklearn logistic regression on standardised channel means fitted on the direction split; without the split
+    the probe is cross-fitted and says so."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rows = np.arange(CHOICE_ROWS)
+    means = {split: _row_maps(rows, split)["clip_layer3"].astype(np.float16).astype(np.float64).mean((2, 3))
+             for split in ("train", "val")}
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(means["train"], rows % 2)
+    expected = _average_auroc(model.predict_proba(means["val"])[:, 1])
+    table = choice_report["chosen"]
+    probe = table[(table["map"] == "clip_layer3") & (table["generator"] == "average")].iloc[0]
+    assert probe["method"] == "probe" and probe["summary"] == "linear probe (channel means)"
+    assert probe["auroc"] == pytest.approx(expected, abs=1e-6) and probe["auroc_low"] <= probe["auroc"] <= probe["auroc_high"]
+    assert probe["direction_source"] == f"fitted on {choice_report['paths']['train']}"
+    assert "### clip_layer3 · linear probe (channel means), fitted on" in choice_report["chosen_md"]
+    crossed = choice_report["scored_rows"]
+    assert set(crossed.loc[crossed["map"] == "clip_layer3", "direction_source"]) == {
+        "cross-fitted on the scored rows (2 folds)"}
