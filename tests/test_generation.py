@@ -21,6 +21,7 @@ from PIL import Image
 
 from datamodules.shards import convert
 from feature_cache.manifest import read_manifest_rows
+from lightning_modules.diffusion_pass import key_generator
 from lightning_modules.generation import (ENTROPY_VAR_FLOOR, UncertaintyGenerator, diagonal_gaussian_entropy,
                                           per_row_conv3x3, perturbed_eps_variance)
 from lightning_modules.generation_writer import finalize
@@ -120,6 +121,91 @@ def test_guided_update_changes_eps_only_above_the_percentile(tiny_model_paths: d
     assert changed.any()
     assert not (changed & ~above).any(), "guidance changed a pixel below the percentile"
     torch.testing.assert_close(fraction, above.flatten(1).float().mean(1))
+
+
+def test_posterior_weight_samples_have_the_posterior_standard_deviation(tiny_model_paths: dict[str, Path],
+                                                                       posteriors: dict[str, Path],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The conv_out weights and biases the M regenerations run with: their spread over M = 400 samples must be
+    the posterior's variance (σ² from 0.01 to 0.09, so σ is 3 to 10 times σ²) around the MAP weights. Catches
+    the noise scaled by σ² instead of σ (the sampled spread would be σ⁴), and a sample not centred on the MAP."""
+    import lightning_modules.generation as generation
+
+    model = generator(tiny_model_paths, posterior=str(posteriors["spread"]), clip=str(tiny_model_paths["clip"]),
+                      num_posterior_samples=400, posterior_steps=1)
+    conv = model.unet.conv_out
+    model.var_w = torch.linspace(0.01, 0.09, conv.weight.numel()).reshape(conv.weight.shape)
+    model.var_b = torch.linspace(0.09, 0.01, conv.out_channels)
+    captured = {}
+
+    class Captured(Exception):
+        pass
+
+    def capture(phi: torch.Tensor, weights: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
+        captured["weights"], captured["biases"] = weights, biases
+        raise Captured
+
+    monkeypatch.setattr(generation, "per_row_conv3x3", capture)
+    with torch.no_grad(), pytest.raises(Captured):
+        model.generative_uncertainty(torch.randn(1, *model.latent_shape()), ["a photo"], [torch.Generator().manual_seed(0)])
+    weights, biases = captured["weights"][:400], captured["biases"][:400]  # [uncond rows; cond rows] share samples
+    torch.testing.assert_close(captured["weights"][400:], weights)
+    for samples, mean, var in ((weights, conv.weight, model.var_w), (biases, conv.bias, model.var_b)):
+        ratio = samples.var(dim=0, correction=1) / var
+        assert abs(float(ratio.mean()) - 1) < 0.05 and float((ratio - 1).abs().max()) < 0.5
+        assert float(((samples.mean(0) - mean).abs() / var.sqrt()).max()) < 0.3  # 6 standard errors
+
+
+def test_aleatoric_perturbations_renoise_the_predicted_clean_latent(tiny_model_paths: dict[str, Path]) -> None:
+    """De Vita's K inputs are √ᾱ·x̂₀ + √(1−ᾱ)·ε_k with x̂₀ = (x_t − √(1−ᾱ)·ε̂)/√ᾱ, i.e. x_t + √(1−ᾱ)·(ε_k − ε̂):
+    re-noised with ε̂ itself they give x_t back. Checked on the inputs the ε̂ function receives (a non-linear
+    stand-in for the UNet) at t = 801 (ᾱ ≈ 0.05). Catches x̂₀ not divided by √ᾱ_t, or re-noised with √ᾱ missing."""
+    model = generator(tiny_model_paths)
+    t = 801
+    alpha_bar = float(model.parts.scheduler.alphas_cumprod[t])
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    calls = []
+
+    def eps_fn(inputs: torch.Tensor, timestep: int) -> torch.Tensor:
+        calls.append(inputs.detach().clone())
+        return 0.3 * inputs + 0.1 * inputs ** 2
+
+    eps_hat = 0.3 * x + 0.1 * x ** 2
+    other = torch.randn(2, 4, 8, 8, generator=gen)
+    noise = torch.stack([eps_hat, other], dim=1)  # (B, K=2, C, h, w): copy 0 re-noised with ε̂ itself
+    _, uncertainty, _ = model._aleatoric_step(eps_fn, x, t, noise)
+    perturbed = calls[1].unflatten(0, (2, 2))
+    torch.testing.assert_close(perturbed[:, 0], x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(perturbed[:, 1], x + math.sqrt(1 - alpha_bar) * (other - eps_hat), atol=1e-5, rtol=0)
+    expected = torch.stack([eps_hat, eps_fn(perturbed[:, 1], t)], 1).var(dim=1, correction=0)
+    torch.testing.assert_close(uncertainty, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_each_aleatoric_step_gets_its_own_perturbation_noises(tiny_model_paths: dict[str, Path]) -> None:
+    """generate() with aleatoric_steps [0, 2]: step s must be re-noised with the s-th block of K noises of the
+    image's own draw (seed, key/aleatoric), (S, K, C, h, w), and the map is the mean of the two steps' maps.
+    Catches the K perturbations of the first step reused at every step, and noises drawn per batch, not per key."""
+    model = generator(tiny_model_paths, aleatoric_steps=[0, 2], num_perturbations=3)
+    seen, maps = [], []
+    original = model._aleatoric_step
+
+    def record(eps_fn, x, t, noise):
+        seen.append(noise.clone())
+        out = original(eps_fn, x, t, noise)
+        maps.append(out[1])
+        return out
+
+    model._aleatoric_step = record
+    keys = ["p00000-i00000", "p00001-i00000"]
+    result = model.generate(keys, ["a photo", "a cat"])
+    expected = torch.stack([torch.randn((2, 3, *model.latent_shape()), generator=key_generator(0, f"{k}/aleatoric"))
+                            for k in keys])
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[0], expected[:, 0])
+    torch.testing.assert_close(seen[1], expected[:, 1])
+    assert not torch.equal(seen[0], seen[1])
+    torch.testing.assert_close(result.aleatoric_map, (maps[0] + maps[1]) / 2)
 
 
 # ---- the command: exactly once over ranks, resume after kill -9, output read by the shard converter ----
