@@ -152,22 +152,25 @@ def expected_features(rows: np.ndarray, resolution: int = 32) -> dict[str, np.nd
 
 
 FAKE_OUTPUTS = ("lare", "deu", "clip_pooled")
+TINY_POOLED = (1e-5 * np.arange(1, 9)).astype(np.float32)  # float16's smallest normal is 2^-14 ≈ 6.1e-5
 
 
 class FakeExtractor(pl.LightningModule):
     """FeatureExtractor's interface; optionally raises, or SIGKILLs its own process, at a given row.
 
     With `rows_log`, each rank appends the rows it computed to `rows_log/rank<k>.txt` (exactly-once checks);
-    `nan_rows` get a NaN in `lare`, `huge_rows` a `clip_pooled` value beyond float16's range.
+    `nan_rows` get a NaN in `lare`, `huge_rows` a `clip_pooled` value beyond float16's range, `tiny_rows` a
+    `clip_pooled` of `TINY_POOLED` (values float16 stores only as subnormals, not negligible in their row).
     """
 
     def __init__(self, timestep: int = 200, deu_mode: str = "closed_form", outputs: tuple[str, ...] = FAKE_OUTPUTS,
                  fail_at_row: int | None = None, kill_at_row: int | None = None, rows_log: str | None = None,
-                 nan_rows: tuple[int, ...] = (), huge_rows: tuple[int, ...] = ()) -> None:
+                 nan_rows: tuple[int, ...] = (), huge_rows: tuple[int, ...] = (),
+                 tiny_rows: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.timestep, self.deu_mode, self.outputs = timestep, deu_mode, list(outputs)
         self.fail_at_row, self.kill_at_row, self.rows_log = fail_at_row, kill_at_row, rows_log
-        self.nan_rows, self.huge_rows = set(nan_rows), set(huge_rows)
+        self.nan_rows, self.huge_rows, self.tiny_rows = set(nan_rows), set(huge_rows), set(tiny_rows)
         self.anchor = torch.nn.Parameter(torch.zeros(()))  # strategies expect a module with parameters
 
     def provenance(self) -> dict[str, Any]:
@@ -198,6 +201,8 @@ class FakeExtractor(pl.LightningModule):
                 features["lare"][position, 0, 0, 0] = float("nan")
             if row in self.huge_rows and "clip_pooled" in features:
                 features["clip_pooled"][position, 0] = 1e6
+            if row in self.tiny_rows and "clip_pooled" in features:
+                features["clip_pooled"][position] = torch.from_numpy(TINY_POOLED)
         return {**{k: batch[k] for k in ("key", "row", "shard_index", "label", "generator", "error")}, **features}
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from feature_cache.store import FeatureStore, ProvenanceMismatchError
-from feature_cache_fakes import FAKE_OUTPUTS, GENERATORS, expected_features, make_shard_dir, run_predict
+from feature_cache_fakes import (FAKE_OUTPUTS, GENERATORS, TINY_POOLED, expected_features, make_shard_dir,
+                                run_predict)
 
 NUM_ROWS, SHARD_SIZE = 23, 4  # 6 tars, the last one short
 REPO = Path(__file__).resolve().parents[1]
@@ -99,6 +100,24 @@ def test_nan_and_overflow_rows_are_flagged_and_summarised(tmp_path: Path, shard_
     flags = FeatureStore.open(tmp_path / "s").flags("g0")
     assert np.flatnonzero(flags[:, 0]).tolist() == [3, 7, 8] and flags[:, 1].sum() == 0
     assert "3 rows with non-finite values" in writer.summary.text
+
+
+def test_underflowing_rows_reach_the_stored_flags(tmp_path: Path, shard_dir: Path) -> None:
+    """A real row whose float16 clip_pooled values fall below float16's normal range (1e-5..8e-5 against its
+    smallest normal 2^-14) must carry, in the stored flags' underflow column, the count of values that are
+    subnormal yet not negligible next to the row's largest (≥ max·2^-10), computed here independently; other rows
+    0, and the summary says so. Catches the writer dropping the underflow column on its way to the store."""
+    writer = run_predict(tmp_path / "s", shard_dir, tiny_rows=(6,))
+    store = FeatureStore.open(tmp_path / "s")
+    flags = store.flags("g0")
+    magnitude = np.abs(TINY_POOLED)
+    expected = int(((magnitude < 2 ** -14) & (magnitude >= magnitude.max() * 2 ** -10)).sum())
+    assert expected == 6
+    assert flags[:, 1].tolist() == [expected if row == 6 else 0 for row in range(NUM_ROWS)]
+    assert flags[:, 0].sum() == 0
+    stored = store.read("clip_pooled")[6].astype(np.float32)
+    assert (np.abs(stored[:6] - TINY_POOLED[:6]) > 1e-3 * TINY_POOLED[:6]).any()  # the precision really was lost
+    assert "1 rows with values that underflow their stored dtype" in writer.summary.text
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path: Path, shard_dir: Path, reference) -> None:
