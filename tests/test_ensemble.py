@@ -3,6 +3,7 @@ and the members' fit through Lightning on the tiny models."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import subprocess
@@ -24,7 +25,8 @@ from core.hashing import file_sha256
 from lightning_modules.maps import available_maps, map_channels
 from lightning_modules.pretrained import load_stable_diffusion
 from lightning_modules.ensemble_fit import MATCHED_SETTINGS, EnsembleFit, check_members, load_members
-from lightning_modules.ensemble_uncertainty import conv_out_member_means, ensemble_variance, paide_mutual_information
+from lightning_modules.ensemble_uncertainty import (conv_out_member_means, ensemble_variance, paide_mutual_information,
+                                                    paide_mutual_information_per_pixel)
 from test_feature_extractor import as_float, make_batch
 from test_laplace_fit import TinyCalibrationData
 
@@ -78,6 +80,56 @@ def test_paide_is_per_element_and_batch_invariant() -> None:
     assert torch.equal(paide_mutual_information(means[1:2], sigma2), batch[1:2])
     element = paide_mutual_information(means[2:3, :, 1, 3, 4], 2.0)
     torch.testing.assert_close(batch[2, 1, 3, 4], element[0])
+
+
+def brute_force_pixel_paide(mu: list[list[float]], sigma2: list[float], divisor: float) -> float:
+    """Kolchinsky & Tracey's estimator for one pixel's mixture of K Gaussians N(mu[k], diag sigma2), plain Python."""
+    k = len(mu)
+    total = 0.0
+    for i in range(k):
+        inner = sum(math.exp(-sum((a - b) ** 2 / (divisor * v) for a, b, v in zip(mu[i], mu[j], sigma2)))
+                    for j in range(k)) / k
+        total -= math.log(inner)
+    return total / k
+
+
+def test_per_pixel_paide_equals_a_brute_force_mixture_and_stays_below_log_k() -> None:
+    """DECU's per-pixel view: one mixture over the members of the pixel's channel vectors. Equals a plain-Python
+    loop per pixel (both distances), stays within [0, ln K], and differs from the sum of the per-channel maps,
+    which exceeds ln K when the members differ in every channel (K = 2, 4 channels 6σ apart: the sum is near
+    4·ln 2, the per-pixel value ln 2). Catches the per-channel estimates summed (the wrong sentence the docs had),
+    σ² broadcast over the wrong axis, or the channel sum taken outside the logsumexp."""
+    gen = torch.Generator().manual_seed(3)
+    means, sigma2 = torch.randn(2, 3, 4, 2, 3, generator=gen), torch.tensor([0.5, 2.0, 1.0, 0.25])
+    for distance, divisor in (("bhattacharyya", 8.0), ("kl", 2.0)):
+        got = paide_mutual_information_per_pixel(means, sigma2.view(-1, 1, 1), distance)
+        assert got.shape == (2, 1, 2, 3)
+        for b, y, x in itertools.product(range(2), range(2), range(3)):
+            expected = brute_force_pixel_paide(means[b, :, :, y, x].tolist(), sigma2.tolist(), divisor)
+            assert got[b, 0, y, x].item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
+        assert (got >= 0).all() and (got <= math.log(3) + 1e-6).all()
+    apart = torch.zeros(1, 2, 4, 1, 1)
+    apart[0, 1] = 6.0  # σ = 1: 6σ apart in every channel
+    summed = paide_mutual_information(apart, 1.0).sum().item()
+    pixel = paide_mutual_information_per_pixel(apart, 1.0).item()
+    assert summed > 2.5 > math.log(2) and pixel == pytest.approx(math.log(2), abs=1e-3)
+
+
+def test_per_pixel_paide_brackets_the_monte_carlo_mutual_information() -> None:
+    """Î_Bhattacharyya ≤ I(y; k) ≤ Î_KL for a 3-channel mixture of 3 members, against Monte Carlo (5 standard
+    errors): the per-pixel map is an estimate of the pixel's mutual information, not of a sum."""
+    gen = torch.Generator().manual_seed(5)
+    mu, sigma2 = torch.randn(3, 3, generator=gen, dtype=torch.float64) * 1.5, torch.tensor([0.5, 1.0, 2.0],
+                                                                                         dtype=torch.float64)
+    samples = 40_000
+    y = mu[:, None] + sigma2.sqrt() * torch.randn(3, samples, 3, generator=gen, dtype=torch.float64)
+    log_p = -((y[:, :, None, :] - mu[None, None]) ** 2 / (2 * sigma2)).sum(-1)  # (k, samples, j)
+    terms = (log_p[torch.arange(3), :, torch.arange(3)] - (torch.logsumexp(log_p, dim=2) - math.log(3))).flatten()
+    mi, stderr = terms.mean().item(), terms.std().item() / math.sqrt(terms.numel())
+    means = mu.reshape(1, 3, 3, 1, 1)  # (B, K, C, h, w)
+    lower = paide_mutual_information_per_pixel(means, sigma2.view(-1, 1, 1), "bhattacharyya").item()
+    upper = paide_mutual_information_per_pixel(means, sigma2.view(-1, 1, 1), "kl").item()
+    assert lower - 5 * stderr <= mi <= upper + 5 * stderr and upper <= math.log(3) + 1e-6
 
 
 def test_conv_out_member_means_and_variance_match_a_loop() -> None:
@@ -158,9 +210,11 @@ def test_ensemble_maps_equal_each_member_run_as_the_unets_conv_out(tiny_model_pa
                                                                    members_file: Path) -> None:
     """Independent computation: for each member, the real fused pass with that member's weights loaded into the
     UNet's conv_out, averaged over the same N noises. Catches a broken linearity shortcut (heads on φ̄), members
-    paired with the wrong bias, σ² not per channel, and noises that differ from the extractor's."""
+    paired with the wrong bias, σ² not per channel, and noises that differ from the extractor's; the per-pixel
+    map against a plain-Python mixture loop on those means."""
     batch = make_batch(["e0", "e1"])
-    maps = ensemble_extractor(tiny_model_paths["sd"], members_file).predict_step(batch, 0)
+    maps = ensemble_extractor(tiny_model_paths["sd"], members_file,
+                              outputs=["ensemble_mi", "ensemble_var", "ensemble_mi_pixel"]).predict_step(batch, 0)
     members = load_members(members_file)
     parts = load_stable_diffusion(str(tiny_model_paths["sd"]))
     means = []
@@ -175,6 +229,11 @@ def test_ensemble_maps_equal_each_member_run_as_the_unets_conv_out(tiny_model_pa
     torch.testing.assert_close(maps["ensemble_mi"],
                                paide_mutual_information(means, members["sigma2"].view(-1, 1, 1)), rtol=1e-4, atol=1e-7)
     assert (maps["ensemble_mi"] > 0).all() and (maps["ensemble_mi"] <= math.log(3)).all()
+    sigma2 = members["sigma2"].tolist()
+    assert maps["ensemble_mi_pixel"].shape == (2, 1, *means.shape[-2:])
+    for b, y, x in itertools.product(range(2), range(means.shape[-2]), range(means.shape[-1])):
+        expected = brute_force_pixel_paide(means[b, :, :, y, x].tolist(), sigma2, 8.0)
+        assert maps["ensemble_mi_pixel"][b, 0, y, x].item() == pytest.approx(expected, rel=1e-4, abs=1e-7)
 
 
 @torch.no_grad()
@@ -249,6 +308,11 @@ def test_embedding_member_maps_equal_a_per_member_unet_loop(tiny_model_paths: di
     torch.testing.assert_close(maps["ensemble_mi"], paide_mutual_information(means, members["sigma2"].view(-1, 1, 1)),
                                rtol=1e-4, atol=1e-7)
     assert (maps["ensemble_mi"] > 0).all() and (maps["ensemble_mi"] <= math.log(3)).all()
+    sigma2 = members["sigma2"].tolist()
+    assert maps["ensemble_mi_pixel"].shape == (2, 1, *means.shape[-2:])
+    for b, y, x in itertools.product(range(2), range(means.shape[-2]), range(means.shape[-1])):
+        expected = brute_force_pixel_paide(means[b, :, :, y, x].tolist(), sigma2, 8.0)
+        assert maps["ensemble_mi_pixel"][b, 0, y, x].item() == pytest.approx(expected, rel=1e-4, abs=1e-7)
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""DECU's ensemble maps (Berry, Brando, Meger, arXiv 2406.18580) in the map registry: `ensemble_mi`, `ensemble_var`.
+"""DECU's ensemble maps (Berry, Brando, Meger, arXiv 2406.18580) in the map registry: `ensemble_mi`, `ensemble_var`,
+`ensemble_mi_pixel`.
 
 Enable them in the extractor config (the first maps added the registry way: this file plus YAML lines; the
 module is among the default `map_modules`, so phase 2 knows the names too):
@@ -12,7 +13,9 @@ over the pass's N noised latents:
 - kind `embedding`: K more UNet calls on the pass's own x_t (B·N rows each), member k's learned text embedding
   as the conditioning, so the map stays a function of the image (same noises as every other map).
 `ensemble_var` = Var_k μ_k; `ensemble_mi` = PaiDE's I(y; k) for the mixture of N(μ_k, σ²), σ² per channel from
-the fit's residuals. Both maps share one set of means per batch.
+the fit's residuals, per latent element; `ensemble_mi_pixel` = DECU's per-pixel I(y; k) for the mixture of
+C-dimensional N(μ_k, diag σ²) (one channel, at most ln K; not the sum of `ensemble_mi` over channels, which
+ignores that the member index is shared by the channels). The maps share one set of means per batch.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from typing import Any
 import torch
 
 from lightning_modules.ensemble_fit import check_members, load_members
-from lightning_modules.ensemble_uncertainty import conv_out_member_means, ensemble_variance, paide_mutual_information
+from lightning_modules.ensemble_uncertainty import (conv_out_member_means, ensemble_variance, paide_mutual_information,
+                                                    paide_mutual_information_per_pixel)
 from lightning_modules.maps.context import MapContext
 from lightning_modules.maps.registry import latent_channels, register_map
 
@@ -77,3 +81,10 @@ def ensemble_var(ctx: MapContext) -> torch.Tensor:
 def ensemble_mi(ctx: MapContext) -> torch.Tensor:
     means, sigma2 = member_means(ctx)
     return paide_mutual_information(means, sigma2, ctx.settings.get("ensemble_distance") or "bhattacharyya")
+
+
+@register_map("ensemble_mi_pixel", channels=1, settings=ENSEMBLE_SETTINGS,
+              description="DECU: PaiDE I(y; member) per pixel, the mixture of the members' channel vectors (<= ln K)")
+def ensemble_mi_pixel(ctx: MapContext) -> torch.Tensor:
+    means, sigma2 = member_means(ctx)
+    return paide_mutual_information_per_pixel(means, sigma2, ctx.settings.get("ensemble_distance") or "bhattacharyya")
