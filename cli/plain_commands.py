@@ -163,12 +163,16 @@ def separability(*, stores: list[Path], out: Path, direction_from: Path | None =
                  double_jpeg: bool = True, max_fit_rows: int = 4000, workers: int = 2, seed: int = 0) -> None:
     """Which guidance map separates real from fake, per generator and protocol, from feature stores alone.
 
+    Guidance maps are scored by scalar summaries; CLIP features (and maps with many channels) by a linear probe.
+
     Args:
         stores: feature stores to score (e.g. one per protocol: cache/val.zarr cache/val_jpeg.zarr).
         out: directory for separability.{md,csv}, plots/STORE_MAP.png and, with --tb, tb/.
-        direction_from: a train/val store on which each summary's direction (higher or lower = fake) is chosen
-            and the references are fitted; never the scored rows.
-        direction: declare the direction instead (default: higher = fake); references are then cross-fitted.
+        direction_from: a train/val store on which each map's summary and each summary's direction (higher or
+            lower = fake; "undetermined", both scored, when its interval contains 0.5) are chosen and the probes
+            and references fitted; the scored stores only report.
+        direction: declare the direction instead (default: higher = fake); the best summary is then picked on the
+            scored rows (said in the report), probes and references cross-fitted.
         tb: also write the table and the figures to TensorBoard (OUT/tb).
         bootstrap: bootstrap replicates of the 95 % intervals (0: none).
         double_jpeg: compute the double-JPEG reference (decodes every scored image from the store's tars).
