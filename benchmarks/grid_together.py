@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.cache_read import build_store  # noqa: E402
-from workflows.grid_together import run_together  # noqa: E402
+from workflows.grid import run_together  # noqa: E402
 from feature_cache.store import FeatureStore  # noqa: E402
 
 

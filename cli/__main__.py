@@ -1,4 +1,8 @@
-"""`python -m cli SUBCOMMAND ...`: Trainer runs go to LightningCLI, the rest to plain functions."""
+"""`python -m cli SUBCOMMAND ...`: Trainer runs go to LightningCLI, the rest to plain functions.
+
+Parse and dispatch only, lazily: the command table (cli/commands.py) names modules, and only the chosen
+command's module is imported (`--help` imports no torch or lightning).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from jsonargparse import CLI
-
-from cli.argv import shell_style
-from cli.plain_commands import PLAIN_COMMANDS
-from cli.lightning_cli import TRAINER_SUBCOMMANDS, run_lightning_cli
+from cli.commands import PLAIN_COMMANDS, TRAINER_SUBCOMMANDS, plain_command, summary
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("cli", "workflows", "reports", "lightning_modules", "datamodules", "feature_cache", "core")
@@ -22,7 +22,7 @@ def _usage() -> str:
              "Trainer runs (LightningCLI: --config, --print_config, --trainer.*):"]
     lines += [f"  {name}" for name in TRAINER_SUBCOMMANDS]
     lines += ["", "Other commands:"]
-    lines += [f"  {name:12s} {fn.__doc__.splitlines()[0]}" for name, fn in PLAIN_COMMANDS.items()]
+    lines += [f"  {name:12s} {summary(name)}" for name in PLAIN_COMMANDS]
     return "\n".join(lines)
 
 
@@ -50,9 +50,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"python -m cli: unknown subcommand {argv[0]!r}\n{_usage()}")
     try:
         if argv[0] in PLAIN_COMMANDS:
-            CLI(PLAIN_COMMANDS[argv[0]], args=shell_style(PLAIN_COMMANDS[argv[0]], argv[1:]), prog=f"python -m cli {argv[0]}")
+            from jsonargparse import CLI
+
+            from cli.argv import shell_style
+
+            function = plain_command(argv[0])
+            CLI(function, args=shell_style(function, argv[1:]), prog=f"python -m cli {argv[0]}")
         else:
-            run_lightning_cli(argv)
+            from cli.lightning_cli import build_cli
+
+            build_cli(argv)
     except Exception as error:
         # Bad input (a missing model, a store of another config, a corrupt posterior...) is one line, not a
         # traceback through jsonargparse and Lightning; CLI_TRACEBACK=1 shows the whole chain.

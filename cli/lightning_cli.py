@@ -1,5 +1,5 @@
 """LightningCLI for the Trainer runs over configs: fit, validate, test, precompute, laplace-fit, generate,
-ensemble-fit.
+ensemble-fit; `build_cli` is the one place a `ForensicsCLI` is built (`python -m cli` and `grid --together`).
 
 `predict` (raw images with a trained detector) is a plain command: it builds its Trainer from a checkpoint.
 Runs of `fit`/`test`/`validate` are placed by `workflows.run_dirs`: one directory per fit, the seed in its name,
@@ -21,14 +21,12 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 import datamodules  # noqa: F401  (registers classes so YAML can name them bare)
 import lightning_modules  # noqa: F401
+from cli.commands import TRAINER_SUBCOMMANDS
 from core.progress import PlainLogProgress
 from workflows.run_dirs import latest_fitted_run, next_run_dir, run_base, run_checkpoint
 from cli.trainer import ForensicsTrainer
 
-# Subcommand names as typed; LightningCLI needs the Trainer method's name.
-TRAINER_SUBCOMMANDS = {"fit": "fit", "validate": "validate", "test": "test",
-                       "precompute": "precompute", "laplace-fit": "laplace_fit",
-                       "generate": "generate", "ensemble-fit": "ensemble_fit"}
+DETECTOR_RUNS = ("fit", "validate", "test")  # subcommands whose parsers link the detector's CLIP sizes to the stores
 
 
 class SaveConfigBesideOutput(SaveConfigCallback):
@@ -84,6 +82,19 @@ QUIET = ("The '.*_dataloader' does not have many workers", "LeafSpec", "Starting
          "Checkpoint directory .* exists and is not empty")
 
 
+class ForensicsParser(LightningArgumentParser):
+    """LightningCLI's parser that knows whether it parses a detector run (`build_cli` says so per subcommand).
+
+    Args:
+        detector_run: link the detector's CLIP sizes to the stores (fit, validate, test and `grid --together`'s
+            rows); precompute & co. should report a bad model before a bad data directory, which a link reverses.
+    """
+
+    def __init__(self, *args: Any, detector_run: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.detector_run = detector_run
+
+
 class ForensicsCLI(LightningCLI):
     """LightningCLI with the project's Trainer subcommands and run-directory rules."""
 
@@ -95,17 +106,13 @@ class ForensicsCLI(LightningCLI):
                 "generate": {"model"},
                 "ensemble_fit": {"model", "datamodule"}}
 
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
-        self._building = subcommand  # add_arguments_to_parser links the detector runs' arguments only
-        return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # A detector's CLIP dimensions are the stores' shapes, applied once the datamodule exists (a configured value
         # is replaced; None, without stored CLIP maps, lets a fine-tuned tower give its own). `clip_pooled_shape`
         # exists only when clip_pooled is requested, so detectors without pooled vectors never receive `pooled_dim`.
         # Only for detector runs (and `grid --together`'s parser without subcommands): a link makes the datamodule
         # be built first, and precompute & co. should report a bad model before a bad data directory.
-        if getattr(self, "_building", None) in (None, "fit", "validate", "test"):
+        if getattr(parser, "detector_run", True):
             for target, compute in (("visual_channels", layer3_channels), ("grid_size", layer3_grid)):
                 parser.link_arguments("data.stored_shapes", f"model.init_args.{target}", compute_fn=compute,
                                       apply_on="instantiate")
@@ -195,21 +202,29 @@ class ForensicsCLI(LightningCLI):
         return Path(log_dir) if log_dir is not None else None
 
 
-def run_lightning_cli(argv: list[str]) -> None:
-    """Run one Trainer subcommand; `fit` saves its resolved config as config.yaml, others as <command>_config.yaml."""
-    argv = [TRAINER_SUBCOMMANDS.get(argv[0], argv[0]), *argv[1:]] if argv else argv
+def build_cli(args: list[str], run: bool = True, prog: str = "python -m cli") -> ForensicsCLI:
+    """The one way a `ForensicsCLI` is built: same callbacks (plain-log progress), links, run placement and saved
+    config for `python -m cli SUBCOMMAND ARGS` (`run=True`, runs it) and for one row of `grid --together`
+    (`run=False`: ARGS are a `fit` command line without the subcommand; model, datamodule and Trainer are built,
+    seeded and placed, not run). `fit` saves its resolved config as config.yaml, others as <command>_config.yaml.
+    """
+    if run:
+        args = [TRAINER_SUBCOMMANDS.get(args[0], args[0]), *args[1:]] if args else args
     for message in QUIET:
         warnings.filterwarnings("ignore", message=f".*{message}")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))  # advertising
-    config_name = "config.yaml" if argv[:1] == ["fit"] else f"{argv[0] if argv else 'run'}_config.yaml"
-    ForensicsCLI(
+    config_name = "config.yaml" if not run or args[:1] == ["fit"] else f"{args[0] if args else 'run'}_config.yaml"
+    not_detector = {method: {"detector_run": False} for method in TRAINER_SUBCOMMANDS.values() if method not in DETECTOR_RUNS}
+    return ForensicsCLI(
         trainer_class=ForensicsTrainer,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=SaveConfigBesideOutput,
         save_config_kwargs={"overwrite": True, "config_filename": config_name},
         trainer_defaults={"callbacks": [PlainLogProgress()]},  # added to the config's callbacks
-        args=argv,
-        parser_kwargs={"prog": "python -m cli"},
+        args=args,
+        run=run,
+        parser_class=ForensicsParser,
+        parser_kwargs={"prog": prog, **not_detector},
     )

@@ -1,10 +1,12 @@
-"""Commands that are not Trainer runs: plain functions whose signatures jsonargparse turns into options."""
+"""Commands that are not Trainer runs: plain functions whose signatures jsonargparse turns into options.
+
+Each body imports what it needs (`python -m cli NAME --help` imports this module: nothing heavy at the top);
+the table of commands is cli/commands.py.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-from workflows.grid import grid
 from typing import Literal
 
 
@@ -205,6 +207,3 @@ def verify(store: Path, checksums: bool = False) -> None:
                          "rerun the same precompute command to recompute them")
     print(f"verify: {store}: no damage found ({'sizes and checksums' if checksums else 'presence and sizes'})")
 
-
-PLAIN_COMMANDS = {"shards": shards, "tiny-models": tiny_models, "demo": demo, "compare": compare, "grid": grid,
-                  "predict": predict, "robustness": robustness, "verify": verify, "separability": separability}

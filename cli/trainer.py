@@ -1,4 +1,8 @@
-"""The Trainer with the project's own Trainer-run subcommands (LightningCLI maps methods to subcommands)."""
+"""The Trainer with the project's own Trainer-run subcommands (LightningCLI maps methods to subcommands).
+
+A method's signature and docstring are the subcommand's options and help; where its work is more than a call,
+the work lives in workflows/ (`workflows.precompute`, `workflows.generate`).
+"""
 
 from __future__ import annotations
 
@@ -49,34 +53,10 @@ class ForensicsTrainer(pl.Trainer):
             verify_checksums: check every stored file's sha256 at start (not only its size) and recompute
                 damaged tars; false skips the read-back of the whole store.
         """
-        from feature_cache.writer import ZarrFeatureWriter
+        from workflows.precompute import precompute
 
-        if store is None:
-            raise SystemExit("python -m cli precompute: --store PATH is required (the Zarr feature store to write)")
-        if Path(store).exists() and not Path(store).is_dir():
-            raise SystemExit(f"python -m cli precompute: --store {store}: is a file, not a store directory")
-        if datamodule is None:
-            raise SystemExit("python -m cli precompute: --data is required (an ImageShardDataModule over shards)")
-        if any(isinstance(c, ZarrFeatureWriter) for c in self.callbacks):
-            raise SystemExit("python -m cli precompute: remove ZarrFeatureWriter from trainer.callbacks; "
-                             "--store adds it")
-        writer = ZarrFeatureWriter(store, clip_dtype=clip_dtype, clip_codec=clip_codec, background=background_writer,
-                                   queue_tars=queue_tars, verify_checksums=verify_checksums)
-        self.callbacks.append(writer)
-        try:
-            self.predict(model, datamodule=datamodule, return_predictions=False)
-        finally:
-            self.callbacks.remove(writer)
-        summary = writer.summary  # rank 0 only, read from the done markers after every rank finished
-        if summary is not None:
-            print(f"precompute: {summary.text}")
-            if summary.unfinished:
-                raise SystemExit(f"python -m cli precompute: {store}: group {summary.group}: {summary.done}/"
-                                 f"{summary.total} tars done; unfinished: {', '.join(summary.unfinished[:10])}"
-                                 f"{' ...' if len(summary.unfinished) > 10 else ''} (rerun to finish them)")
-            if summary.not_added:
-                raise SystemExit(f"python -m cli precompute: {store}: outputs {', '.join(summary.not_added)} are not "
-                                 "in the store yet (an incomplete group was resumed first); rerun to add them")
+        precompute(self, model, datamodule, store, clip_dtype, clip_codec, background_writer, queue_tars,
+                   verify_checksums)
 
     def laplace_fit(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None) -> None:
         """Fit the diagonal last-layer Laplace posterior of the UNet's conv_out over calibration shards."""
@@ -104,36 +84,10 @@ class ForensicsTrainer(pl.Trainer):
                 as filtered in generation.csv.
             batch_size: images per step; 1 makes every image bit-identical at any rank count.
         """
-        from torch.utils.data import DataLoader
+        from workflows.generate import generate
 
-        from feature_cache.manifest import read_manifest_rows
-        from lightning_modules.generation import UncertaintyGenerator
-        from lightning_modules.generation_writer import GenerationItems, GenerationWriter, read_prompts
-
-        if not isinstance(model, UncertaintyGenerator):
-            raise SystemExit(f"python -m cli generate: --model must be UncertaintyGenerator, got {type(model).__name__}")
-        qualities: tuple[int, ...] = ()
-        if jpeg_quality is not None:
-            qualities = (jpeg_quality,)
-        elif jpeg_quality_from is not None:
-            qualities = tuple(r["jpeg_quality"] for r in read_manifest_rows(jpeg_quality_from)
-                              if r["label"] == 0 and r["jpeg_quality"])
-            if not qualities:
-                raise ValueError(f"--jpeg_quality_from {jpeg_quality_from}: no real JPEG image in its manifest")
-        items = GenerationItems(read_prompts(prompts), num_images)
-        writer = GenerationWriter(out, items, image_format, qualities, keep_quantile, rank_by)
-        self.callbacks.append(writer)
-        # Guided sampling differentiates the uncertainty w.r.t. x_t: no inference tensors then.
-        inference_mode, self.predict_loop.inference_mode = self.predict_loop.inference_mode, not model.hparams.guided
-        try:
-            self.predict(model, dataloaders=DataLoader(items, batch_size=batch_size), return_predictions=False)
-            table = writer.finish(self)
-        finally:
-            self.callbacks.remove(writer)
-            self.predict_loop.inference_mode = inference_mode
-        if table is not None:
-            kept = int((table["status"] == "kept").sum())
-            print(f"generate: {kept}/{len(table)} images kept in {out}/fake, scores in {out}/generation.csv")
+        generate(self, model, prompts, num_images, out, image_format, jpeg_quality, jpeg_quality_from, keep_quantile,
+                 rank_by, batch_size)
 
     def ensemble_fit(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None) -> None:
         """Train DECU's ensemble members (conditioning embeddings or conv_out heads) over calibration shards."""

@@ -18,9 +18,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,13 @@ def apply_flip_crop(x: torch.Tensor, box: FlipCrop, size: tuple[int, int] | None
     grid = F.affine_grid(theta, [1, x.shape[0], height, width], align_corners=False)
     out = F.grid_sample(x.unsqueeze(0).float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out.squeeze(0).to(x.dtype)
+
+
+def center_square(image: Image.Image) -> Image.Image:
+    """The centred square of side min(width, height) (the protocols' `center_crop`, tiny-model training images)."""
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side))
 
 
 def padded_offsets(width: np.ndarray | int, height: np.ndarray | int, size: int) -> tuple:

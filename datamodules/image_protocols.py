@@ -39,7 +39,7 @@ from PIL import Image
 
 from datamodules.image_io import decode_rgb, jpeg_reencode
 from datamodules.perturbations import PERTURBATIONS, perturb
-from core.geometry import centre_crop_origin, native_crop_box, padded_offsets
+from core.geometry import center_square, centre_crop_origin, native_crop_box, padded_offsets
 
 Protocol = Literal["raw", "jpeg_aligned", "size_aligned", "jpeg_size_aligned"]
 ClipInput = Literal["resize", "native_crop"]
@@ -56,13 +56,6 @@ class ExcludedByProtocol(Exception):
 def key_seed(seed: int, key: str) -> int:
     """A 64-bit seed from (seed, key) that is the same in every process (unlike Python's salted `hash`)."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little")
-
-
-def center_square(image: Image.Image) -> Image.Image:
-    """The centred square of side min(width, height)."""
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    return image.crop((left, top, left + side, top + side))
 
 
 def to_uint8(image: Image.Image) -> torch.Tensor:

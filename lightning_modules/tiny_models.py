@@ -153,7 +153,7 @@ def _training_images(images_dir: Path, resolution: int) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
-    from datamodules.image_protocols import center_square
+    from core.geometry import center_square
 
     if not images_dir.is_dir():
         raise FileNotFoundError(f"--train_on {images_dir}: no such directory of training images")

@@ -17,8 +17,7 @@ import pandas as pd
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from feature_cache.store import FeatureStore
-from reports.evaluation import markdown_table
+from reports.tables import markdown_table
 
 RUN_NAME = re.compile(r"(?P<row>.+)-seed(?P<seed>-?\d+)(?:-r(?P<rerun>\d+))?")
 # What the screen table shows by default (everything else is in compare.csv).
@@ -124,6 +123,8 @@ def _check_names(frame: pd.DataFrame, sort_by: str, metrics: list[str] | None) -
 
 def train_generators(settings: pd.Series) -> list[str]:
     """Generators with fake training rows in the run's train stores (real-only groups such as MSCOCO are not one)."""
+    from feature_cache.store import FeatureStore  # imports torch and zarr: only `--matrix` reads stores
+
     paths = settings.get("data.train")
     wanted = settings.get("data.generators")
     names = set()

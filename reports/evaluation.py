@@ -17,6 +17,8 @@ import torch
 from sklearn.metrics import roc_curve
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision
 
+from reports.tables import markdown_table
+
 COLUMNS = ("generator", "n_real", "n_fake", "real_acc", "fake_acc", "acc", "ap", "auroc")
 
 # TensorBoard hparams-tab metrics: registered by `fit`, filled by validation, `test` and the protocol report.
@@ -218,11 +220,6 @@ def protocol_table(test: Predictions, threshold: float = 0.5) -> list[dict]:
     for column in ("real_acc", "fake_acc", "acc", "ap", "auroc"):
         average[column] = float(np.nanmean([r[column] for r in rows])) if rows else float("nan")
     return [*rows, average]
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """A GitHub-flavoured Markdown table of already formatted cells (every report of the project uses it)."""
-    return pd.DataFrame(rows, columns=header).to_markdown(index=False, tablefmt="github", disable_numparse=True) + "\n"
 
 
 def save_rows(rows: list[dict], out_dir: str | Path, name: str, cell: Callable[[object], str]) -> str:

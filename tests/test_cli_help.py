@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.lightning_cli import TRAINER_SUBCOMMANDS
-from cli.plain_commands import PLAIN_COMMANDS
+from cli.commands import PLAIN_COMMANDS, TRAINER_SUBCOMMANDS
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -28,6 +27,20 @@ def test_top_level_help_lists_every_subcommand():
     assert result.returncode == 0
     for name in [*TRAINER_SUBCOMMANDS, *PLAIN_COMMANDS]:
         assert name in result.stdout
+
+
+def test_help_imports_no_torch_or_lightning():
+    """`python -m cli --help` and plain commands' `--help` import neither torch nor lightning (not timed: the
+    figures are benchmarks/startup.py's). Catches a module-level heavy import in the dispatcher, the command
+    table or a plain command's module, which puts seconds back on every `--help`."""
+    code = ("import sys\nfrom cli.__main__ import main\n"
+            "for argv in (['--help'], ['compare', '--help'], ['verify', '--help'], ['grid', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit as end:\n        assert not end.code, end\n"
+            "print(sorted(name for name in ('torch', 'lightning', 'zarr', 'pandas') if name in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]", result.stdout.splitlines()[-1]
 
 
 def test_unknown_subcommand_fails_with_one_line():
@@ -86,7 +99,9 @@ def test_bare_flags_and_multi_word_lists(tmp_path, capsys):
     main([*command, "--overwrite"])  # a bare flag: replaces the shards instead of refusing
     assert "4 images in 1 shards" in capsys.readouterr().out
     from cli.argv import shell_style
-    from cli.plain_commands import compare, grid
+    from cli.commands import plain_command
+
+    compare, grid = plain_command("compare"), plain_command("grid")
 
     assert shell_style(compare, ["runs", "--metrics", "test_acc", "test_auroc", "--matrix"]) == [
         "runs", "--metrics+", "test_acc", "--metrics+", "test_auroc", "--matrix", "true"]

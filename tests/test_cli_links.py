@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli.lightning_cli import ForensicsCLI
-from cli.trainer import ForensicsTrainer
+from cli.lightning_cli import ForensicsCLI, build_cli
 from feature_cache.provenance import FeatureSpec
 
 from feature_cache_fakes import write_store
@@ -29,10 +28,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _built(config: str, store: Path, *extra: str) -> ForensicsCLI:
-    return ForensicsCLI(trainer_class=ForensicsTrainer, subclass_mode_model=True, subclass_mode_data=True, run=False,
-                        args=["--config", str(REPO / "configs" / config), "--data.init_args.train", f"[{store}]",
-                              "--data.init_args.test", "[]", "--trainer.logger", "false", "--trainer.callbacks", "[]",
-                              *extra])
+    return build_cli(["--config", str(REPO / "configs" / config), "--data.init_args.train", f"[{store}]",
+                      "--data.init_args.test", "[]", "--trainer.logger", "false", "--trainer.callbacks", "[]", *extra],
+                     run=False)
 
 
 @pytest.mark.parametrize("config,features", [("deua.yaml", "[deu, clip_layer3]"),

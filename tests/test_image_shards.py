@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from datamodules.image_io import to_rgb
-from datamodules.image_protocols import center_square
+from core.geometry import center_square
 from datamodules.image_shards import ImageShardDataModule, balance, preprocessor_from_provenance
 from datamodules.shards import convert
 from feature_cache.manifest import read_manifest_rows

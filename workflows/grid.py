@@ -12,14 +12,14 @@ and `test` scores that run's best checkpoint; at the end the grid prints `compar
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
 
-from workflows.grid_together import run_together
-from core.progress import report_progress
 from workflows.run_dirs import latest_fitted_run, next_run_dir, run_base
 
 
@@ -42,6 +42,17 @@ def _logger_target(configs: list[str]) -> tuple[Path, str, int]:
     return Path(init["save_dir"]) / str(init.get("name") or ""), str(init["version"]), resolved.get("seed_everything")
 
 
+def run_together(rows: dict[str, list[str]]) -> list[str]:
+    """Fit `rows` ({name: fit arguments}) together (workflows/grid_together.py) in one subprocess, built by cli's
+    one builder (`python -m cli.together`; a crash there cannot take the grid with it); returns the names of rows
+    that did not fit."""
+    with tempfile.TemporaryDirectory(prefix="grid_together_") as folder:
+        spec, result = Path(folder) / "rows.json", Path(folder) / "failed.json"
+        spec.write_text(json.dumps({"names": list(rows), "args": list(rows.values()), "result": str(result)}))
+        code = subprocess.run([sys.executable, "-m", "cli.together", str(spec)]).returncode
+        return json.loads(result.read_text()) if result.is_file() else (list(rows) if code else [])
+
+
 def grid(rows: Path, base: Path | None = None, extra: list[Path] | None = None, seeds: list[int] | None = None,
          test: bool = True, dry_run: bool = False, together: bool = False) -> list[Path]:
     """Fit (and test) every row in ROWS for every seed, one subprocess per Trainer run; print the summary.
@@ -59,6 +70,8 @@ def grid(rows: Path, base: Path | None = None, extra: list[Path] | None = None, 
         together: per seed, fit all rows in one process on the same batches, one read of the stores for all
             of them (workflows/grid_together.py; rows must share their data and training loop), then test each row.
     """
+    from core.progress import report_progress  # imports lightning: not for `grid --help`
+
     rows, extra = Path(rows), [Path(p) for p in extra or []]
     base = Path(base) if base is not None else rows.parent.parent / f"{rows.name}.yaml"
     row_files = sorted(rows.glob("*.yaml"))

@@ -10,21 +10,25 @@ The order of epoch e is the one a row trained alone sees in its epoch e (`epoch_
 the data seed and the epoch), so each row's numbers equal its alone run's within float tolerance
 (tests/test_grid_together.py). Rows must share their loop settings (epochs, limits, validation
 schedule) and run on one device; validation's sanity check is skipped (it changes no number).
+
+The rows are built by the caller's `build` (cli's one `build_cli`, passed in by `python -m cli.together`, the
+process `grid --together` starts): this module never imports `cli`. A terminal has one live display, so the
+rows' own progress bars become tasks of one display owned here (`RowsDisplay`); piped, the rows' plain-log
+lines report progress, as in `python -m cli fit`.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ProgressBar
 
+from core.progress import plain_output
 from datamodules.cached_features import FeatureCacheDataModule
 
 LOOP_SETTINGS = ("max_epochs", "max_steps", "limit_train_batches", "limit_val_batches", "check_val_every_n_epoch",
@@ -129,8 +133,7 @@ class RowDataModule(pl.LightningDataModule):
         super().__init__()
         self.shared, self.train, self.val = shared, train, val
         self.generator_names = shared.generator_names
-        self._hparams, self._hparams_initial = shared.hparams, shared.hparams_initial
-        self._log_hyperparams = shared._log_hyperparams
+        self.save_hyperparameters(shared.hparams_initial)  # the run's logged hparams include the data's, as alone
 
     def feature_provenance(self) -> dict[str, Any] | None:
         return self.shared.feature_provenance()
@@ -142,14 +145,58 @@ class RowDataModule(pl.LightningDataModule):
         return self.val if self.val is not None else []
 
 
-def _instantiate(args: list[str]) -> Any:
-    """A row's model, datamodule and Trainer as `python -m cli fit ARGS` builds them (seeded, not run)."""
-    from cli.lightning_cli import ForensicsCLI, SaveConfigBesideOutput
-    from cli.trainer import ForensicsTrainer
+class RowsDisplay:
+    """One Rich progress display for every row on a terminal (Rich allows one live display per console: rows in
+    threads that each start and stop Lightning's RichProgressBar crash with `IndexError: pop from empty list`).
+    Disabled when stdout is piped, where the rows' PlainLogProgress lines report."""
 
-    return ForensicsCLI(trainer_class=ForensicsTrainer, subclass_mode_model=True, subclass_mode_data=True,
-                        save_config_callback=SaveConfigBesideOutput, save_config_kwargs={"overwrite": True},
-                        args=args, run=False, parser_kwargs={"prog": "python -m cli grid --together"})
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("{task.fields[metrics]}"), disable=plain_output())
+
+    def bar(self, name: str) -> RowProgressBar:
+        return RowProgressBar(self, name)
+
+    def __enter__(self) -> RowsDisplay:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+
+class RowProgressBar(ProgressBar):
+    """A row's progress bar: its task in the shared `RowsDisplay` (stage, epoch, batches, the bar's metrics)."""
+
+    def __init__(self, display: RowsDisplay, name: str) -> None:
+        super().__init__()
+        self.display, self.name, self.enabled = display, name, True
+        self.task = display.progress.add_task(name, total=None, metrics="")
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def _show(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, done: int, total: float) -> None:
+        if self.enabled:
+            metrics = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in self.get_metrics(trainer, pl_module).items())
+            self.display.progress.update(self.task, description=f"{self.name}: epoch {trainer.current_epoch} {stage}",
+                                         completed=done, total=total if total != float("inf") else None,
+                                         metrics=metrics)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._show(trainer, pl_module, "train", batch_idx + 1, self.total_train_batches)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not trainer.sanity_checking:
+            self._show(trainer, pl_module, "validate", batch_idx + 1, self.total_val_batches)
 
 
 def _check_alike(rows: list[Any], names: list[str]) -> None:
@@ -167,9 +214,13 @@ def _check_alike(rows: list[Any], names: list[str]) -> None:
         raise ValueError("--together runs every row on one device (got trainer.devices > 1)")
 
 
-def fit_together(row_args: list[list[str]], names: list[str]) -> list[str]:
-    """Fit the rows given by their `fit` argument lists in one process; returns the names of rows that failed."""
-    rows = [_instantiate(args) for args in row_args]
+def fit_together(row_args: list[list[str]], names: list[str], build: Callable[[list[str]], Any]) -> list[str]:
+    """Fit the rows given by their `fit` argument lists in one process; returns the names of rows that failed.
+
+    `build(args)` gives a row's LightningCLI (`.model`, `.datamodule`, `.trainer`, `.config`) as `python -m cli fit
+    ARGS` builds it, seeded and not run.
+    """
+    rows = [build(args) for args in row_args]
     _check_alike(rows, names)
     shared = rows[0].datamodule
     shared.trainer = rows[0].trainer  # the device to load onto; epochs are driven below, not by this Trainer
@@ -193,34 +244,15 @@ def fit_together(row_args: list[list[str]], names: list[str]) -> list[str]:
             if val is not None:
                 val.retire(k)
 
+    display = RowsDisplay()
+    for row, name in zip(rows, names):  # a row's own bar (Lightning's default: Rich) becomes its task in the display
+        row.trainer.callbacks = [display.bar(name) if isinstance(c, ProgressBar) else c for c in row.trainer.callbacks]
     threads = [threading.Thread(target=fit, args=(k,), name=f"grid-row-{names[k]}") for k in range(len(rows))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with display:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     for name, error in failed.items():
         print(f"grid row {name} failed: {type(error).__name__}: {error}", file=sys.stderr)
     return list(failed)
-
-
-def run_together(rows: dict[str, list[str]]) -> list[str]:
-    """Fit `rows` ({name: fit arguments}) together in one subprocess (a crash there cannot take the grid with it);
-    returns the names of rows that did not fit."""
-    with tempfile.TemporaryDirectory(prefix="grid_together_") as folder:
-        spec, result = Path(folder) / "rows.json", Path(folder) / "failed.json"
-        spec.write_text(json.dumps({"names": list(rows), "args": list(rows.values()), "result": str(result)}))
-        code = subprocess.run([sys.executable, "-m", "workflows.grid_together", str(spec)]).returncode
-        return json.loads(result.read_text()) if result.is_file() else (list(rows) if code else [])
-
-
-def main(argv: list[str]) -> None:
-    """`python -m workflows.grid_together ROWS.json` ({"names", "args": [fit arguments per row], "result": path})."""
-    spec = json.loads(Path(argv[0]).read_text())
-    failed = fit_together(spec["args"], spec["names"])
-    Path(spec["result"]).write_text(json.dumps(failed))
-    if failed:
-        sys.exit(f"python -m cli grid --together: rows failed: {', '.join(failed)}")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -11,8 +11,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from core.checkpoint_io import safe_torch_load
-
 
 def run_base(row: str, seed: int) -> str:
     """The directory name of a row's first run with this seed."""
@@ -43,6 +41,8 @@ def latest_fitted_run(parent: Path, base: str) -> Path | None:
 
 def run_checkpoint(run_dir: Path, which: str) -> Path:
     """The run's `best` checkpoint (ModelCheckpoint's best_model_path, recorded in last.ckpt) or its `last`."""
+    from core.checkpoint_io import safe_torch_load  # imports torch: not for `grid --help`
+
     last = run_dir / "checkpoints" / "last.ckpt"
     if which == "last":
         return last
