@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from datamodules.image_shards import preprocessor_from_provenance
 from datamodules.row_batches import Batches, BlockRows, EpochSettings, ResidentRows, Rows, SplitRows
 from core.geometry import apply_flip_crop, centre_crop_origin, native_crop_box, sample_flip_crop
+from feature_cache.integrity import CHECKSUMMED_FORMAT
 from feature_cache.store import CHUNK_ROWS, FLAG_COLUMNS, FeatureStore, config_differences
 
 RAM_SHARE = 0.5  # in_memory loads into RAM only if the selected rows take at most this share of available RAM
@@ -184,7 +185,8 @@ class FeatureCacheDataModule(pl.LightningDataModule):
             multiple of it (else a block covers whole chunks of the largest divisor of the tar size).
         shuffle_blocks: blocks per shuffle window (each batch mixes rows of about this many blocks).
         allow_shared_images: accept train/val/test splits that share an image (same content hash).
-        verify_checksums: check every store file's sha256 at setup (presence and size are always checked).
+        verify_checksums: check every store file's digest at setup (presence and size are always checked; every
+                read checks its chunks' crc32c, and a format-2 store, whose chunks have none, is always checked).
     """
 
     def __init__(self, features: list[str], train: list[str] = [], val: list[str] = [],  # noqa: B006
@@ -302,7 +304,8 @@ class FeatureCacheDataModule(pl.LightningDataModule):
                 if todo:
                     raise ValueError(f"feature store {path}: {todo} of {len(store.shard_table)} tars of group {group} "
                                      "not computed yet (finish it with `python -m cli precompute`)")
-            damage = store.verify(checksums=self.hparams.verify_checksums)
+            # A format-2 store's chunks carry no checksum, so its files' sha256 are checked here instead of per read.
+            damage = store.verify(checksums=self.hparams.verify_checksums or store.format < CHECKSUMMED_FORMAT)
             if damage:
                 shown = "; ".join(str(d) for d in damage[:3]) + (f" and {len(damage) - 3} more" if len(damage) > 3 else "")
                 raise ValueError(f"feature store {path}: {len(damage)} damaged files ({shown}); "
