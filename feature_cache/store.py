@@ -218,8 +218,10 @@ class FeatureStore:
 
     @classmethod
     def create(cls, path: str | Path, *, provenance: StoreProvenance, rows: Mapping[str, Sequence[Any]],
-               generator_names: Sequence[str], rejected: Sequence[Mapping[str, str]] = ()) -> FeatureStore:
-        """Write a new store's rows/ and attrs (hold `store_lock(path)`); an incomplete one is wiped first."""
+               generator_names: Sequence[str], rejected: Sequence[Mapping[str, str]] = (),
+               format_version: int = FORMAT_VERSION) -> FeatureStore:
+        """Write a new store's rows/ and attrs (hold `store_lock(path)`); an incomplete one is wiped first.
+        `format_version` 2 writes the older layout (no chunk checksums): only to compare the two."""
         path = Path(path)
         if (path / "zarr.json").exists():
             if cls._marker(path).get("complete"):
@@ -231,15 +233,17 @@ class FeatureStore:
             if entry.name != _LOCK:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         _check_tars(provenance.dataset.tars)
+        if format_version not in READABLE_FORMATS:
+            raise ValueError(f"feature store {path}: cannot write format {format_version} ({READABLE_FORMATS})")
         root = zarr.open_group(path, mode="a")
-        root.attrs.update(normalized({"feature_store": {"format": FORMAT_VERSION, "complete": False},
+        root.attrs.update(normalized({"feature_store": {"format": format_version, "complete": False},
                                       "provenance": provenance.to_attrs(), "groups": {},
                                       "generator_names": list(generator_names),
                                       "rejected_inputs": [{"path": r["path"], "reason": r["reason"]}
                                                           for r in rejected]}))
         store = cls(path, root)
         store.write_rows(rows)
-        store._seal(feature_store={"format": FORMAT_VERSION, "complete": True})  # one write: complete and sealed
+        store._seal(feature_store={"format": format_version, "complete": True})  # one write: complete and sealed
         return store
 
     @staticmethod

@@ -14,7 +14,6 @@ import pytest
 import yaml
 
 from datamodules.row_batches import Rows, SplitRows
-from feature_cache import store as store_module
 from feature_cache.integrity import remove_leftovers
 from feature_cache.provenance import FeatureSpec
 from feature_cache.store import FeatureStore
@@ -32,9 +31,9 @@ def values(rows: np.ndarray) -> dict[str, np.ndarray]:
     return {name: rng.standard_normal((len(rows), *spec.shape)).astype(np.float32) for name, spec in SPECS.items()}
 
 
-def make(path: Path) -> FeatureStore:
+def make(path: Path, format_version: int | None = None) -> FeatureStore:
     """10 rows in tars of 4, 4, 2 rows (one inner chunk per shard file)."""
-    return write_store(path, values, SPECS, ["adm", "sdv4"], num_rows=10, shard_size=4)
+    return write_store(path, values, SPECS, ["adm", "sdv4"], num_rows=10, shard_size=4, format_version=format_version)
 
 
 def files(path: Path) -> dict[str, bytes]:
@@ -205,12 +204,10 @@ def test_leftovers_of_killed_writes_in_a_complete_store_are_removed_by_the_next_
     assert remove_leftovers(tmp_path / "s") == []
 
 
-def test_format_2_stores_stay_readable_and_verifiable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_format_2_stores_stay_readable_and_verifiable(tmp_path: Path) -> None:
     """A store written as format 2 (no chunk checksums, sha256 done markers, no attribute digests). Catches format
     3 refusing older stores, RawChunks no longer reading their layout, and `verify` losing their checksum check."""
-    monkeypatch.setattr(store_module, "FORMAT_VERSION", 2)
-    store = make(tmp_path / "s")
-    monkeypatch.undo()
+    store = make(tmp_path / "s", format_version=2)
     opened = FeatureStore.open(store.path)
     assert opened.format == 2 and "attrs_sha256" not in json.loads((store.path / "zarr.json").read_text())["attributes"]
     for name in SPECS:
