@@ -125,11 +125,14 @@ class ChecksumQueue:
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[Future[None]] = []
 
-    def submit(self, parts: Sequence[Any], stored: int, message: str) -> None:
-        """Check crc32c(parts) == stored later; `message` is the error line if not."""
+    def submit(self, parts: Sequence[Any], stored: int, message: str) -> Future[None]:
+        """Check crc32c(parts) == stored later; `message` is the error line if not. The parts must stay unchanged
+        until the returned future is done (or `wait()` returned)."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="chunk-crc32c")
-        self._pending.append(self._pool.submit(_check, parts, stored, message))
+        future = self._pool.submit(_check, parts, stored, message)
+        self._pending.append(future)
+        return future
 
     def wait(self) -> None:
         pending, self._pending = self._pending, []

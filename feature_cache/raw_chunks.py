@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from feature_cache.integrity import ChecksumQueue, chunk_crc, damaged_chunk, mis
 
 EMPTY = np.iinfo(np.uint64).max  # an index entry of a chunk Zarr did not write (all fill value)
 IOV_MAX = os.sysconf("SC_IOV_MAX")
+SPARES = 4  # buffers for the rows of a checksummed chunk the caller did not ask for, while their check is queued
 
 
 class RawChunks:
@@ -45,7 +47,11 @@ class RawChunks:
         self.row_bytes = int(np.prod(array.shape[1:])) * array.dtype.itemsize
         self.fill = array.fill_value
         self._index: dict[int, np.ndarray] = {}
-        self._scratch = np.empty(self.chunk_rows * self.row_bytes if compressed or checksummed else 0, np.uint8)
+        self._scratch = np.empty(self.chunk_rows * self.row_bytes if compressed else 0, np.uint8)
+        spares = SPARES if checksummed and not compressed else 0
+        self._spares = [np.empty(self.chunk_rows * self.row_bytes, np.uint8) for _ in range(spares)]
+        self._spare_checks: list[Future[None] | None] = [None] * spares
+        self._turn = 0
         self.store, self.name = root.parents[1], f"{root.parent.name}/{root.name}"  # STORE/GROUP/FEATURE
 
     @classmethod
@@ -149,26 +155,25 @@ class RawChunks:
         if not self.compressed and nbytes != whole + crc:
             raise ValueError(damaged_chunk(self.store, self.name, f"{where}: {nbytes} bytes, expected {whole + crc}"))
         tail = np.empty(crc, np.uint8)
-        if self.compressed or (crc and len(rows) < self.chunk_rows):  # through the scratch chunk
-            if self.compressed:
-                data = os.pread(fd, nbytes, offset)
-                got, payload = len(data), memoryview(data)[:max(len(data) - crc, 0)]
-                tail[:] = np.frombuffer(data, np.uint8, count=crc, offset=len(payload)) if got >= crc else 0
-            else:
-                payload = memoryview(self._scratch)
-                got = os.preadv(fd, [payload, memoryview(tail)], offset)
-            if got != nbytes:
+        if self.compressed:  # the compressed bytes are checked before they are decompressed
+            data = os.pread(fd, nbytes, offset)
+            payload = memoryview(data)[:max(len(data) - crc, 0)]
+            if len(data) != nbytes:
                 raise ValueError(damaged_chunk(self.store, self.name, f"{where}: short read (truncated file?)"))
-            if crc and chunk_crc([payload]) != stored_crc(tail):
+            if crc and chunk_crc([payload]) != stored_crc(data[-4:]):
                 raise ValueError(damaged_chunk(self.store, self.name, where))
-            if self.compressed:  # inner chunks are whole (Zarr pads a short last one to the chunk shape)
-                blosc.decompress(payload, self._scratch)
+            blosc.decompress(payload, self._scratch)  # inner chunks are whole (Zarr pads a short last one)
             for k, row in enumerate(rows):
                 memoryview(row).cast("B")[:] = self._scratch[(skip + k) * self.row_bytes:(skip + k + 1) * self.row_bytes]
             return
         views = [memoryview(row).cast("B") for row in rows]
-        targets = views + ([memoryview(tail)] if crc else [])
         position = offset + skip * self.row_bytes
+        if crc:  # the whole chunk is read (the crc covers it): rows not asked for go to a spare buffer
+            spare, slot = self._spare(len(rows) < self.chunk_rows)
+            stop = (skip + len(rows)) * self.row_bytes
+            views = [spare[:skip * self.row_bytes], *views, spare[stop:whole]]
+            position = offset
+        targets = [v for v in views if len(v)] + ([memoryview(tail)] if crc else [])
         for first in range(0, len(targets), IOV_MAX):
             part = targets[first:first + IOV_MAX]
             expected = sum(len(v) for v in part)
@@ -176,5 +181,20 @@ class RawChunks:
                 raise ValueError(damaged_chunk(self.store, self.name, f"{where}: short read at byte {position} "
                                                "(truncated file?)"))
             position += expected
-        if crc:  # the whole chunk was read straight into the rows: its checksum is checked while the caller reads on
-            self.checks.submit(views, stored_crc(tail), damaged_chunk(self.store, self.name, where))
+        if crc:  # checked on the queue's thread while the caller reads on; `wait()` raises a mismatch
+            future = self.checks.submit([v for v in views if len(v)], stored_crc(tail),
+                                        damaged_chunk(self.store, self.name, where))
+            if slot is not None:
+                self._spare_checks[slot] = future
+
+    def _spare(self, needed: bool) -> tuple[memoryview, int | None]:
+        """The next spare buffer and its slot, once the check that last read into it is done (a mismatch is raised
+        here); an empty view and no slot when the caller asked for the whole chunk."""
+        if not needed:
+            return memoryview(self._spares[0])[:0], None
+        slot = self._turn % len(self._spares)
+        self._turn += 1
+        previous, self._spare_checks[slot] = self._spare_checks[slot], None
+        if previous is not None:
+            previous.result()
+        return memoryview(self._spares[slot]), slot

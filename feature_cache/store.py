@@ -1,6 +1,6 @@
-"""The feature store, format 2: one Zarr v3 group per dataset split, features in groups that grow.
+"""The feature store, format 3: one Zarr v3 group per dataset split, features in groups that grow.
 
-Layout (docs/contracts.md, "Feature store, format 2"; S = shard size, n = rows, sample axis first):
+Layout (docs/contracts.md, "Feature store, format 3"; S = shard size, n = rows, sample axis first):
 
 - `rows/{key, sha256, label, generator, format, jpeg_quality, width, height}`: per-row facts written once
   at creation, one chunk per tar; `sha256` (of the image's original bytes) is the row's identity.
@@ -14,9 +14,9 @@ Layout (docs/contracts.md, "Feature store, format 2"; S = shard size, n = rows, 
   `chunk_rows`). Dtype and codec per feature (`codecs`).
   `FEATURE__scale` (n, C) float32 for int8_rowscale; `error` str and `flags` int32 (n, 2) =
   (non-finite values, underflowed values) per row.
-- `GROUP/done/TAR.json`: a tar's done marker with the size and sha256 of each file it wrote, written
-  atomically after the files are on disk; a file zarr did not write (chunk = fill value) is recorded
-  as {bytes: 0, sha256: null}.
+- `GROUP/done/TAR.json`: a tar's done marker with the size and crc32c (format 2: sha256) of each file it wrote,
+  written atomically after the files are on disk; a file zarr did not write (chunk = fill value) is recorded
+  as {bytes: 0, crc32c: null}.
 - attrs: `feature_store` {format: 3, complete}, `provenance` (`StoreProvenance`), `groups`
   ({name: `GroupInfo`}), `generator_names`, `rejected_inputs`, `attrs_sha256` (digests of all of them and of
   every array's attributes). Only the holder of `.lock` writes them.
@@ -48,9 +48,9 @@ from feature_cache.codecs import compressor, has_scale, scale_channels, storage_
 from feature_cache.integrity import (CHECKSUMMED_FORMAT, DIGESTS_ATTR, ChecksumQueue, attribute_digests,
                                      changed_attributes, checksummed, damaged_chunk, file_crc32c,
                                      is_leftover, is_zarr_checksum_error, missing_chunk)
-from feature_cache.raw_chunks import RawChunks
 from feature_cache.provenance import (ExtractorProvenance, FeatureSpec, GroupInfo, StoreProvenance,
                                       config_differences, normalized)
+from feature_cache.raw_chunks import RawChunks
 
 __all__ = ["FeatureStore", "FeatureInfo", "Damage", "ProvenanceMismatchError", "StoreLockedError", "store_lock",
            "config_differences", "CHUNK_ROWS", "FORMAT_VERSION", "ROW_COLUMNS", "FLAG_COLUMNS"]

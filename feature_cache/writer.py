@@ -110,7 +110,8 @@ class ZarrFeatureWriter(BasePredictionWriter):
             guidance_codec: codec of the guidance maps.
             background: write in a background thread (False: inline, in the device loop).
             queue_tars: tars of outputs the queue holds before the device loop waits (bounds host memory).
-            verify_checksums: at start, check every recorded file's sha256 (not only size) and recompute damage.
+            verify_checksums: at start, check every recorded file's crc32c (format 2: sha256), not only its size, and
+                recompute damage.
         """
         super().__init__(write_interval="batch")
         if queue_tars < 1:
