@@ -132,6 +132,7 @@ def test_a_deleted_shard_file_is_an_error_never_zeros(tmp_path: Path) -> None:
     assert not raw_read(zeros, "clip_layer3").any() and not zeros.read("clip_layer3").any()
 
 
+@pytest.mark.slow
 def test_edited_attributes_are_refused_at_open_and_by_verify(tmp_path: Path) -> None:
     """Swapping generator_names in zarr.json. Catches phase 2 silently relabelling generators (the names are codes'
     meaning) and `verify` reporting no damage; an array's own attributes are covered too."""
@@ -154,6 +155,7 @@ def test_edited_attributes_are_refused_at_open_and_by_verify(tmp_path: Path) -> 
         FeatureStore.open(other.path)
 
 
+@pytest.mark.slow
 def test_deleted_done_marker_fails_verify_with_one_line(tmp_path: Path) -> None:
     """Catches `verify` exiting 0 on a store whose done markers disagree with its data (fit refuses it)."""
     store = make(tmp_path / "s")
@@ -166,6 +168,7 @@ def test_deleted_done_marker_fails_verify_with_one_line(tmp_path: Path) -> None:
                                   "same precompute command to recompute them")
 
 
+@pytest.mark.slow
 def test_verify_checks_checksums_by_default(tmp_path: Path) -> None:
     """Catches `verify` passing a same-size flip unless asked for checksums, and `--checksums false` no longer
     being the cheap presence-and-size check."""
@@ -179,6 +182,7 @@ def test_verify_checks_checksums_by_default(tmp_path: Path) -> None:
     assert quick.returncode == 0 and "no damage found (presence and sizes)" in quick.stdout
 
 
+@pytest.mark.slow
 def test_creation_killed_in_its_first_write_is_restarted_and_leftovers_are_cleaned(tmp_path: Path) -> None:
     """A kill -9 while zarr writes the very first zarr.json (the hook kills the process inside zarr's atomic
     write, leaving `zarr.<uuid>.partial`), then a rerun. Catches every rerun refusing "the directory exists and is
