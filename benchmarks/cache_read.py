@@ -1,6 +1,7 @@
 """Phase-2 read throughput of FeatureCacheDataModule beside the machine's ceilings (run by hand; prints figures).
 
     python benchmarks/cache_read.py [--rows 3000] [--clip-dtype float16] [--clip-codec none] [--dir DIR]
+                                    [--formats 3] [--repeat 1]
 
 Builds (once per setting) a format-2 store of RN50-shaped rows: clip_layer3 1024x14x14 (dtype/codec as
 given) + deu 4x32x32 float32 zstd, through the store's own writer API. Before each mode it measures that
@@ -11,7 +12,9 @@ epochs of the data module, the second timed (steady state: reused buffers alread
 epoch's rate is shown beside it), one line per ceiling: `<mode>: <N> rows/s (<GB/s>, <percent> of
 <ceiling>)`. Cold reads evict the store's files from the page cache with posix_fadvise(DONTNEED) (no root
 needed) before the timed epoch. Also prints the shuffle's quality on a store sorted by label: the spread
-of each batch's fake fraction against an ideal shuffle's.
+of each batch's fake fraction against an ideal shuffle's. `--formats 2,3` builds the same store in both
+formats and times each mode on each, alternating `--repeat` times in one run: the cost of verifying every
+chunk's crc32c (format 3) against the same reads without checksums (format 2).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from feature_cache.store import FeatureStore, store_lock  # noqa: E402
 CLIP_SHAPE, DEU_SHAPE = (1024, 14, 14), (4, 32, 32)
 
 
-def build_store(path: Path, rows: int, shard_size: int, clip_dtype: str, clip_codec: str) -> None:
+def build_store(path: Path, rows: int, shard_size: int, clip_dtype: str, clip_codec: str, store_format: int) -> None:
     """Synthetic ReLU-like activations (|normal|), labels sorted like a GenImage split (fakes first)."""
     specs = {"clip_layer3": FeatureSpec(CLIP_SHAPE, clip_dtype, clip_codec), "deu": FeatureSpec(DEU_SHAPE, "float32", "zstd")}
     tars = [{"name": f"shard-{k:06d}.tar", "first_row": k * shard_size, "num_samples": min(shard_size, rows - k * shard_size)}
@@ -54,7 +57,8 @@ def build_store(path: Path, rows: int, shard_size: int, clip_dtype: str, clip_co
              "generator": [0] * rows, "format": ["png"] * rows, "jpeg_quality": [-1] * rows, "width": [256] * rows,
              "height": [256] * rows, "sha256": [hashlib.sha256(str(r).encode()).hexdigest() for r in range(rows)]}
     with store_lock(path):
-        store = FeatureStore.create(path, provenance=provenance, rows=table, generator_names=["sdv4"])
+        store = FeatureStore.create(path, provenance=provenance, rows=table, generator_names=["sdv4"],
+                                    format_version=store_format)
         group = store.add_group(specs, ExtractorProvenance({"benchmark": True}, {name: {} for name in specs}))
     rng = np.random.default_rng(0)
     for k, tar in enumerate(tars):
@@ -194,12 +198,17 @@ def main() -> None:
     parser.add_argument("--clip-dtype", default="float16", choices=["float16", "int8_rowscale", "float8_e4m3"])
     parser.add_argument("--clip-codec", default="none", choices=["none", "lz4", "zstd"])
     parser.add_argument("--modes", default="ram,device,page_cache,cold_disk")
+    parser.add_argument("--formats", default="3", help="store formats to time, e.g. 2,3 (3: chunk checksums)")
+    parser.add_argument("--repeat", type=int, default=1, help="times each (mode, format) is timed, alternating")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "cache_read_bench",
                         help="where the store is built (kept, reused by later runs with the same settings)")
     args = parser.parse_args()
-    path = args.dir / f"store-{args.rows}-{args.clip_dtype}-{args.clip_codec}"
-    if not FeatureStore.exists(path):
-        build_store(path, args.rows, args.shard_size, args.clip_dtype, args.clip_codec)
+    formats = [int(f) for f in args.formats.split(",")]
+    paths = {f: args.dir / f"store-{args.rows}-{args.clip_dtype}-{args.clip_codec}-format{f}" for f in formats}
+    for store_format, store_path in paths.items():
+        if not FeatureStore.exists(store_path):
+            build_store(store_path, args.rows, args.shard_size, args.clip_dtype, args.clip_codec, store_format)
+    path = paths[formats[-1]]
     files = store_files(path)
     row_bytes = sum(int(np.prod(s)) * storage_dtype(d).itemsize for s, d in ((CLIP_SHAPE, args.clip_dtype), (DEU_SHAPE, "float32")))
     row_bytes += 1024 * 4 if args.clip_dtype == "int8_rowscale" else 0
@@ -236,11 +245,16 @@ def main() -> None:
         if mode == "page_cache" and decode and decode < measured["page-cache read"]:
             measured = {f"{args.clip_codec} decode": decode}
         in_memory = {"ram": True, "device": "device", "page_cache": False, "cold_disk": False}[mode]
-        source, setup, first, rate = epoch_rate(path, in_memory, args.batch_size, args.block_rows, args.shuffle_blocks,
-                                        before[mode])
-        for name, value in measured.items():
-            print(f"{line(mode, rate, row_bytes, name, value)}  [{source}, first epoch {first:,.0f} rows/s, "
-                  f"setup {setup:.1f} s]", flush=True)
+        for _ in range(args.repeat):
+            for store_format, store_path in paths.items():
+                store_files_of = store_files(store_path)
+                prepare = {"page_cache": lambda: file_read(store_files_of, direct=False),
+                           "cold_disk": lambda: evict(store_files_of)}.get(mode, before[mode])
+                source, setup, first, rate = epoch_rate(store_path, in_memory, args.batch_size, args.block_rows,
+                                                        args.shuffle_blocks, prepare)
+                for name, value in measured.items():
+                    print(f"{line(mode, rate, row_bytes, name, value)}  [format {store_format}, {source}, first epoch "
+                          f"{first:,.0f} rows/s, setup {setup:.1f} s, load {os.getloadavg()[0]:.1f}]", flush=True)
     print(shuffle_quality(324_000, args.batch_size, args.block_rows, args.shuffle_blocks))
 
 

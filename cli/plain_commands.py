@@ -188,12 +188,13 @@ def separability(*, stores: list[Path], out: Path, direction_from: Path | None =
     print(f"separability table: {out / 'separability.md'} (and .csv, plots/)")
 
 
-def verify(store: Path, checksums: bool = False) -> None:
-    """Check a feature store's files (presence and size; sha256 with --checksums true); exit 1 if any is damaged.
+def verify(store: Path, checksums: bool = True) -> None:
+    """Check a feature store: attributes, every file's presence, size and checksum, done markers; exit 1 if damaged.
 
     Args:
         store: the feature store directory (from `python -m cli precompute`).
-        checksums: also read every file back and compare its sha256 with the one recorded when it was written.
+        checksums: read every file back and compare its crc32c (format 2: sha256) with the one recorded when it
+            was written; false: presence and sizes only (fast).
     """
     from feature_cache.store import FeatureStore
 
@@ -205,5 +206,12 @@ def verify(store: Path, checksums: bool = False) -> None:
         tars = sorted({d.tar or "all tars" for d in damage})
         raise SystemExit(f"python -m cli verify: {store}: {len(damage)} damaged files in {', '.join(tars)}; "
                          "rerun the same precompute command to recompute them")
-    print(f"verify: {store}: no damage found ({'sizes and checksums' if checksums else 'presence and sizes'})")
+    unfinished = {group: len(opened.shard_table) - len(opened.done_tars(group)) for group in opened.incomplete_groups()}
+    if unfinished:
+        raise SystemExit(f"python -m cli verify: {store}: group(s) not computed in full: "
+                         + ", ".join(f"{g} ({n} of {len(opened.shard_table)} tars without a done marker)"
+                                     for g, n in unfinished.items())
+                         + "; finish them with the same precompute command")
+    digest = "crc32c" if opened.format >= 3 else "sha256"
+    print(f"verify: {store}: no damage found ({f'sizes and {digest} checksums' if checksums else 'presence and sizes'})")
 

@@ -50,8 +50,8 @@ class ForensicsTrainer(pl.Trainer):
             clip_codec: codec of CLIP maps (none, lz4, zstd).
             background_writer: encode and write tars in a background thread, off the device loop.
             queue_tars: tars of outputs queued for the writer before the device loop waits.
-            verify_checksums: check every stored file's sha256 at start (not only its size) and recompute
-                damaged tars; false skips the read-back of the whole store.
+            verify_checksums: check every stored file's crc32c (format 2: sha256) at start, not only its size, and
+                recompute damaged tars; false skips the read-back of the whole store.
         """
         from workflows.precompute import precompute
 

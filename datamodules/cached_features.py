@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from datamodules.image_shards import preprocessor_from_provenance
 from datamodules.row_batches import Batches, BlockRows, EpochSettings, ResidentRows, Rows, SplitRows
 from core.geometry import apply_flip_crop, centre_crop_origin, native_crop_box, sample_flip_crop
+from feature_cache.integrity import CHECKSUMMED_FORMAT
 from feature_cache.store import CHUNK_ROWS, FLAG_COLUMNS, FeatureStore, config_differences
 
 RAM_SHARE = 0.5  # in_memory loads into RAM only if the selected rows take at most this share of available RAM
@@ -184,7 +185,9 @@ class FeatureCacheDataModule(pl.LightningDataModule):
             multiple of it (else a block covers whole chunks of the largest divisor of the tar size).
         shuffle_blocks: blocks per shuffle window (each batch mixes rows of about this many blocks).
         allow_shared_images: accept train/val/test splits that share an image (same content hash).
-        verify_checksums: check every store file's sha256 at setup (presence and size are always checked).
+        verify_checksums: check every store file's digest at setup (presence and size are always checked). None:
+                only for format-2 stores, whose chunks carry no checksum (every read of a format-3 store checks its
+                chunks' crc32c); false skips it for them too.
     """
 
     def __init__(self, features: list[str], train: list[str] = [], val: list[str] = [],  # noqa: B006
@@ -192,7 +195,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
                  num_workers: int = 2, in_memory: bool | Literal["device"] = True, images: bool = False,
                  val_fraction: float = 0.0, seed: int = 0, crop_scale: tuple[float, float] = (0.5, 1.0),
                  block_rows: int = CHUNK_ROWS, shuffle_blocks: int = 32, allow_shared_images: bool = False,
-                 verify_checksums: bool = False) -> None:
+                 verify_checksums: bool | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         if not features:
@@ -302,7 +305,9 @@ class FeatureCacheDataModule(pl.LightningDataModule):
                 if todo:
                     raise ValueError(f"feature store {path}: {todo} of {len(store.shard_table)} tars of group {group} "
                                      "not computed yet (finish it with `python -m cli precompute`)")
-            damage = store.verify(checksums=self.hparams.verify_checksums)
+            # A format-2 store's chunks carry no checksum: by default its files' sha256 are checked here instead.
+            checksums = self.hparams.verify_checksums
+            damage = store.verify(checksums=store.format < CHECKSUMMED_FORMAT if checksums is None else checksums)
             if damage:
                 shown = "; ".join(str(d) for d in damage[:3]) + (f" and {len(damage) - 3} more" if len(damage) > 3 else "")
                 raise ValueError(f"feature store {path}: {len(damage)} damaged files ({shown}); "

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from feature_cache.codecs import scale_channels
+from feature_cache.integrity import ChecksumQueue
 from feature_cache.raw_chunks import RawChunks
 from feature_cache.store import FeatureStore
 
@@ -131,6 +132,7 @@ class SplitRows:
                       if self.store(0).feature_info(name).dtype == "float8_e4m3"}
         self.bounds = np.cumsum([0] + [len(p.rows) for p in parts])
         self._raw: dict[tuple[int, str], RawChunks | None] = {}  # per (part, feature); None: read through Zarr
+        self._checks = ChecksumQueue()  # chunk checksums verified while the next chunk is read; waited on per read
         self._scratches: dict[str, np.ndarray] = {}
         self.metadata = {"label": np.concatenate([p.labels for p in parts]).astype(np.int64),
                          "generator": np.concatenate([p.generators for p in parts]).astype(np.int64),
@@ -166,7 +168,7 @@ class SplitRows:
         """The byte-range reader of a feature (or `NAME__scale`) in a part's store; None: read through Zarr."""
         if (part, name) not in self._raw:
             store = self.store(part)
-            self._raw[part, name] = RawChunks.of(store.path / store.group_of(name.removesuffix("__scale")) / name)
+            self._raw[part, name] = store.raw_reader(name, self._checks)
         return self._raw[part, name]
 
     def read(self, positions: np.ndarray, out: dict[str, np.ndarray] | None = None,
@@ -198,6 +200,7 @@ class SplitRows:
                         store.read(name, start, stop, out=scratch)
                         out[name][slots] = scratch
                 filled += stop - start
+        self._checks.wait()  # every chunk's crc32c matched before the rows are handed out
         return {name: out[name][:len(positions)] for name in names}
 
     def _scratch(self, name: str, rows: int) -> np.ndarray:

@@ -2,48 +2,66 @@
 
 Each tar of a feature is one Zarr v3 shard file (`sharding_indexed`, index at the end: an (offset, nbytes)
 uint64 pair per inner chunk, then a crc32c). An inner chunk is the rows' little-endian bytes, either as
-they are (codec `none`) or blosc-compressed (`lz4`, `zstd`). Reading a chunk's byte range with one
-`preadv` that scatters it into the destination rows is one kernel copy from the page cache; Zarr's
-own read copies each chunk out of the store and again into `out`, with ~0.5 ms of per-call overhead
-(the reader was 3–5x slower with it, from the page cache and from cold disk: docs/phase2_reading.md).
-Zarr stays the format: `RawChunks.of` returns None for any other layout (then the caller reads through
-Zarr), and tests compare every value with Zarr's read.
+they are (codec `none`) or blosc-compressed (`lz4`, `zstd`), followed in format-3 stores by the crc32c of
+those bytes (zarr's `crc32c` codec). Reading a chunk's byte range with one `preadv` that scatters it into the
+destination rows is one kernel copy from the page cache; Zarr's own read copies each chunk out of the store
+and again into `out`, with ~0.5 ms of per-call overhead (the reader was 3–5x slower with it, from the page
+cache and from cold disk: docs/phase2_reading.md). Every chunk's crc32c is checked as Zarr would: a
+compressed chunk's before it is decompressed, an uncompressed one's on a `ChecksumQueue` thread while the next
+chunk is read (the caller calls `wait()` before using the rows). A shard file that is missing although its
+tar is done is an error, never fill values. Zarr stays the format: `RawChunks.of` returns None for any other
+layout (then the caller reads through Zarr), and tests compare every value with Zarr's read.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
 import zarr
-from numcodecs import CRC32C, blosc
+from numcodecs import blosc
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.storage import LocalStore
 
+from feature_cache.integrity import ChecksumQueue, chunk_crc, damaged_chunk, missing_chunk, stored_crc
+
 EMPTY = np.iinfo(np.uint64).max  # an index entry of a chunk Zarr did not write (all fill value)
 IOV_MAX = os.sysconf("SC_IOV_MAX")
+SPARES = 4  # buffers for the rows of a checksummed chunk the caller did not ask for, while their check is queued
 
 
 class RawChunks:
     """Rows of one sharded feature array read by byte range (see the module docstring). Not thread-safe:
-    one reusable scratch buffer receives compressed chunks."""
+    one reusable scratch buffer receives compressed (or partly read checksummed) chunks."""
 
-    def __init__(self, array: zarr.Array, root: Path, compressed: bool) -> None:
-        self.array, self.root, self.compressed = array, root, compressed
+    def __init__(self, array: zarr.Array, root: Path, compressed: bool, checksummed: bool,
+                 written: Callable[[int], bool], checks: ChecksumQueue) -> None:
+        self.array, self.root, self.compressed, self.checksummed = array, root, compressed, checksummed
+        self.written, self.checks = written, checks
         self.shard_rows, self.chunk_rows = int(array.shards[0]), int(array.chunks[0])
         self.row_bytes = int(np.prod(array.shape[1:])) * array.dtype.itemsize
         self.fill = array.fill_value
         self._index: dict[int, np.ndarray] = {}
         self._scratch = np.empty(self.chunk_rows * self.row_bytes if compressed else 0, np.uint8)
+        spares = SPARES if checksummed and not compressed else 0
+        self._spares = [np.empty(self.chunk_rows * self.row_bytes, np.uint8) for _ in range(spares)]
+        self._spare_checks: list[Future[None] | None] = [None] * spares
+        self._turn = 0
+        self.store, self.name = root.parents[1], f"{root.parent.name}/{root.name}"  # STORE/GROUP/FEATURE
 
     @classmethod
-    def of(cls, path: str | Path) -> RawChunks | None:
+    def of(cls, path: str | Path, written: Callable[[int], bool] = lambda shard: True,
+           checks: ChecksumQueue | None = None) -> RawChunks | None:
         """The raw reader of the Zarr array at `path`, or None unless it is sharded along rows only (whole rows per
-        shard and chunk), index at the end, bytes (little-endian) plus at most one blosc codec, on a local store."""
+        shard and chunk), index at the end, bytes (little-endian) plus at most one blosc codec and a crc32c, on a
+        local store. `written(shard)`: whether that shard's file was written (a missing one is then an error; an
+        unwritten one, all fill value, reads as the fill value). `checks`: where uncompressed chunks' checksums are
+        verified (the caller's `wait()` raises a mismatch); by default a queue of the reader's own (`wait()`)."""
         array = zarr.open_array(str(path), mode="r")
         codecs = array.metadata.codecs
         if not (isinstance(array.store, LocalStore) and len(codecs) == 1 and isinstance(codecs[0], ShardingCodec)):
@@ -54,12 +72,22 @@ class RawChunks:
                      and [type(c) for c in sharding.index_codecs] == [BytesCodec, Crc32cCodec]
                      and isinstance(inner[0], BytesCodec)
                      and (array.dtype.itemsize == 1 or getattr(inner[0].endian, "value", None) == "little")
-                     and (len(inner) == 1 or (len(inner) == 2 and isinstance(inner[1], BloscCodec)))
+                     and [type(c) for c in inner[1:]] in ([], [BloscCodec], [Crc32cCodec], [BloscCodec, Crc32cCodec])
                      and tuple(array.shards[1:]) == tuple(array.shape[1:]) == tuple(array.chunks[1:])
                      and array.dtype.byteorder in "=|<" and sys.byteorder == "little")
         if not layout_ok:
             return None
-        return cls(array, Path(array.store.root) / array.path, compressed=len(inner) == 2)
+        return cls(array, Path(array.store.root) / array.path, compressed=any(isinstance(c, BloscCodec) for c in inner),
+                   checksummed=isinstance(inner[-1], Crc32cCodec), written=written, checks=checks or ChecksumQueue())
+
+    def wait(self) -> None:
+        """Raise a checksum mismatch of a chunk read so far (checked on the queue's thread)."""
+        self.checks.wait()
+
+    def _damaged(self, shard: int, where: str) -> ValueError:
+        first = shard * self.shard_rows
+        return ValueError(damaged_chunk(self.store, self.name, f"shard file {self._file(shard).relative_to(self.store)} "
+                                        f"{where} (rows {first}..{min(first + self.shard_rows, self.array.shape[0]) - 1})"))
 
     def _file(self, shard: int) -> Path:
         return self.root / self.array.metadata.encode_chunk_key((shard, *[0] * (self.array.ndim - 1)))
@@ -69,14 +97,13 @@ class RawChunks:
         if shard not in self._index:
             chunks = self.shard_rows // self.chunk_rows  # the index covers the full shard shape, even the last one's
             size, index_bytes = os.fstat(fd).st_size, chunks * 16 + 4
-            damaged = ValueError(f"{self._file(shard)}: damaged shard index (run `python -m cli verify` on the store)")
+            damaged = self._damaged(shard, "index")
             if size < index_bytes:
                 raise damaged
-            try:
-                index = np.frombuffer(CRC32C().decode(os.pread(fd, index_bytes, size - index_bytes)), "<u8")
-            except RuntimeError:  # checksum mismatch
-                raise damaged from None
-            index = index.reshape(chunks, 2)
+            data = os.pread(fd, index_bytes, size - index_bytes)
+            if chunk_crc([memoryview(data)[:-4]]) != stored_crc(data[-4:]):
+                raise damaged
+            index = np.frombuffer(data, "<u8", count=2 * chunks).reshape(chunks, 2)
             written = index[index[:, 0] != EMPTY]
             if (written[:, 0] + written[:, 1] > size - index_bytes).any():
                 raise damaged
@@ -85,7 +112,7 @@ class RawChunks:
 
     def read(self, start: int, stop: int, rows: Sequence[np.ndarray]) -> None:
         """Rows [start, stop) into `rows`: one C-contiguous array per row, of the row's shape and the array's
-        dtype (e.g. rows of a batch buffer in any order)."""
+        dtype (e.g. rows of a batch buffer in any order). Call `wait()` before using them (checksums)."""
         if len(rows) != stop - start:
             raise ValueError(f"RawChunks.read: rows [{start}, {stop}) need {stop - start} targets, got {len(rows)}")
         for shard in range(start // self.shard_rows, (stop - 1) // self.shard_rows + 1):
@@ -97,40 +124,77 @@ class RawChunks:
         """Rows [first, stop) of one shard (counted from its first row) into `rows`."""
         try:
             fd = os.open(self._file(shard), os.O_RDONLY)
-        except FileNotFoundError:  # Zarr writes no file for a shard that is all fill value
-            for row in rows:
+        except FileNotFoundError:
+            if self.written(shard):
+                start = shard * self.shard_rows
+                raise ValueError(missing_chunk(self.store, self.name, str(self._file(shard).relative_to(self.store)),
+                                               (start, min(start + self.shard_rows, self.array.shape[0])))) from None
+            for row in rows:  # Zarr writes no file for a shard that is all fill value (recorded so by its tar)
                 row[...] = self.fill
             return
         try:
             index = self._chunk_index(shard, fd)
             for chunk in range(first // self.chunk_rows, (stop - 1) // self.chunk_rows + 1):
                 lo, hi = max(first, chunk * self.chunk_rows), min(stop, (chunk + 1) * self.chunk_rows)
-                self._read_chunk(fd, shard, index[chunk], lo - chunk * self.chunk_rows, rows[lo - first:hi - first])
+                self._read_chunk(fd, shard, chunk, index[chunk], lo - chunk * self.chunk_rows, rows[lo - first:hi - first])
         finally:
             os.close(fd)
 
-    def _read_chunk(self, fd: int, shard: int, entry: np.ndarray, skip: int, rows: Sequence[np.ndarray]) -> None:
+    def _read_chunk(self, fd: int, shard: int, chunk: int, entry: np.ndarray, skip: int,
+                    rows: Sequence[np.ndarray]) -> None:
         """Rows skip..skip+len(rows) of one inner chunk into `rows`."""
         offset, nbytes = int(entry[0]), int(entry[1])
         if offset == EMPTY:
             for row in rows:
                 row[...] = self.fill
             return
-        if self.compressed:
+        first_row = shard * self.shard_rows + chunk * self.chunk_rows
+        where = f"shard file {self._file(shard).relative_to(self.store)} inner chunk {chunk} " \
+                f"(rows {first_row}..{min(first_row + self.chunk_rows, self.array.shape[0]) - 1})"
+        crc, whole = (4 if self.checksummed else 0), self.chunk_rows * self.row_bytes
+        if not self.compressed and nbytes != whole + crc:
+            raise ValueError(damaged_chunk(self.store, self.name, f"{where}: {nbytes} bytes, expected {whole + crc}"))
+        tail = np.empty(crc, np.uint8)
+        if self.compressed:  # the compressed bytes are checked before they are decompressed
             data = os.pread(fd, nbytes, offset)
-            chunk = self._scratch  # inner chunks are whole (Zarr pads a short last one to the chunk shape)
-            blosc.decompress(data, chunk)
+            payload = memoryview(data)[:max(len(data) - crc, 0)]
+            if len(data) != nbytes:
+                raise ValueError(damaged_chunk(self.store, self.name, f"{where}: short read (truncated file?)"))
+            if crc and chunk_crc([payload]) != stored_crc(data[-4:]):
+                raise ValueError(damaged_chunk(self.store, self.name, where))
+            blosc.decompress(payload, self._scratch)  # inner chunks are whole (Zarr pads a short last one)
             for k, row in enumerate(rows):
-                memoryview(row).cast("B")[:] = chunk[(skip + k) * self.row_bytes:(skip + k + 1) * self.row_bytes]
+                memoryview(row).cast("B")[:] = self._scratch[(skip + k) * self.row_bytes:(skip + k + 1) * self.row_bytes]
             return
-        if nbytes != self.chunk_rows * self.row_bytes:
-            raise ValueError(f"{self._file(shard)}: an uncompressed chunk of {nbytes} bytes, expected "
-                             f"{self.chunk_rows * self.row_bytes} (run `python -m cli verify` on the store)")
         views = [memoryview(row).cast("B") for row in rows]
         position = offset + skip * self.row_bytes
-        for first in range(0, len(views), IOV_MAX):
-            part = views[first:first + IOV_MAX]
+        if crc:  # the whole chunk is read (the crc covers it): rows not asked for go to a spare buffer
+            spare, slot = self._spare(len(rows) < self.chunk_rows)
+            stop = (skip + len(rows)) * self.row_bytes
+            views = [spare[:skip * self.row_bytes], *views, spare[stop:whole]]
+            position = offset
+        targets = [v for v in views if len(v)] + ([memoryview(tail)] if crc else [])
+        for first in range(0, len(targets), IOV_MAX):
+            part = targets[first:first + IOV_MAX]
             expected = sum(len(v) for v in part)
             if os.preadv(fd, part, position) != expected:
-                raise ValueError(f"{self._file(shard)}: short read at byte {position} (truncated shard file?)")
+                raise ValueError(damaged_chunk(self.store, self.name, f"{where}: short read at byte {position} "
+                                               "(truncated file?)"))
             position += expected
+        if crc:  # checked on the queue's thread while the caller reads on; `wait()` raises a mismatch
+            future = self.checks.submit([v for v in views if len(v)], stored_crc(tail),
+                                        damaged_chunk(self.store, self.name, where))
+            if slot is not None:
+                self._spare_checks[slot] = future
+
+    def _spare(self, needed: bool) -> tuple[memoryview, int | None]:
+        """The next spare buffer and its slot, once the check that last read into it is done (a mismatch is raised
+        here); an empty view and no slot when the caller asked for the whole chunk."""
+        if not needed:
+            return memoryview(self._spares[0])[:0], None
+        slot = self._turn % len(self._spares)
+        self._turn += 1
+        previous, self._spare_checks[slot] = self._spare_checks[slot], None
+        if previous is not None:
+            previous.result()
+        return memoryview(self._spares[slot]), slot

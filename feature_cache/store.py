@@ -1,6 +1,6 @@
-"""The feature store, format 2: one Zarr v3 group per dataset split, features in groups that grow.
+"""The feature store, format 3: one Zarr v3 group per dataset split, features in groups that grow.
 
-Layout (docs/contracts.md, "Feature store, format 2"; S = shard size, n = rows, sample axis first):
+Layout (docs/contracts.md, "Feature store, format 3"; S = shard size, n = rows, sample axis first):
 
 - `rows/{key, sha256, label, generator, format, jpeg_quality, width, height}`: per-row facts written once
   at creation, one chunk per tar; `sha256` (of the image's original bytes) is the row's identity.
@@ -14,11 +14,15 @@ Layout (docs/contracts.md, "Feature store, format 2"; S = shard size, n = rows, 
   `chunk_rows`). Dtype and codec per feature (`codecs`).
   `FEATURE__scale` (n, C) float32 for int8_rowscale; `error` str and `flags` int32 (n, 2) =
   (non-finite values, underflowed values) per row.
-- `GROUP/done/TAR.json`: a tar's done marker with the size and sha256 of each file it wrote, written
-  atomically after the files are on disk; a file zarr did not write (chunk = fill value) is recorded
-  as {bytes: 0, sha256: null}.
-- attrs: `feature_store` {format: 2, complete}, `provenance` (`StoreProvenance`), `groups`
-  ({name: `GroupInfo`}), `generator_names`, `rejected_inputs`. Only the holder of `.lock` writes them.
+- `GROUP/done/TAR.json`: a tar's done marker with the size and crc32c (format 2: sha256) of each file it wrote,
+  written atomically after the files are on disk; a file zarr did not write (chunk = fill value) is recorded
+  as {bytes: 0, crc32c: null}.
+- attrs: `feature_store` {format: 3, complete}, `provenance` (`StoreProvenance`), `groups`
+  ({name: `GroupInfo`}), `generator_names`, `rejected_inputs`, `attrs_sha256` (digests of all of them and of
+  every array's attributes). Only the holder of `.lock` writes them.
+- Format 3 (`feature_cache/integrity.py`): every chunk ends with a crc32c checked on every read, done markers
+  record crc32c instead of sha256, attributes are digested. Format-2 stores are read unchanged (no per-read
+  check); phase 2 checks their files' sha256 at open instead.
 """
 
 from __future__ import annotations
@@ -28,25 +32,31 @@ import importlib
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import zarr
+from zarr.codecs import ZstdCodec
 from zarr.core.buffer.cpu import NDBuffer
 
 from core.hashing import file_sha256
 from feature_cache.codecs import compressor, has_scale, scale_channels, storage_dtype
+from feature_cache.integrity import (CHECKSUMMED_FORMAT, DIGESTS_ATTR, ChecksumQueue, attribute_digests,
+                                     changed_attributes, checksummed, damaged_chunk, file_crc32c,
+                                     is_leftover, is_zarr_checksum_error, missing_chunk)
 from feature_cache.provenance import (ExtractorProvenance, FeatureSpec, GroupInfo, StoreProvenance,
                                       config_differences, normalized)
+from feature_cache.raw_chunks import RawChunks
 
 __all__ = ["FeatureStore", "FeatureInfo", "Damage", "ProvenanceMismatchError", "StoreLockedError", "store_lock",
            "config_differences", "CHUNK_ROWS", "FORMAT_VERSION", "ROW_COLUMNS", "FLAG_COLUMNS"]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: chunk checksums, crc32c done markers, attribute digests (feature_cache/integrity.py)
+READABLE_FORMATS = (2, 3)
 ROW_COLUMNS = {"key": str, "sha256": str, "label": "int8", "generator": "int16", "format": str,
                "jpeg_quality": "int16", "width": "int32", "height": "int32"}
 FLAG_COLUMNS = ("non_finite", "underflow")
@@ -54,6 +64,7 @@ _ROW_FILL = {"label": -1, "generator": -1, "jpeg_quality": -1, "width": 0, "heig
 CHUNK_ROWS = 32  # rows per inner chunk of a feature array: the phase-2 reader's default block (block_rows)
 _ROWS_CHECKSUMS = "rows.checksums.json"
 _LOCK = ".lock"
+_T = TypeVar("_T")
 
 
 class ProvenanceMismatchError(ValueError):
@@ -130,13 +141,15 @@ def _chunk_file(array: str, index: int, ndim: int) -> str:
     return "/".join([array, "c", str(index), *["0"] * (ndim - 1)])
 
 
-def _file_record(path: Path) -> dict[str, Any]:
-    """Size and sha256 of a file after fsync (so a done marker never points at data still in flight)."""
+def _file_record(path: Path, store_format: int) -> dict[str, Any]:
+    """Size and digest of a file after fsync (so a done marker never points at data still in flight): crc32c from
+    format 3 on (checked at reading speed), sha256 in format 2."""
+    key = "crc32c" if store_format >= CHECKSUMMED_FORMAT else "sha256"
     if not path.exists():
-        return {"bytes": 0, "sha256": None}
+        return {"bytes": 0, key: None}
     with path.open("rb") as f:
         os.fsync(f.fileno())
-    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    return {"bytes": path.stat().st_size, key: file_crc32c(path) if key == "crc32c" else file_sha256(path)}
 
 
 def _write_atomically(path: Path, payload: Any) -> None:
@@ -151,15 +164,16 @@ def _write_atomically(path: Path, payload: Any) -> None:
 
 def _file_problem(path: Path, record: Mapping[str, Any], checksums: bool) -> str | None:
     """What is wrong with one recorded file, or None."""
-    if record["sha256"] is None:
+    key = "crc32c" if "crc32c" in record else "sha256"
+    if record[key] is None:
         return "present but recorded as fill value (absent)" if path.exists() else None
     if not path.is_file():
         return "missing"
     size = path.stat().st_size
     if size != record["bytes"]:
         return f"size {size} != recorded {record['bytes']} (truncated or replaced)"
-    if checksums and file_sha256(path) != record["sha256"]:
-        return "checksum mismatch (bytes changed)"
+    if checksums and (file_crc32c(path) if key == "crc32c" else file_sha256(path)) != record[key]:
+        return f"{key} mismatch (bytes changed)"
     return None
 
 
@@ -185,39 +199,51 @@ class FeatureStore:
         self.path = path
         self._root = root
         attrs = root.attrs.asdict()
+        self.format = int(attrs["feature_store"]["format"])
         self.provenance = StoreProvenance.from_attrs(attrs["provenance"])
         self.groups: dict[str, GroupInfo] = {g: GroupInfo.from_attrs(v) for g, v in attrs.get("groups", {}).items()}
         self.generator_names: list[str] = list(attrs["generator_names"])
         self._rejected_inputs: list[dict[str, str]] = list(attrs.get("rejected_inputs", []))
         self.shard_size = _check_tars(self.shard_table)
         self._arrays: dict[str, zarr.Array] = {}
+        self._records: dict[tuple[str, int], dict[str, Any]] = {}  # files records of rows/ and of done tars
+        if attrs["feature_store"].get("complete"):
+            changed = self.changed_attributes()
+            if changed:
+                raise ValueError(f"feature store {path}: {changed[0]} changed since it was written (its sha256 in "
+                                 f"{DIGESTS_ATTR} no longer matches), so its rows' meaning cannot be trusted; restore "
+                                 "the store's zarr.json files or recompute it with precompute into a new path")
 
     # ---- creation, opening, growing --------------------------------------------------------------------------
 
     @classmethod
     def create(cls, path: str | Path, *, provenance: StoreProvenance, rows: Mapping[str, Sequence[Any]],
-               generator_names: Sequence[str], rejected: Sequence[Mapping[str, str]] = ()) -> FeatureStore:
-        """Write a new store's rows/ and attrs (hold `store_lock(path)`); an incomplete one is wiped first."""
+               generator_names: Sequence[str], rejected: Sequence[Mapping[str, str]] = (),
+               format_version: int = FORMAT_VERSION) -> FeatureStore:
+        """Write a new store's rows/ and attrs (hold `store_lock(path)`); an incomplete one is wiped first.
+        `format_version` 2 writes the older layout (no chunk checksums): only to compare the two."""
         path = Path(path)
         if (path / "zarr.json").exists():
             if cls._marker(path).get("complete"):
                 raise ValueError(f"feature store {path}: already exists (open it instead)")
-        elif any(p.name != _LOCK for p in path.iterdir()):
+        elif any(p.name != _LOCK and not is_leftover(p.name) for p in path.iterdir()):
             raise ValueError(f"feature store {path}: the directory exists and is not a feature store; "
                              "choose another path")
-        for entry in path.iterdir():  # a creation killed halfway: start over (the lock file stays)
+        for entry in path.iterdir():  # a creation killed halfway (even in its first write): start over, keep the lock
             if entry.name != _LOCK:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         _check_tars(provenance.dataset.tars)
+        if format_version not in READABLE_FORMATS:
+            raise ValueError(f"feature store {path}: cannot write format {format_version} ({READABLE_FORMATS})")
         root = zarr.open_group(path, mode="a")
-        root.attrs.update(normalized({"feature_store": {"format": FORMAT_VERSION, "complete": False},
+        root.attrs.update(normalized({"feature_store": {"format": format_version, "complete": False},
                                       "provenance": provenance.to_attrs(), "groups": {},
                                       "generator_names": list(generator_names),
                                       "rejected_inputs": [{"path": r["path"], "reason": r["reason"]}
                                                           for r in rejected]}))
         store = cls(path, root)
         store.write_rows(rows)
-        root.attrs["feature_store"] = {"format": FORMAT_VERSION, "complete": True}
+        store._seal(feature_store={"format": format_version, "complete": True})  # one write: complete and sealed
         return store
 
     @staticmethod
@@ -243,9 +269,9 @@ class FeatureStore:
         if marker.get("format") == 1:
             raise ValueError(f"feature store {path} is format 1 (noise keyed by row number); recompute it with "
                              "python -m cli precompute into a new path")
-        if marker.get("format") != FORMAT_VERSION:
+        if marker.get("format") not in READABLE_FORMATS:
             raise ValueError(f"feature store {path}: unknown format {marker.get('format')!r} (this code reads "
-                             f"format {FORMAT_VERSION})")
+                             f"formats {', '.join(map(str, READABLE_FORMATS))})")
         if not marker.get("complete"):
             raise FileNotFoundError(f"feature store {path}: its creation did not finish (rerun precompute)")
         return cls(path, zarr.open_group(path, mode="r+" if writable else "r"))
@@ -263,12 +289,13 @@ class FeatureStore:
                                  f"{self.num_rows} rows")
             kwargs = {} if dtype is str else {"fill_value": _ROW_FILL.get(name, 0)}
             array = group.create_array(name, shape=(self.num_rows,), chunks=(self.shard_size,), dtype=dtype,
-                                       overwrite=True, **kwargs)
+                                       overwrite=True, **kwargs, **self._compressors(ZstdCodec(level=0)))
             array[:] = values
         self._arrays = {}
         files = ["rows/zarr.json"] + [f"rows/{name}/zarr.json" for name in ROW_COLUMNS]
         files += [_chunk_file(f"rows/{name}", k, 1) for name in ROW_COLUMNS for k in range(len(self.shard_table))]
-        _write_atomically(self.path / _ROWS_CHECKSUMS, {rel: _file_record(self.path / rel) for rel in files})
+        _write_atomically(self.path / _ROWS_CHECKSUMS, {rel: _file_record(self.path / rel, self.format) for rel in files})
+        self._records = {}
 
     def add_group(self, features: Mapping[str, FeatureSpec], extractor: ExtractorProvenance) -> str:
         """A new feature group (hold the lock): preallocate its arrays, record it in attrs; returns its name."""
@@ -283,7 +310,7 @@ class FeatureStore:
         info = GroupInfo(dict(features), extractor)
         self._create_group_arrays(name, info)
         self.groups[name] = info
-        self._root.attrs["groups"] = normalized({g: i.to_attrs() for g, i in self.groups.items()})
+        self._seal(groups={g: i.to_attrs() for g, i in self.groups.items()})  # one write: the group and its digest
         return name
 
     def _create_group_arrays(self, group: str, info: GroupInfo, only: set[str] | None = None) -> None:
@@ -299,13 +326,117 @@ class FeatureStore:
                 if only is None or name in only:
                     zgroup.create_array(name, shape=(n, *shape), dtype=array_dtype, fill_value=0, overwrite=True,
                                         chunks=(_inner_rows(size), *shape),
-                                        shards=(size, *shape), compressors=codec)
+                                        shards=(size, *shape), **self._compressors(codec))
         if only is None or "error" in only:
-            zgroup.create_array("error", shape=(n,), chunks=(size,), dtype=str, overwrite=True)
+            zgroup.create_array("error", shape=(n,), chunks=(size,), dtype=str, overwrite=True,
+                                **self._compressors(ZstdCodec(level=0)))
         if only is None or "flags" in only:
             zgroup.create_array("flags", shape=(n, len(FLAG_COLUMNS)), chunks=(size, len(FLAG_COLUMNS)),
-                                dtype="int32", fill_value=0, overwrite=True)
+                                dtype="int32", fill_value=0, overwrite=True, **self._compressors(ZstdCodec(level=0)))
         self._arrays = {}
+
+    def _compressors(self, codec: Any) -> dict[str, Any]:
+        """`compressors=` of a new array: the codec, then (format 3) the chunk's crc32c; format 2 keeps its old
+        arrays' codecs (zarr's default where `codec` is zstd level 0), so a grown format-2 store stays one format."""
+        if self.format >= CHECKSUMMED_FORMAT:
+            return {"compressors": checksummed(codec)}
+        return {"compressors": codec} if not isinstance(codec, ZstdCodec) else {}
+
+    # ---- integrity: attribute digests, written chunks ---------------------------------------------------------
+
+    def _node_attributes(self) -> dict[str, dict[str, Any]]:
+        """Own attributes of rows/, its arrays, each group and its arrays (from their zarr.json); a node whose
+        metadata is lost is left out (`verify` reports it and a precompute rerun recreates it)."""
+        nodes = ["rows", *(f"rows/{column}" for column in ROW_COLUMNS)]
+        for group in self.groups:
+            nodes += [group, *(f"{group}/{name}" for name in self._group_arrays(group))]
+        attributes = {}
+        for node in nodes:
+            metadata = self.path / node / "zarr.json"
+            if metadata.is_file():
+                attributes[node] = json.loads(metadata.read_text()).get("attributes", {})
+        return attributes
+
+    def _seal(self, **updates: Any) -> None:
+        """Write root attributes `updates` together with the digests of every attribute (format 3; hold the lock)."""
+        updates = json.loads(json.dumps(normalized(updates)))  # digested as read back
+        if self.format >= CHECKSUMMED_FORMAT:
+            updates[DIGESTS_ATTR] = attribute_digests({**self._root.attrs.asdict(), **updates}, self._node_attributes())
+        self._root.attrs.update(updates)
+
+    def changed_attributes(self) -> list[str]:
+        """Attributes whose digest no longer matches the one written with them (format 3), e.g. `attribute
+        generator_names`; a node whose metadata is lost is not compared (it is damage, repaired by precompute)."""
+        if self.format < CHECKSUMMED_FORMAT:
+            return []
+        attrs = self._root.attrs.asdict()
+        if DIGESTS_ATTR not in attrs:
+            return [f"attribute {DIGESTS_ATTR} (removed)"]
+        nodes = self._node_attributes()
+        recorded = {k: v for k, v in attrs[DIGESTS_ATTR].items() if not k.endswith("/") or k[:-1] in nodes}
+        return changed_attributes(recorded, attribute_digests(attrs, nodes))
+
+    def _files_record(self, group: str, index: int) -> dict[str, Any] | None:
+        """{file: {bytes, digest}} of rows/ (`group` "rows") or of tar `index` of a group; None: tar not done."""
+        key = (group, -1 if group == "rows" else index)
+        if key not in self._records:
+            path = (self.path / _ROWS_CHECKSUMS if group == "rows"
+                    else self._marker_path(group, self.shard_table[index]["name"]))
+            try:
+                record = json.loads(path.read_text())
+            except FileNotFoundError:
+                return None  # not done (yet): its files are legitimately absent
+            except ValueError:
+                raise ValueError(f"feature store {self.path}: {path.relative_to(self.path)} is unreadable; rerun the "
+                                 "same `python -m cli precompute` command to recompute it") from None
+            self._records[key] = record if group == "rows" else record["files"]
+        return self._records[key]
+
+    def chunk_written(self, array: str, index: int) -> bool:
+        """Whether chunk file `index` (along rows) of array `array` (e.g. `g0/deu`) was written: its tar is done (rows/:
+        created) and its record does not say "equal to the fill value, not stored". A missing written file is damage."""
+        record = self._files_record(array.split("/")[0], index)
+        ndim = 1 + len(self._array(array).shape[1:])
+        return record is not None and bool(record.get(_chunk_file(array, index, ndim), {}).get("bytes"))
+
+    def _checked_read(self, array: str, start: int, stop: int, read: Callable[[zarr.Array], _T]) -> _T:
+        """`read(zarr array)` of rows [start, stop) of `array`, refusing what Zarr would return as fill values or
+        raise as a checksum error: a missing written chunk file, a chunk whose crc32c fails (one line each)."""
+        zarray = self._array(array)
+        per_file = int((zarray.shards or zarray.chunks)[0])
+        for index in range(start // per_file, (stop - 1) // per_file + 1 if stop > start else 0):
+            file = _chunk_file(array, index, zarray.ndim)
+            if not (self.path / file).is_file() and self.chunk_written(array, index):
+                raise ValueError(missing_chunk(self.path, array, file,
+                                               (index * per_file, min((index + 1) * per_file, self.num_rows))))
+        try:
+            return read(zarray)
+        except ValueError as error:
+            if not is_zarr_checksum_error(error):
+                raise
+            raise ValueError(damaged_chunk(self.path, array, self._bad_chunk(array, zarray, start, stop))) from None
+
+    def _bad_chunk(self, array: str, zarray: zarr.Array, start: int, stop: int) -> str:
+        """Which chunk of rows [start, stop) fails its checksum, found by reading them one at a time."""
+        per_chunk, per_file = int(zarray.chunks[0]), int((zarray.shards or zarray.chunks)[0])
+        for chunk in range(start // per_chunk, (stop - 1) // per_chunk + 1):
+            lo, hi = chunk * per_chunk, min((chunk + 1) * per_chunk, self.num_rows)
+            try:
+                zarray[lo:hi]
+            except ValueError as error:
+                if not is_zarr_checksum_error(error):
+                    raise
+                file = _chunk_file(array, lo // per_file, zarray.ndim)
+                if zarray.shards:  # the same words as RawChunks: shard file, inner chunk counted within it
+                    return f"shard file {file} inner chunk {(lo % per_file) // per_chunk} (rows {lo}..{hi - 1})"
+                return f"chunk file {file} (rows {lo}..{hi - 1})"
+        return f"rows {start}..{stop - 1}"
+
+    def raw_reader(self, name: str, checks: ChecksumQueue | None = None) -> RawChunks | None:
+        """The byte-range reader of a feature (or `NAME__scale`), knowing which shard files were written (a missing
+        one is an error); None when its layout is not one RawChunks reads (read through `read` then)."""
+        array = f"{self.group_of(name.removesuffix('__scale'))}/{name}"
+        return RawChunks.of(self.path / array, written=lambda shard: self.chunk_written(array, shard), checks=checks)
 
     def _group_arrays(self, group: str) -> list[str]:
         """Array names of a group (features, their scales, error, flags)."""
@@ -384,13 +515,13 @@ class FeatureStore:
                                f"{self.path}`; a precompute rerun repairs it)") from None
         return self._arrays[rel]
 
-    def _feature_array(self, name: str) -> zarr.Array:
-        """`name` or `name__scale` of any group."""
+    def _feature_array(self, name: str) -> str:
+        """The array path of `name` or `name__scale` of any group."""
         feature = name.removesuffix("__scale")
         if name != feature and not self.feature_info(feature).has_scale:
             raise KeyError(f"feature store {self.path}: feature {feature} has no scale (dtype "
                            f"{self.feature_info(feature).dtype})")
-        return self._array(f"{self.group_of(feature)}/{name}")
+        return f"{self.group_of(feature)}/{name}"
 
     # ---- reads -----------------------------------------------------------------------------------------------
 
@@ -399,20 +530,22 @@ class FeatureStore:
 
         `out` (C-contiguous, the rows' shape and storage dtype) receives the rows instead of a new array: a
         reader that reuses its buffers avoids page-faulting fresh memory on every read."""
-        selection = slice(start, self.num_rows if stop is None else stop)
+        stop = self.num_rows if stop is None else stop
         if out is None:
-            return self._feature_array(name)[selection]
-        self._feature_array(name).get_basic_selection(selection, out=NDBuffer.from_numpy_array(out))
+            return self._checked_read(self._feature_array(name), start, stop, lambda array: array[start:stop])
+        self._checked_read(self._feature_array(name), start, stop, lambda array: array.get_basic_selection(
+            slice(start, stop), out=NDBuffer.from_numpy_array(out)))
         return out
 
     def chunk_rows(self, name: str) -> int:
         """Rows per inner chunk of a feature (or `NAME__scale`), from its Zarr metadata (older stores differ)."""
-        return int(self._feature_array(name).chunks[0])
+        return int(self._array(self._feature_array(name)).chunks[0])
 
     def read_rows(self, name: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """Sorted rows of a feature (or `NAME__scale`), one contiguous read per tar they fall in."""
         rows = np.asarray(rows, dtype=np.int64)
-        array = self._feature_array(name)
+        path = self._feature_array(name)
+        array = self._array(path)
         if rows.size == 0:
             return np.zeros((0, *array.shape[1:]), dtype=array.dtype)
         if (np.diff(rows) < 0).any() or rows[0] < 0 or rows[-1] >= self.num_rows:
@@ -422,33 +555,35 @@ class FeatureStore:
         for tar in np.unique(tars):
             block = rows[tars == tar]
             lo = int(block[0])
-            parts.append(array[lo:int(block[-1]) + 1][block - lo])
+            hi = int(block[-1]) + 1
+            parts.append(self._checked_read(path, lo, hi, lambda array: array[lo:hi])[block - lo])
         return np.concatenate(parts)
 
     def rows(self, column: str) -> np.ndarray:
         """A rows/ column (key, sha256, label, generator, format, jpeg_quality, width, height) for every row."""
         if column not in ROW_COLUMNS:
             raise KeyError(f"feature store {self.path}: no row column {column!r} (columns: {', '.join(ROW_COLUMNS)})")
-        return self._array(f"rows/{column}")[:]
+        return self._checked_read(f"rows/{column}", 0, self.num_rows, lambda array: array[:])
 
     def _group_name(self, group_or_feature: str) -> str:
         return group_or_feature if group_or_feature in self.groups else self.group_of(group_or_feature)
 
     def errors(self, group_or_feature: str) -> np.ndarray:
         """Per-row decode errors ("" = fine) of a group (or of the group holding a feature)."""
-        return self._array(f"{self._group_name(group_or_feature)}/error")[:]
+        return self._checked_read(f"{self._group_name(group_or_feature)}/error", 0, self.num_rows, lambda array: array[:])
 
     def flags(self, group_or_feature: str) -> np.ndarray:
         """(n, 2) int32 per row: non-finite values, underflowed values (FLAG_COLUMNS)."""
-        return self._array(f"{self._group_name(group_or_feature)}/flags")[:]
+        return self._checked_read(f"{self._group_name(group_or_feature)}/flags", 0, self.num_rows, lambda array: array[:])
 
     def rejected(self) -> list[dict[str, Any]]:
         """Converter rejects ({path, reason}) then rows that failed in phase 1 ({key, row, reason})."""
         records: list[dict[str, Any]] = [dict(r) for r in self._rejected_inputs]
         reasons: dict[int, str] = {}
         for group in self.groups:
-            for row in np.flatnonzero(self.errors(group) != ""):
-                reasons.setdefault(int(row), str(self.errors(group)[row]))
+            errors = self.errors(group)
+            for row in np.flatnonzero(errors != ""):
+                reasons.setdefault(int(row), str(errors[row]))
         if reasons:
             keys = self.rows("key")
             records += [{"key": str(keys[row]), "row": row, "reason": reason} for row, reason in sorted(reasons.items())]
@@ -495,7 +630,7 @@ class FeatureStore:
             self._array(f"{group}/{name}")[start:stop] = array
         self._array(f"{group}/error")[start:stop] = np.asarray(list(errors), dtype=str)
         self._array(f"{group}/flags")[start:stop] = flags.astype(np.int32)
-        files = {rel: _file_record(self.path / rel) for rel in self.tar_files(group, index)}
+        files = {rel: _file_record(self.path / rel, self.format) for rel in self.tar_files(group, index)}
         _write_atomically(self._marker_path(group, tar), {"rows": count, "files": files,
                                                           "flagged": int((flags.sum(axis=1) > 0).sum())})
 
@@ -509,8 +644,10 @@ class FeatureStore:
         return shapes
 
     def verify(self, checksums: bool = False) -> list[Damage]:
-        """Damaged files: presence and size of everything recorded (and sha256 with `checksums`)."""
-        damage: list[Damage] = []
+        """Damage: changed attributes, presence and size of every recorded file (and its digest with `checksums`:
+        crc32c, sha256 in format 2), files of a tar whose done marker is gone."""
+        damage = [Damage("attrs", None, "zarr.json", f"{change} since it was written")
+                  for change in self.changed_attributes()]
         tar_names = [t["name"] for t in self.shard_table]
         record_path = self.path / _ROWS_CHECKSUMS
         if not record_path.is_file():
@@ -536,12 +673,19 @@ class FeatureStore:
                     problem = _file_problem(self.path / rel, record, checksums)
                     if problem:
                         damage.append(Damage(group, tar, rel, problem))
+            done = self.done_tars(group)
+            for index, tar in enumerate(tar_names):
+                if tar not in done and any((self.path / rel).exists() for rel in self.tar_files(group, index)):
+                    damage.append(Damage(group, tar, str(self._marker_path(group, tar).relative_to(self.path)),
+                                         "missing while the tar's files exist (deleted done marker?)"))
         return damage
 
     def drop_tars(self, group: str, tars: Sequence[str]) -> None:
         """Forget tars of a group (marker first, then their files) so a rerun recomputes them."""
+        tar_names = [t["name"] for t in self.shard_table]
         for tar in tars:
             self._marker_path(group, tar).unlink(missing_ok=True)
+            self._records.pop((group, tar_names.index(tar)), None)
             for rel in self.tar_files(group, [t["name"] for t in self.shard_table].index(tar)):
                 (self.path / rel).unlink(missing_ok=True)
 
@@ -568,6 +712,8 @@ class FeatureStore:
             if tars:
                 self.drop_tars(group, tars)
                 actions.append(f"{group}: tars {', '.join(tars)} to recompute")
+        if actions:
+            self._seal()  # recreated arrays have new metadata files: digest them
         return actions
 
     def summary(self) -> str:

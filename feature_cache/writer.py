@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar
 
 from core.progress import ProgressLine, plain_output
 from feature_cache.codecs import encode
+from feature_cache.integrity import remove_leftovers
 from feature_cache.manifest import read_rejected, store_rows
 from feature_cache.provenance import (DatasetProvenance, ExtractorProvenance, FeatureSpec, PixelProvenance,
                                       StoreProvenance, config_differences)
@@ -109,7 +110,8 @@ class ZarrFeatureWriter(BasePredictionWriter):
             guidance_codec: codec of the guidance maps.
             background: write in a background thread (False: inline, in the device loop).
             queue_tars: tars of outputs the queue holds before the device loop waits (bounds host memory).
-            verify_checksums: at start, check every recorded file's sha256 (not only size) and recompute damage.
+            verify_checksums: at start, check every recorded file's crc32c (format 2: sha256), not only its size, and
+                recompute damage.
         """
         super().__init__(write_interval="batch")
         if queue_tars < 1:
@@ -202,6 +204,10 @@ class ZarrFeatureWriter(BasePredictionWriter):
             metadata = datamodule.row_metadata() if hasattr(datamodule, "row_metadata") else None
             return store_rows(shard_dir, names, metadata)
 
+        leftovers = remove_leftovers(self.path)  # of writes killed in an earlier run (we hold the lock)
+        if leftovers:
+            print(f"precompute: removed {len(leftovers)} temporary files left by an interrupted run in {self.path}",
+                  file=sys.stderr)
         if not FeatureStore.exists(self.path):
             store = FeatureStore.create(self.path, provenance=StoreProvenance(dataset, pixels), rows=rows(),
                                         generator_names=names, rejected=read_rejected(shard_dir))

@@ -227,8 +227,8 @@ def write_store(path: Path, values: Callable[[np.ndarray], dict[str, np.ndarray]
                 timestep: int = 200, shards: str = "no_shards", pixels: dict | None = None,
                 identity: str = "", generators: list[int] | None = None,
                 row_columns: dict[str, list] | None = None, layout: str = "fake",
-                extractor: ExtractorProvenance | None = None) -> FeatureStore:
-    """A format-2 store through the store's own API: features `values(rows)` (float32, encoded to each spec's
+                extractor: ExtractorProvenance | None = None, format_version: int | None = None) -> FeatureStore:
+    """A store (the current format, or `format_version`) through the store's own API: features `values(rows)` (float32, encoded to each spec's
     dtype), generator code = row % len(names) (or `generators`), label = row % 2 (or `labels`), sha256 from
     (`identity`, row); `row_columns` replaces per-row metadata (format, jpeg_quality, width, height)."""
     tars = [{"name": f"shard-{k:06d}.tar", "first_row": k * shard_size,
@@ -242,7 +242,8 @@ def write_store(path: Path, values: Callable[[np.ndarray], dict[str, np.ndarray]
             "sha256": [hashlib.sha256(f"{identity}{r}".encode()).hexdigest() for r in range(num_rows)],
             **(row_columns or {})}
     with store_lock(path):
-        store = FeatureStore.create(path, provenance=provenance, rows=rows, generator_names=generator_names)
+        store = FeatureStore.create(path, provenance=provenance, rows=rows, generator_names=generator_names,
+                                    **({} if format_version is None else {"format_version": format_version}))
         group = store.add_group(specs, extractor or ExtractorProvenance({"timestep": timestep},
                                                                         {name: {} for name in specs}))
     for k, tar in enumerate(tars if done else tars[:-1]):

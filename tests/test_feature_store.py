@@ -222,7 +222,7 @@ def test_error_rows_are_rejected_and_marker_records_fill_value_files(tmp_path: P
     write(store, group, 2, {name: np.zeros((2, *spec.shape), np.float32) for name, spec in SPECS.items()},
           errors=["", "cannot identify image file"])
     marker = json.loads((store.path / "g0" / "done" / "shard-000002.tar.json").read_text())
-    assert marker["files"]["g0/deu/c/2/0/0/0"] == {"bytes": 0, "sha256": None} and marker["rows"] == 2
+    assert marker["files"]["g0/deu/c/2/0/0/0"] == {"bytes": 0, "crc32c": None} and marker["rows"] == 2
     assert store.verify(checksums=True) == []
     assert store.rejected() == [{"path": "x/bad.png", "reason": "truncated"},
                                 {"key": "k9", "row": 9, "reason": "cannot identify image file"}]

@@ -215,7 +215,7 @@ def test_verify_cli_names_the_damaged_tar_and_exits_1(tmp_path: Path, shard_dir:
     _damage(tmp_path / "s", "flipped")
     result = _verify_cli(tmp_path / "s")
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "damaged: g0 shard-000002.tar: g0/deu/c/2/0/0/0 checksum mismatch" in result.stdout
+    assert "damaged: g0 shard-000002.tar: g0/deu/c/2/0/0/0 crc32c mismatch" in result.stdout
     assert result.stderr.strip().splitlines() == [
         f"python -m cli verify: {tmp_path / 's'}: 1 damaged files in shard-000002.tar; rerun the same precompute "
         "command to recompute them"]
