@@ -26,6 +26,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from datamodules.cached_features import FeatureCacheDataModule
+from feature_cache.provenance import FeatureProvenance
 
 LOOP_SETTINGS = ("max_epochs", "max_steps", "limit_train_batches", "limit_val_batches", "check_val_every_n_epoch",
                  "val_check_interval", "num_devices")
@@ -132,7 +133,7 @@ class RowDataModule(pl.LightningDataModule):
         self._hparams, self._hparams_initial = shared.hparams, shared.hparams_initial
         self._log_hyperparams = shared._log_hyperparams
 
-    def feature_provenance(self) -> dict[str, Any] | None:
+    def feature_provenance(self) -> FeatureProvenance | None:
         return self.shared.feature_provenance()
 
     def train_dataloader(self) -> RowBatches:
