@@ -41,7 +41,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
-from lightning_modules.diffusion_pass import DiffusionPass, autocast_context, key_generator, normalise_images
+from core.seeding import image_generator
+from lightning_modules.diffusion_pass import DiffusionPass, autocast_context, normalise_images
 from lightning_modules.ensemble_fit import MEMBERS_FORMAT
 from lightning_modules.feature_extractor import FeatureExtractor
 from lightning_modules.laplace_fit import POSTERIOR_FORMAT
@@ -120,8 +121,8 @@ def naive_mc(fe: FeatureExtractor, images: torch.Tensor, sha256: list[str], num_
     """LaRE + DEU with (M+1) UNet calls on the B·N batched latents, conv_out perturbed per weight sample."""
     diffusion, unet = fe.diffusion, fe.unet
     images = normalise_images(images)
-    latent_eps, noise = (x.to(images.device) for x in diffusion.draw([key_generator(0, s) for s in sha256],
-                                                                    images.shape[-1]))
+    generators = [image_generator(0, "diffusion_noise", s) for s in sha256]
+    latent_eps, noise = (x.to(images.device) for x in diffusion.draw(generators, images.shape[-1]))
     batch, n = images.shape[0], diffusion.num_noises
     text = diffusion.text_embedding(images.device).expand(batch * n, -1, -1).to(unet.dtype)
     t = torch.full((batch * n,), diffusion.timestep, device=images.device, dtype=torch.long)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_modules.diffusion_pass import key_generator
+from core.seeding import image_generator
 from lightning_modules.feature_extractor import FeatureExtractor
 from lightning_modules.laplace_fit import LaplaceFit, load_posterior
 from lightning_modules.tiny_models import build_tiny_models
@@ -45,7 +45,8 @@ def main() -> None:
         for mode in ("fixed", "estimated"):
             out = str(Path(tmp) / f"{mode}.pt")
             fit = LaplaceFit(sd, output=out, num_noises=args.num_noises, sigma=mode)
-            result = fit.diffusion(calib.float() / 127.5 - 1, [key_generator(0, s) for s in calib_sha])
+            generators = [image_generator(0, "diffusion_noise", s) for s in calib_sha]
+            result = fit.diffusion(calib.float() / 127.5 - 1, generators)
             phi = result.phi.flatten(0, 1)
             rss = float((result.eps_hat.double() - result.noise.double()).square().sum())
             fit.save_posterior(conv3x3_ggn_sums(phi), float(phi.shape[0] * phi.shape[-2] * phi.shape[-1]), rss,

@@ -16,7 +16,7 @@ import tarfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -27,7 +27,8 @@ from datamodules.image_shards import preprocessor_from_provenance
 from datamodules.row_batches import Batches, BlockRows, EpochSettings, ResidentRows, Rows, SplitRows
 from core.geometry import apply_flip_crop, centre_crop_origin, native_crop_box, sample_flip_crop
 from feature_cache.integrity import CHECKSUMMED_FORMAT
-from feature_cache.store import CHUNK_ROWS, FLAG_COLUMNS, FeatureStore, config_differences
+from feature_cache.provenance import FeatureProvenance
+from feature_cache.store import CHUNK_ROWS, FLAG_COLUMNS, FeatureStore
 
 RAM_SHARE = 0.5  # in_memory loads into RAM only if the selected rows take at most this share of available RAM
 DEVICE_SHARE = 0.6  # in_memory: device loads only if the rows take at most this share of free accelerator memory
@@ -57,7 +58,7 @@ class ShardImages:
         if missing:
             raise FileNotFoundError(f"feature store {store.path}: images=True reads the images from {self.shard_dir}, "
                                     f"which lacks {len(missing)} of its tars (e.g. {missing[0]})")
-        self.preprocess = preprocessor_from_provenance(store.pixels.to_attrs(), store.dataset.stats)
+        self.preprocess = preprocessor_from_provenance(store.pixels, store.dataset.stats)
         self._firsts = [int(s["first_row"]) for s in self.table]
         self._index: dict[int, dict[str, tuple[int, int]]] = {}
 
@@ -81,13 +82,13 @@ class ShardImages:
 
     def read(self, row: int, key: str, label: int, generator: str) -> torch.Tensor:
         """(3, R, R) float32 in [-1, 1]: the row's image as phase 1 saw it."""
-        return self.preprocess(self._bytes(row, key), key, label, generator)
+        return self.preprocess(self._bytes(row, key), label, generator)
 
     def read_native_crop(self, row: int, key: str, label: int, generator: str,
                          position: tuple[float, float] | None) -> tuple[torch.Tensor, np.ndarray]:
         """((3, S, S) float32 in [-1, 1], its box (4,)): the row's native-resolution crop for CLIP, centred as
         phase 1 took it (`position` None), or at a drawn position (training; see ImagePreprocessor.native_crop)."""
-        prepared = self.preprocess.prepared(self._bytes(row, key), key, label, generator)
+        prepared = self.preprocess.prepared(self._bytes(row, key), label, generator)
         crop, box = self.preprocess.native_crop(prepared, position)
         return crop.float() / 127.5 - 1, box
 
@@ -268,23 +269,14 @@ class FeatureCacheDataModule(pl.LightningDataModule):
             raise AttributeError("clip_pooled_shape: clip_pooled is not among the requested features")
         return self.stored_shapes["clip_pooled"]
 
-    def feature_provenance(self, path: str | None = None) -> dict[str, Any] | None:
+    def feature_provenance(self, path: str | None = None) -> FeatureProvenance | None:
         """What a checkpoint needs to recompute its features from raw images: a store's data and pixel provenance,
-        and each requested feature's extractor settings (`extractor` {common, map, module}). Default: the first
-        train store (what `fit` records in the checkpoint); `test` compares it with each test store's."""
+        and each requested feature's stored form and extractor settings. Default: the first train store (what
+        `fit` records in the checkpoint); `test` compares it with each test store's."""
         path = path or (self.stores["train"][0] if self.stores["train"] else None)
         if path is None:
             return None
-        store = self.opened_stores()[path]
-        return {**store.provenance.to_attrs(),
-                "features": {name: store.feature_provenance(name)["extractor"] for name in self.features}}
-
-    def _settings(self, store: FeatureStore) -> dict[str, Any]:
-        """What must be equal across a run's stores: pixels, and each requested feature's extractor settings and
-        stored form (only the data they were computed from may differ)."""
-        return {"pixels": store.pixels.to_attrs(),
-                **{name: {**store.feature_provenance(name)["extractor"], "stored": vars(store.feature_info(name))}
-                   for name in self.features}}
+        return self.opened_stores()[path].feature_provenance(self.features)
 
     def _check(self, opened: dict[str, FeatureStore]) -> None:
         """Every store has every requested feature computed in full, undamaged (presence and size of its files,
@@ -295,7 +287,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
                 raise ValueError(f"feature store {path}: no feature {missing} (it has {store.feature_names})")
         first_path, first = next(iter(opened.items()))
         for path, store in opened.items():
-            differences = config_differences(self._settings(first), self._settings(store))
+            differences = first.feature_provenance(self.features).differences(store.feature_provenance(self.features))
             if differences:
                 raise ValueError(f"feature stores {first_path} and {path} were computed with different settings "
                                  f"({', '.join(differences)}); phase 2 never mixes them")

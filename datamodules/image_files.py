@@ -54,7 +54,7 @@ class ImageFiles(Dataset):
         try:
             data = read_regular_file(path)  # read once: the hash is of the bytes that were scored
             row["sha256"] = hashlib.sha256(data).hexdigest()
-            prepared = self.preprocess.prepared(data, key, label, "")
+            prepared = self.preprocess.prepared(data, label, "")
             row["image"] = self.preprocess.resized(prepared)  # uint8, as image shards give it
             row.update(self.preprocess.clip_pixels(prepared))
             row.update(header_metadata(data))

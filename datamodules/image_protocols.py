@@ -14,8 +14,9 @@ a detector can score well by spotting JPEG artefacts or resize statistics instea
   are excluded: they come out as zeros with an `error` saying so, so the row accounting stays intact.
 - `jpeg_size_aligned`: JPEG first (as if the dataset had been saved that way), then the size alignment.
 
-Every random choice is seeded by (seed, image key), so an image looks the same on every rank, worker and
-rerun.
+Every random choice is seeded by (seed, sha256 of the image's original bytes) through `core.seeding`, so an
+image looks the same on every rank, worker and rerun, in any row of any shard directory: inserting or
+removing a file changes no other image.
 
 How CLIP sees the image (`clip_input`): `resize` gives CLIP the resized R×R image (resized again to 224
 by the CLIP preprocessing); `native_crop` gives it a `clip_size`² window of the image at its own
@@ -28,8 +29,6 @@ crops them where they meet CLIP's grid (DetectorBase.pooled_guidance).
 
 from __future__ import annotations
 
-import hashlib
-import random
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,6 +39,8 @@ from PIL import Image
 from datamodules.image_io import decode_rgb, jpeg_reencode
 from datamodules.perturbations import PERTURBATIONS, perturb
 from core.geometry import center_square, centre_crop_origin, native_crop_box, padded_offsets
+from core.hashing import bytes_sha256
+from core.seeding import image_random
 
 Protocol = Literal["raw", "jpeg_aligned", "size_aligned", "jpeg_size_aligned"]
 ClipInput = Literal["resize", "native_crop"]
@@ -53,9 +54,6 @@ class ExcludedByProtocol(Exception):
     """An image the protocol deliberately leaves out (reported in `error`, never silently dropped)."""
 
 
-def key_seed(seed: int, key: str) -> int:
-    """A 64-bit seed from (seed, key) that is the same in every process (unlike Python's salted `hash`)."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little")
 
 
 def to_uint8(image: Image.Image) -> torch.Tensor:
@@ -95,11 +93,12 @@ class ImagePreprocessor:
         if self.clip_size < 1:
             raise ValueError(f"clip_size {self.clip_size}: must be a positive number of pixels")
 
-    def quality_for(self, key: str) -> int:
-        """The fixed quality, or one drawn (seeded by key) from the real images' quality distribution."""
+    def quality_for(self, sha256: str) -> int:
+        """The fixed quality, or one drawn from the real images' quality distribution for the image whose original
+        bytes have this sha256 (never its row or file name, so no other image's draw depends on it)."""
         if self.jpeg_quality is not None:
             return self.jpeg_quality
-        return random.Random(key_seed(self.seed, key)).choice(self.real_jpeg_qualities)
+        return image_random(self.seed, "jpeg", sha256).choice(self.real_jpeg_qualities)
 
     def _check_size(self, image: Image.Image, label: int, generator: str) -> None:
         if self.fake_side_ranges is None or label != 0:
@@ -111,11 +110,12 @@ class ImagePreprocessor:
             raise ExcludedByProtocol(f"excluded by size_filter: real image's shorter side {side} is outside "
                                      f"the fake images' range [{low}, {high}]")
 
-    def prepared(self, data: bytes, key: str, label: int, generator: str) -> Image.Image:
-        """The image as the protocol leaves it before the final resize; raises on undecodable data or an exclusion."""
+    def prepared(self, data: bytes, label: int, generator: str) -> Image.Image:
+        """The image as the protocol leaves it before the final resize; raises on undecodable data or an exclusion.
+        A drawn JPEG quality is keyed by the sha256 of `data` (the original bytes, before any perturbation)."""
         image = perturb(decode_rgb(data)[1], *self.perturbation)
         if self.protocol in JPEG_PROTOCOLS:
-            image = jpeg_reencode(image, self.quality_for(key))
+            image = jpeg_reencode(image, self.quality_for(bytes_sha256(data)))
         if self.protocol in SIZE_PROTOCOLS:
             self._check_size(image, label, generator)
             image = center_square(image)
@@ -125,9 +125,9 @@ class ImagePreprocessor:
         """(3, R, R) uint8 of a prepared image."""
         return to_uint8(image.resize((self.resolution, self.resolution), Image.BILINEAR))
 
-    def pixels(self, data: bytes, key: str, label: int, generator: str) -> torch.Tensor:
+    def pixels(self, data: bytes, label: int, generator: str) -> torch.Tensor:
         """(3, R, R) uint8, normalised later where it is used; raises on undecodable data or a protocol exclusion."""
-        return self.resized(self.prepared(data, key, label, generator))
+        return self.resized(self.prepared(data, label, generator))
 
     def native_crop(self, image: Image.Image, position: tuple[float, float] | None = None
                     ) -> tuple[torch.Tensor, np.ndarray]:
@@ -162,11 +162,11 @@ class ImagePreprocessor:
         return {"clip_image": torch.full((3, self.clip_size, self.clip_size), 127, dtype=torch.uint8),
                 "clip_box": torch.tensor([0.0, 0.0, 1.0, 1.0])}
 
-    def __call__(self, data: bytes, key: str, label: int, generator: str) -> torch.Tensor:
+    def __call__(self, data: bytes, label: int, generator: str) -> torch.Tensor:
         """(3, R, R) float32 in [-1, 1]: `pixels` normalised with the arithmetic the extractor uses on the device."""
-        return self.pixels(data, key, label, generator).float() / 127.5 - 1
+        return self.pixels(data, label, generator).float() / 127.5 - 1
 
-    def effective_metadata(self, key: str, image_format: str, jpeg_quality: int | None, width: int,
+    def effective_metadata(self, sha256: str, image_format: str, jpeg_quality: int | None, width: int,
                            height: int) -> tuple[str, int | None, int, int]:
         """(format, JPEG quality, width, height) of the image as this pipeline passes it to the final resize.
 
@@ -180,7 +180,7 @@ class ImagePreprocessor:
         elif name == "downscale":
             width, height = max(1, round(width * parameter)), max(1, round(height * parameter))
         if self.protocol in JPEG_PROTOCOLS:
-            image_format, jpeg_quality = "JPEG", self.quality_for(key)
+            image_format, jpeg_quality = "JPEG", self.quality_for(sha256)
         if self.protocol in SIZE_PROTOCOLS:
             width = height = min(width, height)
         return image_format, jpeg_quality, width, height
@@ -188,11 +188,12 @@ class ImagePreprocessor:
     def provenance(self) -> dict:
         """Everything that changes the pixels, for the store's attrs (stores of different settings never mix)."""
         jpeg = self.protocol in JPEG_PROTOCOLS
+        drawn = jpeg and self.jpeg_quality is None  # a quality drawn per image, keyed by its bytes' sha256
         return {"resolution": self.resolution, "protocol": self.protocol, "resize": RESIZE,
                 "jpeg_quality": self.jpeg_quality if jpeg and self.jpeg_quality is not None else None,
                 "jpeg_quality_source": ("fixed" if self.jpeg_quality is not None else "real-image distribution")
                 if jpeg else None,
-                "protocol_seed": self.seed if jpeg and self.jpeg_quality is None else None,
+                "seed": self.seed if drawn else None, "quality_key": "sha256" if drawn else None,
                 "size_filter": self.fake_side_ranges is not None, "perturbation": list(self.perturbation),
                 "clip_input": self.clip_input,
                 "clip_size": self.clip_size if self.clip_input == "native_crop" else None}

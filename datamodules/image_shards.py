@@ -27,7 +27,7 @@ from datamodules.image_io import describe_error
 from datamodules.image_protocols import JPEG_PROTOCOLS, SIZE_PROTOCOLS, ClipInput, ImagePreprocessor, Protocol
 from datamodules.shards import read_shard_index
 from feature_cache.manifest import read_manifest_rows
-from feature_cache.provenance import manifest_stats, real_jpeg_qualities
+from feature_cache.provenance import PixelProvenance, manifest_stats, real_jpeg_qualities
 
 
 def balance(shards: list[dict[str, Any]], parts: int) -> list[list[dict[str, Any]]]:
@@ -66,17 +66,22 @@ def build_preprocessor(stats: Mapping[str, Any], resolution: int, protocol: Prot
                              clip_input, clip_size)
 
 
-def pixel_settings(provenance: Mapping[str, Any]) -> dict[str, Any]:
-    """ImageShardDataModule's pixel arguments from its `provenance()` (e.g. as saved in a feature store's attrs);
-    provenance from before `clip_input` existed was made with `resize`."""
-    return {"resolution": int(provenance["resolution"]), "protocol": provenance["protocol"],
-            "jpeg_quality": provenance["jpeg_quality"], "seed": provenance["protocol_seed"] or 0,
-            "size_filter": bool(provenance["size_filter"]),
-            "perturbation": tuple(provenance.get("perturbation", ("none", 0.0))),
-            "clip_input": provenance.get("clip_input", "resize"), "clip_size": provenance.get("clip_size") or 224}
+def pixel_settings(pixels: PixelProvenance) -> dict[str, Any]:
+    """ImageShardDataModule's pixel arguments that reproduce a store's (or checkpoint's) pixels.
+
+    A JPEG quality that an older version drew per manifest key (`quality_key`, see
+    `feature_cache.provenance.upgrade_attrs`) cannot be reproduced: refused with what to do."""
+    if pixels.quality_key not in (None, "sha256"):
+        raise ValueError(f"pixel provenance: its JPEG qualities were drawn per {pixels.quality_key} by an older "
+                         "version (inserting a file changed other images); this version draws per image sha256 and "
+                         "cannot reproduce them: recompute the store with `python -m cli precompute`")
+    return {"resolution": int(pixels.resolution), "protocol": pixels.protocol, "jpeg_quality": pixels.jpeg_quality,
+            "seed": pixels.seed or 0, "size_filter": bool(pixels.size_filter),
+            "perturbation": tuple(pixels.perturbation),
+            "clip_input": pixels.clip_input, "clip_size": pixels.clip_size or 224}
 
 
-def preprocessor_from_provenance(pixels: Mapping[str, Any], stats: Mapping[str, Any]) -> ImagePreprocessor:
+def preprocessor_from_provenance(pixels: PixelProvenance, stats: Mapping[str, Any]) -> ImagePreprocessor:
     """The pipeline that a store's (or checkpoint's) pixel provenance and dataset statistics describe."""
     return build_preprocessor(stats, **pixel_settings(pixels))
 
@@ -103,7 +108,7 @@ class SampleDecoder:
                 raise ValueError(f"expected one image member, found {sorted(image_members)}")
             data = sample[image_members[0]]
             digest = hashlib.sha256(data).hexdigest()
-            prepared = self.preprocess.prepared(data, sample["__key__"], int(meta["label"]), meta["generator"])
+            prepared = self.preprocess.prepared(data, int(meta["label"]), meta["generator"])
             pixels = {"image": self.preprocess.resized(prepared), **self.preprocess.clip_pixels(prepared)}
         except Exception as failure:  # noqa: BLE001  recorded per image in `error`; one bad file never stops a worker
             pixels = {"image": blank_image(self.preprocess.resolution), **self.preprocess.blank_clip_pixels()}
@@ -256,7 +261,7 @@ class ImageShardDataModule(pl.LightningDataModule):
         columns: dict[str, list] = {"format": [], "jpeg_quality": [], "width": [], "height": []}
         for row in read_manifest_rows(self.shard_dir):
             image_format, quality, width, height = self.preprocess.effective_metadata(
-                row["key"], row["format"], row["jpeg_quality"], row["width"], row["height"])
+                row["sha256"], row["format"], row["jpeg_quality"], row["width"], row["height"])
             for name, value in zip(columns, (image_format, -1 if quality is None else quality, width, height)):
                 columns[name].append(value)
         return columns

@@ -135,7 +135,8 @@ class PixelProvenance:
     resolution: int
     protocol: str = "raw"
     jpeg_quality: int | None = None
-    protocol_seed: int | None = None
+    seed: int | None = None  # of the per-image JPEG quality draw; None where no quality is drawn
+    quality_key: str | None = None  # what keys that draw: "sha256" (of the image's bytes); None: no draw
     size_filter: bool = False
     perturbation: list[Any] = field(default_factory=lambda: ["none", 0.0])
     clip_input: str = "resize"  # how CLIP sees the image: "resize" or "native_crop"
@@ -247,3 +248,131 @@ class GroupInfo:
     def from_attrs(cls, attrs: Mapping[str, Any]) -> GroupInfo:
         return cls({k: FeatureSpec.from_attrs(v) for k, v in attrs["features"].items()},
                    ExtractorProvenance.from_attrs(attrs["extractor"]))
+
+
+@dataclass(frozen=True)
+class UsedFeature:
+    """One feature a detector reads: how its store holds it (None in checkpoints from before the spec was
+    recorded) and its group's extractor provenance restricted to it."""
+
+    spec: FeatureSpec | None
+    extractor: ExtractorProvenance
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {"spec": None if self.spec is None else self.spec.to_attrs(), "extractor": self.extractor.to_attrs()}
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> UsedFeature:
+        spec = attrs.get("spec")
+        return cls(None if spec is None else FeatureSpec.from_attrs(spec),
+                   ExtractorProvenance.from_attrs(attrs["extractor"]))
+
+
+FEATURE_PROVENANCE_FORMAT = 3  # 2: the loose checkpoint dict {dataset, pixels, features: {name: {common, map, module}}}
+
+
+@dataclass(frozen=True)
+class FeatureProvenance:
+    """What a checkpoint records about its inputs: the store part (rows and pixels) and, per feature it reads, the
+    stored form and the extractor settings. `predict`, `robustness` and the on-the-fly detector rebuild the
+    extractor from it (`FeatureExtractor.from_provenance`); `test` compares it with each test store's."""
+
+    store: StoreProvenance
+    features: dict[str, UsedFeature]
+
+    @classmethod
+    def of_store(cls, store: StoreProvenance, groups: Mapping[str, GroupInfo], names: list[str]) -> FeatureProvenance:
+        """The provenance of features `names` of a store (its `provenance` and `groups`)."""
+        used = {}
+        for name in names:
+            group = next((g for g in groups.values() if name in g.features), None)
+            if group is None:
+                raise KeyError(f"feature provenance: no group holds feature {name!r}")
+            used[name] = UsedFeature(group.features[name], group.extractor.restricted([name]))
+        return cls(store, used)
+
+    def extractor(self) -> ExtractorProvenance:
+        """The one extractor every feature came from: the shared settings, each feature's own, their modules.
+        Features whose shared settings differ (two extractors) are refused, naming the fields."""
+        first_name, first = next(iter(self.features.items()))
+        maps: dict[str, dict[str, Any]] = {}
+        modules: dict[str, str] = {}
+        for name, used in self.features.items():
+            differences = config_differences(first.extractor.common, used.extractor.common)
+            if differences:
+                raise ValueError(f"feature provenance: {first_name} and {name} come from different extractors "
+                                 f"({'; '.join(differences)})")
+            maps[name] = used.extractor.maps[name]
+            modules.update(used.extractor.modules)
+        return ExtractorProvenance(dict(first.extractor.common), maps, modules)
+
+    def map_modules(self) -> list[str]:
+        """The modules that register the features' maps (a user's map file included), each once."""
+        return list(dict.fromkeys(m for used in self.features.values() for m in used.extractor.modules.values()))
+
+    def differences(self, other: FeatureProvenance) -> list[str]:
+        """Every field that changes feature values and differs (`name mine != other`, dotted): the pixels, and for each
+        of my features its extractor settings (not the module that registers it) and stored form where both record
+        it. Which images a store holds (`dataset`) may differ."""
+        def values(prov: FeatureProvenance, name: str, with_spec: bool) -> dict[str, Any]:
+            used = prov.features.get(name)
+            if used is None:
+                return {}
+            settings = {"common": used.extractor.common, "map": used.extractor.maps.get(name, {})}
+            return {**settings, "spec": used.spec.to_attrs()} if with_spec and used.spec is not None else settings
+
+        mine, theirs = {"pixels": self.store.pixels.to_attrs()}, {"pixels": other.store.pixels.to_attrs()}
+        for name, used in self.features.items():
+            with_spec = used.spec is not None and name in other.features and other.features[name].spec is not None
+            mine[name], theirs[name] = values(self, name, with_spec), values(other, name, with_spec)
+        return config_differences(mine, theirs)
+
+    def to_attrs(self) -> dict[str, Any]:
+        return normalized({"format": FEATURE_PROVENANCE_FORMAT, **self.store.to_attrs(),
+                           "features": {name: used.to_attrs() for name, used in self.features.items()}})
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> FeatureProvenance:
+        """From what a checkpoint holds, in any format `upgrade_attrs` reads."""
+        attrs = upgrade_attrs(attrs)
+        return cls(StoreProvenance.from_attrs(attrs),
+                   {name: UsedFeature.from_attrs(used) for name, used in attrs["features"].items()})
+
+
+def upgrade_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """Provenance attrs an older version wrote, in today's shape: the one place old layouts are read.
+
+    Reads a store's root attrs (`feature_store`, `provenance`, `groups`) and a checkpoint's feature provenance
+    (format 2: `{dataset, pixels, features: {name: {common, map, module}}}`, the loose dict checkpoints held before
+    `FeatureProvenance`; format 3: today's). Pixel settings: `protocol_seed` became `seed`, and a quality drawn
+    by an older version was keyed by the manifest key (`quality_key: "manifest key"`, which this version cannot
+    reproduce; `datamodules.image_shards.preprocessor_from_provenance` refuses it). Provenance from before feature
+    store format 2 (flat settings) cannot be upgraded: its noise was keyed by row number.
+    """
+    attrs = dict(attrs)
+    if "feature_store" in attrs:  # a store's root attrs
+        provenance = attrs["provenance"]
+        return {**attrs, "provenance": {**provenance, "pixels": _upgrade_pixels(provenance["pixels"])}}
+    if "pixels" not in attrs or not isinstance(attrs.get("features"), Mapping):
+        raise ValueError("feature provenance without pixels/features sections was written before feature store "
+                         "format 2 (noise keyed by row number) and cannot be upgraded: retrain the detector on a "
+                         "format-2 store")
+    upgraded = {**attrs, "pixels": _upgrade_pixels(attrs["pixels"]), "format": FEATURE_PROVENANCE_FORMAT}
+    if attrs.get("format") is None:  # format 2: {name: {common, map, module}}, no stored form
+        upgraded["features"] = {
+            name: {"spec": None, "extractor": {"common": part["common"], "maps": {name: part["map"]},
+                                               "modules": {name: part["module"]} if "module" in part else {}}}
+            for name, part in attrs["features"].items()}
+    elif attrs["format"] != FEATURE_PROVENANCE_FORMAT:
+        raise ValueError(f"feature provenance format {attrs['format']!r}: this version reads formats 2 and "
+                         f"{FEATURE_PROVENANCE_FORMAT}")
+    return upgraded
+
+
+def _upgrade_pixels(pixels: Mapping[str, Any]) -> dict[str, Any]:
+    """Pixel attrs with `protocol_seed` (before format 3) renamed to `seed` and its draw's key made explicit."""
+    pixels = dict(pixels)
+    if "protocol_seed" in pixels:
+        seed = pixels.pop("protocol_seed")
+        pixels.update(seed=seed, quality_key=None if seed is None else "manifest key")
+    return pixels

@@ -48,8 +48,8 @@ from feature_cache.codecs import compressor, has_scale, scale_channels, storage_
 from feature_cache.integrity import (CHECKSUMMED_FORMAT, DIGESTS_ATTR, ChecksumQueue, attribute_digests,
                                      changed_attributes, checksummed, damaged_chunk, file_crc32c,
                                      is_leftover, is_zarr_checksum_error, missing_chunk)
-from feature_cache.provenance import (ExtractorProvenance, FeatureSpec, GroupInfo, StoreProvenance,
-                                      config_differences, normalized)
+from feature_cache.provenance import (ExtractorProvenance, FeatureProvenance, FeatureSpec, GroupInfo, StoreProvenance,
+                                      config_differences, normalized, upgrade_attrs)
 from feature_cache.raw_chunks import RawChunks
 
 __all__ = ["FeatureStore", "FeatureInfo", "Damage", "ProvenanceMismatchError", "StoreLockedError", "store_lock",
@@ -198,7 +198,7 @@ class FeatureStore:
     def __init__(self, path: Path, root: zarr.Group) -> None:
         self.path = path
         self._root = root
-        attrs = root.attrs.asdict()
+        attrs = upgrade_attrs(root.attrs.asdict())  # older stores' attrs in today's shape
         self.format = int(attrs["feature_store"]["format"])
         self.provenance = StoreProvenance.from_attrs(attrs["provenance"])
         self.groups: dict[str, GroupInfo] = {g: GroupInfo.from_attrs(v) for g, v in attrs.get("groups", {}).items()}
@@ -477,14 +477,12 @@ class FeatureStore:
         spec = self.groups[group].features[name]
         return FeatureInfo(group, spec.shape, spec.dtype, spec.codec)
 
-    def feature_provenance(self, name: str) -> dict[str, Any]:
-        """A feature's full provenance: the store's plus its group's common settings and its own (and, for a
-        registered map, the module that registers it)."""
-        extractor = self.groups[self.group_of(name)].extractor
-        own = {"common": extractor.common, "map": extractor.maps[name]}
-        if name in extractor.modules:
-            own["module"] = extractor.modules[name]
-        return {**self.provenance.to_attrs(), "extractor": own}
+    def feature_provenance(self, names: Sequence[str]) -> FeatureProvenance:
+        """These features' full provenance: the store's, and each one's stored form and extractor settings (what a
+        checkpoint records, and what `test` compares it with)."""
+        for name in names:
+            self.group_of(name)  # one clear error for a feature the store lacks
+        return FeatureProvenance.of_store(self.provenance, self.groups, list(names))
 
     def import_map_modules(self, names: Sequence[str]) -> None:
         """Import the modules that registered these features' maps (recorded per group), so a reader's map

@@ -8,10 +8,11 @@ path names code already installed on the user's Python path, never code carried 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from core.checkpoint_io import safe_torch_load
+from feature_cache.provenance import FeatureProvenance
 from lightning_modules.detectors import DetectorBase
 from lightning_modules.maps import import_map_modules
 
@@ -29,23 +30,31 @@ def detector_class(class_path: str, source: str) -> type[DetectorBase]:
         raise ValueError(f"{source}: {class_path} is not a DetectorBase subclass")
     return cls
 
-def map_modules_of(feature_provenance: dict[str, Any]) -> list[str]:
-    """The modules that register the maps a store's or checkpoint's features came from (format 2 records them)."""
-    features = feature_provenance.get("features")
-    parts = features.values() if isinstance(features, dict) else []
-    return list(dict.fromkeys(part["module"] for part in parts if isinstance(part, dict) and "module" in part))
 
-def load_detector(checkpoint_path: str | Path) -> tuple[DetectorBase, dict[str, Any]]:
+def recorded_provenance(checkpoint: Mapping, source: str) -> FeatureProvenance:
+    """The feature provenance a checkpoint records (older layouts upgraded), or one error line naming `source`."""
+    recorded = checkpoint.get("feature_provenance")
+    if not recorded:
+        raise ValueError(f"{source} records no feature provenance: it was not written by `python -m cli fit` of a "
+                         "detector on a feature store")
+    try:
+        return FeatureProvenance.from_attrs(recorded)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{source}: its feature provenance cannot be read ({error})") from None
+
+
+def load_detector(checkpoint_path: str | Path) -> tuple[DetectorBase, FeatureProvenance]:
     """The detector in a checkpoint (evaluation mode, CPU) and the feature provenance it was trained with."""
     source = f"checkpoint {checkpoint_path}"
     checkpoint = safe_torch_load(checkpoint_path, "checkpoint")
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{source}: a PyTorch file but not a Lightning checkpoint (no state_dict)")
-    class_path, provenance = checkpoint.get("detector_class"), checkpoint.get("feature_provenance")
-    if not class_path or not provenance:
-        raise ValueError(f"{source} has no detector_class/feature_provenance: it was not written by "
-                         "`python -m cli fit` of a detector on a feature store")
+    class_path = checkpoint.get("detector_class")
+    if not class_path:
+        raise ValueError(f"{source} has no detector_class: it was not written by `python -m cli fit` of a detector "
+                         "on a feature store")
+    provenance = recorded_provenance(checkpoint, source)
     cls = detector_class(class_path, source)
-    import_map_modules(map_modules_of(provenance))  # the registry must know the guidance maps' channels
+    import_map_modules(provenance.map_modules())  # the registry must know the guidance maps' channels
     detector = cls.load_from_checkpoint(checkpoint_path, map_location="cpu", weights_only=True)
     return detector.eval(), provenance

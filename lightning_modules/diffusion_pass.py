@@ -2,14 +2,13 @@
 
 VAE encode once → N noised copies of each latent → one UNet call on B·N inputs, with conv_out's
 input φ captured by a forward pre-hook. Every random draw comes from a per-image generator seeded
-by (seed, key) — the key is the image's content hash in phase 1 — drawn on CPU, so results never
+by (seed, key) (`core.seeding`; the key is the image's content hash in phase 1), drawn on CPU, so results never
 depend on batch composition, rank, worker, device or restart. The draw order is documented in
 `feature_extractor`.
 """
 
 from __future__ import annotations
 
-import hashlib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
@@ -19,12 +18,6 @@ import torch
 from lightning_modules.pretrained import StableDiffusionParts
 
 AutocastDtype = Literal["float32", "bfloat16", "float16"]
-
-
-def key_generator(seed: int, key: str) -> torch.Generator:
-    """A CPU generator seeded from sha256(f"{seed}:{key}"); key = the image's sha256, so same bytes → same noise."""
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 def normalise_images(images: torch.Tensor) -> torch.Tensor:

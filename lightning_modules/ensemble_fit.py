@@ -33,7 +33,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from rich.progress import track
 
-from lightning_modules.diffusion_pass import DiffusionPass, key_generator, normalise_images
+from core.seeding import image_generator, image_seed
+from lightning_modules.diffusion_pass import DiffusionPass, normalise_images
 from lightning_modules.pretrained import load_stable_diffusion, weights_hash
 
 MEMBERS_FORMAT = "decu-members-v1"
@@ -103,7 +104,8 @@ class EnsembleFit(pl.LightningModule):
             raise ValueError(f"calibration images changed resolution from {self.resolution} to {images.shape[-1]}")
         self.resolution = images.shape[-1]
         keys = [batch["sha256"][i] for i in valid]  # content keys: the draw and the order do not depend on rows
-        latent_eps, _ = self.diffusion.draw([key_generator(self.hparams.seed, k) for k in keys], self.resolution)
+        generators = [image_generator(self.hparams.seed, "diffusion_noise", k) for k in keys]
+        latent_eps, _ = self.diffusion.draw(generators, self.resolution)
         dist_ = self.vae.encode(images.to(self.vae.dtype)).latent_dist
         x0 = dist_.mean.float() + (dist_.std.float() * latent_eps.to(self.device) if self.hparams.latent == "sample"
                                    else 0.0)
@@ -132,7 +134,8 @@ class EnsembleFit(pl.LightningModule):
             self.save_members([trained[k] for k in range(self.hparams.num_members)], len(keys), digest.hexdigest())
 
     def member_seed(self, member: int) -> int:
-        return int.from_bytes(hashlib.sha256(f"{self.hparams.seed}:member:{member}".encode()).digest()[:8], "little")
+        """Member k's seed (`core.seeding`, key `member:{k}`): its initial perturbation and bootstrap draw."""
+        return image_seed(self.hparams.seed, "member_init", f"member:{member}")
 
     def _initial(self, tensor: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         noise = torch.randn(tensor.shape, generator=gen).to(tensor.device)

@@ -16,6 +16,7 @@ by new maps that see the same noises. All maps are on the ε-prediction scale (s
 
 from __future__ import annotations
 
+import inspect
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -23,15 +24,24 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 
-from lightning_modules.diffusion_pass import (AutocastDtype, DiffusionPass, autocast_context, key_generator,
+from lightning_modules.diffusion_pass import (AutocastDtype, DiffusionPass, autocast_context,
                                              normalise_images)
 from core.hashing import file_sha256
+from core.seeding import image_generator
+from feature_cache.provenance import ExtractorProvenance, FeatureProvenance, config_differences
 from lightning_modules.laplace_fit import load_posterior
 from lightning_modules.maps import BUILTIN_MAP_MODULES, MAP_REGISTRY, MapContext, import_map_modules
 from lightning_modules.pretrained import load_clip_rn50, load_stable_diffusion, weights_hash
 
 CLIP_OUTPUTS = ("clip_layer3", "clip_pooled")
 PASS_THROUGH = ("key", "sha256", "row", "shard_index", "label", "generator", "error")
+MODEL_PATHS = ("sd", "clip", "posterior")  # where the weights are: may move (`predict --sd`); their hashes may not
+SOURCES = ("sd_source", "extractor")  # recorded for the reader: where SD was loaded from, the extractor's class
+
+
+def derived(setting: str) -> bool:
+    """A map setting the extractor derives (a file's or the weights' hash, the posterior's σ; see `setting`)."""
+    return setting == "sigma" or setting.endswith(("_sha256", "_hash"))
 WeightsDtype = Literal["float32", "bfloat16"]
 
 
@@ -91,6 +101,59 @@ class FeatureExtractor(pl.LightningModule):
         self.clip_visual = self.clip_model.visual if self.clip_model is not None else None  # moves with the module
         if self.clip_visual is not None:
             self._hashes["clip"] = weights_hash(self.clip_visual)
+
+    @classmethod
+    def from_provenance(cls, provenance: FeatureProvenance, **runtime: str | None) -> FeatureExtractor:
+        """The extractor a checkpoint's features were computed with, checked to compute the same features: the one
+        rebuild `predict`, `robustness` and the on-the-fly detector use.
+
+        `runtime` overrides where the weights are (`sd`, `clip`, `posterior`; None keeps the recorded path): the
+        files are then identified by their hashes, which must equal the recorded ones. Every recorded setting the
+        rebuilt extractor reports must be equal; the error names each that differs.
+        """
+        recorded = provenance.extractor()
+        unknown = sorted(set(runtime) - set(MODEL_PATHS))
+        if unknown:
+            raise ValueError(f"FeatureExtractor.from_provenance: {unknown} are not model paths ({list(MODEL_PATHS)})")
+        arguments = set(inspect.signature(cls).parameters)
+        settings = {name: value for name, value in recorded.common.items() if name in arguments}
+        if not recorded.common.get("compile"):
+            settings.pop("compile_batch_size", None)  # recorded as None when unused
+        own = {name: value for spec in recorded.maps.values() for name, value in spec.items()}
+        settings.update({name: value for name, value in own.items() if name in arguments})
+        settings["outputs"] = list(recorded.maps)
+        settings["map_modules"] = list(dict.fromkeys([*BUILTIN_MAP_MODULES, *recorded.modules.values()]))
+        map_settings = {name: value for name, value in own.items() if name not in arguments and not derived(name)}
+        if map_settings:
+            settings["map_settings"] = map_settings
+        settings.update({name: path for name, path in runtime.items() if path is not None})
+        for name in MODEL_PATHS:
+            path = settings.get(name)
+            if path and path != "openai" and not Path(path).expanduser().exists():
+                raise FileNotFoundError(f"the checkpoint's {name} {path} does not exist here: pass --{name} PATH "
+                                        "(the weights are checked against the hashes the checkpoint recorded)")
+        extractor = cls(**settings)
+        different = extractor.provenance_differences(recorded)
+        if different:
+            raise ValueError(f"the extractor rebuilt from {', '.join(f'{n}={settings.get(n)}' for n in MODEL_PATHS)} "
+                             f"differs from the one the detector's features came from (checkpoint != here: "
+                             f"{'; '.join(different)})")
+        return extractor
+
+    def provenance_differences(self, recorded: ExtractorProvenance) -> list[str]:
+        """Settings this extractor reports otherwise than `recorded` (where the weights are and what the run adds,
+        e.g. batch size, are not the extractor's to compare)."""
+        now = ExtractorProvenance.from_attrs(self.provenance())
+
+        def comparable(settings: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in settings.items() if k in other and k not in MODEL_PATHS + SOURCES}
+
+        names = list(recorded.maps)
+        return config_differences(
+            {"common": comparable(recorded.common, now.common),
+             "maps": {n: comparable(recorded.maps[n], now.maps.get(n, {})) for n in names}},
+            {"common": comparable(now.common, recorded.common),
+             "maps": {n: comparable(now.maps.get(n, {}), recorded.maps[n]) for n in names}})
 
     def _validate_outputs(self, outputs: list[str]) -> list[str]:
         """Requested names must be registered maps or CLIP outputs, non-empty and distinct."""
@@ -251,12 +314,13 @@ class FeatureExtractor(pl.LightningModule):
             return images, generators
         padding = images.new_zeros(missing, *images.shape[1:])
         return (torch.cat([images, padding]),
-                generators + [key_generator(self.hparams.seed, f"padding-{i}") for i in range(missing)])
+                generators + [image_generator(self.hparams.seed, "diffusion_noise", f"padding-{i}")
+                              for i in range(missing)])
 
     def compute_maps(self, images: torch.Tensor, sha256: list[str], names: list[str]) -> dict[str, torch.Tensor]:
         """The fused pass on normalised images (B, 3, R, R) → each registered map in `names`, (B, C, h, w) fp32."""
         rows = images.shape[0]
-        generators = [key_generator(self.hparams.seed, digest) for digest in sha256]
+        generators = [image_generator(self.hparams.seed, "diffusion_noise", digest) for digest in sha256]
         padded, padded_generators = self._pad(images, generators)
         out = self.diffusion(padded, padded_generators)
         conv = self.unet.conv_out

@@ -34,7 +34,8 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.diffusion_pass import AutocastDtype, autocast_context, key_generator
+from core.seeding import image_generator
+from lightning_modules.diffusion_pass import AutocastDtype, autocast_context
 from core.hashing import file_sha256
 from lightning_modules.laplace_fit import load_posterior
 from lightning_modules.pretrained import load_clip_rn50, load_stable_diffusion, weights_hash
@@ -287,19 +288,19 @@ class UncertaintyGenerator(pl.LightningModule):
         """Images for (key, prompt) pairs; each key's draws are its own, so batching never changes a result."""
         hp = self.hparams
         shape = self.latent_shape()
-        x_t = torch.stack([torch.randn(shape, generator=key_generator(hp.seed, f"{k}/latent"))
+        x_t = torch.stack([torch.randn(shape, generator=image_generator(hp.seed, "diffusion_noise", f"{k}/latent"))
                            for k in keys]).to(self.device)
         noise = None
         if hp.aleatoric_steps:
             sizes = (len(hp.aleatoric_steps), hp.num_perturbations, *shape)
-            noise = torch.stack([torch.randn(sizes, generator=key_generator(hp.seed, f"{k}/aleatoric"))
-                                 for k in keys])
+            noise = torch.stack([torch.randn(sizes, generator=image_generator(hp.seed, "diffusion_noise",
+                                                                              f"{k}/aleatoric")) for k in keys])
         latents, aleatoric, guided = self.sample(x_t, self.eps_fn(prompts), hp.num_inference_steps, noise)
         images = ((self.decode(latents) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
         generative = None
         if hp.posterior is not None:
             generative = self.generative_uncertainty(
-                x_t, prompts, [key_generator(hp.seed, f"{k}/posterior") for k in keys])
+                x_t, prompts, [image_generator(hp.seed, "diffusion_noise", f"{k}/posterior") for k in keys])
         return GeneratedBatch(images, generative, aleatoric, guided)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:

@@ -21,7 +21,6 @@ import io
 import json
 import math
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +31,8 @@ import pandas as pd
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 from torch.utils.data import Dataset
+
+from core.seeding import image_random
 
 RankBy = Literal["generative", "aleatoric"]
 WORK = ".generation"
@@ -151,8 +152,7 @@ class GenerationWriter(BasePredictionWriter):
     def _quality(self, key: str) -> int | None:
         if self.image_format == "png":
             return None
-        digest = hashlib.sha256(f"{self.settings['seed']}:{key}:jpeg".encode()).digest()
-        return random.Random(int.from_bytes(digest[:8], "little")).choice(self.jpeg_qualities)
+        return image_random(self.settings["seed"], "jpeg", key).choice(self.jpeg_qualities)
 
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:

@@ -14,7 +14,8 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 
-from lightning_modules.diffusion_pass import AutocastDtype, DiffusionPass, key_generator, normalise_images
+from core.seeding import image_generator
+from lightning_modules.diffusion_pass import AutocastDtype, DiffusionPass, normalise_images
 from lightning_modules.pretrained import load_stable_diffusion, weights_hash
 from lightning_modules.uncertainty import (conv3x3_ggn_sums, diagonal_posterior, estimated_sigma,
                                            log_marginal_likelihood, tune_prior_precision)
@@ -119,7 +120,8 @@ class LaplaceFit(pl.LightningModule):
             raise ValueError("batch has no 'sha256' (content hash per image): read the calibration images through "
                              "ImageShardDataModule")
         images = normalise_images(images)
-        out = self.diffusion(images, [key_generator(self.hparams.seed, batch["sha256"][i]) for i in valid])
+        out = self.diffusion(images, [image_generator(self.hparams.seed, "diffusion_noise", batch["sha256"][i])
+                                      for i in valid])
         phi = out.phi.flatten(0, 1)
         self.ggn_w += conv3x3_ggn_sums(phi)
         rss = (out.eps_hat - out.noise).double().square().sum()

@@ -41,6 +41,7 @@ from datamodules.image_io import decode_rgb
 from datamodules.image_protocols import JPEG_PROTOCOLS, ImagePreprocessor
 from datamodules.image_shards import preprocessor_from_provenance
 from datamodules.perturbations import perturb
+from core.hashing import bytes_sha256
 from feature_cache.store import FeatureStore
 
 # Natural (row-major) indices of the 8×8 DCT in JPEG zigzag order; index 0 is DC.
@@ -102,7 +103,7 @@ def jpeg_features(data: bytes) -> np.ndarray:
     return features
 
 
-def protocol_file_bytes(data: bytes, key: str, preprocess: ImagePreprocessor) -> bytes:
+def protocol_file_bytes(data: bytes, preprocess: ImagePreprocessor) -> bytes:
     """The file as phase 1's pixel pipeline handled it before resizing: the original bytes, or, where a JPEG
     protocol or a JPEG perturbation re-encodes the image, the last JPEG it made (same PIL encoder, quality).
 
@@ -110,7 +111,7 @@ def protocol_file_bytes(data: bytes, key: str, preprocess: ImagePreprocessor) ->
     """
     name, parameter = preprocess.perturbation
     if preprocess.protocol in JPEG_PROTOCOLS:
-        image, quality = perturb(decode_rgb(data)[1], name, parameter), preprocess.quality_for(key)
+        image, quality = perturb(decode_rgb(data)[1], name, parameter), preprocess.quality_for(bytes_sha256(data))
     elif name == "jpeg":
         image, quality = decode_rgb(data)[1], int(parameter)
     else:
@@ -162,7 +163,7 @@ def store_jpeg_features(store: FeatureStore, rows: np.ndarray) -> np.ndarray:
     "not a JPEG" vector (such rows carry a phase-1 error and are normally filtered out before).
     """
     shard_dir = Path(store.dataset.shards)
-    preprocess = preprocessor_from_provenance(store.pixels.to_attrs(), store.dataset.stats)
+    preprocess = preprocessor_from_provenance(store.pixels, store.dataset.stats)
     keys, order = store.rows("key"), np.argsort(rows, kind="stable")
     rows = np.asarray(rows)[order]
     features = np.zeros((len(rows), FEATURE_SIZE))
@@ -179,7 +180,7 @@ def store_jpeg_features(store: FeatureStore, rows: np.ndarray) -> np.ndarray:
         for key, data in tar_images(shard_dir / shard["name"]):
             if key in wanted:
                 try:
-                    features[wanted[key]] = jpeg_features(protocol_file_bytes(data, key, preprocess))
+                    features[wanted[key]] = jpeg_features(protocol_file_bytes(data, preprocess))
                 except (OSError, ValueError, SyntaxError):
                     pass  # undecodable: keeps the "not a JPEG" vector
     restored = np.empty_like(features)

@@ -31,7 +31,7 @@ from feature_cache.store import FeatureStore, store_lock
 
 GENERATORS = ["imagenet_ai_0419_sdv4", "imagenet_glide", "nature"]
 # The pixel-pipeline part of ImageShardDataModule.provenance() for a plain resize.
-RAW_PROTOCOL = {"protocol": "raw", "jpeg_quality": None, "protocol_seed": None, "size_filter": False}
+RAW_PROTOCOL = {"protocol": "raw", "jpeg_quality": None, "seed": None, "size_filter": False}
 
 
 def marker_image(row: int, size: int) -> np.ndarray:

@@ -156,14 +156,13 @@ def test_robustness_sweep_caches_features_and_reports_per_generator(demo, tmp_pa
 def test_cached_robustness_scores_equal_on_the_fly_scores(demo, tmp_path):
     """Bug caught: the cache scoring other rows, other features or a wrong decoding of the stored dtypes than
     the on-the-fly path (the two must agree up to the CLIP maps' float16 storage)."""
-    from workflows.predict import pixel_provenance
     from workflows.robustness import cached_features, on_the_fly_scores, score_store
     from datamodules.image_shards import ImageShardDataModule, pixel_settings
     from lightning_modules.on_the_fly import OnTheFlyDetector
 
     model, provenance = OnTheFlyDetector.from_checkpoint(str(demo / "runs" / "deua" / "demo-seed0" / "checkpoints" /
                                                              "last.ckpt"))
-    settings = {**pixel_settings(pixel_provenance(provenance)), "perturbation": ("jpeg", 75.0)}
+    settings = {**pixel_settings(provenance.store.pixels), "perturbation": ("jpeg", 75.0)}
 
     def data() -> ImageShardDataModule:
         return ImageShardDataModule(str(demo / "shards" / "val"), batch_size=8, num_workers=0, **settings)

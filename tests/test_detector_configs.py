@@ -17,7 +17,7 @@ from workflows.grid import grid
 from feature_cache.provenance import ExtractorProvenance, FeatureSpec
 from feature_cache.store import FeatureStore
 from lightning_modules.detectors import DEUADetector, LaRE2Detector
-from lightning_modules.diffusion_pass import key_generator
+from core.seeding import image_generator
 from lightning_modules.feature_extractor import FeatureExtractor
 from lightning_modules.laplace_fit import LaplaceFit
 from lightning_modules.uncertainty import conv3x3_ggn_sums
@@ -63,7 +63,8 @@ def tiny_cache(tiny_model_paths: dict[str, Path], tmp_path_factory: pytest.TempP
     """Train and test stores computed with the tiny SD and CLIP models (LaRE, DEU, CLIP layer3 + pooled)."""
     root = tmp_path_factory.mktemp("tiny_cache")
     fit = LaplaceFit(str(tiny_model_paths["sd"]), output=str(root / "posterior.pt"), timestep=T, num_noises=N)
-    phi = fit.diffusion(images([100, 101, 102, 103]), [key_generator(0, f"c{k}") for k in range(4)]).phi.flatten(0, 1)
+    generators = [image_generator(0, "diffusion_noise", f"c{k}") for k in range(4)]
+    phi = fit.diffusion(images([100, 101, 102, 103]), generators).phi.flatten(0, 1)
     fit.save_posterior(conv3x3_ggn_sums(phi), float(phi.shape[0] * 64), 1.0, 4, RES)
     extractor = FeatureExtractor(str(tiny_model_paths["sd"]), posterior=str(root / "posterior.pt"),
                                  clip=str(tiny_model_paths["clip"]), timestep=T, num_noises=N,

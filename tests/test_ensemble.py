@@ -19,7 +19,8 @@ from cli.__main__ import main as cli_main
 from cli.trainer import ForensicsTrainer
 from datamodules.shards import convert
 from lightning_modules.detectors import DEUADetector
-from lightning_modules.diffusion_pass import DiffusionPass, key_generator
+from core.seeding import image_generator
+from lightning_modules.diffusion_pass import DiffusionPass
 from lightning_modules.feature_extractor import FeatureExtractor
 from core.hashing import file_sha256
 from lightning_modules.maps import available_maps, map_channels
@@ -221,8 +222,8 @@ def test_ensemble_maps_equal_each_member_run_as_the_unets_conv_out(tiny_model_pa
     for k in range(members["num_members"]):
         parts.unet.conv_out.weight.copy_(members["weights"][k])
         parts.unet.conv_out.bias.copy_(members["biases"][k])
-        out = DiffusionPass(parts, 200, 3, "a photo", "sample")(as_float(batch["image"]),
-                                                                 [key_generator(0, s) for s in batch["sha256"]])
+        generators = [image_generator(0, "diffusion_noise", s) for s in batch["sha256"]]
+        out = DiffusionPass(parts, 200, 3, "a photo", "sample")(as_float(batch["image"]), generators)
         means.append(out.eps_hat.mean(dim=1))
     means = torch.stack(means, dim=1)
     torch.testing.assert_close(maps["ensemble_var"], means.var(dim=1, correction=0), rtol=1e-4, atol=1e-8)
@@ -281,7 +282,7 @@ def per_member_means(sd: Path, batch: dict, embeddings: torch.Tensor, num_noises
     parts = load_stable_diffusion(str(sd))
     means = []
     for image, digest in zip(as_float(batch["image"]), batch["sha256"]):
-        gen = key_generator(0, digest)
+        gen = image_generator(0, "diffusion_noise", digest)
         dist = parts.vae.encode(image[None]).latent_dist
         latent_eps = torch.randn(dist.mean.shape[1:], generator=gen)
         noise = torch.randn((num_noises, *dist.mean.shape[1:]), generator=gen)
@@ -322,7 +323,7 @@ def test_conditioned_eps_under_the_prompt_is_the_fused_pass(tiny_model_paths: di
     another row grouping in the extra call, and a conditioning that is ignored."""
     diffusion = DiffusionPass(load_stable_diffusion(str(tiny_model_paths["sd"])), 200, 3, "a photo", "sample")
     batch = make_batch(["c0", "c1"])
-    out = diffusion(as_float(batch["image"]), [key_generator(0, s) for s in batch["sha256"]])
+    out = diffusion(as_float(batch["image"]), [image_generator(0, "diffusion_noise", s) for s in batch["sha256"]])
     prompt = diffusion.text_embedding(torch.device("cpu"))[0]
     assert torch.equal(diffusion.conditioned_eps(out, prompt), out.eps_hat)
     assert not torch.allclose(diffusion.conditioned_eps(out, prompt + 0.5), out.eps_hat)

@@ -94,7 +94,7 @@ def test_stores_hold_the_ensemble_maps_with_their_members(workspace: dict[str, P
         assert mi.shape == var.shape == (len(store.rows("key")), 4, 8, 8) and mi.dtype == np.float32
         assert np.isfinite(mi).all() and (mi >= 0).all() and (mi <= np.log(3) + 1e-6).all() and (mi > 0).any()
         assert (var >= 0).all() and (var > 0).any()
-        recorded = store.feature_provenance("ensemble_mi")["extractor"]["map"]
+        recorded = store.feature_provenance(["ensemble_mi"]).features["ensemble_mi"].extractor.maps["ensemble_mi"]
         assert recorded["ensemble_members"] == str(workspace[f"members_{kind}"])
         assert recorded["ensemble_members_sha256"] == file_sha256(workspace[f"members_{kind}"])
         assert load_members(workspace[f"members_{kind}"])["kind"] == kind

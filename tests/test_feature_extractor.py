@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from lightning_modules.diffusion_pass import DiffusionPass, key_generator
+from core.seeding import image_generator
+from lightning_modules.diffusion_pass import DiffusionPass
 from lightning_modules.feature_extractor import FeatureExtractor, recorded_path
 from lightning_modules.laplace_fit import LaplaceFit
 from lightning_modules.maps import MAP_REGISTRY, available_maps, map_channels
@@ -55,7 +56,7 @@ def posterior(tiny_model_paths: dict[str, Path], tmp_path_factory: pytest.TempPa
     fit = LaplaceFit(str(tiny_model_paths["sd"]), output=str(tmp_path_factory.mktemp("post") / "p.pt"),
                      timestep=T, num_noises=N, prior_precision=1.0, sigma="fixed")
     batch = make_batch(["c0", "c1", "c2", "c3"])
-    out = fit.diffusion(as_float(batch["image"]), [key_generator(0, k) for k in batch["sha256"]])
+    out = fit.diffusion(as_float(batch["image"]), [image_generator(0, "diffusion_noise", k) for k in batch["sha256"]])
     phi = out.phi.flatten(0, 1)
     fit.save_posterior(conv3x3_ggn_sums(phi), float(phi.shape[0] * 64), 1.0, 4, RES)
     return Path(fit.hparams.output)
@@ -113,7 +114,7 @@ def test_registry_maps_are_bit_identical_to_the_uncertainty_functions(tiny_model
                           num_noises=N, deu_mode=deu_mode, num_weight_samples=5)
     batch = make_batch(["u", "v", "w"])
     got = fe.predict_step(batch, 0)
-    generators = [key_generator(0, digest) for digest in batch["sha256"]]
+    generators = [image_generator(0, "diffusion_noise", digest) for digest in batch["sha256"]]
     out = fe.diffusion(as_float(batch["image"]), generators)
     phi_bar, conv = out.phi.mean(dim=1), fe.unet.conv_out
     if deu_mode == "closed_form":
@@ -147,8 +148,8 @@ def test_noise_is_keyed_by_content_not_row(extractor: FeatureExtractor) -> None:
     for name in extractor.outputs:
         assert torch.equal(first[name], moved[name]), name
     parts = extractor.diffusion
-    a = parts.draw([key_generator(0, content("same"))], RES)
-    b = parts.draw([key_generator(0, content("other"))], RES)
+    a = parts.draw([image_generator(0, "diffusion_noise", content("same"))], RES)
+    b = parts.draw([image_generator(0, "diffusion_noise", content("other"))], RES)
     assert not torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
     other = extractor.predict_step(make_batch(["other"]), 0)
     assert not torch.equal(first["lare"], other["lare"])
@@ -171,10 +172,11 @@ def test_one_inserted_image_leaves_every_other_row_unchanged(extractor: FeatureE
 def test_draw_order_contract(tiny_model_paths: dict[str, Path]) -> None:
     """VAE ε, then the N noises (N=2 a prefix of N=4, and `latent=mean` draws ε too). Catches a reordering."""
     parts = load_stable_diffusion(str(tiny_model_paths["sd"]))
-    g = key_generator(0, content("x"))
+    g = image_generator(0, "diffusion_noise", content("x"))
     eps, noises = torch.randn(4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
     for latent in ("sample", "mean"):
-        got_eps, got_noise = DiffusionPass(parts, T, 2, "a photo", latent).draw([key_generator(0, content("x"))], RES)
+        got_eps, got_noise = DiffusionPass(parts, T, 2, "a photo", latent).draw(
+            [image_generator(0, "diffusion_noise", content("x"))], RES)
         assert torch.equal(got_eps[0], eps) and torch.equal(got_noise[0], noises[:2])
 
 

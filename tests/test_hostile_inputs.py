@@ -220,6 +220,37 @@ class RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
+# The feature provenance `fit` wrote into checkpoints before FeatureProvenance existed (a loose dict built in
+# datamodules/cached_features.py: store part, and per feature {common, map, module}; `protocol_seed`, no spec).
+OLD_CHECKPOINT_PROVENANCE = {
+    "dataset": {"shards": "/data/train", "layout": "genimage", "split": "train", "manifest_sha256": "m0",
+                "tars": [], "stats": {"real_jpeg_qualities": {}, "width": [64, 64], "height": [64, 64],
+                                      "fake_side_ranges": []}},
+    "pixels": {"resolution": 64, "protocol": "raw", "resize": "PIL bilinear", "jpeg_quality": None,
+               "jpeg_quality_source": None, "protocol_seed": None, "size_filter": False,
+               "perturbation": ["none", 0.0], "clip_input": "resize"},
+    "features": {"deu": {"common": {"unet_hash": "aaaa", "timestep": 200, "seed": 0},
+                         "map": {"posterior_sha256": "bbbb", "deu_mode": "closed_form"},
+                         "module": "lightning_modules.maps.builtin"}},
+}
+
+
+def store_provenance(shards: str = "/data/train", split: str = "train", resolution: int = 64,
+                     unet_hash: str = "aaaa", posterior_sha256: str = "bbbb"):
+    """A test store's FeatureProvenance of `deu` as today's code reports it (with the stored form)."""
+    from feature_cache.provenance import FeatureProvenance
+
+    old = OLD_CHECKPOINT_PROVENANCE
+    deu = old["features"]["deu"]
+    return FeatureProvenance.from_attrs({
+        "format": 3, "dataset": {**old["dataset"], "shards": shards, "split": split},
+        "pixels": {**old["pixels"], "resolution": resolution},
+        "features": {"deu": {"spec": {"shape": [4, 8, 8], "dtype": "float32", "codec": "zstd"},
+                             "extractor": {"common": {**deu["common"], "unet_hash": unet_hash},
+                                           "maps": {"deu": {**deu["map"], "posterior_sha256": posterior_sha256}},
+                                           "modules": {"deu": deu["module"]}}}}})
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real checkpoint of a fitted (one step) DEUA detector, as `fit` writes it, with a feature provenance."""
@@ -232,8 +263,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
                          enable_model_summary=False, max_steps=1, limit_val_batches=1, num_sanity_val_steps=0,
                          default_root_dir=path.parent)
     trainer.fit(detector, datamodule=SyntheticDataModule(n_train=32, n_eval=32))
-    detector.feature_provenance = {"unet_hash": "aaaa", "posterior_sha256": "bbbb", "timestep": 200,
-                                   "shards": "/data/train", "split": "train", "resolution": 64}
+    detector.feature_provenance = OLD_CHECKPOINT_PROVENANCE  # as `fit` wrote it before FeatureProvenance
     trainer.save_checkpoint(path)
     return path
 
@@ -253,7 +283,8 @@ def test_checkpoint_records_its_class_path_and_loads_weights_only(checkpoint: Pa
     recorded = torch.load(checkpoint, weights_only=True)["detector_class"]
     assert recorded == "lightning_modules.detectors.deua.DEUADetector"
     detector, provenance = load_detector(checkpoint)
-    assert type(detector) is DEUADetector and provenance["unet_hash"] == "aaaa" and not detector.training
+    assert type(detector) is DEUADetector and not detector.training
+    assert provenance.features["deu"].extractor.common["unet_hash"] == "aaaa"
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "malicious"])
@@ -292,15 +323,16 @@ def test_predict_out_is_checked_before_any_work(checkpoint: Path, tmp_path: Path
 def test_feature_provenance_mismatch_names_the_fields(checkpoint: Path) -> None:
     """Bug caught: a checkpoint trained on one UNet's/posterior's features was tested on a store made with
     others, rc=0. Per-dataset fields (shards, split) may differ; weight hashes and settings may not."""
-    from workflows.provenance_checks import check_feature_provenance
     from core.checkpoint_io import safe_torch_load
+    from feature_cache.provenance import FeatureProvenance
+    from workflows.provenance_checks import check_feature_provenance
 
-    trained = safe_torch_load(checkpoint, "checkpoint")["feature_provenance"]
-    same_settings = {**trained, "shards": "/data/test", "split": "val"}
+    trained = FeatureProvenance.from_attrs(safe_torch_load(checkpoint, "checkpoint")["feature_provenance"])
+    same_settings = store_provenance(shards="/data/test", split="val")
     check_feature_provenance(trained, {"test.zarr": same_settings}, "last.ckpt")
-    other = {**same_settings, "unet_hash": "cccc", "posterior_sha256": "dddd"}
-    with pytest.raises(ValueError, match=r"feature store other.zarr was computed otherwise .*\(posterior_sha256 bbbb "
-                                         r"!= dddd; unet_hash aaaa != cccc\)"):
+    other = store_provenance(unet_hash="cccc", posterior_sha256="dddd")
+    with pytest.raises(ValueError, match=r"feature store other.zarr was computed otherwise .*\(deu.common.unet_hash "
+                                         r"aaaa != cccc; deu.map.posterior_sha256 bbbb != dddd\)"):
         check_feature_provenance(trained, {"test.zarr": same_settings, "other.zarr": other}, "last.ckpt")
 
 
@@ -309,10 +341,9 @@ def test_checkpoint_against_test_stores_reads_the_checkpoint(checkpoint: Path) -
     `ForensicsTrainer.test` calls reads the real checkpoint's recorded provenance and refuses."""
     from workflows.provenance_checks import check_checkpoint_against_stores
 
-    trained = {"unet_hash": "aaaa", "posterior_sha256": "bbbb", "timestep": 200, "resolution": 64}
-    check_checkpoint_against_stores(checkpoint, {"test.zarr": {**trained, "shards": "/data/test"}})
-    with pytest.raises(ValueError, match=r"test.zarr .*\(resolution 64 != 128\)"):
-        check_checkpoint_against_stores(checkpoint, {"test.zarr": {**trained, "resolution": 128}})
+    check_checkpoint_against_stores(checkpoint, {"test.zarr": store_provenance(shards="/data/test")})
+    with pytest.raises(ValueError, match=r"test.zarr .*\(pixels.resolution 64 != 128\)"):
+        check_checkpoint_against_stores(checkpoint, {"test.zarr": store_provenance(resolution=128)})
 
 
 def test_generator_filter_drops_the_other_generators_skipped_files(tmp_path: Path) -> None:

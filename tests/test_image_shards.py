@@ -20,6 +20,7 @@ from PIL import Image
 from datamodules.image_io import to_rgb
 from core.geometry import center_square
 from datamodules.image_shards import ImageShardDataModule, balance, preprocessor_from_provenance
+from feature_cache.provenance import PixelProvenance
 from datamodules.shards import convert
 from feature_cache.manifest import read_manifest_rows
 from image_trees import make_genimage, noise, save
@@ -101,7 +102,8 @@ def test_metadata_methods(shard_dir: Path) -> None:
 def test_provenance_rebuilds_the_same_pipeline(shard_dir: Path, settings: dict) -> None:
     """Phase 2 (fine-tuning on images) can show the model exactly the pixels phase 1 saw."""
     datamodule = ImageShardDataModule(str(shard_dir), resolution=RESOLUTION, **settings)
-    assert preprocessor_from_provenance(datamodule.provenance(), datamodule.stats) == datamodule.preprocess
+    pixels = PixelProvenance.from_datamodule(datamodule.provenance())
+    assert preprocessor_from_provenance(pixels, datamodule.stats) == datamodule.preprocess
 
 
 def rewrite_member(tar_path: Path, key: str, transform: Callable[[bytes], bytes]) -> None:

@@ -100,8 +100,8 @@ def test_protocol_file_bytes_is_the_jpeg_the_protocol_made():
     """Catches a reference that reads the original file under `jpeg_aligned` (it would see PNG fakes and
     score the format again) or re-encodes under `raw`."""
     png = _encode(Image.fromarray(noise(0, 32, 32)), "PNG")
-    assert protocol_file_bytes(png, "k", ImagePreprocessor(32)) == png
-    jpeg = protocol_file_bytes(png, "k", ImagePreprocessor(32, "jpeg_aligned", jpeg_quality=60))
+    assert protocol_file_bytes(png, ImagePreprocessor(32)) == png
+    jpeg = protocol_file_bytes(png, ImagePreprocessor(32, "jpeg_aligned", jpeg_quality=60))
     image = Image.open(io.BytesIO(jpeg))
     assert image.format == "JPEG"
     np.testing.assert_array_equal(image.quantization[0], ijg_luminance_table(60))

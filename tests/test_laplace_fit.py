@@ -12,7 +12,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lightning_modules.diffusion_pass import DiffusionPass, key_generator
+from core.seeding import image_generator
+from lightning_modules.diffusion_pass import DiffusionPass
 from lightning_modules.laplace_fit import LaplaceFit, load_posterior
 from lightning_modules.pretrained import load_stable_diffusion, weights_hash
 from lightning_modules.uncertainty import conv3x3_ggn_sums, log_marginal_likelihood
@@ -50,7 +51,7 @@ def expected_sums(sd: Path) -> tuple[torch.Tensor, float, float]:
     rows = [CalibrationImages()[i] for i in range(NUM) if i != BAD]
     with torch.no_grad():
         out = DiffusionPass(parts, 200, N, "a photo", "sample")(
-            torch.stack([r["image"] for r in rows]), [key_generator(0, r["sha256"]) for r in rows])
+            torch.stack([r["image"] for r in rows]), [image_generator(0, "diffusion_noise", r["sha256"]) for r in rows])
     phi = out.phi.flatten(0, 1)
     rss = float((out.eps_hat.double() - out.noise.double()).square().sum())
     return conv3x3_ggn_sums(phi), float(phi.shape[0] * phi.shape[-2] * phi.shape[-1]), rss

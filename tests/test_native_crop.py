@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from workflows.predict import pixel_provenance
 from workflows.robustness import score_store
 from datamodules.cached_features import FeatureCacheDataModule
 from datamodules.image_shards import ImageShardDataModule, pixel_settings, preprocessor_from_provenance
@@ -176,11 +175,10 @@ def test_resize_and_native_crop_stores_are_never_mixed_and_provenance_round_trip
     assert (reopened.clip_input, reopened.clip_size) == ("native_crop", 224)
     assert "clip_size" not in resized.pixels.to_attrs() and resized.pixels.clip_input == "resize"
     checkpoint = FeatureCacheDataModule(features=["lare"], train=[str(native.path)]).feature_provenance()
-    rebuilt = preprocessor_from_provenance(checkpoint["pixels"], checkpoint["dataset"]["stats"])
+    rebuilt = preprocessor_from_provenance(checkpoint.store.pixels, checkpoint.store.dataset.stats)
     assert (rebuilt.clip_input, rebuilt.clip_size) == ("native_crop", 224)
-    assert pixel_settings({**attrs, "clip_input": "resize"})["clip_input"] == "resize"
-    assert pixel_settings({k: v for k, v in attrs.items() if k not in ("clip_input", "clip_size")})["clip_input"] \
-        == "resize"  # provenance from before clip_input existed was made with resize
+    older = PixelProvenance.from_attrs({k: v for k, v in attrs.items() if k not in ("clip_input", "clip_size")})
+    assert pixel_settings(older)["clip_input"] == "resize"  # provenance from before clip_input existed: resize
 
 
 def test_precompute_refuses_to_grow_a_resize_store_and_predict_scores_like_the_cache(native_shards, tiny_model_paths,
@@ -212,7 +210,7 @@ def test_precompute_refuses_to_grow_a_resize_store_and_predict_scores_like_the_c
     detector.fit_guidance_norm([{"lare": torch.from_numpy(store.read("lare"))}])  # standardised: the maps count
     cached = score_store(detector, store, ["lare", "clip_layer3", "clip_pooled"]).p_fake
     data = ImageShardDataModule(str(shards), batch_size=3, num_workers=0,
-                                **pixel_settings(pixel_provenance(store.provenance.to_attrs())))
+                                **pixel_settings(store.pixels))
     batch = next(iter(data.predict_dataloader()))  # rows in store order: one tar, read in order
     extractor.set_outputs(["lare", "clip_layer3", "clip_pooled"])
     on_the_fly = OnTheFlyDetector(detector, extractor).predict_step(batch, 0)["p_fake"]

@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import ProgressBar
 
 from core.progress import plain_output
 from datamodules.cached_features import FeatureCacheDataModule
+from feature_cache.provenance import FeatureProvenance
 
 LOOP_SETTINGS = ("max_epochs", "max_steps", "limit_train_batches", "limit_val_batches", "check_val_every_n_epoch",
                  "val_check_interval", "num_devices")
@@ -135,7 +136,7 @@ class RowDataModule(pl.LightningDataModule):
         self.generator_names = shared.generator_names
         self.save_hyperparameters(shared.hparams_initial)  # the run's logged hparams include the data's, as alone
 
-    def feature_provenance(self) -> dict[str, Any] | None:
+    def feature_provenance(self) -> FeatureProvenance | None:
         return self.shared.feature_provenance()
 
     def train_dataloader(self) -> RowBatches:

@@ -75,21 +75,12 @@ def predictions_table(rows: list[dict], generator_names: list[str], threshold: f
     return table.sort_values("path")[list(PREDICT_COLUMNS)]
 
 
-def pixel_provenance(provenance: dict[str, Any]) -> dict[str, Any]:
-    """The pixel settings and shard directory a checkpoint's features were made with, flat as
-    `ImageShardDataModule.provenance()` gives them: format-1 provenance is flat already, format 2 nests
-    them under `pixels` and `dataset`."""
-    if "pixels" in provenance:
-        return {**provenance["pixels"], "shards": provenance["dataset"]["shards"]}
-    return provenance
-
-
 def predict_folder(ckpt: str, data: str, out: str, batch_size: int, num_workers: int, accelerator: str,
                    overwrite: bool = False, **paths: str | None) -> Path:
     """Score every file under `data`; one CSV row per file (PREDICT_COLUMNS)."""
     out_path = check_output_file(out, overwrite)
     model, provenance = OnTheFlyDetector.from_checkpoint(ckpt, **paths)
-    preprocess = preprocessor_from_provenance(provenance["pixels"], provenance["dataset"]["stats"])
+    preprocess = preprocessor_from_provenance(provenance.store.pixels, provenance.store.dataset.stats)
     datamodule = ImageFilesDataModule(data, preprocess, batch_size, num_workers)
     rows = run_predict(model, datamodule, accelerator)
     out_path.parent.mkdir(parents=True, exist_ok=True)

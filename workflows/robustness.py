@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from workflows.predict import pixel_provenance, run_predict
+from workflows.predict import run_predict
 from core.progress import PlainLogProgress
 from datamodules.cached_features import centre_clip_boxes
 from datamodules.image_shards import ImageShardDataModule, pixel_settings
@@ -114,7 +114,7 @@ def robustness_sweep(ckpt: str, shards: str, out: str, batch_size: int, num_work
         print(f"robustness [{number}/{len(sweep)}] {label}: "
               + (f"features from the cache in {cache_dir}" if cached else "features on the fly (fine-tuned CLIP)"),
               flush=True)
-        settings = {**pixel_settings(pixel_provenance(provenance)), "perturbation": (name, parameter)}
+        settings = {**pixel_settings(provenance.store.pixels), "perturbation": (name, parameter)}
         datamodule = ImageShardDataModule(shards, batch_size=batch_size, num_workers=num_workers, **settings)
         reused = ""
         if cached:

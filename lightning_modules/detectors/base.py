@@ -309,7 +309,8 @@ class DetectorBase(pl.LightningModule):
         self._fit_guidance_norm_on_training_rows()
         self._register_hparams_metrics()
         provenance = getattr(getattr(self.trainer, "datamodule", None), "feature_provenance", None)
-        self.feature_provenance = provenance() if callable(provenance) else None
+        recorded = provenance() if callable(provenance) else None  # a FeatureProvenance; the checkpoint keeps its attrs
+        self.feature_provenance = None if recorded is None else recorded.to_attrs()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Record what `predict` needs to rebuild the inputs from raw images: the class and feature provenance."""
