@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from rich.progress import track
 
+from core.checkpoint_io import safe_torch_load
 from lightning_modules.diffusion_pass import DiffusionPass, key_generator, normalise_images
 from lightning_modules.pretrained import load_stable_diffusion, weights_hash
 
@@ -43,11 +44,12 @@ MATCHED_SETTINGS = ("unet_hash", "timestep", "prompt", "latent")
 
 
 def load_members(path: str | Path) -> dict[str, Any]:
-    """Read a members file written by EnsembleFit; one clear error if it is missing or not one."""
+    """Read a members file written by EnsembleFit (no code runs: `safe_torch_load`); one clear error if it is
+    missing, unreadable or not one."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"ensemble members file {file} not found; train one with `python -m cli ensemble-fit`")
-    members = torch.load(file, map_location="cpu", weights_only=True)
+    members = safe_torch_load(file, "ensemble members file")
     if not isinstance(members, dict) or members.get("format") != MEMBERS_FORMAT:
         raise ValueError(f"{file} is not a {MEMBERS_FORMAT} file written by `python -m cli ensemble-fit`")
     return members

@@ -48,7 +48,7 @@ def check_checkpoint_against_stores(checkpoint_path: str | Path, stores: Mapping
 
     `stores` maps each test store's path to its feature provenance, as the datamodule reports it for the
     checkpoint (`DetectorBase` records `datamodule.feature_provenance()`): the same function must produce
-    both sides, so only real differences show. Called by `ForensicsTrainer.test` before scoring.
+    both sides, so only real differences show. Called through `check_scored_stores` before scoring.
     """
     checkpoint = safe_torch_load(checkpoint_path, "checkpoint")
     trained = checkpoint.get("feature_provenance") if isinstance(checkpoint, dict) else None
@@ -56,3 +56,20 @@ def check_checkpoint_against_stores(checkpoint_path: str | Path, stores: Mapping
         raise ValueError(f"checkpoint {checkpoint_path} records no feature provenance, so the stores it is tested "
                          "on cannot be checked against its training features")
     check_feature_provenance(trained, stores, str(checkpoint_path))
+
+
+def check_scored_stores(checkpoint_path: str | Path | None, datamodule: Any, stage: str) -> None:
+    """`test`'s and `validate`'s guard before Lightning loads the checkpoint: the file is read safely (a hostile
+    or damaged one is one line here, not Lightning's traceback), and the stores this stage scores (`test`: the
+    test stores; `validate`: the val stores, or the train stores a `val_fraction` splits) hold features made as
+    the checkpoint's were."""
+    if checkpoint_path is None or not Path(checkpoint_path).is_file():
+        return  # Lightning's own message for a missing file; no checkpoint: nothing to compare
+    stores = getattr(datamodule, "stores", {})
+    scored = stores.get("test", []) if stage == "test" else stores.get("val", []) or (
+        stores.get("train", []) if getattr(datamodule, "hparams", {}).get("val_fraction") else [])
+    if scored:
+        check_checkpoint_against_stores(checkpoint_path, {path: datamodule.feature_provenance(path)
+                                                          for path in dict.fromkeys(scored)})
+    else:
+        safe_torch_load(checkpoint_path, "checkpoint")
