@@ -63,6 +63,8 @@ class ForensicsTrainer(pl.Trainer):
             verify_checksums: check every stored file's sha256 at start (not only its size) and recompute
                 damaged tars; false skips the read-back of the whole store.
         """
+        from datamodules.image_shards import lost_tars
+        from feature_cache.store import FeatureStore
         from feature_cache.writer import ZarrFeatureWriter
 
         if store is None:
@@ -91,6 +93,12 @@ class ForensicsTrainer(pl.Trainer):
             if summary.not_added:
                 raise SystemExit(f"python -m cli precompute: {store}: outputs {', '.join(summary.not_added)} are not "
                                  "in the store yet (an incomplete group was resumed first); rerun to add them")
+            lost = lost_tars(FeatureStore.open(store))
+            if lost:
+                raise SystemExit(f"python -m cli precompute: {store}: {summary.total - len(lost)} of {summary.total} "
+                                 f"tars written; unreadable: {', '.join(lost[:10])}{' ...' if len(lost) > 10 else ''} "
+                                 "(truncated or damaged: their lost rows are stored as rejected rows; "
+                                 "rebuild the shards with `python -m cli shards` and precompute a new store)")
 
     def laplace_fit(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None) -> None:
         """Fit the diagonal last-layer Laplace posterior of the UNet's conv_out over calibration shards."""
@@ -120,6 +128,7 @@ class ForensicsTrainer(pl.Trainer):
         """
         from torch.utils.data import DataLoader
 
+        from core.outputs import output_dir
         from feature_cache.manifest import read_manifest_rows
         from lightning_modules.generation import UncertaintyGenerator
         from lightning_modules.generation_writer import GenerationItems, GenerationWriter, read_prompts
@@ -135,6 +144,7 @@ class ForensicsTrainer(pl.Trainer):
             if not qualities:
                 raise ValueError(f"--jpeg_quality_from {jpeg_quality_from}: no real JPEG image in its manifest")
         items = GenerationItems(read_prompts(prompts), num_images)
+        output_dir(out, "--out")  # before the model runs: a folder under a file or a read-only disk is one line
         writer = GenerationWriter(out, items, image_format, qualities, keep_quantile, rank_by)
         self.callbacks.append(writer)
         # Guided sampling differentiates the uncertainty w.r.t. x_t: no inference tensors then.

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from rich.progress import track
 
 from core.checkpoint_io import safe_torch_load
+from core.outputs import output_file
 from lightning_modules.diffusion_pass import DiffusionPass, key_generator, normalise_images
 from lightning_modules.pretrained import load_stable_diffusion, weights_hash
 
@@ -84,6 +85,7 @@ class EnsembleFit(pl.LightningModule):
         if num_members < 2 or steps < 1 or batch_size < 1 or lr <= 0 or init_noise < 0:
             raise ValueError(f"need num_members >= 2, steps >= 1, batch_size >= 1, lr > 0, init_noise >= 0; got "
                              f"{num_members}, {steps}, {batch_size}, {lr}, {init_noise}")
+        output_file(output, "--model.init_args.output")  # before training: an unwritable output is one line now
         parts = load_stable_diffusion(sd)
         self.vae, self.unet, self.text_encoder = parts.vae, parts.unet, parts.text_encoder
         self.parts, self.sd_source = parts, parts.source

@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 
 from core.checkpoint_io import safe_torch_load
+from core.outputs import output_file
 from lightning_modules.diffusion_pass import AutocastDtype, DiffusionPass, key_generator, normalise_images
 from lightning_modules.pretrained import load_stable_diffusion, weights_hash
 from lightning_modules.uncertainty import (conv3x3_ggn_sums, diagonal_posterior, estimated_sigma,
@@ -91,6 +92,7 @@ class LaplaceFit(pl.LightningModule):
             raise ValueError(f"sigma_noise and prior_precision must be > 0, got {sigma_noise} and {prior_precision}")
         if sigma not in SIGMA_MODES:
             raise ValueError(f"sigma must be one of {SIGMA_MODES}, got {sigma!r}")
+        output_file(output, "--model.init_args.output")  # before the pass: an unwritable output is one line now
         parts = load_stable_diffusion(sd)
         self.vae, self.unet, self.text_encoder = parts.vae, parts.unet, parts.text_encoder
         self.sd_source = parts.source
