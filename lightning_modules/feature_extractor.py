@@ -191,7 +191,9 @@ class FeatureExtractor(pl.LightningModule):
             return getattr(self, "_posterior_sigma", None)
         extra = self.hparams.map_settings
         if name in extra:  # a file as its absolute path: relative then absolute paths to one file are one config
-            return recorded_path(extra[name]) if isinstance(extra[name], str) else extra[name]
+            value = extra[name]
+            return recorded_path(value) if isinstance(value, str) and value and Path(value).expanduser().is_file() \
+                else value
         if name.endswith("_sha256") and name.removesuffix("_sha256") in extra:
             path = extra[name.removesuffix("_sha256")]
             if path and name not in self._file_hashes:

@@ -257,7 +257,7 @@ def read_only(tmp_path_factory: pytest.TempPathFactory):
 def generate(paths: dict[str, Path], prompts: Path, out: Path) -> subprocess.CompletedProcess:
     return cli("generate", "--config", str(REPO / "configs/generate.yaml"), "--model.init_args.sd", str(paths["sd"]),
                "--model.init_args.resolution", "64", "--model.init_args.num_inference_steps", "2",
-               "--prompts", str(prompts), "--num_images", "1", "--out", str(out), "--trainer.accelerator", "cpu",
+               "--model.init_args.aleatoric_steps", "[1]", "--prompts", str(prompts), "--num_images", "1", "--out", str(out), "--trainer.accelerator", "cpu",
                "--trainer.callbacks", "[]", "--trainer.default_root_dir", str(out.parent / "generate_run"),
                cwd=out.parent if out.parent.is_dir() else REPO)
 
