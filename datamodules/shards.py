@@ -106,6 +106,11 @@ def walk_files(folder: Path, visited: set[tuple[int, int]] | None = None,
     """
     visited = set() if visited is None else visited
     tree_real = os.path.realpath(folder if tree is None else tree)
+    if tree is not None:  # the layout's folder itself reached through a link inside the tree (`sdv5 -> sdv4`)
+        real = os.path.realpath(folder)
+        if real != os.path.join(tree_real, os.path.relpath(os.path.abspath(folder), os.path.abspath(tree))) \
+                and Path(real).is_relative_to(tree_real):
+            return [], [(folder, _LINK_BACK.format(target=real))]
     files: list[Path] = []
     skipped: list[tuple[Path, str]] = []
     pending = [folder]
@@ -147,13 +152,16 @@ def walk_files(folder: Path, visited: set[tuple[int, int]] | None = None,
     return sorted(files), skipped
 
 
+_LINK_BACK = "symlink back into the dataset tree (to {target}): its files are read once, at their real location, " \
+             "never relabelled"
+
+
 def _link_back(link: Path, tree_real: str) -> str:
     """Why following `link` would read a file under another label (inside the tree, or a folder above the link),
     or "" when it leads elsewhere (a dataset linked in)."""
     target = os.path.realpath(link)
     if Path(target).is_relative_to(tree_real):
-        return (f"symlink back into the dataset tree (to {target}): its files are read once, at their real "
-                "location, never relabelled")
+        return _LINK_BACK.format(target=target)
     if Path(os.path.realpath(link.parent)).is_relative_to(target):
         return f"symlink to a folder above it ({target}): a loop, its files are read at their real location"
     return ""

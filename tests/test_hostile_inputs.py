@@ -108,6 +108,21 @@ def test_link_to_a_parent_never_relabels_a_class(tmp_path: Path, layout: str) ->
                                         "its files are read once, at their real location, never relabelled"}
 
 
+def test_generator_folder_linked_to_another_is_not_relabelled(tmp_path: Path) -> None:
+    """Bug caught: GenImage's `a_copy -> sdv4` (sorted first) was walked as generator `a_copy`, then sdv4's own
+    folder was skipped as already walked: every sdv4 row relabelled. The link is rejected; sdv4 keeps its rows."""
+    root = tmp_path / "root"
+    save(root / "sdv4" / "train" / "ai" / "b.png", Image.fromarray(noise(2, 32, 32)))
+    save(root / "sdv4" / "train" / "nature" / "a.jpg", Image.fromarray(noise(1, 32, 32)), quality=85)
+    (root / "a_copy").symlink_to("sdv4")
+    convert("genimage", root, "train", tmp_path / "out", workers=1)
+    assert {(r["path"], r["generator"]) for r in read_manifest_rows(tmp_path / "out")} == {
+        ("sdv4/train/ai/b.png", "sdv4"), ("sdv4/train/nature/a.jpg", "sdv4")}
+    rejected = {r["path"]: r["reason"] for r in read_csv(tmp_path / "out" / "rejected.csv")}
+    assert set(rejected) == {"a_copy/train/ai", "a_copy/train/nature"}
+    assert all(reason.startswith("symlink back into the dataset tree") for reason in rejected.values())
+
+
 def test_links_to_one_file_are_read_once(labelled: Path, tmp_path: Path) -> None:
     """Bug caught: two links to one file outside the tree became two rows (the same bytes read twice)."""
     outside = save(tmp_path / "elsewhere" / "c.png", Image.fromarray(noise(3, 32, 32)))

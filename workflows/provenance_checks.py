@@ -59,17 +59,15 @@ def check_checkpoint_against_stores(checkpoint_path: str | Path, stores: Mapping
 
 
 def check_scored_stores(checkpoint_path: str | Path | None, datamodule: Any, stage: str) -> None:
-    """`test`'s and `validate`'s guard before Lightning loads the checkpoint: the file is read safely (a hostile
-    or damaged one is one line here, not Lightning's traceback), and the stores this stage scores (`test`: the
-    test stores; `validate`: the val stores, or the train stores a `val_fraction` splits) hold features made as
-    the checkpoint's were."""
+    """`test`'s and `validate`'s guard: the stores this stage scores (`test`: the test stores; `validate`: the val
+    stores, or the train stores a `val_fraction` splits) hold features made as the checkpoint's were.
+
+    Nothing to compare without a checkpoint file (Lightning reports a missing one) or without stores."""
     if checkpoint_path is None or not Path(checkpoint_path).is_file():
-        return  # Lightning's own message for a missing file; no checkpoint: nothing to compare
+        return
     stores = getattr(datamodule, "stores", {})
     scored = stores.get("test", []) if stage == "test" else stores.get("val", []) or (
         stores.get("train", []) if getattr(datamodule, "hparams", {}).get("val_fraction") else [])
     if scored:
         check_checkpoint_against_stores(checkpoint_path, {path: datamodule.feature_provenance(path)
                                                           for path in dict.fromkeys(scored)})
-    else:
-        safe_torch_load(checkpoint_path, "checkpoint")
