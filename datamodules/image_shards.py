@@ -125,7 +125,6 @@ class SampleDecoder:
                 "error": f"{LOST} {shard_name} is truncated or unreadable ({reason})"}
 
 
-
 def lost_tars(store: FeatureStore) -> list[str]:
     """Tars of the store's shard directory that lost rows to damage (truncated or unreadable) in any group: their
     rows are error rows (blank images), so a run that computed them must not report success."""
