@@ -178,6 +178,7 @@ def phase1(tiny_model_paths: dict[str, Path], tmp_path_factory: pytest.TempPathF
     return paths
 
 
+@pytest.mark.slow
 def test_damaged_tars_fail_the_run_after_the_rest_is_written(phase1: dict[str, Path], tmp_path: Path) -> None:
     """Bug caught: precompute exited 0 when tars were truncated (their rows silently became rejected rows); now the
     good tars are written and the run ends non-zero with `K of M tars written; unreadable: NAMES`."""
@@ -200,6 +201,7 @@ def test_damaged_tars_fail_the_run_after_the_rest_is_written(phase1: dict[str, P
     assert (written.read("lare")[[0, 1, 4, 5, 6, 7]] == reference[[0, 1, 4, 5, 6, 7]]).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["posterior", "members"])
 def test_posterior_or_members_file_with_code_is_one_line(phase1: dict[str, Path], tmp_path: Path, what: str) -> None:
     """Bug caught: a posterior or members file read by its own torch.load (not the one safe loader); the planted
@@ -217,6 +219,7 @@ def test_posterior_or_members_file_with_code_is_one_line(phase1: dict[str, Path]
     assert line.startswith(f"python -m cli precompute: {kind} {evil}: refused, it holds objects other than tensors"), line
 
 
+@pytest.mark.slow
 def test_failed_grow_leaves_no_group_and_paths_are_resolved(phase1: dict[str, Path], tmp_path: Path) -> None:
     """Bugs caught: growing a store with a corrupt DECU members file gave a traceback and left an incomplete group
     bound to that file, so the rerun with a good file was refused; the same file by a relative then an absolute
@@ -264,6 +267,7 @@ def generate(paths: dict[str, Path], prompts: Path, out: Path) -> subprocess.Com
                cwd=out.parent if out.parent.is_dir() else REPO)
 
 
+@pytest.mark.slow
 def test_generate_binary_prompts_and_unwritable_out(tiny_model_paths: dict[str, Path], tmp_path: Path,
                                                     read_only: Path) -> None:
     """Bugs caught: a binary prompts file raised UnicodeDecodeError's traceback; `--out` under a file or on a
@@ -312,6 +316,7 @@ def test_tiny_models_non_image_and_output_under_a_file(tmp_path: Path) -> None:
     assert a_file.read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_ensemble_fit_unwritable_output_is_one_line_before_training(phase1: dict[str, Path], tmp_path: Path,
                                                                     read_only: Path) -> None:
     """Bug caught: `ensemble-fit` trained every member, then died on torch.save with a traceback (read-only output);
@@ -348,6 +353,7 @@ FeatureStore.write_tar = write_tar
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", ["1", "2"])
 def test_full_disk_is_one_line_per_rank_and_keeps_written_tars(phase1: dict[str, Path], tmp_path: Path,
                                                                devices: str) -> None:
