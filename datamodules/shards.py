@@ -108,7 +108,8 @@ def walk_files(folder: Path, visited: set[tuple[int, int]] | None = None,
     tree_real = os.path.realpath(folder if tree is None else tree)
     if tree is not None:  # the layout's folder itself reached through a link inside the tree (`sdv5 -> sdv4`)
         real = os.path.realpath(folder)
-        if real != os.path.join(tree_real, os.path.relpath(os.path.abspath(folder), os.path.abspath(tree))) \
+        if real != os.path.normpath(os.path.join(tree_real, os.path.relpath(os.path.abspath(folder),
+                                                                              os.path.abspath(tree)))) \
                 and Path(real).is_relative_to(tree_real):
             return [], [(folder, _LINK_BACK.format(target=real))]
     files: list[Path] = []
