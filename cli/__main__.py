@@ -12,6 +12,7 @@ import traceback
 from pathlib import Path
 
 from cli.commands import PLAIN_COMMANDS, TRAINER_SUBCOMMANDS, plain_command, summary
+from core.outputs import OUTPUT_ERRNOS
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("cli", "workflows", "reports", "lightning_modules", "datamodules", "feature_cache", "core")
@@ -30,9 +31,13 @@ def _input_error(error: BaseException | None) -> BaseException | None:
     """The first error in the cause/context chain that this project raised about its input.
 
     Our input checks raise ValueError/FileNotFoundError/KeyError with one-line messages; libraries wrap
-    them (jsonargparse, Lightning), so the chain is searched for one whose traceback ends in our code.
+    them (jsonargparse, Lightning), so the chain is searched for one whose traceback ends in our code. An OSError
+    about where output goes (`core.outputs.OUTPUT_ERRNOS`: disk full, read-only) is one line wherever it arose.
     """
     while error is not None:
+        if isinstance(error, OSError) and error.errno in OUTPUT_ERRNOS:  # a full or read-only disk, from any code
+            return ValueError(f"{error.strerror}: {error.filename or 'writing output'} (free space or fix the location, "
+                              "then rerun)")
         frames = traceback.extract_tb(error.__traceback__)
         if isinstance(error, (ValueError, FileNotFoundError, KeyError)) and frames \
                 and any(Path(frames[-1].filename).resolve().is_relative_to(REPO / package) for package in PACKAGES):

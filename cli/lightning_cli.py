@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 import datamodules  # noqa: F401  (registers classes so YAML can name them bare)
 import lightning_modules  # noqa: F401
 from cli.commands import TRAINER_SUBCOMMANDS
+from core.checkpoint_io import safe_torch_load
 from core.progress import PlainLogProgress
 from workflows.run_dirs import latest_fitted_run, next_run_dir, run_base, run_checkpoint
 from cli.trainer import ForensicsTrainer
@@ -143,6 +144,9 @@ class ForensicsCLI(LightningCLI):
             self._place_run(subcommand, self.config[subcommand])
         elif "subcommand" not in self.config:  # built without running (`grid --together`): a row to fit
             self._place_run("fit", self.config)
+        ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt and Path(ckpt).is_file():  # read safely before LightningCLI reads its hparams: a refusal is one line
+            safe_torch_load(ckpt, "checkpoint")
 
     def _place_run(self, subcommand: str, config: Namespace) -> None:
         """Point the TensorBoardLogger at this run's directory (and `test` at the fitted run's checkpoint)."""

@@ -24,9 +24,10 @@ def tiny_models(out_dir: Path, seed: int = 0, train_on: Path | None = None, reso
         vae_steps: optimisation steps of the VAE (batches of 8 crops of 64 px).
         unet_steps: optimisation steps of the UNet (batches of 16 latents, timesteps 100-300).
     """
+    from core.outputs import output_dir
     from lightning_modules.tiny_models import build_tiny_models, train_tiny_stable_diffusion
 
-    paths = build_tiny_models(out_dir, seed)
+    paths = build_tiny_models(output_dir(out_dir, "out_dir"), seed)
     if train_on is not None:
         record = train_tiny_stable_diffusion(paths["sd"], train_on, resolution, vae_steps, unet_steps, seed=seed)
         print(f"trained on {record['num_images']} images under {record['images']}: VAE loss "

@@ -31,12 +31,26 @@ class ForensicsTrainer(pl.Trainer):
                 last one. The run is the newest `fit` of the same configs and seed.
             verbose: also print Lightning's list of every logged metric (the protocol table is always printed).
         """
-        test_stores = getattr(datamodule, "stores", {}).get("test", [])
-        if ckpt_path is not None and Path(ckpt_path).is_file() and test_stores:
-            from workflows.provenance_checks import check_checkpoint_against_stores
+        from workflows.provenance_checks import check_scored_stores
 
-            check_checkpoint_against_stores(ckpt_path, {path: datamodule.feature_provenance(path) for path in test_stores})
+        check_scored_stores(ckpt_path, datamodule, "test")
         return super().test(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
+
+    def validate(self, model: pl.LightningModule | None = None, dataloaders: Any = None,
+                 ckpt_path: str | Path | None = None, verbose: bool = True,
+                 datamodule: pl.LightningDataModule | None = None,
+                 weights_only: bool | None = None) -> list[Mapping[str, float]]:
+        """Score a fitted run's checkpoint on the validation stores (refused when they were computed otherwise).
+
+        Args:
+            ckpt_path: checkpoint to score; default (or `best`) the fitted run's best checkpoint, `last` its
+                last one. The run is the newest `fit` of the same configs and seed.
+            verbose: print Lightning's list of every logged metric.
+        """
+        from workflows.provenance_checks import check_scored_stores
+
+        check_scored_stores(ckpt_path, datamodule, "validate")
+        return super().validate(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
 
     def precompute(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None,
                    store: str | None = None, clip_dtype: ClipDtype = "float16", clip_codec: Codec = "lz4",

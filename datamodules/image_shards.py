@@ -28,6 +28,9 @@ from datamodules.image_protocols import JPEG_PROTOCOLS, SIZE_PROTOCOLS, ClipInpu
 from datamodules.shards import read_shard_index
 from feature_cache.manifest import read_manifest_rows
 from feature_cache.provenance import PixelProvenance, manifest_stats, real_jpeg_qualities
+from feature_cache.store import FeatureStore
+
+LOST = "lost: tar"  # how the error of a row its tar lost starts (`ShardDecoder.lost`, read by `lost_tars`)
 
 
 def balance(shards: list[dict[str, Any]], parts: int) -> list[list[dict[str, Any]]]:
@@ -124,7 +127,16 @@ class SampleDecoder:
                 "key": record["key"],
                 "sha256": record.get("sha256") or "", "row": int(record["row"]), "label": int(record["label"]),
                 "generator": self.generator_codes[record["generator"]], "shard_index": self.shard_indices[shard_name],
-                "error": f"lost: tar {shard_name} is truncated or unreadable ({reason})"}
+                "error": f"{LOST} {shard_name} is truncated or unreadable ({reason})"}
+
+
+def lost_tars(store: FeatureStore) -> list[str]:
+    """Tars of the store's shard directory that lost rows to damage (truncated or unreadable) in any group: their
+    rows are error rows (blank images), so a run that computed them must not report success."""
+    errors = [store.errors(group) for group in store.groups]
+    return [tar["name"] for tar in store.shard_table
+            if any(str(error).startswith(LOST) for group_errors in errors
+                   for error in group_errors[tar["first_row"]: tar["first_row"] + tar["num_samples"]])]
 
 
 def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:

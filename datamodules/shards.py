@@ -92,16 +92,26 @@ _FILE_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket
                (stat.S_ISBLK, "a device"))
 
 
-def walk_files(folder: Path, visited: set[tuple[int, int]] | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
+def walk_files(folder: Path, visited: set[tuple[int, int]] | None = None,
+               tree: Path | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Regular files under `folder` (sorted), and everything else found there with the reason it was skipped.
 
-    Symlinks are followed (datasets are often linked in), but each folder is walked once, by its real
-    identity (device, inode), so a link to a parent or two links to one folder cannot repeat rows or loop.
-    Only regular files are returned: opening a FIFO named `*.png` would block forever. Hidden names are
-    skipped, but recorded, as are broken links and unreadable folders. `visited` is shared across calls
-    that must not walk a folder twice.
+    Symlinks are followed (datasets are often linked in), but each real folder and file is read once, by its
+    real identity (device, inode), so two links to one folder cannot repeat rows and a loop cannot run forever.
+    A link that leads back into `tree` (the dataset root; default `folder`) or to a folder above the link is
+    skipped: what it reaches is read at its real location, so a link `fake/loop -> ..` cannot relabel `real/`
+    as fake (whichever folder the layout walks first). Only regular files are returned: opening a FIFO named
+    `*.png` would block forever. Hidden names are skipped, but recorded, as are broken links and unreadable
+    folders. `visited` is shared across calls that must not read a folder or file twice.
     """
     visited = set() if visited is None else visited
+    tree_real = os.path.realpath(folder if tree is None else tree)
+    if tree is not None:  # the layout's folder itself reached through a link inside the tree (`sdv5 -> sdv4`)
+        real = os.path.realpath(folder)
+        if real != os.path.normpath(os.path.join(tree_real, os.path.relpath(os.path.abspath(folder),
+                                                                              os.path.abspath(tree)))) \
+                and Path(real).is_relative_to(tree_real):
+            return [], [(folder, _LINK_BACK.format(target=real))]
     files: list[Path] = []
     skipped: list[tuple[Path, str]] = []
     pending = [folder]
@@ -124,24 +134,44 @@ def walk_files(folder: Path, visited: set[tuple[int, int]] | None = None) -> tup
                 skipped.append((path, "hidden folder, not searched" if entry.is_dir() else "hidden file"))
                 continue
             try:
-                mode = os.stat(path).st_mode  # follows links; ELOOP for a link to itself
+                info = os.stat(path)  # follows links; ELOOP for a link to itself
             except OSError as error:
                 skipped.append((path, f"broken or looping symlink: {describe_error(error)}"))
                 continue
-            if stat.S_ISDIR(mode):
+            if entry.is_symlink() and (reason := _link_back(path, tree_real)):
+                skipped.append((path, reason))
+            elif stat.S_ISDIR(info.st_mode):
                 subfolders.append(path)
-            elif stat.S_ISREG(mode):
-                files.append(path)
+            elif not stat.S_ISREG(info.st_mode):
+                skipped.append((path, "not a regular file: " + next(n for test, n in _FILE_KINDS if test(info.st_mode))))
+            elif (info.st_dev, info.st_ino) in visited:
+                skipped.append((path, f"file already read (same file as {os.path.realpath(path)})"))
             else:
-                skipped.append((path, "not a regular file: " + next(n for test, n in _FILE_KINDS if test(mode))))
+                visited.add((info.st_dev, info.st_ino))
+                files.append(path)
         pending.extend(reversed(subfolders))
     return sorted(files), skipped
+
+
+_LINK_BACK = "symlink back into the dataset tree (to {target}): its files are read once, at their real location, " \
+             "never relabelled"
+
+
+def _link_back(link: Path, tree_real: str) -> str:
+    """Why following `link` would read a file under another label (inside the tree, or a folder above the link),
+    or "" when it leads elsewhere (a dataset linked in)."""
+    target = os.path.realpath(link)
+    if Path(target).is_relative_to(tree_real):
+        return _LINK_BACK.format(target=target)
+    if Path(os.path.realpath(link.parent)).is_relative_to(target):
+        return f"symlink to a folder above it ({target}): a loop, its files are read at their real location"
+    return ""
 
 
 def _collect(root: Path, folder: Path, label: int, generator: str, visited: set,
              rejected: list[tuple[str, str]]) -> list[SourceFile]:
     """The files of one labelled folder; what the walk skipped goes to `rejected` with its reason."""
-    files, skipped = walk_files(folder, visited)
+    files, skipped = walk_files(folder, visited, tree=root)
     rejected += [(_relative(path, root), reason) for path, reason in skipped]
     return [SourceFile(path, _relative(path, root), label, generator) for path in files]
 

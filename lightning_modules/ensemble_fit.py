@@ -33,6 +33,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from rich.progress import track
 
+from core.checkpoint_io import safe_torch_load
+from core.outputs import output_file
 from core.seeding import image_generator, image_seed
 from lightning_modules.diffusion_pass import DiffusionPass, normalise_images
 from lightning_modules.pretrained import load_stable_diffusion, weights_hash
@@ -44,11 +46,12 @@ MATCHED_SETTINGS = ("unet_hash", "timestep", "prompt", "latent")
 
 
 def load_members(path: str | Path) -> dict[str, Any]:
-    """Read a members file written by EnsembleFit; one clear error if it is missing or not one."""
+    """Read a members file written by EnsembleFit (no code runs: `safe_torch_load`); one clear error if it is
+    missing, unreadable or not one."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"ensemble members file {file} not found; train one with `python -m cli ensemble-fit`")
-    members = torch.load(file, map_location="cpu", weights_only=True)
+    members = safe_torch_load(file, "ensemble members file")
     if not isinstance(members, dict) or members.get("format") != MEMBERS_FORMAT:
         raise ValueError(f"{file} is not a {MEMBERS_FORMAT} file written by `python -m cli ensemble-fit`")
     return members
@@ -83,6 +86,7 @@ class EnsembleFit(pl.LightningModule):
         if num_members < 2 or steps < 1 or batch_size < 1 or lr <= 0 or init_noise < 0:
             raise ValueError(f"need num_members >= 2, steps >= 1, batch_size >= 1, lr > 0, init_noise >= 0; got "
                              f"{num_members}, {steps}, {batch_size}, {lr}, {init_noise}")
+        output_file(output, "--model.init_args.output")  # before training: an unwritable output is one line now
         parts = load_stable_diffusion(sd)
         self.vae, self.unet, self.text_encoder = parts.vae, parts.unet, parts.text_encoder
         self.parts, self.sd_source = parts, parts.source

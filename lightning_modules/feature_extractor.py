@@ -101,6 +101,9 @@ class FeatureExtractor(pl.LightningModule):
         self.clip_visual = self.clip_model.visual if self.clip_model is not None else None  # moves with the module
         if self.clip_visual is not None:
             self._hashes["clip"] = weights_hash(self.clip_visual)
+        for spec in (MAP_REGISTRY[o] for o in self.outputs if o in MAP_REGISTRY):
+            if spec.check is not None:  # before the writer creates or grows a store with these settings
+                spec.check({name: self.setting(name) for name in spec.settings})
 
     @classmethod
     def from_provenance(cls, provenance: FeatureProvenance, **runtime: str | None) -> FeatureExtractor:
@@ -250,8 +253,10 @@ class FeatureExtractor(pl.LightningModule):
         if name == "sigma":
             return getattr(self, "_posterior_sigma", None)
         extra = self.hparams.map_settings
-        if name in extra:
-            return extra[name]
+        if name in extra:  # a file as its absolute path: relative then absolute paths to one file are one config
+            value = extra[name]
+            return recorded_path(value) if isinstance(value, str) and value and Path(value).expanduser().is_file() \
+                else value
         if name.endswith("_sha256") and name.removesuffix("_sha256") in extra:
             path = extra[name.removesuffix("_sha256")]
             if path and name not in self._file_hashes:

@@ -43,7 +43,12 @@ def read_prompts(path: str | Path) -> list[str]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"prompts file {file} not found (one prompt per line)")
-    prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"prompts file {file} is not UTF-8 text (byte {error.start}); give a text file, one prompt "
+                         "per line") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompts file {file} has no non-empty line")
     return prompts

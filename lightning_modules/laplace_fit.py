@@ -14,6 +14,8 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 
+from core.checkpoint_io import safe_torch_load
+from core.outputs import output_file
 from core.seeding import image_generator
 from lightning_modules.diffusion_pass import AutocastDtype, DiffusionPass, normalise_images
 from lightning_modules.pretrained import load_stable_diffusion, weights_hash
@@ -28,19 +30,14 @@ SIGMA_MODES = ("fixed", "estimated")
 def load_posterior(path: str | Path, conv_out_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Read and check a posterior file written by LaplaceFit; one clear error line if it is not a usable one.
 
-    Loaded with `weights_only=True` (tensors and plain containers only, no code). Checked: format, the
+    Loaded by `core.checkpoint_io.safe_torch_load` (tensors and plain containers only, no code). Checked: format, the
     variance tensors' shapes (against `conv_out_shape` when given), finite and positive variances, σ.
     Files of the first format (σ always fixed) read as `sigma: "fixed"`.
     """
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"posterior file {file} not found; fit one with `python -m cli laplace-fit`")
-    try:
-        posterior = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as failure:  # noqa: BLE001  truncated, empty, garbage or unsafe: all one line
-        reason = str(failure).strip().splitlines()[0] if str(failure).strip() else type(failure).__name__
-        raise ValueError(f"posterior file {file} is unreadable (truncated, empty or not a torch file): "
-                         f"{reason[:200]}") from failure
+    posterior = safe_torch_load(file, "posterior file")
     if not isinstance(posterior, dict) or posterior.get("format") not in POSTERIOR_FORMATS:
         raise ValueError(f"{file} is not a {POSTERIOR_FORMAT} posterior file written by `python -m cli laplace-fit`")
     posterior.setdefault("sigma", "fixed")
@@ -96,6 +93,7 @@ class LaplaceFit(pl.LightningModule):
             raise ValueError(f"sigma_noise and prior_precision must be > 0, got {sigma_noise} and {prior_precision}")
         if sigma not in SIGMA_MODES:
             raise ValueError(f"sigma must be one of {SIGMA_MODES}, got {sigma!r}")
+        output_file(output, "--model.init_args.output")  # before the pass: an unwritable output is one line now
         parts = load_stable_diffusion(sd)
         self.vae, self.unet, self.text_encoder = parts.vae, parts.unet, parts.text_encoder
         self.sd_source = parts.source

@@ -162,8 +162,13 @@ def _training_images(images_dir: Path, resolution: int) -> torch.Tensor:
         raise FileNotFoundError(f"--train_on {images_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
     arrays = []
     for path in paths:
-        with Image.open(path) as image:
-            square = center_square(image.convert("RGB")).resize((resolution, resolution), Image.Resampling.BICUBIC)
+        try:
+            with Image.open(path) as image:
+                square = center_square(image.convert("RGB")).resize((resolution, resolution),
+                                                                    Image.Resampling.BICUBIC)
+        except (OSError, ValueError) as error:  # PIL: UnidentifiedImageError, truncated data, bombs
+            raise ValueError(f"--train_on {images_dir}: {path} is not a readable image "
+                             f"({type(error).__name__}: {error})") from None
         arrays.append(np.asarray(square, dtype=np.float32))
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
 

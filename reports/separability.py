@@ -496,6 +496,8 @@ def separability_report(stores: list[Path], out: Path, direction_from: Path | No
         raise ValueError("separability: give --direction_from or --direction, not both")
     if direction not in (None, "higher", "lower"):
         raise ValueError(f"separability: --direction {direction!r} must be higher or lower")
+    if not stores:
+        raise ValueError("separability: --stores is empty; give the feature stores to score, e.g. --stores '[val.zarr]'")
     opened = [FeatureStore.open(path) for path in stores]
     maps = {str(store.path): guidance_maps(store) for store in opened}
     probes = {str(store.path): probe_features(store) for store in opened}

@@ -115,7 +115,7 @@ def test_deua_finetunes_clip_on_the_stores_images(tiny_cache, tiny_model_paths, 
     configs = ["--config", str(REPO / "configs/deua.yaml"), "--config", str(local), "--config", str(finetune)]
     main(["fit", *configs])
     run = tmp_path / "runs" / "deua" / "both-seed0"
-    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert any(name.startswith("backbone.layer3") for name in checkpoint["state_dict"])
     main(["test", *configs, "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
     assert len(read_csv(run / "test_predictions.csv")) == 16

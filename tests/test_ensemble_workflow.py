@@ -129,7 +129,7 @@ def test_deua_guided_by_ensemble_mi_fits_tests_and_writes_its_table(workspace: d
     ok(cli("fit", *configs, cwd=root))
     ok(cli("test", *configs, cwd=root))
     (run,) = [p for p in (root / "runs/deua_ensemble").iterdir() if p.name.startswith("ensemble_mi")]
-    checkpoint = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["hyper_parameters"]["guidance"] == ["ensemble_mi"]
     table = pd.read_csv(run / "protocol_table.csv")
     assert set(GENERATORS) <= set(table["generator"]), table

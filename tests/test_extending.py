@@ -137,7 +137,7 @@ def test_fit_test_predict_with_the_user_detector_guided_by_the_user_map(grown):
         manifest.rename(manifest.with_suffix(".csv.moved"))
     _cli(root, "fit", "--config", "mean.yaml")
     run = next((root / "runs" / "mean").glob("spread*"))
-    hparams = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["hyper_parameters"]
+    hparams = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
     layer3 = FeatureStore.open(root / "train.zarr").feature_info("clip_layer3").shape
     assert (hparams["visual_channels"], hparams["grid_size"]) == (layer3[0], layer3[-1]) and "pooled_dim" not in hparams
     _cli(root, "test", "--config", "mean.yaml")

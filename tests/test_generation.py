@@ -21,7 +21,7 @@ from PIL import Image
 
 from datamodules.shards import convert
 from feature_cache.manifest import read_manifest_rows
-from lightning_modules.diffusion_pass import key_generator
+from core.seeding import image_generator
 from lightning_modules.generation import (ENTROPY_VAR_FLOOR, UncertaintyGenerator, diagonal_gaussian_entropy,
                                           per_row_conv3x3, perturbed_eps_variance)
 from lightning_modules.generation_writer import finalize
@@ -199,7 +199,7 @@ def test_each_aleatoric_step_gets_its_own_perturbation_noises(tiny_model_paths: 
     model._aleatoric_step = record
     keys = ["p00000-i00000", "p00001-i00000"]
     result = model.generate(keys, ["a photo", "a cat"])
-    expected = torch.stack([torch.randn((2, 3, *model.latent_shape()), generator=key_generator(0, f"{k}/aleatoric"))
+    expected = torch.stack([torch.randn((2, 3, *model.latent_shape()), generator=image_generator(0, "diffusion_noise", f"{k}/aleatoric"))
                             for k in keys])
     assert len(seen) == 2
     torch.testing.assert_close(seen[0], expected[:, 0])

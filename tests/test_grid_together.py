@@ -55,7 +55,7 @@ def _write_configs(root: Path, store: Path) -> tuple[Path, dict[str, Path]]:
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")["state_dict"]
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["state_dict"]
 
 
 @pytest.mark.slow

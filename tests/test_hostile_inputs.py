@@ -81,8 +81,56 @@ def test_self_symlinks_and_folder_loops_give_one_row_per_image(labelled: Path, t
     assert [r["path"] for r in read_manifest_rows(tmp_path / "out")] == ["fake/b.png", "real/a.jpg"]
     rejected = {r["path"]: r["reason"] for r in read_csv(tmp_path / "out" / "rejected.csv")}
     assert rejected["fake/self.png"].startswith("broken or looping symlink: OSError")
-    assert rejected["fake/loop"].startswith("folder already walked")
-    assert any(path.startswith("fake/x/to_y/to_x") or path.startswith("fake/y/to_x/to_y") for path in rejected)
+    for link in ("fake/loop", "fake/x/to_y", "fake/y/to_x"):
+        assert rejected[link].startswith("symlink back into the dataset tree"), rejected
+
+
+@pytest.mark.parametrize("layout", ["folder", "genimage"])
+def test_link_to_a_parent_never_relabels_a_class(tmp_path: Path, layout: str) -> None:
+    """Bug caught: `ln -s .. ROOT/fake/loop` made the walk of fake/ reach real/ first, so every real image was
+    labelled fake (exit 0); the same in GenImage's ai/ -> nature/. Each real file is read once, at its real
+    location: the manifest equals the one without the link, and the link is in rejected.csv with its reason."""
+    root = tmp_path / "root"
+    fake, real = {"folder": ("fake", "real"), "genimage": ("sdv4/train/ai", "sdv4/train/nature")}[layout]
+    save(root / real / "a.jpg", Image.fromarray(noise(1, 32, 32)), quality=85)
+    save(root / fake / "b.png", Image.fromarray(noise(2, 32, 32)))
+    convert(layout, root, "train", tmp_path / "clean", workers=1)
+    (root / fake / "loop").symlink_to("..")
+    result = subprocess.run([sys.executable, "-m", "cli", "shards", "--layout", layout, "--root", str(root),
+                             "--split", "train", "--out", str(tmp_path / "out"), "--workers", "1"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = [(r["path"], r["label"], r["generator"]) for r in read_manifest_rows(tmp_path / "out")]
+    assert rows == [(r["path"], r["label"], r["generator"]) for r in read_manifest_rows(tmp_path / "clean")]
+    assert {path: label for path, label, _ in rows} == {f"{fake}/b.png": 1, f"{real}/a.jpg": 0}
+    rejected = {r["path"]: r["reason"] for r in read_csv(tmp_path / "out" / "rejected.csv")}
+    assert rejected == {f"{fake}/loop": f"symlink back into the dataset tree (to {(root / fake).parent.resolve()}): "
+                                        "its files are read once, at their real location, never relabelled"}
+
+
+def test_generator_folder_linked_to_another_is_not_relabelled(tmp_path: Path) -> None:
+    """Bug caught: GenImage's `a_copy -> sdv4` (sorted first) was walked as generator `a_copy`, then sdv4's own
+    folder was skipped as already walked: every sdv4 row relabelled. The link is rejected; sdv4 keeps its rows."""
+    root = tmp_path / "root"
+    save(root / "sdv4" / "train" / "ai" / "b.png", Image.fromarray(noise(2, 32, 32)))
+    save(root / "sdv4" / "train" / "nature" / "a.jpg", Image.fromarray(noise(1, 32, 32)), quality=85)
+    (root / "a_copy").symlink_to("sdv4")
+    convert("genimage", root, "train", tmp_path / "out", workers=1)
+    assert {(r["path"], r["generator"]) for r in read_manifest_rows(tmp_path / "out")} == {
+        ("sdv4/train/ai/b.png", "sdv4"), ("sdv4/train/nature/a.jpg", "sdv4")}
+    rejected = {r["path"]: r["reason"] for r in read_csv(tmp_path / "out" / "rejected.csv")}
+    assert set(rejected) == {"a_copy/train/ai", "a_copy/train/nature"}
+    assert all(reason.startswith("symlink back into the dataset tree") for reason in rejected.values())
+
+
+def test_links_to_one_file_are_read_once(labelled: Path, tmp_path: Path) -> None:
+    """Bug caught: two links to one file outside the tree became two rows (the same bytes read twice)."""
+    outside = save(tmp_path / "elsewhere" / "c.png", Image.fromarray(noise(3, 32, 32)))
+    (labelled / "fake" / "c1.png").symlink_to(outside)
+    (labelled / "fake" / "c2.png").symlink_to(outside)
+    files, skipped = walk_files(labelled / "fake")
+    assert files == [labelled / "fake" / "b.png", labelled / "fake" / "c1.png"]
+    assert skipped == [(labelled / "fake" / "c2.png", f"file already read (same file as {outside.resolve()})")]
 
 
 def test_symlinked_folder_is_followed_once(labelled: Path, tmp_path: Path) -> None:

@@ -182,7 +182,7 @@ def test_hparams_tab_shows_guidance_and_real_metrics(ablation_grid, workspace):
         predictions = pd.read_csv(run_dir / "test_predictions.csv")
         assert list(predictions.columns) == PREDICTION_COLUMNS
         assert scalars["hp/test_acc"][-1] == pytest.approx((predictions["prediction"] == predictions["label"]).mean())
-        threshold = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=False)["state_dict"]["val_threshold"]
+        threshold = torch.load(run_dir / "checkpoints/last.ckpt", weights_only=True)["state_dict"]["val_threshold"]
         assert predictions["threshold"].unique() == pytest.approx([float(threshold)], abs=1e-6)
         table = protocol_table(Predictions(predictions["p_fake"].to_numpy(), predictions["label"].to_numpy(),
                                            predictions["generator"].to_numpy(object)), float(threshold))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
+from core.outputs import output_dir
 from feature_cache.manifest import read_manifest_rows
 from lightning_modules.generation import UncertaintyGenerator
 from lightning_modules.generation_writer import GenerationItems, GenerationWriter, read_prompts
@@ -28,6 +29,7 @@ def generate(trainer: pl.Trainer, model: pl.LightningModule, prompts: str, num_i
         if not qualities:
             raise ValueError(f"--jpeg_quality_from {jpeg_quality_from}: no real JPEG image in its manifest")
     items = GenerationItems(read_prompts(prompts), num_images)
+    output_dir(out, "--out")  # before the model runs: a folder under a file or a read-only disk is one line
     writer = GenerationWriter(out, items, image_format, qualities, keep_quantile, rank_by)
     trainer.callbacks.append(writer)
     # Guided sampling differentiates the uncertainty w.r.t. x_t: no inference tensors then.

@@ -9,13 +9,16 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
+from datamodules.image_shards import lost_tars
+from feature_cache.store import FeatureStore
 from feature_cache.writer import ZarrFeatureWriter
 
 
 def precompute(trainer: pl.Trainer, model: pl.LightningModule, datamodule: pl.LightningDataModule | None,
                store: str | None, clip_dtype: str, clip_codec: str, background_writer: bool, queue_tars: int,
                verify_checksums: bool) -> None:
-    """Phase 1 into `store` (create, resume or grow); exits naming unfinished tars or outputs not yet added."""
+    """Phase 1 into `store` (create, resume or grow); exits naming unfinished tars, outputs not yet added or
+    tars lost to damage (after everything else is written)."""
     if store is None:
         raise SystemExit("python -m cli precompute: --store PATH is required (the Zarr feature store to write)")
     if Path(store).exists() and not Path(store).is_dir():
@@ -42,3 +45,9 @@ def precompute(trainer: pl.Trainer, model: pl.LightningModule, datamodule: pl.Li
         if summary.not_added:
             raise SystemExit(f"python -m cli precompute: {store}: outputs {', '.join(summary.not_added)} are not "
                              "in the store yet (an incomplete group was resumed first); rerun to add them")
+        lost = lost_tars(FeatureStore.open(store))
+        if lost:
+            raise SystemExit(f"python -m cli precompute: {store}: {summary.total - len(lost)} of {summary.total} "
+                             f"tars written; unreadable: {', '.join(lost[:10])}{' ...' if len(lost) > 10 else ''} "
+                             "(truncated or damaged: their lost rows are stored as rejected rows; "
+                             "rebuild the shards with `python -m cli shards` and precompute a new store)")

@@ -35,11 +35,26 @@ def check_checkpoint_against_stores(checkpoint_path: str | Path, stores: Mapping
     """`test`'s guard: every store it scores holds features made as the checkpoint's training features were.
 
     `stores` maps each test store's path to its provenance of the run's features, as the datamodule reports it
-    for the checkpoint (`FeatureCacheDataModule.feature_provenance(path)`). Called by `ForensicsTrainer.test`
-    before scoring.
+    for the checkpoint (`FeatureCacheDataModule.feature_provenance(path)`). Called through
+    `check_scored_stores` before scoring.
     """
     checkpoint = safe_torch_load(checkpoint_path, "checkpoint")
     if not isinstance(checkpoint, dict):
         raise ValueError(f"checkpoint {checkpoint_path}: a PyTorch file but not a Lightning checkpoint")
     trained = recorded_provenance(checkpoint, f"checkpoint {checkpoint_path}")
     check_feature_provenance(trained, stores, str(checkpoint_path))
+
+
+def check_scored_stores(checkpoint_path: str | Path | None, datamodule: Any, stage: str) -> None:
+    """`test`'s and `validate`'s guard: the stores this stage scores (`test`: the test stores; `validate`: the val
+    stores, or the train stores a `val_fraction` splits) hold features made as the checkpoint's were.
+
+    Nothing to compare without a checkpoint file (Lightning reports a missing one) or without stores."""
+    if checkpoint_path is None or not Path(checkpoint_path).is_file():
+        return
+    stores = getattr(datamodule, "stores", {})
+    scored = stores.get("test", []) if stage == "test" else stores.get("val", []) or (
+        stores.get("train", []) if getattr(datamodule, "hparams", {}).get("val_fraction") else [])
+    if scored:
+        check_checkpoint_against_stores(checkpoint_path, {path: datamodule.feature_provenance(path)
+                                                          for path in dict.fromkeys(scored)})

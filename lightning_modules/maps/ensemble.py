@@ -37,17 +37,24 @@ ENSEMBLE_SETTINGS = ("ensemble_members", "ensemble_members_sha256", "ensemble_di
 _LOADED: dict[str, dict[str, Any]] = {}
 
 
-def _members(ctx: MapContext) -> dict[str, Any]:
-    """The members file named by the extractor's map_settings (loaded once per process), checked against the
-    extractor's settings on every batch (a dict comparison)."""
-    path = ctx.settings.get("ensemble_members")
+def checked_members(settings: dict[str, Any]) -> dict[str, Any]:
+    """The members file named by `ensemble_members` (loaded once per process), checked against the extractor's
+    settings (a dict comparison); the maps' `check`, run before any store is grown, and their first step."""
+    path = settings.get("ensemble_members")
     if not path:
         raise ValueError("maps ensemble_mi/ensemble_var need map_settings: {ensemble_members: PATH} "
                          "(a file from `python -m cli ensemble-fit`)")
     if path not in _LOADED:
         _LOADED[path] = load_members(path)
     members = _LOADED[path]
-    check_members(members, path, {k: ctx.settings[k] for k in ("unet_hash", "timestep", "prompt", "latent")})
+    check_members(members, path, {k: settings[k] for k in ("unet_hash", "timestep", "prompt", "latent")})
+    return members
+
+
+def _members(ctx: MapContext) -> dict[str, Any]:
+    """The checked members, and the latents they were trained on match this batch's."""
+    members = checked_members(ctx.settings)
+    path = ctx.settings["ensemble_members"]
     latent_size = tuple(members["metadata"]["latent_size"])
     if tuple(ctx.phi.shape[-2:]) != latent_size:
         raise ValueError(f"ensemble members {path} were trained on {latent_size} latents but the images give "
@@ -70,13 +77,13 @@ def _member_means(ctx: MapContext) -> tuple[torch.Tensor, torch.Tensor]:
     return means, members["sigma2"].to(device).view(-1, 1, 1)
 
 
-@register_map("ensemble_var", channels=latent_channels, settings=ENSEMBLE_SETTINGS,
+@register_map("ensemble_var", channels=latent_channels, settings=ENSEMBLE_SETTINGS, check=checked_members,
               description="DECU ensemble variance: Var_k of the members' noise-averaged eps prediction")
 def ensemble_var(ctx: MapContext) -> torch.Tensor:
     return ensemble_variance(member_means(ctx)[0])
 
 
-@register_map("ensemble_mi", channels=latent_channels, settings=ENSEMBLE_SETTINGS,
+@register_map("ensemble_mi", channels=latent_channels, settings=ENSEMBLE_SETTINGS, check=checked_members,
               description="DECU: PaiDE mutual information I(y; member) of the members' Gaussian mixture, per pixel")
 def ensemble_mi(ctx: MapContext) -> torch.Tensor:
     means, sigma2 = member_means(ctx)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,19 +39,25 @@ class MapSpec:
     fn: MapFunction
     needs_posterior: bool = False  # computed from the conv_out Laplace posterior
     min_noises: int = 1  # the fewest diffusion noises N it is defined for
+    check: Callable[[dict[str, Any]], None] | None = None  # refuses unusable settings (a damaged file) in one line
 
 
 MAP_REGISTRY: dict[str, MapSpec] = {}
 
 
 def register_map(name: str, channels: int | Callable[[int], int], description: str, settings: Iterable[str] = (),
-                 needs_posterior: bool = False, min_noises: int = 1) -> Callable[[MapFunction], MapFunction]:
-    """Decorator: register `fn(ctx) -> (B, C, h, w)` under `name` (a name may be registered once)."""
+                 needs_posterior: bool = False, min_noises: int = 1,
+                 check: Callable[[dict[str, Any]], None] | None = None) -> Callable[[MapFunction], MapFunction]:
+    """Decorator: register `fn(ctx) -> (B, C, h, w)` under `name` (a name may be registered once).
+
+    `check(settings)` (optional) gets the map's `settings` when the extractor is built, before any store is
+    created or grown: a file it reads that is damaged or made for other settings is refused there, not on the
+    first batch (which would leave a group bound to that file)."""
     def decorate(fn: MapFunction) -> MapFunction:
         if name in MAP_REGISTRY and MAP_REGISTRY[name].fn is not fn:
             raise ValueError(f"map {name!r} is already registered by {MAP_REGISTRY[name].fn.__module__}")
         rule = channels if callable(channels) else (lambda _latent, fixed=int(channels): fixed)
-        MAP_REGISTRY[name] = MapSpec(name, rule, description, tuple(settings), fn, needs_posterior, min_noises)
+        MAP_REGISTRY[name] = MapSpec(name, rule, description, tuple(settings), fn, needs_posterior, min_noises, check)
         return fn
     return decorate
 
