@@ -428,6 +428,9 @@ class FeatureStore:
         """A rows/ column (key, sha256, label, generator, format, jpeg_quality, width, height, path) for every row."""
         if column not in ROW_COLUMNS:
             raise KeyError(f"feature store {self.path}: no row column {column!r} (columns: {', '.join(ROW_COLUMNS)})")
+        if column == "path" and not (self.path / "rows" / "path" / "zarr.json").is_file():
+            raise KeyError(f"feature store {self.path}: written before image paths were stored (no rows/path); "
+                           "the shard directory's manifest.csv has them")
         return self._array(f"rows/{column}")[:]
 
     def _group_name(self, group_or_feature: str) -> str:

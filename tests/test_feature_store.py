@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +91,8 @@ def test_round_trip_per_dtype_and_codec(full) -> None:
 
 def test_a_store_written_before_kinds_were_recorded_gets_them_from_the_one_upgrader(full) -> None:
     """Catches older stores (group attrs without `kind`) refused, or read with a kind guessed from dtype: the
-    int8 `clip_pooled` and float16 `clip_layer3` are CLIP features, `deu` a guidance map, as the registry says."""
+    int8 `clip_pooled` and float16 `clip_layer3` are CLIP features, `deu` a guidance map, as the registry says;
+    and a store without rows/path answering with a repair hint that cannot repair it."""
     store, _, _ = full
     root = zarr.open_group(store.path, mode="r+")
     groups = root.attrs["groups"]
@@ -102,6 +104,9 @@ def test_a_store_written_before_kinds_were_recorded_gets_them_from_the_one_upgra
     assert {name: reopened.feature_info(name).kind for name in SPECS} == \
         {"deu": "guidance", "clip_layer3": "clip", "clip_pooled": "clip"}
     assert reopened.groups["g0"].features == SPECS
+    shutil.rmtree(store.path / "rows" / "path")  # nor did they store image paths
+    with pytest.raises(KeyError, match="written before image paths were stored"):
+        FeatureStore.open(store.path).rows("path")
 
 
 def test_every_array_describes_itself_to_a_plain_zarr_reader(full) -> None:
