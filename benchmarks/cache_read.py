@@ -48,14 +48,16 @@ CLIP_SHAPE, DEU_SHAPE = (1024, 14, 14), (4, 32, 32)
 
 def build_store(path: Path, rows: int, shard_size: int, clip_dtype: str, clip_codec: str, store_format: int) -> None:
     """Synthetic ReLU-like activations (|normal|), labels sorted like a GenImage split (fakes first)."""
-    specs = {"clip_layer3": FeatureSpec(CLIP_SHAPE, clip_dtype, clip_codec), "deu": FeatureSpec(DEU_SHAPE, "float32", "zstd")}
+    specs = {"clip_layer3": FeatureSpec(CLIP_SHAPE, clip_dtype, clip_codec, "clip"),
+             "deu": FeatureSpec(DEU_SHAPE, "float32", "zstd", "guidance")}
     tars = [{"name": f"shard-{k:06d}.tar", "first_row": k * shard_size, "num_samples": min(shard_size, rows - k * shard_size)}
             for k in range(-(-rows // shard_size))]
     provenance = StoreProvenance(DatasetProvenance(str(path.parent), "benchmark", "train", "0" * 64, tars, {}),
                                  PixelProvenance(resolution=256))
     table = {"key": [f"k{r}" for r in range(rows)], "label": [int(r < rows // 2) for r in range(rows)],
              "generator": [0] * rows, "format": ["png"] * rows, "jpeg_quality": [-1] * rows, "width": [256] * rows,
-             "height": [256] * rows, "sha256": [hashlib.sha256(str(r).encode()).hexdigest() for r in range(rows)]}
+             "height": [256] * rows, "sha256": [hashlib.sha256(str(r).encode()).hexdigest() for r in range(rows)],
+             "path": [f"k{r}.png" for r in range(rows)]}
     with store_lock(path):
         store = FeatureStore.create(path, provenance=provenance, rows=table, generator_names=["sdv4"],
                                     format_version=store_format)

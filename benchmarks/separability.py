@@ -46,10 +46,11 @@ def build_store(path: Path, rows: int, shard_size: int) -> None:
                                  PixelProvenance(resolution=256))
     columns = {"key": [f"k{r}" for r in range(rows)], "sha256": [f"{r:064x}" for r in range(rows)], "label": labels,
                "generator": labels, "format": np.where(labels == 0, "JPEG", "PNG"),
-               "jpeg_quality": np.where(labels == 0, 90, -1), "width": np.full(rows, 256), "height": np.full(rows, 256)}
+               "jpeg_quality": np.where(labels == 0, 90, -1), "width": np.full(rows, 256), "height": np.full(rows, 256),
+               "path": [f"k{r}.png" for r in range(rows)]}
     with store_lock(path):
         store = FeatureStore.create(path, provenance=provenance, rows=columns, generator_names=["real", "fake"])
-        group = store.add_group({"deu": FeatureSpec(SHAPE, "float32", "zstd")}, ExtractorProvenance({}, {"deu": {}}))
+        group = store.add_group({"deu": FeatureSpec(SHAPE, "float32", "zstd", "guidance")}, ExtractorProvenance({}, {"deu": {}}))
     rng = np.random.default_rng(0)
     for k, entry in enumerate(tars):
         n, first = entry["num_samples"], entry["first_row"]

@@ -34,7 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from feature_cache_fakes import FakeShardDataModule, make_shard_dir  # noqa: E402
 
 from feature_cache.codecs import encode, widen  # noqa: E402
+from feature_cache.provenance import FeatureSpec  # noqa: E402
 from feature_cache.writer import ZarrFeatureWriter  # noqa: E402
+from lightning_modules.maps import feature_spec  # noqa: E402
 
 MAPS = ("lare", "deu", "aleatoric", "mi")
 
@@ -56,8 +58,8 @@ class PoolExtractor(pl.LightningModule):
     def set_outputs(self, names: list[str]) -> None:
         self.outputs = list(names)
 
-    def feature_shapes(self, resolution: int) -> dict[str, tuple[int, ...]]:
-        return {name: tuple(self.pool[name].shape[1:]) for name in self.outputs}
+    def feature_specs(self, resolution: int, storage: dict[str, tuple[str, str]]) -> dict[str, FeatureSpec]:
+        return {name: feature_spec(name, tuple(self.pool[name].shape[1:]), storage) for name in self.outputs}
 
     def predict_step(self, batch: dict[str, Any]) -> dict[str, Any]:
         time.sleep(self.device_ms / 1000)

@@ -108,8 +108,9 @@ class ForensicsCLI(LightningCLI):
                 "ensemble_fit": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # A detector's CLIP dimensions are the stores' shapes, applied once the datamodule exists (a configured value
-        # is replaced; None, without stored CLIP maps, lets a fine-tuned tower give its own). `clip_pooled_shape`
+        # A detector's CLIP dimensions and guidance channels are the stores' shapes, applied once the datamodule
+        # exists (a configured value is replaced; None, without stored CLIP maps, lets a fine-tuned tower give its
+        # own). `clip_pooled_shape`
         # exists only when clip_pooled is requested, so detectors without pooled vectors never receive `pooled_dim`.
         # Only for detector runs (and `grid --together`'s parser without subcommands): a link makes the datamodule
         # be built first, and precompute & co. should report a bad model before a bad data directory.
@@ -119,6 +120,8 @@ class ForensicsCLI(LightningCLI):
                                       apply_on="instantiate")
             parser.link_arguments("data.clip_pooled_shape", "model.init_args.pooled_dim", compute_fn=first_dim,
                                   apply_on="instantiate")
+            # The guidance maps' channel counts are the stores' too, so fit/test import no user map module.
+            parser.link_arguments("data.guidance_channels", "model.init_args.guidance_channels", apply_on="instantiate")
         parser.add_argument("--paper_row", type=str | None, default=None,
                             help="Name of the published configuration this config reproduces (see "
                                  "reports.evaluation.PUBLISHED); its paper number is shown beside this run only "

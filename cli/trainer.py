@@ -12,8 +12,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 
-ClipDtype = Literal["float16", "int8_rowscale", "float8_e4m3"]
-Codec = Literal["none", "lz4", "zstd"]
+from feature_cache.codecs import ClipDtype, Codec
 
 
 class ForensicsTrainer(pl.Trainer):

@@ -244,13 +244,10 @@ class FeatureCacheDataModule(pl.LightningDataModule):
 
     def opened_stores(self) -> dict[str, FeatureStore]:
         """Every store of the run by path, opened once per run (setup, the CLI's links, the checkpoint check and
-        the protocol report all use these); the modules that registered the requested maps are imported, so a
-        user's map file is known to the detector and `predict` without any mention in phase 2's config."""
+        the protocol report all use these). No map module is imported: shapes and kinds come from the stores."""
         if not self._opened:
             paths = [p for split in ("train", "val", "test") for p in self.stores[split]]
             self._opened = {path: FeatureStore.open(path) for path in dict.fromkeys(paths)}
-            for store in self._opened.values():
-                store.import_map_modules([name for name in self.features if name in store.feature_names])
         return self._opened
 
     @property
@@ -260,6 +257,14 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         first = next(iter(self.opened_stores().values()), None)
         return {} if first is None else {name: first.feature_info(name).shape for name in self.features
                                          if name in first.feature_names}
+
+    @property
+    def guidance_channels(self) -> dict[str, int]:
+        """Channels of each requested feature the stores record as a guidance map (kind `guidance`): what the CLI
+        hands the detector (`model.init_args.guidance_channels`), so phase 2 needs no map module to know them."""
+        first = next(iter(self.opened_stores().values()), None)
+        return {} if first is None else {name: first.feature_info(name).shape[0] for name in self.features
+                                         if name in first.feature_names and first.feature_info(name).kind == "guidance"}
 
     @property
     def clip_pooled_shape(self) -> tuple[int, ...]:

@@ -16,15 +16,20 @@ Readers receive the stored dtype; `widen` turns it into float32 on whatever devi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from zarr.codecs import BloscCodec
 
+# The one definition of the names (the writer's and `precompute`'s arguments are typed with these).
+ClipDtype = Literal["float16", "int8_rowscale", "float8_e4m3"]
+StoredDtype = Literal["float32", ClipDtype]
+Codec = Literal["none", "lz4", "zstd"]
 GUIDANCE_DTYPE = "float32"
-CLIP_DTYPES = ("float16", "int8_rowscale", "float8_e4m3")
-DTYPES = (GUIDANCE_DTYPE, *CLIP_DTYPES)
-CODECS = ("none", "lz4", "zstd")
+CLIP_DTYPES: tuple[str, ...] = get_args(ClipDtype)
+DTYPES: tuple[str, ...] = get_args(StoredDtype)
+CODECS: tuple[str, ...] = get_args(Codec)
 _STORAGE = {"float32": np.dtype("float32"), "float16": np.dtype("float16"), "int8_rowscale": np.dtype("int8"),
             "float8_e4m3": np.dtype("uint8")}
 _FLOAT_LIMITS = {name: (float(info.tiny), float(info.max), float(info.eps))  # smallest normal, largest, eps

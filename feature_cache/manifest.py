@@ -35,8 +35,9 @@ def read_rejected(shard_dir: str | Path) -> list[dict[str, str]]:
 
 def store_rows(shard_dir: str | Path, generator_names: list[str],
                row_metadata: dict[str, list] | None = None) -> dict[str, list]:
-    """A feature store's rows/ columns from the manifest: key, sha256, label, generator code, and format,
-    jpeg_quality (-1: not JPEG), width, height (from `row_metadata` when the read-time protocol changes them)."""
+    """A feature store's rows/ columns from the manifest: key, sha256, label, generator code, path (relative to the
+    dataset root), and format, jpeg_quality (-1: not JPEG), width, height (from `row_metadata` when the read-time
+    protocol changes them)."""
     path = Path(shard_dir) / "manifest.csv"
     records = read_manifest_rows(shard_dir)
     if records and not all(r.get("sha256") for r in records):
@@ -51,6 +52,7 @@ def store_rows(shard_dir: str | Path, generator_names: list[str],
             "label": [r["label"] for r in records], "generator": [code[r["generator"]] for r in records],
             "format": [r["format"] for r in records],
             "jpeg_quality": [-1 if r["jpeg_quality"] is None else r["jpeg_quality"] for r in records],
-            "width": [r["width"] for r in records], "height": [r["height"] for r in records]}
+            "width": [r["width"] for r in records], "height": [r["height"] for r in records],
+            "path": [r["path"] for r in records]}
     rows.update(row_metadata or {})
     return rows

@@ -13,10 +13,18 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from core.hashing import file_sha256
 from feature_cache.manifest import read_manifest_rows
+
+# What a stored array is: a guidance map (float32, what detectors are guided by and separability scores), a CLIP
+# feature (reduced precision, what a frozen backbone reads) or per-row metadata (rows/, error, flags). Declared
+# once per output by the map registry (lightning_modules/maps/registry.py) and recorded on each `FeatureSpec`.
+FeatureKind = Literal["guidance", "clip", "metadata"]
+FEATURE_KINDS: tuple[str, ...] = get_args(FeatureKind)
+# Stores written before kinds were recorded held exactly these CLIP outputs; every other feature was a guidance map.
+_CLIP_BEFORE_KINDS = ("clip_layer3", "clip_pooled")
 
 DATASET_KEYS = ("shards", "layout", "split")  # keys of a datamodule's provenance that describe the data, not pixels
 
@@ -219,18 +227,31 @@ class ExtractorProvenance:
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """How one feature is stored: per-row shape, stored dtype name (see `codecs`) and codec."""
+    """What one feature is and how it is stored: per-row shape, stored dtype name (see `codecs`), codec, and its
+    kind as the map registry declares it. `units` and `description` (also the registry's) are written into the
+    array's attributes for readers without this code; they are not compared (rewording changes no value)."""
 
     shape: tuple[int, ...]
     dtype: str
     codec: str
+    kind: FeatureKind
+    units: str = field(default="", compare=False)
+    description: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in FEATURE_KINDS:
+            raise ValueError(f"feature kind {self.kind!r} is not one of {list(FEATURE_KINDS)}")
 
     def to_attrs(self) -> dict[str, Any]:
-        return {"shape": list(self.shape), "dtype": self.dtype, "codec": self.codec}
+        return {"shape": list(self.shape), "dtype": self.dtype, "codec": self.codec, "kind": self.kind,
+                "units": self.units, "description": self.description}
 
     @classmethod
-    def from_attrs(cls, attrs: Mapping[str, Any]) -> FeatureSpec:
-        return cls(tuple(int(d) for d in attrs["shape"]), attrs["dtype"], attrs["codec"])
+    def from_attrs(cls, attrs: Mapping[str, Any], name: str = "") -> FeatureSpec:
+        """From group attrs; a spec recorded before kinds were (no `kind`) is upgraded from its feature `name`."""
+        kind = attrs.get("kind") or ("clip" if name in _CLIP_BEFORE_KINDS else "guidance")
+        return cls(tuple(int(d) for d in attrs["shape"]), attrs["dtype"], attrs["codec"], kind,
+                   attrs.get("units", ""), attrs.get("description", ""))
 
 
 @dataclass(frozen=True)
@@ -246,7 +267,7 @@ class GroupInfo:
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> GroupInfo:
-        return cls({k: FeatureSpec.from_attrs(v) for k, v in attrs["features"].items()},
+        return cls({k: FeatureSpec.from_attrs(v, k) for k, v in attrs["features"].items()},
                    ExtractorProvenance.from_attrs(attrs["extractor"]))
 
 

@@ -2,8 +2,9 @@
 
 Layout (docs/contracts.md, "Feature store, format 3"; S = shard size, n = rows, sample axis first):
 
-- `rows/{key, sha256, label, generator, format, jpeg_quality, width, height}`: per-row facts written once
-  at creation, one chunk per tar; `sha256` (of the image's original bytes) is the row's identity.
+- `rows/{key, sha256, label, generator, format, jpeg_quality, width, height, path}`: per-row facts written once
+  at creation, one chunk per tar; `sha256` (of the image's original bytes) is the row's identity; `path` is the
+  image file relative to the dataset root (stores written before it have no rows/path).
   `rows.checksums.json` records every rows/ file (and is the creation marker of rows/).
 - `GROUP/FEATURE`: one array per feature, one Zarr shard file per tar (`shards=(S, ...)`), so the process
   that computed a tar is the only writer of its files (NOTES: writers sharing a shard lose data); inner
@@ -23,12 +24,13 @@ Layout (docs/contracts.md, "Feature store, format 3"; S = shard size, n = rows, 
 - Format 3 (`feature_cache/integrity.py`): every chunk ends with a crc32c checked on every read, done markers
   record crc32c instead of sha256, attributes are digested. Format-2 stores are read unchanged (no per-read
   check); phase 2 checks their files' sha256 at open instead.
+- Every array describes itself (`describe`): Zarr v3 `dimension_names` (`row` first) and attributes `kind`,
+  `description`, `units`, `codes`, so a plain `zarr.open_group` reader needs neither this code nor the docs.
 """
 
 from __future__ import annotations
 
 import fcntl
-import importlib
 import json
 import os
 import shutil
@@ -44,12 +46,13 @@ from zarr.codecs import ZstdCodec
 from zarr.core.buffer.cpu import NDBuffer
 
 from core.hashing import file_sha256
+from feature_cache import describe
 from feature_cache.codecs import compressor, has_scale, scale_channels, storage_dtype
 from feature_cache.integrity import (CHECKSUMMED_FORMAT, DIGESTS_ATTR, ChecksumQueue, attribute_digests,
                                      changed_attributes, checksummed, damaged_chunk, file_crc32c,
                                      is_leftover, is_zarr_checksum_error, missing_chunk)
-from feature_cache.provenance import (ExtractorProvenance, FeatureProvenance, FeatureSpec, GroupInfo, StoreProvenance,
-                                      config_differences, normalized, upgrade_attrs)
+from feature_cache.provenance import (ExtractorProvenance, FeatureKind, FeatureProvenance, FeatureSpec, GroupInfo,
+                                      StoreProvenance, config_differences, normalized, upgrade_attrs)
 from feature_cache.raw_chunks import RawChunks
 
 __all__ = ["FeatureStore", "FeatureInfo", "Damage", "ProvenanceMismatchError", "StoreLockedError", "store_lock",
@@ -58,7 +61,7 @@ __all__ = ["FeatureStore", "FeatureInfo", "Damage", "ProvenanceMismatchError", "
 FORMAT_VERSION = 3  # 3: chunk checksums, crc32c done markers, attribute digests (feature_cache/integrity.py)
 READABLE_FORMATS = (2, 3)
 ROW_COLUMNS = {"key": str, "sha256": str, "label": "int8", "generator": "int16", "format": str,
-               "jpeg_quality": "int16", "width": "int32", "height": "int32"}
+               "jpeg_quality": "int16", "width": "int32", "height": "int32", "path": str}
 FLAG_COLUMNS = ("non_finite", "underflow")
 _ROW_FILL = {"label": -1, "generator": -1, "jpeg_quality": -1, "width": 0, "height": 0}
 CHUNK_ROWS = 32  # rows per inner chunk of a feature array: the phase-2 reader's default block (block_rows)
@@ -96,6 +99,7 @@ class FeatureInfo:
     shape: tuple[int, ...]
     dtype: str  # stored dtype name (codecs.DTYPES)
     codec: str
+    kind: FeatureKind  # as the map registry declared it (provenance.FeatureKind)
 
     @property
     def storage_dtype(self) -> np.dtype:
@@ -288,8 +292,10 @@ class FeatureStore:
                 raise ValueError(f"feature store {self.path}: row column {name} has {len(values)} values for "
                                  f"{self.num_rows} rows")
             kwargs = {} if dtype is str else {"fill_value": _ROW_FILL.get(name, 0)}
+            dimensions, attributes = describe.row_column(name, self.generator_names)
             array = group.create_array(name, shape=(self.num_rows,), chunks=(self.shard_size,), dtype=dtype,
-                                       overwrite=True, **kwargs, **self._compressors(ZstdCodec(level=0)))
+                                       overwrite=True, dimension_names=dimensions, attributes=attributes, **kwargs,
+                                       **self._compressors(ZstdCodec(level=0)))
             array[:] = values
         self._arrays = {}
         files = ["rows/zarr.json"] + [f"rows/{name}/zarr.json" for name in ROW_COLUMNS]
@@ -319,20 +325,27 @@ class FeatureStore:
         n, size = self.num_rows, self.shard_size
         for feature, spec in info.features.items():
             dtype = storage_dtype(spec.dtype)
-            arrays = {feature: (spec.shape, dtype, compressor(spec.codec, dtype.itemsize))}
+            arrays = {feature: (spec.shape, dtype, compressor(spec.codec, dtype.itemsize),
+                                describe.feature(feature, spec))}
             if has_scale(spec.dtype):
-                arrays[f"{feature}__scale"] = ((scale_channels(spec.shape),), np.dtype("float32"), compressor("zstd", 4))
-            for name, (shape, array_dtype, codec) in arrays.items():
+                arrays[f"{feature}__scale"] = ((scale_channels(spec.shape),), np.dtype("float32"),
+                                               compressor("zstd", 4), describe.scale(feature, spec))
+            for name, (shape, array_dtype, codec, (dimensions, attributes)) in arrays.items():
                 if only is None or name in only:
                     zgroup.create_array(name, shape=(n, *shape), dtype=array_dtype, fill_value=0, overwrite=True,
                                         chunks=(_inner_rows(size), *shape),
-                                        shards=(size, *shape), **self._compressors(codec))
+                                        shards=(size, *shape), dimension_names=dimensions, attributes=attributes,
+                                        **self._compressors(codec))
         if only is None or "error" in only:
+            dimensions, attributes = describe.error()
             zgroup.create_array("error", shape=(n,), chunks=(size,), dtype=str, overwrite=True,
+                                dimension_names=dimensions, attributes=attributes,
                                 **self._compressors(ZstdCodec(level=0)))
         if only is None or "flags" in only:
+            dimensions, attributes = describe.flags(FLAG_COLUMNS)
             zgroup.create_array("flags", shape=(n, len(FLAG_COLUMNS)), chunks=(size, len(FLAG_COLUMNS)),
-                                dtype="int32", fill_value=0, overwrite=True, **self._compressors(ZstdCodec(level=0)))
+                                dtype="int32", fill_value=0, overwrite=True, dimension_names=dimensions,
+                                attributes=attributes, **self._compressors(ZstdCodec(level=0)))
         self._arrays = {}
 
     def _compressors(self, codec: Any) -> dict[str, Any]:
@@ -475,7 +488,7 @@ class FeatureStore:
     def feature_info(self, name: str) -> FeatureInfo:
         group = self.group_of(name)
         spec = self.groups[group].features[name]
-        return FeatureInfo(group, spec.shape, spec.dtype, spec.codec)
+        return FeatureInfo(group, spec.shape, spec.dtype, spec.codec, spec.kind)
 
     def feature_provenance(self, names: Sequence[str]) -> FeatureProvenance:
         """These features' full provenance: the store's, and each one's stored form and extractor settings (what a
@@ -483,19 +496,6 @@ class FeatureStore:
         for name in names:
             self.group_of(name)  # one clear error for a feature the store lacks
         return FeatureProvenance.of_store(self.provenance, self.groups, list(names))
-
-    def import_map_modules(self, names: Sequence[str]) -> None:
-        """Import the modules that registered these features' maps (recorded per group), so a reader's map
-        registry knows them as phase 1's did: a user's map file needs no mention in phase 2 or `predict`."""
-        for name in names:
-            module = self.groups[self.group_of(name)].extractor.modules.get(name)
-            if module is None:
-                continue
-            try:
-                importlib.import_module(module)
-            except ModuleNotFoundError as missing:
-                raise ValueError(f"feature store {self.path}: map {name!r} is registered by module {module!r}, which "
-                                 f"cannot be imported here ({missing}); put it on PYTHONPATH") from missing
 
     def tar_rows(self, index: int) -> tuple[int, int]:
         """Row range [start, stop) of tar `index`."""
@@ -558,9 +558,12 @@ class FeatureStore:
         return np.concatenate(parts)
 
     def rows(self, column: str) -> np.ndarray:
-        """A rows/ column (key, sha256, label, generator, format, jpeg_quality, width, height) for every row."""
+        """A rows/ column (key, sha256, label, generator, format, jpeg_quality, width, height, path) for every row."""
         if column not in ROW_COLUMNS:
             raise KeyError(f"feature store {self.path}: no row column {column!r} (columns: {', '.join(ROW_COLUMNS)})")
+        if column == "path" and not (self.path / "rows" / "path" / "zarr.json").is_file():
+            raise KeyError(f"feature store {self.path}: written before image paths were stored (no rows/path); "
+                           "the shard directory's manifest.csv has them")
         return self._checked_read(f"rows/{column}", 0, self.num_rows, lambda array: array[:])
 
     def _group_name(self, group_or_feature: str) -> str:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -23,16 +23,12 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar
 
 from core.progress import ProgressLine, plain_output
-from feature_cache.codecs import encode
+from feature_cache.codecs import GUIDANCE_DTYPE, ClipDtype, Codec, encode
 from feature_cache.integrity import remove_leftovers
 from feature_cache.manifest import read_rejected, store_rows
 from feature_cache.provenance import (DatasetProvenance, ExtractorProvenance, FeatureSpec, PixelProvenance,
                                       StoreProvenance, config_differences)
 from feature_cache.store import FLAG_COLUMNS, FeatureStore, ProvenanceMismatchError, store_lock
-
-CLIP_FEATURES = ("clip_layer3", "clip_pooled")  # features, not guidance maps: reduced precision pays off here
-ClipDtype = Literal["float16", "int8_rowscale", "float8_e4m3"]
-Codec = Literal["none", "lz4", "zstd"]
 
 
 def extractor_provenance(model: pl.LightningModule, trainer: pl.Trainer,
@@ -96,8 +92,9 @@ class ZarrFeatureWriter(BasePredictionWriter):
 
     Datamodule needs: `provenance()` (resolution, shards, layout, split + pixel settings), `shard_table()`,
     `generator_names`, `exclude_shards(names)`, a batch size, optionally `row_metadata()`. Model needs:
-    `provenance()` ({common, maps}), `set_outputs(names)`, `feature_shapes(resolution)`, and a
-    `predict_step` returning `row`, `shard_index`, `error` and one (B, ...) tensor per output.
+    `provenance()` ({common, maps}), `set_outputs(names)`, `feature_specs(resolution, storage)` (each output's
+    `FeatureSpec`, its kind from the map registry, stored as `storage[kind]` gives), and a `predict_step`
+    returning `row`, `shard_index`, `error` and one (B, ...) tensor per output.
     """
 
     def __init__(self, store: str, clip_dtype: ClipDtype = "float16", clip_codec: Codec = "lz4",
@@ -137,10 +134,10 @@ class ZarrFeatureWriter(BasePredictionWriter):
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
 
-    def feature_spec(self, name: str, shape: tuple[int, ...]) -> FeatureSpec:
-        if name in CLIP_FEATURES:
-            return FeatureSpec(tuple(shape), self.clip_dtype, self.clip_codec)
-        return FeatureSpec(tuple(shape), "float32", self.guidance_codec)
+    @property
+    def storage(self) -> dict[str, tuple[str, str]]:
+        """(stored dtype, codec) per feature kind: reduced precision pays off for CLIP features, not guidance maps."""
+        return {"guidance": (GUIDANCE_DTYPE, self.guidance_codec), "clip": (self.clip_dtype, self.clip_codec)}
 
     # ---- setup: create / check / grow ------------------------------------------------------------------------
 
@@ -159,7 +156,7 @@ class ZarrFeatureWriter(BasePredictionWriter):
             self._lock = store_lock(self.path)
             self._lock.__enter__()  # held until predict ends: no second run computes the same tars
             try:
-                self._prepare(datamodule, data, requested, pl_module.feature_shapes(data["resolution"]))
+                self._prepare(datamodule, data, requested, pl_module.feature_specs(data["resolution"], self.storage))
             except BaseException:
                 self._release_lock()
                 raise
@@ -192,7 +189,7 @@ class ZarrFeatureWriter(BasePredictionWriter):
         return ProgressLine(f"writing {self.path.name}{rank}", sum(int(t["num_samples"]) for t in share), "rows")
 
     def _prepare(self, datamodule: pl.LightningDataModule, data: dict[str, Any], requested: ExtractorProvenance,
-                 shapes: dict[str, tuple[int, ...]]) -> None:
+                 specs: dict[str, FeatureSpec]) -> None:
         """Rank 0, under the lock: create the store or check it, repair damage, add the group to compute."""
         shard_dir = Path(data["shards"])
         dataset = DatasetProvenance.from_shard_dir(shard_dir, data.get("layout", ""), data.get("split", ""),
@@ -223,15 +220,15 @@ class ZarrFeatureWriter(BasePredictionWriter):
         for group, info in store.groups.items():
             present = [n for n in info.features if n in outputs]
             differences = info.extractor.differences(requested, present) if present else []
-            differences += [f"{n}.storage {info.features[n].to_attrs()} != {self.feature_spec(n, shapes[n]).to_attrs()}"
-                            for n in present if info.features[n] != self.feature_spec(n, shapes[n])]
+            differences += [f"{n}.storage {info.features[n].to_attrs()} != {specs[n].to_attrs()}"
+                            for n in present if info.features[n] != specs[n]]
             if differences:
                 raise ProvenanceMismatchError(f"feature store {self.path} group {group} ({', '.join(present)}) was "
                                               "made with a different config: " + ", ".join(differences))
         if self._group_to_compute(store, outputs) is None:
             missing = [n for n in outputs if n not in store.feature_names]
             if missing:
-                store.add_group({n: self.feature_spec(n, shapes[n]) for n in missing}, requested.restricted(missing))
+                store.add_group({n: specs[n] for n in missing}, requested.restricted(missing))
         if self.config_text is not None:
             group = self._group_to_compute(store, outputs) or "none"
             stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 from functools import partial
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -30,10 +31,11 @@ from core.hashing import file_sha256
 from core.seeding import image_generator
 from feature_cache.provenance import ExtractorProvenance, FeatureProvenance, config_differences
 from lightning_modules.laplace_fit import load_posterior
-from lightning_modules.maps import BUILTIN_MAP_MODULES, MAP_REGISTRY, MapContext, import_map_modules
+from feature_cache.provenance import FeatureSpec
+from lightning_modules.maps import (BUILTIN_MAP_MODULES, CLIP_OUTPUTS, MAP_REGISTRY, MapContext, feature_spec,
+                                    import_map_modules)
 from lightning_modules.pretrained import load_clip_rn50, load_stable_diffusion, weights_hash
 
-CLIP_OUTPUTS = ("clip_layer3", "clip_pooled")
 PASS_THROUGH = ("key", "sha256", "row", "shard_index", "label", "generator", "error")
 MODEL_PATHS = ("sd", "clip", "posterior")  # where the weights are: may move (`predict --sd`); their hashes may not
 SOURCES = ("sd_source", "extractor")  # recorded for the reader: where SD was loaded from, the extractor's class
@@ -299,6 +301,11 @@ class FeatureExtractor(pl.LightningModule):
             layer3, pooled = self.clip_model.layer3_and_pooled(probe)
             shapes.update(clip_layer3=tuple(layer3.shape[1:]), clip_pooled=tuple(pooled.shape[1:]))
         return {name: shapes[name] for name in self.outputs}
+
+    def feature_specs(self, resolution: int, storage: Mapping[str, tuple[str, str]]) -> dict[str, FeatureSpec]:
+        """How the writer stores each requested output: shape at `resolution`, the registry's kind (and units,
+        description), and the (dtype, codec) the writer's `storage` gives that kind."""
+        return {name: feature_spec(name, shape, storage) for name, shape in self.feature_shapes(resolution).items()}
 
     def _check_resolution(self, resolution: int) -> None:
         """The posterior's pixel counts depend on resolution, so it must match the data's."""

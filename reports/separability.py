@@ -56,10 +56,8 @@ _DECODE_BATCH = 64  # inner chunks per zarr codec call when streaming whole tars
 # --- the store, read through these functions only (store format 2) -------------------------------------------
 
 def guidance_maps(store: FeatureStore) -> list[str]:
-    """Every guidance map of the store: by the store contract, the float32 (C, H, W) features (the frozen CLIP
-    maps are stored as float16, int8_rowscale or float8 and are features, not guidance maps)."""
-    return [name for name in store.feature_names
-            if len(store.feature_info(name).shape) == 3 and store.feature_info(name).dtype == "float32"]
+    """Every guidance map of the store: the features recorded with kind `guidance` (the map registry's)."""
+    return [name for name in store.feature_names if store.feature_info(name).kind == "guidance"]
 
 
 def probe_features(store: FeatureStore) -> list[str]:

@@ -28,6 +28,7 @@ from feature_cache.codecs import encode
 from feature_cache.provenance import (DatasetProvenance, ExtractorProvenance, FeatureSpec, PixelProvenance,
                                       StoreProvenance)
 from feature_cache.store import FeatureStore, store_lock
+from lightning_modules.maps import feature_spec
 
 GENERATORS = ["imagenet_ai_0419_sdv4", "imagenet_glide", "nature"]
 # The pixel-pipeline part of ImageShardDataModule.provenance() for a plain resize.
@@ -181,10 +182,10 @@ class FakeExtractor(pl.LightningModule):
     def set_outputs(self, names: list[str]) -> None:
         self.outputs = list(names)
 
-    def feature_shapes(self, resolution: int) -> dict[str, tuple[int, ...]]:
+    def feature_specs(self, resolution: int, storage: dict[str, tuple[str, str]]) -> dict[str, FeatureSpec]:
         h = resolution // 8
         shapes = {"lare": (4, h, h), "deu": (4, h, h), "clip_pooled": (8,)}
-        return {name: shapes[name] for name in self.outputs}
+        return {name: feature_spec(name, shapes[name], storage) for name in self.outputs}
 
     def predict_step(self, batch: dict[str, Any]) -> dict[str, Any]:
         rows = batch["row"]
@@ -240,7 +241,7 @@ def write_store(path: Path, values: Callable[[np.ndarray], dict[str, np.ndarray]
             "generator": generators or [r % len(generator_names) for r in range(num_rows)], "format": ["png"] * num_rows,
             "jpeg_quality": [-1] * num_rows, "width": [32] * num_rows, "height": [32] * num_rows,
             "sha256": [hashlib.sha256(f"{identity}{r}".encode()).hexdigest() for r in range(num_rows)],
-            **(row_columns or {})}
+            "path": [f"{key}.png" for key in keys], **(row_columns or {})}
     with store_lock(path):
         store = FeatureStore.create(path, provenance=provenance, rows=rows, generator_names=generator_names,
                                     **({} if format_version is None else {"format_version": format_version}))

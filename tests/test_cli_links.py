@@ -22,8 +22,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("links") / "train.zarr"
     shapes = {"deu": (4, 8, 8), "lare": (4, 8, 8), "clip_layer3": LAYER3, "clip_pooled": POOLED}
     write_store(path, lambda rows: {n: np.ones((len(rows), *s), np.float32) for n, s in shapes.items()},
-                {n: FeatureSpec(s, "float32" if n in ("deu", "lare") else "float16", "zstd" if n in ("deu", "lare")
-                                else "lz4") for n, s in shapes.items()}, ["g"])
+                {n: FeatureSpec(s, "float32", "zstd", "guidance") if n in ("deu", "lare")
+                 else FeatureSpec(s, "float16", "lz4", "clip") for n, s in shapes.items()}, ["g"])
     return path
 
 
@@ -51,3 +51,17 @@ def test_guidance_the_data_does_not_request_is_one_error_before_any_run(store):
     with pytest.raises(ValueError, match=r"DEUADetector reads \['deu'\], which data.init_args.features "
                                          r"\['clip_layer3'\] does not request"):
         _built("deua.yaml", store, "--data.init_args.features", "[clip_layer3]")
+
+
+def test_guidance_channels_come_from_the_store_for_a_map_no_module_registers(tmp_path):
+    """Catches phase 2 learning a guidance map's channels from the map registry (which would need the user's map
+    module importable in fit/test) instead of the store, and a CLIP feature (kind `clip`) handed over as guidance."""
+    path = tmp_path / "train.zarr"
+    shapes = {"toy_unregistered": (2, 8, 8), "clip_layer3": LAYER3}
+    write_store(path, lambda rows: {n: np.ones((len(rows), *s), np.float32) for n, s in shapes.items()},
+                {"toy_unregistered": FeatureSpec(shapes["toy_unregistered"], "float32", "zstd", "guidance"),
+                 "clip_layer3": FeatureSpec(LAYER3, "float16", "lz4", "clip")}, ["g"])
+    cli = _built("deua.yaml", path, "--data.init_args.features", "[toy_unregistered, clip_layer3]",
+                 "--model.init_args.guidance", "[toy_unregistered]")
+    assert cli.model.map_channels == {"toy_unregistered": 2} and cli.model.guidance_channels == 2
+    assert cli.model.hparams["guidance_channels"] == {"toy_unregistered": 2}

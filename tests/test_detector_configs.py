@@ -50,7 +50,7 @@ def build_store(path: Path, extractor: FeatureExtractor, num_rows: int) -> str:
             out = extractor.predict_step(batch, 0)
         return {name: out[name].numpy() for name in extractor.outputs}
 
-    specs = {name: FeatureSpec(tuple(shape), "float32", "zstd") for name, shape in extractor.feature_shapes(RES).items()}
+    specs = extractor.feature_specs(RES, {"guidance": ("float32", "zstd"), "clip": ("float32", "zstd")})
     write_store(path, features, specs, GENERATORS, num_rows=num_rows, shard_size=SHARD, keys=keys,
                 labels=[r % 2 for r in range(num_rows)], generators=[(r // 2) % 2 for r in range(num_rows)],
                 shards=f"{path.stem}_shards", pixels={"resolution": RES, **RAW_PROTOCOL}, identity=path.stem,

@@ -1,9 +1,12 @@
 """A user adds a guidance map and a detector the way the README says: one map module, one detector module,
 one YAML, all outside the repository (on PYTHONPATH only), then grows existing stores by the map and fits,
-tests and predicts with the detector; every step a real CLI subprocess on tiny real models."""
+tests and predicts with the detector; every step a real CLI subprocess on tiny real models. The map module is
+importable only where a map is computed (precompute, predict): fit and test take its channels from the stores."""
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import re
 import subprocess
@@ -15,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import zarr
 
 from datamodules.demo_data import GENERATORS, build_demo_images
 from datamodules.shards import convert
@@ -66,13 +70,19 @@ def _config(root: Path) -> str:
         """)
 
 
-def _cli(root: Path, *args: str) -> subprocess.CompletedProcess:
-    """`python -m cli ...` with the user's folder on PYTHONPATH beside the repository, run from that folder."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(root / "user")])}
-    result = subprocess.run([sys.executable, "-m", "cli", *args], cwd=root, env=env, capture_output=True,
+def _env(root: Path, maps: bool) -> dict[str, str]:
+    """The user's detector folder on PYTHONPATH beside the repository, and their map folder only with `maps`."""
+    folders = [REPO, root / "user", *([root / "user_maps"] if maps else [])]
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join(str(folder) for folder in folders)}
+
+
+def _cli(root: Path, *args: str, maps: bool = True, ok: bool = True) -> subprocess.CompletedProcess:
+    """`python -m cli ...` run from the user's folder (see `_env`); with `ok`, it must succeed."""
+    result = subprocess.run([sys.executable, "-m", "cli", *args], cwd=root, env=_env(root, maps), capture_output=True,
                             text=True, timeout=900)
-    assert result.returncode == 0, f"python -m cli {' '.join(args)}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    assert not ok or result.returncode == 0, \
+        f"python -m cli {' '.join(args)}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return result
 
 
@@ -96,10 +106,9 @@ def _files(store: Path, group: str) -> dict[str, bytes]:
 def grown(tiny_model_paths, tmp_path_factory) -> dict[str, object]:
     """Stores built with the built-in maps, then grown by the user's map; the group-0 files before growing."""
     root = tmp_path_factory.mktemp("extending")
-    user = root / "user"
-    user.mkdir()
-    (user / "my_maps.py").write_text(MAP_MODULE)
-    (user / "my_detector.py").write_text(DETECTOR_MODULE)
+    for folder, name, text in (("user_maps", "my_maps.py", MAP_MODULE), ("user", "my_detector.py", DETECTOR_MODULE)):
+        (root / folder).mkdir(exist_ok=True)
+        (root / folder / name).write_text(text)
     (root / "mean.yaml").write_text(_config(root))
     images = build_demo_images(root / "images", {"train": 8, "val": 4}, tile_size=64)
     convert("genimage", images, "train", root / "shards" / "train", 8, [GENERATORS[0]], workers=1)
@@ -127,23 +136,64 @@ def test_growing_by_a_user_map_adds_one_group_and_leaves_the_others_byte_identic
         np.testing.assert_array_equal(spread, aleatoric.max(axis=1, keepdims=True))  # same noises as group g0
 
 
+def test_the_store_describes_itself_to_a_plain_zarr_reader(grown):
+    """Catches a store a reader cannot interpret without this framework: arrays without dimension names, kinds
+    guessed instead of recorded (the user's map must read as guidance, CLIP's map as clip), label/generator codes
+    and flag columns without meanings, and image paths not stored per row. Read with plain zarr and csv only,
+    checked against the converter's manifest.csv and shards.json."""
+    root = grown["root"]
+    store = zarr.open_group(root / "train.zarr", mode="r")
+    shards = root / "shards" / "train"
+    manifest = next(p for p in (shards / "manifest.csv", shards / "manifest.csv.moved") if p.is_file())
+    with manifest.open(newline="") as f:
+        records = sorted(csv.DictReader(f), key=lambda r: int(r["row"]))
+    assert store["rows/path"][:].tolist() == [r["path"] for r in records]
+    codes = store["rows/generator"].attrs["codes"]
+    assert sorted(codes.values()) == json.loads((shards / "shards.json").read_text())["generators"]
+    assert [codes[str(code)] for code in store["rows/generator"][:]] == [r["generator"] for r in records]
+    labels = store["rows/label"].attrs["codes"]
+    assert [labels[str(code)] for code in store["rows/label"][:]] == \
+        [{"0": "real", "1": "fake", "-1": "unlabelled"}[r["label"]] for r in records]
+    for name in ("key", "sha256", "label", "generator", "format", "jpeg_quality", "width", "height", "path"):
+        assert store[f"rows/{name}"].metadata.dimension_names == ("row",) and store[f"rows/{name}"].attrs["description"]
+    kinds = {"g0/lare": "guidance", "g0/aleatoric": "guidance", "g0/clip_layer3": "clip", "g1/spread": "guidance"}
+    for name, kind in kinds.items():
+        array = store[name]
+        assert array.metadata.dimension_names == ("row", "channel", "y", "x") and array.attrs["kind"] == kind, name
+    assert store["g1/spread"].attrs["description"] == "max over channels of the aleatoric variance"
+    assert store["g0/lare"].attrs["units"].startswith("eps^2") and store["g0/lare"].attrs["stored_dtype"] == "float32"
+    for group in ("g0", "g1"):
+        flags = store[f"{group}/flags"]
+        assert flags.metadata.dimension_names == ("row", "flag") and flags.attrs["columns"] == ["non_finite", "underflow"]
+        assert store[f"{group}/error"].metadata.dimension_names == ("row",)
+
+
 def test_fit_test_predict_with_the_user_detector_guided_by_the_user_map(grown):
     """Catches phase 2 or `predict` that cannot find a map or detector defined outside the repository (a
-    hand-kept list, a registry that only phase 1 filled), CLIP dimensions or guidance that must be stated
-    twice, and a pipeline that still needs manifest.csv after the stores were written."""
+    hand-kept list, a registry that only phase 1 filled), fit/test that import the user's map module (they must
+    run where it is not importable: its channels are the stores'), `predict` that does not import it, CLIP
+    dimensions or guidance that must be stated twice, and a pipeline that still needs manifest.csv after the
+    stores were written."""
     root = grown["root"]
     for split in ("train", "val"):  # phase 2 and predict take what they need from the stores' provenance
         manifest = root / "shards" / split / "manifest.csv"
         manifest.rename(manifest.with_suffix(".csv.moved"))
-    _cli(root, "fit", "--config", "mean.yaml")
+    unimportable = subprocess.run([sys.executable, "-c", "import my_maps"], cwd=root, env=_env(root, maps=False),
+                                  capture_output=True, text=True)
+    assert unimportable.returncode != 0 and "No module named 'my_maps'" in unimportable.stderr
+    _cli(root, "fit", "--config", "mean.yaml", maps=False)
     run = next((root / "runs" / "mean").glob("spread*"))
     hparams = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
     layer3 = FeatureStore.open(root / "train.zarr").feature_info("clip_layer3").shape
     assert (hparams["visual_channels"], hparams["grid_size"]) == (layer3[0], layer3[-1]) and "pooled_dim" not in hparams
-    _cli(root, "test", "--config", "mean.yaml")
+    assert hparams["guidance_channels"] == {"spread": 1}  # the stored map's channels; the registry never saw it
+    _cli(root, "test", "--config", "mean.yaml", maps=False)
     table = pd.read_csv(run / "test_predictions.csv")
     assert len(table) == FeatureStore.open(root / "val.zarr").num_rows and table["p_fake"].between(0, 1).all()
     folder = grown["images"] / GENERATORS[1] / "val"
+    refused = _cli(root, "predict", "--ckpt", str(run / "checkpoints" / "last.ckpt"), "--data", str(folder),
+                   "--out", "refused.csv", "--num_workers", "0", "--accelerator", "cpu", maps=False, ok=False)
+    assert refused.returncode != 0 and "my_maps" in refused.stderr  # predict computes the map: it needs the module
     _cli(root, "predict", "--ckpt", str(run / "checkpoints" / "last.ckpt"), "--data", str(folder),
          "--out", "predictions.csv", "--num_workers", "0", "--accelerator", "cpu")
     predictions = pd.read_csv(root / "predictions.csv")

@@ -19,7 +19,7 @@ from feature_cache.provenance import FeatureSpec
 from feature_cache.store import FeatureStore
 from feature_cache_fakes import RAW_PROTOCOL, make_shard_dir, marker_image, write_store
 
-SPECS = {"deu": FeatureSpec((4, 4, 4), "float32", "zstd"), "clip_pooled": FeatureSpec((6,), "float16", "lz4")}
+SPECS = {"deu": FeatureSpec((4, 4, 4), "float32", "zstd", "guidance"), "clip_pooled": FeatureSpec((6,), "float16", "lz4", "clip")}
 
 
 def make_store(path: Path, offset: float, names: list[str], num_rows: int = 10, **kwargs: Any) -> FeatureStore:
@@ -146,7 +146,7 @@ def test_images_are_paired_and_augmented_identically(tmp_path: Path) -> None:
     def lare(rows: np.ndarray) -> dict[str, np.ndarray]:
         return {"lare": np.stack([marker_image(r, 32)[..., 0].reshape(16, 2, 16, 2).mean((1, 3))[None] / 255
                                   for r in rows]).astype(np.float32)}
-    store = write_store(tmp_path / "store", lare, {"lare": FeatureSpec((1, 16, 16), "float32", "zstd")}, ["nature"],
+    store = write_store(tmp_path / "store", lare, {"lare": FeatureSpec((1, 16, 16), "float32", "zstd", "guidance")}, ["nature"],
                         keys=[f"img{r:05d}" for r in range(10)], labels=[0] * 10, shards="shards",
                         pixels={"resolution": 32, **RAW_PROTOCOL})
     dm = FeatureCacheDataModule(features=["lare"], train=[str(store.path)], test=[str(store.path)], images=True,
@@ -276,7 +276,7 @@ def test_non_finite_rows_and_damaged_files_are_refused(tmp_path: Path) -> None:
 def test_eight_bit_maps_arrive_narrow_and_widen_to_the_stored_values(tmp_path: Path, dtype: str) -> None:
     """Catches a reader that drops `NAME__scale`, gathers scales out of step with their rows, or hands float8
     bits over as plain uint8 (the model would widen them as integers)."""
-    specs = {"clip_layer3": FeatureSpec((3, 2, 2), dtype, "lz4")}
+    specs = {"clip_layer3": FeatureSpec((3, 2, 2), dtype, "lz4", "clip")}
     rng = np.random.default_rng(0)
     raw = rng.standard_normal((10, 3, 2, 2)).astype(np.float32) * np.array([0.01, 1.0, 30.0], np.float32)[:, None, None]
     store = write_store(tmp_path / "s", lambda rows: {"clip_layer3": raw[rows]}, specs, ["sdv4"])

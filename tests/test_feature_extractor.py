@@ -18,7 +18,8 @@ from core.seeding import image_generator
 from lightning_modules.diffusion_pass import DiffusionPass
 from lightning_modules.feature_extractor import FeatureExtractor, recorded_path
 from lightning_modules.laplace_fit import LaplaceFit
-from lightning_modules.maps import MAP_REGISTRY, available_maps, map_channels
+from lightning_modules.maps import (FEATURES, MAP_REGISTRY, available_maps, feature_kind, feature_spec, map_channels,
+                                    register_map)
 from lightning_modules.pretrained import load_stable_diffusion
 from lightning_modules.uncertainty import (aleatoric_variance, closed_form_deu, conv3x3_ggn_sums,
                                            latent_reconstruction_error, mc_deu, mutual_information)
@@ -294,6 +295,35 @@ def test_registry_lists_the_builtin_maps() -> None:
         map_channels("entropy")
 
 
+STORAGE = {"guidance": ("float32", "zstd"), "clip": ("float16", "lz4")}
+
+
+def test_every_output_has_one_registered_kind_that_decides_how_it_is_stored() -> None:
+    """Catches a kind decided outside the registry (a CLIP name list in the writer, a dtype guess in separability):
+    the CLIP outputs are registered as `clip`, the maps as `guidance`, the writer's storage follows the kind, a map
+    registered with another kind is stored as that kind and refused as guidance, and a CLIP output is no map."""
+    assert {name: feature_kind(name) for name in (*BUILTIN, "clip_layer3", "clip_pooled")} == \
+        {**dict.fromkeys(BUILTIN, "guidance"), "clip_layer3": "clip", "clip_pooled": "clip"}
+    assert (feature_spec("clip_layer3", (8, 2, 2), STORAGE).dtype, feature_spec("deu", (4, 2, 2), STORAGE).dtype) == \
+        ("float16", "float32")
+    assert feature_spec("mi", (4, 2, 2), STORAGE).units == "nats" and feature_spec("deu", (4, 2, 2), STORAGE).description
+    with pytest.raises(KeyError, match="'clip_pooled' is a clip feature, not a guidance map"):
+        map_channels("clip_pooled")
+    with pytest.raises(ValueError, match="already registered"):
+        register_map("clip_layer3", channels=1, description="a map shadowing a CLIP output")(lambda ctx: ctx)
+    try:
+        register_map("toy_embedding", channels=2, description="stored like a CLIP feature", kind="clip")(lambda ctx: ctx)
+        assert feature_spec("toy_embedding", (2, 2, 2), STORAGE).dtype == "float16"
+        with pytest.raises(KeyError, match="not a guidance map"):
+            map_channels("toy_embedding")
+        with pytest.raises(ValueError, match="kind 'colour' is not one of"):
+            register_map("toy_colour", channels=1, description="", kind="colour")(lambda ctx: ctx)
+    finally:
+        for name in ("toy_embedding", "toy_colour"):
+            MAP_REGISTRY.pop(name, None)
+            FEATURES.pop(name, None)
+
+
 @torch.no_grad()
 def test_a_user_map_module_registers_a_new_map(tiny_model_paths: dict[str, Path], tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
@@ -317,8 +347,11 @@ def test_a_user_map_module_registers_a_new_map(tiny_model_paths: dict[str, Path]
         assert fe.feature_shapes(RES) == {"toy_spread": (1, 8, 8), "aleatoric": (4, 8, 8)}
         assert fe.provenance()["maps"]["toy_spread"] == {"num_noises": N}
         assert map_channels("toy_spread") == 1
+        assert {n: s.kind for n, s in fe.feature_specs(RES, STORAGE).items()} == {"toy_spread": "guidance",
+                                                                                  "aleatoric": "guidance"}
     finally:
         MAP_REGISTRY.pop("toy_spread", None)
+        FEATURES.pop("toy_spread", None)
         sys.modules.pop("my_entropy_map", None)
     with pytest.raises(ValueError, match="map_modules: cannot import 'no_such_maps'"):
         FeatureExtractor(str(tiny_model_paths["sd"]), outputs=["lare"], map_modules=["no_such_maps"])

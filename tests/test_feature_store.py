@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,9 @@ from feature_cache.store import FeatureStore, StoreLockedError, store_lock
 
 TARS = [{"name": f"shard-{k:06d}.tar", "first_row": 4 * k, "num_samples": 4 if k < 2 else 2, "bytes": 100 + k,
          "mtime_ns": 7} for k in range(3)]
-SPECS = {"deu": FeatureSpec((4, 8, 8), "float32", "zstd"), "clip_layer3": FeatureSpec((64, 14, 14), "float16", "lz4"),
-         "clip_pooled": FeatureSpec((16,), "int8_rowscale", "none")}
+SPECS = {"deu": FeatureSpec((4, 8, 8), "float32", "zstd", "guidance"),
+         "clip_layer3": FeatureSpec((64, 14, 14), "float16", "lz4", "clip"),
+         "clip_pooled": FeatureSpec((16,), "int8_rowscale", "none", "clip")}
 EXTRACTOR = ExtractorProvenance({"seed": 0, "timestep": 200, "batch_size": 4},
                                 {"deu": {"deu_mode": "closed_form"}, "clip_layer3": {}, "clip_pooled": {}})
 PROVENANCE = StoreProvenance(DatasetProvenance("/data/shards", "genimage", "val", "ab" * 32, TARS,
@@ -28,7 +30,7 @@ PROVENANCE = StoreProvenance(DatasetProvenance("/data/shards", "genimage", "val"
                              PixelProvenance(resolution=64, protocol="raw", extra={"resize": "bicubic"}))
 ROWS = {"key": [f"k{i}" for i in range(10)], "sha256": [f"{i:064x}" for i in range(10)],
         "label": [i % 2 for i in range(10)], "generator": [i % 3 for i in range(10)], "format": ["PNG"] * 10,
-        "jpeg_quality": [-1] * 10, "width": [32] * 10, "height": [64] * 10}
+        "jpeg_quality": [-1] * 10, "width": [32] * 10, "height": [64] * 10, "path": [f"g/k{i}.png" for i in range(10)]}
 
 
 def create(path: Path) -> tuple[FeatureStore, str]:
@@ -85,6 +87,48 @@ def test_round_trip_per_dtype_and_codec(full) -> None:
     assert store.rows("label").dtype == np.int8 and store.rows("generator").tolist() == ROWS["generator"]
     assert store.provenance == PROVENANCE and store.groups == {"g0": GroupInfo(SPECS, EXTRACTOR)}
     assert store.pixels.extra == {"resize": "bicubic"} and store.dataset.stats["width"] == [32, 64]
+
+
+def test_a_store_written_before_kinds_were_recorded_gets_them_from_the_one_upgrader(full) -> None:
+    """Catches older stores (group attrs without `kind`) refused, or read with a kind guessed from dtype: the
+    int8 `clip_pooled` and float16 `clip_layer3` are CLIP features, `deu` a guidance map, as the registry says;
+    and a store without rows/path answering with a repair hint that cannot repair it."""
+    store, _, _ = full
+    root = zarr.open_group(store.path, mode="r+")
+    groups = root.attrs["groups"]
+    for spec in groups["g0"]["features"].values():
+        for key in ("kind", "units", "description"):
+            spec.pop(key)
+    root.attrs["groups"] = groups
+    reopened = FeatureStore.open(store.path)
+    assert {name: reopened.feature_info(name).kind for name in SPECS} == \
+        {"deu": "guidance", "clip_layer3": "clip", "clip_pooled": "clip"}
+    assert reopened.groups["g0"].features == SPECS
+    shutil.rmtree(store.path / "rows" / "path")  # nor did they store image paths
+    with pytest.raises(KeyError, match="written before image paths were stored"):
+        FeatureStore.open(store.path).rows("path")
+
+
+def test_every_array_describes_itself_to_a_plain_zarr_reader(full) -> None:
+    """Catches arrays without dimension names or meaning (a reader needing this code or its docs to know that
+    label 1 is fake, which generator code 2 is, which flags column counts NaNs, or that clip_pooled is int8 times
+    a scale), and a per-row image path that is not stored."""
+    store, _, _ = full
+    root = zarr.open_group(store.path, mode="r")  # plain zarr from here on
+    assert root["rows/label"].attrs["codes"] == {"0": "real", "1": "fake", "-1": "unlabelled"}
+    assert root["rows/generator"].attrs["codes"] == {"0": "adm", "1": "glide", "2": "sdv4"}
+    assert root["rows/path"][:].tolist() == ROWS["path"] and root["rows/width"].attrs["units"] == "pixels"
+    assert all(root[f"rows/{name}"].metadata.dimension_names == ("row",) and root[f"rows/{name}"].attrs["kind"] ==
+               "metadata" for name in ROWS)
+    assert root["g0/clip_layer3"].metadata.dimension_names == ("row", "channel", "y", "x")
+    assert root["g0/clip_pooled"].metadata.dimension_names == ("row", "channel")
+    assert root["g0/clip_pooled__scale"].metadata.dimension_names == ("row", "channel")
+    assert {name: root[f"g0/{name}"].attrs["kind"] for name in SPECS} == {name: s.kind for name, s in SPECS.items()}
+    assert "clip_pooled__scale" in root["g0/clip_pooled"].attrs["encoding"]
+    flags = root["g0/flags"]
+    assert flags.metadata.dimension_names == ("row", "flag") and flags.attrs["columns"] == ["non_finite", "underflow"]
+    assert flags.attrs["codes"]["0"].startswith("non_finite: number of NaN/inf")
+    assert root["g0/error"].metadata.dimension_names == ("row",) and root["g0/error"].attrs["kind"] == "metadata"
 
 
 def test_inner_chunks_are_the_largest_divisor_of_the_tar_within_chunk_rows(tmp_path: Path, monkeypatch) -> None:

@@ -18,8 +18,8 @@ from test_feature_cache_datamodule import write_store
 from feature_cache.provenance import FeatureSpec
 
 CHANNELS = 8
-SPECS = {"clip_layer3": FeatureSpec((CHANNELS, 14, 14), "float16", "lz4"),
-         "deu": FeatureSpec((4, 8, 8), "float32", "zstd")}
+SPECS = {"clip_layer3": FeatureSpec((CHANNELS, 14, 14), "float16", "lz4", "clip"),
+         "deu": FeatureSpec((4, 8, 8), "float32", "zstd", "guidance")}
 
 
 def _values(rows: np.ndarray) -> dict[str, np.ndarray]:

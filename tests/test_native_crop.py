@@ -114,7 +114,7 @@ def _native_store(root: Path, images: list[np.ndarray], pixels: dict) -> Feature
                    generators=["nature"])
     return write_store(root / "store", lambda rows: {"lare": np.random.default_rng(0).random((len(rows), 4, 8, 8))
                                                      .astype(np.float32)},
-                       {"lare": FeatureSpec((4, 8, 8), "float32", "zstd")}, ["nature"], num_rows=len(images),
+                       {"lare": FeatureSpec((4, 8, 8), "float32", "zstd", "guidance")}, ["nature"], num_rows=len(images),
                        shard_size=len(images), keys=[f"img{r:05d}" for r in range(len(images))],
                        shards="shards", pixels=pixels,
                        row_columns={"width": [i.shape[1] for i in images], "height": [i.shape[0] for i in images]})

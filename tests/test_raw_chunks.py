@@ -24,7 +24,7 @@ def make_store(path: Path, dtype: str, codec: str) -> FeatureStore:
         maps = (rows.reshape(-1, 1, 1, 1) + 1) * (1 + grid) * np.float32(0.37)
         maps[(rows >= 20) & (rows < 40)] = 0
         return {"m": maps}
-    return write_store(path, values, {"m": FeatureSpec(SHAPE, dtype, codec)}, ["sdv4"], num_rows=100, shard_size=40)
+    return write_store(path, values, {"m": FeatureSpec(SHAPE, dtype, codec, "guidance")}, ["sdv4"], num_rows=100, shard_size=40)
 
 
 @pytest.mark.parametrize(("dtype", "codec"), [("float16", "none"), ("float16", "lz4"), ("float32", "zstd"),

@@ -145,9 +145,10 @@ def _store(path: Path, shard_dir: Path, deu_sign: float, seed: int) -> None:
     columns = {"key": [f"img{r:05d}" for r in rows], "sha256": [f"{r:064x}" for r in rows], "label": labels,
                "generator": generators, "format": np.where(real, "JPEG", "PNG"),
                "jpeg_quality": np.where(real, 90, -1), "width": np.where(real, 300 + rows % 7, 256),
-               "height": np.where(real, 200 + rows % 5, 256)}
-    specs = {"deu": FeatureSpec((4, 8, 8), "float32", "zstd"), "lare": FeatureSpec((4, 8, 8), "float32", "zstd"),
-             "clip_layer3": FeatureSpec((8, 4, 4), "float16", "lz4")}
+               "height": np.where(real, 200 + rows % 5, 256), "path": [f"img{r:05d}.png" for r in rows]}
+    specs = {"deu": FeatureSpec((4, 8, 8), "float32", "zstd", "guidance"),
+             "lare": FeatureSpec((4, 8, 8), "float32", "zstd", "guidance"),
+             "clip_layer3": FeatureSpec((8, 4, 4), "float16", "lz4", "clip")}
     with store_lock(path):
         store = FeatureStore.create(path, provenance=provenance, rows=columns, generator_names=NAMES)
         group = store.add_group(specs, ExtractorProvenance({"seed": 0}, {name: {} for name in specs}))

@@ -33,8 +33,8 @@ def build_store(path: Path, generators: list[str], strength: dict[str, float], r
     deu = np.exp(rng.normal(0, 1, (n, 4, 8, 8)) + shift[:, None, None, None])  # DEU is a variance: positive
     clip = rng.normal(0, 1, (n, CHANNELS, GRID, GRID)) + 0.3 * shift[:, None, None, None]
     write_store(path, lambda rows: {"deu": deu[rows], "clip_layer3": clip[rows]},
-                {"deu": FeatureSpec((4, 8, 8), "float32", "zstd"),
-                 "clip_layer3": FeatureSpec((CHANNELS, GRID, GRID), "float32", "lz4")},
+                {"deu": FeatureSpec((4, 8, 8), "float32", "zstd", "guidance"),
+                 "clip_layer3": FeatureSpec((CHANNELS, GRID, GRID), "float32", "lz4", "clip")},
                 generators, num_rows=n, shard_size=SHARD, keys=[f"img{r:05d}" for r in range(n)],
                 labels=labels.tolist(), shards=f"{path.stem}_shards", pixels={"resolution": 64, **RAW_PROTOCOL},
                 identity=path.stem, generators=codes.tolist(), layout=layout, timestep=timestep,

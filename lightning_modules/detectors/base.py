@@ -53,7 +53,8 @@ class DetectorBase(pl.LightningModule):
 
     Backbone `frozen` reads `clip_layer3` (B, C, g, g) and `clip_pooled` (B, D) from the batch (fast
     sweeps over a cache); `finetune` reads `image` (B, 3, R, R in [-1, 1]) and trains the CLIP tower
-    loaded from `clip`. Guidance maps (channels from the map registry) are concatenated in the order
+    loaded from `clip`. Guidance maps (channels from the stores via `guidance_channels`, which the CLI derives,
+    else from the map registry, which refuses a feature of another kind) are concatenated in the order
     given, aligned to the visual grid by adaptive average pooling (area averaging; LaRE²'s alignment) and
     standardised per channel by a scale-free `GuidanceNormalizer` (`guidance_norm`, see its module),
     whose statistics are fitted once at the start of `fit` on up to `norm_rows` training rows and
@@ -73,7 +74,8 @@ class DetectorBase(pl.LightningModule):
 
     def __init__(self, guidance: list[GuidanceName], backbone: Backbone, clip: str | None,
                  visual_channels: int | None, pooled_dim: int | None, grid_size: int | None, lr: float,
-                 guidance_norm: GuidanceNorm = "log", norm_rows: int = 2048) -> None:
+                 guidance_norm: GuidanceNorm = "log", norm_rows: int = 2048,
+                 guidance_channels: dict[str, int] | None = None) -> None:
         super().__init__()
         if len(set(guidance)) != len(guidance):
             raise ValueError(f"guidance lists a map twice: {list(guidance)}")
@@ -93,7 +95,9 @@ class DetectorBase(pl.LightningModule):
                              f"{' and pooled_dim' if self.uses_pooled else ''}; `python -m cli` derives them from the "
                              "stores' clip_layer3/clip_pooled shapes (add them to data.init_args.features)")
         self.norm_rows = norm_rows
-        self.map_channels = {name: map_channels(name) for name in self.guidance}  # unknown names: KeyError
+        # The stores' channel counts (the CLI links `data.guidance_channels`: kind `guidance` and shape from each
+        # store), else the registry's (a detector built in Python): phase 2 imports no user map module.
+        self.map_channels = {name: (guidance_channels or {}).get(name) or map_channels(name) for name in self.guidance}
         self.guidance_norm = GuidanceNormalizer(self.guidance, list(self.map_channels.values()), guidance_norm)
         for stage in STAGES:
             setattr(self, f"{stage}_metrics", MetricCollection({

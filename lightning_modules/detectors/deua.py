@@ -51,6 +51,8 @@ class DEUADetector(DetectorBase):
         lr: Adam learning rate.
         guidance_norm: how guidance maps are standardised before the head (scale-free by default).
         norm_rows: training rows the guidance standardisation is fitted on, once, at the start of fit.
+        guidance_channels: channels of each guidance map; `python -m cli` derives them from the stores (so phase 2
+            imports no map module), replacing a configured value; None: from the map registry.
     """
 
     uses_pooled = False
@@ -63,8 +65,10 @@ class DEUADetector(DetectorBase):
                  visual_channels: int | None = 1024, grid_size: int | None = 14, num_heads: int = 8,
                  guidance_dim: int = 64,
                  asym_weight: float = 0.5, margin_real: float = 0.6, margin_fake: float = 1.0,
-                 lr: float = 1e-4, guidance_norm: GuidanceNorm = "log", norm_rows: int = 2048) -> None:
-        super().__init__(guidance, backbone, clip, visual_channels, None, grid_size, lr, guidance_norm, norm_rows)
+                 lr: float = 1e-4, guidance_norm: GuidanceNorm = "log", norm_rows: int = 2048,
+                 guidance_channels: dict[str, int] | None = None) -> None:
+        super().__init__(guidance, backbone, clip, visual_channels, None, grid_size, lr, guidance_norm, norm_rows,
+                         guidance_channels)
         self.save_hyperparameters()
         self.asym_weight = asym_weight
         self.asym = AsymmetricMarginLoss(margin_real, margin_fake)

@@ -91,6 +91,8 @@ class LaRE2Detector(DetectorBase):
         lr: Adam learning rate.
         guidance_norm: how guidance maps are standardised before the head (scale-free by default).
         norm_rows: training rows the guidance standardisation is fitted on, once, at the start of fit.
+        guidance_channels: channels of each guidance map; `python -m cli` derives them from the stores (so phase 2
+            imports no map module), replacing a configured value; None: from the map registry.
         plateau_factor: ReduceLROnPlateau factor (the schedule maximises val_auroc).
         plateau_patience: ReduceLROnPlateau patience in epochs.
         min_lr: ReduceLROnPlateau floor of the learning rate.
@@ -106,11 +108,12 @@ class LaRE2Detector(DetectorBase):
                  num_heads: int = 8, head_dim: int = 64, dropout: float = 0.1, spatial: bool = True,
                  channel: bool = True, gate_hidden: int = 128, lr: float = 1e-4, plateau_factor: float = 0.5,
                  plateau_patience: int = 4, min_lr: float = 1e-7, guidance_norm: GuidanceNorm = "log",
-                 norm_rows: int = 2048) -> None:
+                 norm_rows: int = 2048, guidance_channels: dict[str, int] | None = None) -> None:
         if bool(guidance) != (spatial or channel):
             raise ValueError(f"LaRE2Detector: guidance={list(guidance)} with spatial={spatial}, channel={channel}: "
                              "refinement needs guidance maps and guidance maps need spatial or channel refinement")
-        super().__init__(guidance, backbone, clip, visual_channels, pooled_dim, grid_size, lr, guidance_norm, norm_rows)
+        super().__init__(guidance, backbone, clip, visual_channels, pooled_dim, grid_size, lr, guidance_norm, norm_rows,
+                         guidance_channels)
         self.save_hyperparameters()
         self.plateau_factor = plateau_factor
         self.plateau_patience = plateau_patience

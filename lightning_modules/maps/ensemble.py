@@ -28,7 +28,7 @@ from lightning_modules.ensemble_fit import check_members, load_members
 from lightning_modules.ensemble_uncertainty import (conv_out_member_means, ensemble_variance, paide_mutual_information,
                                                     paide_mutual_information_per_pixel)
 from lightning_modules.maps.context import MapContext
-from lightning_modules.maps.registry import latent_channels, register_map
+from lightning_modules.maps.registry import EPS_SQUARED, latent_channels, register_map
 
 # What the maps depend on: the members file (path and content hash), the PaiDE distance, and the settings the
 # members must have been trained with (checked on first use).
@@ -77,13 +77,15 @@ def _member_means(ctx: MapContext) -> tuple[torch.Tensor, torch.Tensor]:
     return means, members["sigma2"].to(device).view(-1, 1, 1)
 
 
-@register_map("ensemble_var", channels=latent_channels, settings=ENSEMBLE_SETTINGS, check=checked_members,
+@register_map("ensemble_var", channels=latent_channels, settings=ENSEMBLE_SETTINGS, units=EPS_SQUARED,
+              check=checked_members,
               description="DECU ensemble variance: Var_k of the members' noise-averaged eps prediction")
 def ensemble_var(ctx: MapContext) -> torch.Tensor:
     return ensemble_variance(member_means(ctx)[0])
 
 
-@register_map("ensemble_mi", channels=latent_channels, settings=ENSEMBLE_SETTINGS, check=checked_members,
+@register_map("ensemble_mi", channels=latent_channels, settings=ENSEMBLE_SETTINGS, units="nats",
+              check=checked_members,
               description="DECU: PaiDE mutual information I(y; member) of the members' Gaussian mixture, per pixel")
 def ensemble_mi(ctx: MapContext) -> torch.Tensor:
     means, sigma2 = member_means(ctx)
