@@ -57,7 +57,7 @@ def _config(root: Path) -> str:
           class_path: my_detector.MeanDetector
           init_args:
             guidance: [spread]
-            hidden: 12
+            dropout: 0.2
             lr: 1.0e-2
         data:
           class_path: datamodules.cached_features.FeatureCacheDataModule
@@ -172,14 +172,14 @@ def test_fit_test_predict_with_the_user_detector_guided_by_the_user_map(grown):
         manifest = root / "shards" / split / "manifest.csv"
         manifest.rename(manifest.with_suffix(".csv.moved"))
     described = _cli(root, "fit", "--model.help", "my_detector.MeanDetector").stdout
-    assert "--model.hidden" in described and "--model.guidance_norm" in described
+    assert "--model.dropout" in described and "--model.guidance_norm" in described
     _cli(root, "fit", "--config", "mean.yaml")
     run = next((root / "runs" / "mean").glob("spread*"))
     hparams = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["hyper_parameters"]
     layer3 = FeatureStore.open(root / "train.zarr").feature_info("clip_layer3").shape
     assert (hparams["visual_channels"], hparams["grid_size"]) == (layer3[0], layer3[-1]) and "pooled_dim" not in hparams
     # the detector's own argument and the base's, which it only passed through **kwargs, are all in the checkpoint
-    assert (hparams["hidden"], hparams["guidance"], hparams["lr"], hparams["norm_rows"]) == (12, ["spread"], 1e-2, 2048)
+    assert (hparams["dropout"], hparams["guidance"], hparams["lr"], hparams["norm_rows"]) == (0.2, ["spread"], 1e-2, 2048)
     _cli(root, "test", "--config", "mean.yaml")
     table = pd.read_csv(run / "test_predictions.csv")
     assert len(table) == FeatureStore.open(root / "val.zarr").num_rows and table["p_fake"].between(0, 1).all()
