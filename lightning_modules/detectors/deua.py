@@ -35,7 +35,9 @@ class DEUADetector(DetectorBase):
     layer4 and attnpool are dropped and `pooled_dim` does not apply. Adam, lr 1e-4; the batch size
     (48 in the paper) is the datamodule's.
 
-    Args (the rest, `backbone`, `clip`, CLIP's sizes, `lr`, `guidance_norm`, `norm_rows`: see DetectorBase):
+    The base's arguments (`backbone`, `clip`, CLIP's sizes, `lr`, `guidance_norm`, `norm_rows`) are DetectorBase's.
+
+    Args:
         guidance: cached guidance maps the head is steered by, in order; [] = plain CLIP.
         num_heads: attention heads.
         guidance_dim: width of the guidance tokens in the attention pooling of u.

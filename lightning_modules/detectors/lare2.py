@@ -72,7 +72,9 @@ class LaRE2Detector(DetectorBase):
     `plateau_patience` epochs, floor `min_lr`); gradient clipping at 5 is the trainer's
     `gradient_clip_val: 5` (configs/lare2.yaml), batch 48 the datamodule's.
 
-    Args (the rest, `backbone`, `clip`, CLIP's sizes, `lr`, `guidance_norm`, `norm_rows`: see DetectorBase):
+    The base's arguments (`backbone`, `clip`, CLIP's sizes, `lr`, `guidance_norm`, `norm_rows`) are DetectorBase's.
+
+    Args:
         guidance: registered guidance maps the head is steered by, in order; [] = plain CLIP.
         num_heads: attention heads.
         head_dim: width of each attention head (the official code: 8 x 64, so 1024 -> 512 -> 1024).
