@@ -76,7 +76,7 @@ def validation_metrics(maps: torch.Tensor, labels: torch.Tensor, epochs: int) ->
                                                             map(torch.stack, zip(*items)))))
 
     model = DEUADetector(guidance=[], lr=1e-4)
-    with tempfile.TemporaryDirectory() as root:  # the detector writes val_predictions.csv to the run's dir
+    with tempfile.TemporaryDirectory() as root:  # Lightning writes under default_root_dir
         trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=root)
         trainer.fit(model, loader(slice(0, split), True), loader(slice(split, None), False))

@@ -127,6 +127,18 @@ class ForensicsCLI(LightningCLI):
                                  "reports.evaluation.PUBLISHED); its paper number is shown beside this run only "
                                  "when settings and protocol match.")
 
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """Every detector run (fit, validate, test, `grid --together`'s rows: all build this class) gets the same
+        reports: `reports.callbacks.detector_callbacks()` go first, beside the config's own callbacks."""
+        from lightning_modules.detectors import DetectorBase
+        from reports.callbacks import detector_callbacks
+
+        trainer = super().instantiate_trainer(**kwargs)
+        if isinstance(self.model, DetectorBase):
+            listed = {type(callback) for callback in trainer.callbacks}
+            trainer.callbacks[:0] = [c for c in detector_callbacks() if type(c) not in listed]
+        return trainer
+
     def instantiate_classes(self) -> None:
         """Build the classes, then refuse a detector whose inputs the datamodule does not request (one line, before
         any store is read)."""

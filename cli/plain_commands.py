@@ -37,16 +37,17 @@ def tiny_models(out_dir: Path, seed: int = 0, train_on: Path | None = None, reso
         print(f"{name}: {path}")
 
 
-def shards(*, layout: Literal["genimage", "drct", "folder"], root: Path, split: Literal["train", "val"], out: Path,
+def shards(*, layout: str, root: Path, split: Literal["train", "val"], out: Path,
            shard_size: int = 1000, generators: str | None = None, workers: int | None = None,
-           overwrite: bool = False, check_against: str | None = None) -> None:
-    """Convert GenImage, DRCT-2M or plain image folders into WebDataset shards plus a manifest.
+           overwrite: bool = False, check_against: str | None = None, layout_modules: list[str] | None = None) -> None:
+    """Convert GenImage, DRCT-2M, plain image folders or a layout of yours into WebDataset shards plus a manifest.
 
     Keyword-only parameters so that jsonargparse makes them named options (--layout, --root, ...).
 
     Args:
-        layout: genimage = ROOT/<generator>/{train,val}/{ai,nature}; drct = ROOT/MSCOCO/<split>2017 (real)
-            and ROOT/DRCT-2M/<generator>/<split>2017 (fake); folder = ROOT/real and ROOT/fake, or unlabelled.
+        layout: a registered layout (datamodules/layouts/): genimage = ROOT/<generator>/{train,val}/{ai,nature};
+            drct = ROOT/MSCOCO/<split>2017 (real) and ROOT/DRCT-2M/<generator>/<split>2017 (fake); folder =
+            ROOT/real and ROOT/fake, or unlabelled; or one that a module in --layout_modules registers.
         root: dataset root directory.
         split: which split to convert (recorded only for the folder layout).
         out: output directory for shard-NNNNNN.tar, manifest.csv, rejected.csv, shards.json.
@@ -56,12 +57,15 @@ def shards(*, layout: Literal["genimage", "drct", "folder"], root: Path, split: 
         overwrite: replace shards already in OUT.
         check_against: comma-separated other shard directories (e.g. the other splits' outputs); images of
             this split found there (same sha256 of the original bytes) are listed in duplicates.csv.
+        layout_modules: modules to import first that register layouts (`@register_layout`, on PYTHONPATH).
     """
+    from datamodules.layouts import import_layout_modules
     from datamodules.shards import ShardsInputError, convert
 
     names = [g.strip() for g in generators.split(",") if g.strip()] if generators else None
     others = [Path(d.strip()) for d in check_against.split(",") if d.strip()] if check_against else None
     try:
+        import_layout_modules(layout_modules or [])
         summary = convert(layout, root, split, out, shard_size, names, workers, overwrite, others)
     except ShardsInputError as error:
         raise SystemExit(f"python -m cli shards: {error}") from None

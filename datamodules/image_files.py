@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.image_io import describe_error, estimate_jpeg_quality, read_regular_file
 from datamodules.image_protocols import ImagePreprocessor
 from datamodules.image_shards import blank_image, collate_samples
-from datamodules.shards import walk_files
+from datamodules.layouts import walk_files
 
 FOLDER_LABELS = {"real": 0, "fake": 1}
 METADATA = ("path", "sha256", "format", "jpeg_quality", "width", "height")  # per-row lists in the batch

@@ -1,4 +1,7 @@
-"""Convert GenImage, DRCT-2M or plain image folders into WebDataset shards plus a global-row manifest.
+"""Convert a dataset tree into WebDataset shards plus a global-row manifest.
+
+Which files are images of which label and generator is the layout's (`datamodules/layouts/`, registered by
+name: genimage, drct, folder, or a user's).
 
 The shard directory format is the one in docs/contracts.md; this module writes it and reads shards.json
 (`read_shard_index`); manifest.csv has one parser, `feature_cache.manifest.read_manifest_rows`, which
@@ -17,7 +20,6 @@ import hashlib
 import io
 import json
 import os
-import stat
 import tarfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -26,17 +28,14 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Literal
 
 from rich.progress import track
 
 from core.progress import ProgressLine, plain_output
 from datamodules.image_io import FORMAT_EXTENSIONS, KNOWN_EXTENSIONS, decode_rgb, describe_error, \
     estimate_jpeg_quality, read_regular_file
+from datamodules.layouts import LayoutWalk, ShardsInputError, SourceFile, Split, layout_named
 from feature_cache.manifest import read_manifest_rows
-
-Layout = Literal["genimage", "drct", "folder"]
-Split = Literal["train", "val"]
 
 MANIFEST_COLUMNS = ("key", "row", "label", "generator", "path", "shard", "format", "jpeg_quality", "width",
                     "height", "class_name", "sha256")
@@ -44,22 +43,6 @@ REJECTED_COLUMNS = ("path", "reason")
 DUPLICATE_COLUMNS = ("sha256", "path", "duplicate_of", "duplicate_in")
 SHARD_PATTERN = "shard-{:06d}.tar"
 EXTENSION_ALIASES = {"jpeg": "jpg", "jpe": "jpg", "jfif": "jpg", "tiff": "tif"}
-GENIMAGE_CLASSES = (("ai", 1), ("nature", 0))
-DRCT_REAL_GENERATOR = "MSCOCO"
-
-
-class ShardsInputError(ValueError):
-    """Bad converter input; the message is one line naming the input and what is wrong with it."""
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    """One candidate image: where it is and what the layout says about it."""
-
-    path: Path
-    rel: str  # posix path relative to the root: location-independent, so manifests are reproducible
-    label: int
-    generator: str
 
 
 @dataclass(frozen=True)
@@ -88,185 +71,25 @@ class ConversionSummary:
     duplicates_across: dict[str, int] | None = None
 
 
-_FILE_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
-               (stat.S_ISBLK, "a device"))
-
-
-def walk_files(folder: Path, visited: set[tuple[int, int]] | None = None,
-               tree: Path | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Regular files under `folder` (sorted), and everything else found there with the reason it was skipped.
-
-    Symlinks are followed (datasets are often linked in), but each real folder and file is read once, by its
-    real identity (device, inode), so two links to one folder cannot repeat rows and a loop cannot run forever.
-    A link that leads back into `tree` (the dataset root; default `folder`) or to a folder above the link is
-    skipped: what it reaches is read at its real location, so a link `fake/loop -> ..` cannot relabel `real/`
-    as fake (whichever folder the layout walks first). Only regular files are returned: opening a FIFO named
-    `*.png` would block forever. Hidden names are skipped, but recorded, as are broken links and unreadable
-    folders. `visited` is shared across calls that must not read a folder or file twice.
-    """
-    visited = set() if visited is None else visited
-    tree_real = os.path.realpath(folder if tree is None else tree)
-    if tree is not None:  # the layout's folder itself reached through a link inside the tree (`sdv5 -> sdv4`)
-        real = os.path.realpath(folder)
-        if real != os.path.normpath(os.path.join(tree_real, os.path.relpath(os.path.abspath(folder),
-                                                                              os.path.abspath(tree)))) \
-                and Path(real).is_relative_to(tree_real):
-            return [], [(folder, _LINK_BACK.format(target=real))]
-    files: list[Path] = []
-    skipped: list[tuple[Path, str]] = []
-    pending = [folder]
-    while pending:
-        directory = pending.pop()
-        try:
-            identity = os.stat(directory)
-            if (identity.st_dev, identity.st_ino) in visited:
-                skipped.append((directory, f"folder already walked (same folder as {os.path.realpath(directory)})"))
-                continue
-            visited.add((identity.st_dev, identity.st_ino))
-            entries = sorted(os.scandir(directory), key=lambda e: e.name)
-        except OSError as error:
-            skipped.append((directory, f"folder not readable: {describe_error(error)}"))
-            continue
-        subfolders = []
-        for entry in entries:
-            path = Path(entry.path)
-            if entry.name.startswith("."):
-                skipped.append((path, "hidden folder, not searched" if entry.is_dir() else "hidden file"))
-                continue
-            try:
-                info = os.stat(path)  # follows links; ELOOP for a link to itself
-            except OSError as error:
-                skipped.append((path, f"broken or looping symlink: {describe_error(error)}"))
-                continue
-            if entry.is_symlink() and (reason := _link_back(path, tree_real)):
-                skipped.append((path, reason))
-            elif stat.S_ISDIR(info.st_mode):
-                subfolders.append(path)
-            elif not stat.S_ISREG(info.st_mode):
-                skipped.append((path, "not a regular file: " + next(n for test, n in _FILE_KINDS if test(info.st_mode))))
-            elif (info.st_dev, info.st_ino) in visited:
-                skipped.append((path, f"file already read (same file as {os.path.realpath(path)})"))
-            else:
-                visited.add((info.st_dev, info.st_ino))
-                files.append(path)
-        pending.extend(reversed(subfolders))
-    return sorted(files), skipped
-
-
-_LINK_BACK = "symlink back into the dataset tree (to {target}): its files are read once, at their real location, " \
-             "never relabelled"
-
-
-def _link_back(link: Path, tree_real: str) -> str:
-    """Why following `link` would read a file under another label (inside the tree, or a folder above the link),
-    or "" when it leads elsewhere (a dataset linked in)."""
-    target = os.path.realpath(link)
-    if Path(target).is_relative_to(tree_real):
-        return _LINK_BACK.format(target=target)
-    if Path(os.path.realpath(link.parent)).is_relative_to(target):
-        return f"symlink to a folder above it ({target}): a loop, its files are read at their real location"
-    return ""
-
-
-def _collect(root: Path, folder: Path, label: int, generator: str, visited: set,
-             rejected: list[tuple[str, str]]) -> list[SourceFile]:
-    """The files of one labelled folder; what the walk skipped goes to `rejected` with its reason."""
-    files, skipped = walk_files(folder, visited, tree=root)
-    rejected += [(_relative(path, root), reason) for path, reason in skipped]
-    return [SourceFile(path, _relative(path, root), label, generator) for path in files]
-
-
-def _relative(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix()
-
-
-def _discover_genimage(root: Path, split: Split, rejected: list[tuple[str, str]]) -> list[SourceFile]:
-    """`<root>/<generator>/<split>/{ai,nature}`: ai is fake (1), nature real (0)."""
-    files: list[SourceFile] = []
-    visited: set[tuple[int, int]] = set()
-    for generator_dir in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
-        for class_folder, label in GENIMAGE_CLASSES:
-            folder = generator_dir / split / class_folder
-            if folder.is_dir():
-                files += _collect(root, folder, label, generator_dir.name, visited, rejected)
-    if not files:
-        raise ShardsInputError(f"--root {root}: no <generator>/{split}/ai or <generator>/{split}/nature folders "
-                               "with files (is --layout genimage right?)")
-    return files
-
-
-def _discover_drct(root: Path, split: Split, rejected: list[tuple[str, str]]) -> list[SourceFile]:
-    """Reals in `<root>/MSCOCO/<split>2017` (label 0), fakes in `<root>/DRCT-2M/<generator>/<split>2017`."""
-    subdir = f"{split}2017"
-    files: list[SourceFile] = []
-    visited: set[tuple[int, int]] = set()
-    real = root / DRCT_REAL_GENERATOR / subdir
-    if real.is_dir():
-        files += _collect(root, real, 0, DRCT_REAL_GENERATOR, visited, rejected)
-    fakes = root / "DRCT-2M"
-    if fakes.is_dir():
-        for generator_dir in sorted(d for d in fakes.iterdir() if d.is_dir() and not d.name.startswith(".")):
-            if (generator_dir / subdir).is_dir():
-                files += _collect(root, generator_dir / subdir, 1, generator_dir.name, visited, rejected)
-    if not files:
-        raise ShardsInputError(f"--root {root}: no MSCOCO/{subdir} or DRCT-2M/<generator>/{subdir} folders with "
-                               "files (is --layout drct right?)")
-    return files
-
-
-def _discover_folder(root: Path, rejected: list[tuple[str, str]]) -> list[SourceFile]:
-    """`<root>/real` (0) and `<root>/fake` (1) when either exists, else every file unlabelled (-1).
-
-    Labelled: generator is "real" or "fake", and files outside those folders are rejected (not silently
-    dropped). Unlabelled: generator is the root folder's name.
-    """
-    labelled = [(name, label) for name, label in (("fake", 1), ("real", 0)) if (root / name).is_dir()]
-    if not labelled:
-        files = _collect(root, root, -1, root.resolve().name or "images", set(), rejected)
-        if not files:
-            raise ShardsInputError(f"--root {root}: no files found")
-        return files
-    visited: set[tuple[int, int]] = set()
-    files = [f for name, label in labelled for f in _collect(root, root / name, label, name, visited, rejected)]
-    everything, skipped = walk_files(root)
-    inside = {name for name, _ in labelled}
-    rejected += [(_relative(p, root), "outside real/ and fake/ in a labelled folder layout") for p in everything
-                 if p.relative_to(root).parts[0] not in inside]
-    rejected += [(_relative(p, root), reason) for p, reason in skipped if p.relative_to(root).parts[0] not in inside]
-    if not files:
-        raise ShardsInputError(f"--root {root}: real/ and fake/ hold no files")
-    return files
-
-
-def _generator_folder(layout: Layout, generator: str) -> str:
-    """The relative folder holding a generator's files (where its walk's skipped entries are too)."""
-    if layout == "drct":
-        return f"{DRCT_REAL_GENERATOR}/" if generator == DRCT_REAL_GENERATOR else f"DRCT-2M/{generator}/"
-    return f"{generator}/"
-
-
-def discover(layout: Layout, root: Path, split: Split,
+def discover(layout: str, root: Path, split: Split,
              generators: list[str] | None = None) -> tuple[list[SourceFile], list[tuple[str, str]]]:
     """Candidate files sorted by relative path (rows follow this order), and (path, reason) of what the layout
-    or the folder walk rejected."""
+    (a registered name) or the folder walk rejected."""
+    spec = layout_named(layout)
     if not root.is_dir():
         raise ShardsInputError(f"--root {root}: not a directory")
-    rejected: list[tuple[str, str]] = []
-    if layout == "genimage":
-        files = _discover_genimage(root, split, rejected)
-    elif layout == "drct":
-        files = _discover_drct(root, split, rejected)
-    elif layout == "folder":
-        files = _discover_folder(root, rejected)
-    else:
-        raise ShardsInputError(f"--layout {layout!r}: expected one of genimage, drct, folder")
+    walk = LayoutWalk(root)
+    spec.fn(root, split, walk)
+    files, rejected = walk.files, walk.rejected
+    if not files:
+        raise ShardsInputError(f"--root {root}: --layout {layout} found no files ({spec.description})")
     if generators is not None:
         found = sorted({f.generator for f in files})
         unknown = sorted(set(generators) - set(found))
         if unknown:
             raise ShardsInputError(f"--generators {','.join(unknown)}: not found under {root}; found {','.join(found)}")
         files = [f for f in files if f.generator in generators]
-        dropped = tuple(_generator_folder(layout, name) for name in found if name not in generators)
+        dropped = tuple(folder for name in found if name not in generators for folder in walk.folders.get(name, []))
         rejected = [(path, reason) for path, reason in rejected if not path.startswith(dropped)]
     # Python's codepoint order, not the locale's: the same tree gives the same rows on every machine.
     return sorted(files, key=lambda f: f.rel), sorted(rejected)
@@ -419,7 +242,7 @@ def find_duplicates(manifest: list[dict], others: dict[str, dict[str, str]]) -> 
     return found
 
 
-def convert(layout: Layout, root: Path, split: Split, out: Path, shard_size: int = 1000,
+def convert(layout: str, root: Path, split: Split, out: Path, shard_size: int = 1000,
             generators: list[str] | None = None, workers: int | None = None,
             overwrite: bool = False, check_against: list[Path] | None = None) -> ConversionSummary:
     """Discover, read once, decode-check, hash and shard the images of one split; shards.json is written last.
@@ -428,6 +251,7 @@ def convert(layout: Layout, root: Path, split: Split, out: Path, shard_size: int
     shared images are reported, not removed (which copy to drop is the user's call).
     """
     root, out = Path(root), Path(out)
+    layout_named(layout)  # an unknown layout fails before anything is read
     if shard_size < 1:
         raise ShardsInputError(f"--shard_size {shard_size}: must be at least 1")
     workers = (os.cpu_count() or 1) if workers is None else workers

@@ -82,6 +82,18 @@ def setting_departures(hparams: Mapping[str, object], setting: Mapping[str, obje
             if hparams.get(key) != value]
 
 
+def paper_departures(hparams: Mapping[str, object], paper_setting: Mapping[str, object],
+                     clip_input: str | None) -> list[str]:
+    """`name=ours (paper: theirs)` for every setting of a detector (its hparams) that differs from its class's
+    `paper_setting`, and `clip_input` (the stores' pixel provenance; None before a fit) unless CLIP saw LaRE²'s
+    native 224 crops (both papers); the published accuracy is printed only beside runs with none (`published_for`,
+    same comparison)."""
+    departures = setting_departures(hparams, paper_setting)
+    if paper_setting and clip_input != "native_crop":
+        departures.append(f"clip_input={clip_input!r} (paper: 'native_crop')")
+    return departures
+
+
 def published_for(paper_row: str | None, detector: str, hparams: Mapping[str, object],
                   paper_setting: Mapping[str, object], layout: str | None, protocol: str | None,
                   train_generators: list[str], *, clip_input: str) -> tuple[PublishedRow | None, str]:

@@ -1,8 +1,9 @@
 """ProtocolReport: at the end of `python -m cli test`, the papers' table, the format-only check and plots.
 
 A Lightning Callback (listed in the detector configs) because it joins what only the run knows: the
-detector's test predictions and validation-chosen threshold, the datamodule's stores (per-image
-metadata for the format-only reference, maps for the histograms, shards for example images).
+test predictions (`reports.callbacks.PredictionTables`) and the detector's validation-chosen threshold,
+the datamodule's stores (per-image metadata for the format-only reference, maps for the histograms,
+shards for example images).
 Files go to the run's log dir (protocol_table.{md,csv}, plots/*.png) and the same to TensorBoard.
 """
 
@@ -16,6 +17,7 @@ import pandas as pd
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from feature_cache.store import FeatureStore
+from reports.callbacks import PredictionTables
 from reports.evaluation import Predictions, published_for, protocol_table, write_table
 from reports.format_reference import FormatOnlyClassifier, concat_metadata, confound_note, store_metadata
 from reports.jpeg_reference import fit_double_jpeg, has_images, store_jpeg_features
@@ -48,7 +50,8 @@ class ProtocolReport(pl.Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or trainer.log_dir is None:
             return
-        table = getattr(pl_module, "test_predictions", None)
+        tables = next((c for c in trainer.callbacks if isinstance(c, PredictionTables)), None)
+        table = tables.test_predictions if tables is not None else None
         datamodule = trainer.datamodule
         if not table or not len(table["row"]) or datamodule is None:
             return

@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_modules.detectors import DEUADetector, LaRE2Detector
+from reports.callbacks import PredictionTables, detector_callbacks
 from reports.evaluation import Predictions
 
 CHANNELS, POOLED, GRID, MAP = 16, 8, 14, 8
@@ -72,10 +73,11 @@ class SyntheticDataModule(pl.LightningDataModule):
         return DataLoader(self.splits["test"], self.batch_size)
 
 
-def _trainer(tmp_path, **kwargs) -> pl.Trainer:
+def _trainer(tmp_path, callbacks: list[pl.Callback] = (), **kwargs) -> pl.Trainer:
+    """A quiet CPU Trainer with the reports `python -m cli` attaches to every detector run."""
     settings = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                     enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0)
-    return pl.Trainer(**{**settings, **kwargs})
+    return pl.Trainer(**{**settings, **kwargs}, callbacks=[*detector_callbacks(), *callbacks])
 
 
 def _detector(name: str, guidance: list[str], backbone: str = "frozen", clip: str | None = None,
@@ -182,6 +184,24 @@ def test_guidance_normalisation_is_scale_free_and_saved_with_the_checkpoint(mode
                                atol=1e-4, rtol=1e-4)
 
 
+def test_hparams_hold_the_subclass_and_the_base_arguments(tmp_path):
+    """A detector built directly (no CLI) saves its own arguments and the base's it passed through **kwargs, and
+    `load_from_checkpoint` rebuilds it from them alone. Catches a base that saves only its own frame (load would
+    build the default head: num_heads 8), a subclass argument lost on the way, or `pooled_dim` kept for a detector
+    that never reads it."""
+    model = DEUADetector(guidance=["lare"], num_heads=2, asym_weight=0.0, visual_channels=CHANNELS, lr=3e-3)
+    assert dict(model.hparams) == {
+        "guidance": ["lare"], "backbone": "frozen", "clip": None, "visual_channels": CHANNELS, "grid_size": GRID,
+        "lr": 3e-3, "guidance_norm": "log", "norm_rows": 2048,
+        "num_heads": 2, "guidance_dim": 64, "asym_weight": 0.0, "margin_real": 0.6, "margin_fake": 1.0}
+    trainer = _trainer(tmp_path, max_epochs=0)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    loaded = DEUADetector.load_from_checkpoint(tmp_path / "model.ckpt")
+    assert dict(loaded.hparams) == dict(model.hparams) and loaded.visual_attention.num_heads == 2
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
 def test_guidance_normalisation_errors_name_the_problem():
     """A negative map under `log` names the map and the way out; an unfitted model says how to get statistics."""
     model = _detector("lare2", ["lare"])
@@ -208,9 +228,10 @@ def test_test_predictions_are_kept_and_written_for_the_evaluation_step(tmp_path)
     trainer.fit(model, data)
     trainer.test(model, data)
     n = len(data.splits["test"])
-    assert torch.equal(model.test_predictions["row"], torch.arange(n))
-    assert torch.equal(model.test_predictions["label"], data.splits["test"].label)
-    assert ((model.test_predictions["p_fake"] >= 0) & (model.test_predictions["p_fake"] <= 1)).all()
+    kept = next(c for c in trainer.callbacks if isinstance(c, PredictionTables)).test_predictions
+    assert torch.equal(kept["row"], torch.arange(n))
+    assert torch.equal(kept["label"], data.splits["test"].label)
+    assert ((kept["p_fake"] >= 0) & (kept["p_fake"] <= 1)).all()
     saved = Predictions.from_csv(tmp_path / "deua" / "run" / "test_predictions.csv")
     assert len(saved.label) == n and set(saved.generator.tolist()) == set(GENERATORS)
     assert (tmp_path / "deua" / "run" / "val_predictions.csv").is_file()

@@ -1,14 +1,17 @@
-"""A user adds a guidance map and a detector the way the README says: one map module, one detector module,
-one YAML, all outside the repository (on PYTHONPATH only), then grows existing stores by the map and fits,
-tests and predicts with the detector; every step a real CLI subprocess on tiny real models. The map module is
-importable only where a map is computed (precompute, predict): fit and test take its channels from the stores."""
+"""A user adds a dataset layout, a guidance map and a detector the way the README says: one layout module, one map
+module, one detector module, one YAML, all outside the repository (on PYTHONPATH only), then converts a dataset
+tree with the layout, grows existing stores by the map and fits, tests and predicts with the detector; every step
+a real CLI subprocess on tiny real models. The map module is importable only where a map is computed
+(precompute, predict): fit and test take its channels from the stores."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -21,7 +24,7 @@ import torch
 import zarr
 
 from datamodules.demo_data import GENERATORS, build_demo_images
-from datamodules.shards import convert
+from feature_cache.manifest import read_manifest_rows
 from feature_cache.store import FeatureStore
 
 pytestmark = pytest.mark.slow
@@ -29,15 +32,15 @@ REPO = Path(__file__).resolve().parents[1]
 BASE_OUTPUTS = ("lare", "aleatoric", "clip_layer3")
 
 
-def _readme_modules() -> tuple[str, str]:
-    """The two Python files of the README's "Adding a guidance map or a detector", verbatim: the README is what
-    users copy, so a stale signature or import there fails this test."""
-    section = (REPO / "README.md").read_text().split("## Adding a guidance map or a detector", 1)[1].split("\n## ")[0]
-    map_module, detector_module = re.findall(r"```python\n(.*?)```", section, re.S)
-    return map_module, detector_module
+def _readme_modules(title: str) -> list[str]:
+    """The Python files of the README section `title`, verbatim: the README is what users copy, so a stale
+    signature or import there fails this test."""
+    section = (REPO / "README.md").read_text().split(f"## {title}\n", 1)[1].split("\n## ")[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
 
 
-MAP_MODULE, DETECTOR_MODULE = _readme_modules()
+MAP_MODULE, DETECTOR_MODULE = _readme_modules("Adding a guidance map or a detector")
+(LAYOUT_MODULE,) = _readme_modules("Adding a dataset layout")
 
 
 def _config(root: Path) -> str:
@@ -58,6 +61,8 @@ def _config(root: Path) -> str:
           class_path: my_detector.MeanDetector
           init_args:
             guidance: [spread]
+            dropout: 0.2
+            lr: 1.0e-2
         data:
           class_path: datamodules.cached_features.FeatureCacheDataModule
           init_args:
@@ -68,6 +73,20 @@ def _config(root: Path) -> str:
             batch_size: 8
             num_workers: 0
         """)
+
+
+def _as_by_label(images: Path, out: Path) -> dict[str, tuple[int, str]]:
+    """The demo's GenImage tree copied into the README layout's tree, ROOT/<split>/<generator>/{0_real,1_fake};
+    returns sha256 -> (label, generator) of every image, read off the GenImage folders (not through any layout)."""
+    expected = {}
+    for source in sorted(p for p in images.rglob("*") if p.is_file()):
+        generator, split, kind = source.relative_to(images).parts[:3]
+        label = {"ai": 1, "nature": 0}[kind]
+        target = out / split / generator / ("1_fake" if label else "0_real") / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+        expected.setdefault(split, {})[hashlib.sha256(source.read_bytes()).hexdigest()] = (label, generator)
+    return expected
 
 
 def _env(root: Path, maps: bool) -> dict[str, str]:
@@ -106,20 +125,36 @@ def _files(store: Path, group: str) -> dict[str, bytes]:
 def grown(tiny_model_paths, tmp_path_factory) -> dict[str, object]:
     """Stores built with the built-in maps, then grown by the user's map; the group-0 files before growing."""
     root = tmp_path_factory.mktemp("extending")
-    for folder, name, text in (("user_maps", "my_maps.py", MAP_MODULE), ("user", "my_detector.py", DETECTOR_MODULE)):
+    for folder, name, text in (("user_maps", "my_maps.py", MAP_MODULE), ("user", "my_detector.py", DETECTOR_MODULE),
+                               ("user", "my_layouts.py", LAYOUT_MODULE)):
         (root / folder).mkdir(exist_ok=True)
         (root / folder / name).write_text(text)
     (root / "mean.yaml").write_text(_config(root))
     images = build_demo_images(root / "images", {"train": 8, "val": 4}, tile_size=64)
-    convert("genimage", images, "train", root / "shards" / "train", 8, [GENERATORS[0]], workers=1)
-    convert("genimage", images, "val", root / "shards" / "val", 8, None, workers=1)
+    expected = _as_by_label(images, root / "by_label")
+    for split, generators in (("train", ["--generators", GENERATORS[0]]), ("val", [])):
+        _cli(root, "shards", "--layout_modules", "my_layouts", "--layout", "by_label", "--root", str(root / "by_label"),
+             "--split", split, "--out", str(root / "shards" / split), "--shard_size", "8", "--workers", "1",
+             *generators)
+    converted = {split: read_manifest_rows(root / "shards" / split) for split in ("train", "val")}
     before = {}
     for split in ("train", "val"):
         _precompute(root, tiny_model_paths, split, BASE_OUTPUTS)
         before[split] = _files(root / f"{split}.zarr", "g0")
         _precompute(root, tiny_model_paths, split, (*BASE_OUTPUTS, "spread"),
                     ("lightning_modules.maps.builtin", "my_maps"))
-    return {"root": root, "before": before, "images": images}
+    return {"root": root, "before": before, "images": images, "expected": expected, "converted": converted}
+
+
+def test_a_user_layout_converts_its_tree_through_the_cli(grown):
+    """The README's layout module, named with --layout_modules, gives every image of its tree once with the label
+    and generator its folders say (--generators keeping only the one named). Catches a `--layout` that accepts only
+    the built-in names, a user module that is not imported before the name is checked, or a layout walk that
+    loses, repeats or mislabels files."""
+    for split, keep in (("train", {GENERATORS[0]}), ("val", set(GENERATORS))):
+        rows = grown["converted"][split]
+        wanted = {sha: row for sha, row in grown["expected"][split].items() if row[1] in keep}
+        assert {r["sha256"]: (r["label"], r["generator"]) for r in rows} == wanted and len(rows) == len(wanted)
 
 
 def test_growing_by_a_user_map_adds_one_group_and_leaves_the_others_byte_identical(grown):
@@ -172,8 +207,9 @@ def test_fit_test_predict_with_the_user_detector_guided_by_the_user_map(grown):
     """Catches phase 2 or `predict` that cannot find a map or detector defined outside the repository (a
     hand-kept list, a registry that only phase 1 filled), fit/test that import the user's map module (they must
     run where it is not importable: its channels are the stores'), `predict` that does not import it, CLIP
-    dimensions or guidance that must be stated twice, and a pipeline that still needs manifest.csv after the
-    stores were written."""
+    dimensions or guidance that must be stated twice, a pipeline that still needs manifest.csv after the
+    stores were written, and base arguments that a detector passing them through **kwargs loses (absent from
+    --model.help or from the checkpoint's hparams)."""
     root = grown["root"]
     for split in ("train", "val"):  # phase 2 and predict take what they need from the stores' provenance
         manifest = root / "shards" / split / "manifest.csv"
@@ -181,12 +217,16 @@ def test_fit_test_predict_with_the_user_detector_guided_by_the_user_map(grown):
     unimportable = subprocess.run([sys.executable, "-c", "import my_maps"], cwd=root, env=_env(root, maps=False),
                                   capture_output=True, text=True)
     assert unimportable.returncode != 0 and "No module named 'my_maps'" in unimportable.stderr
+    described = _cli(root, "fit", "--model.help", "my_detector.MeanDetector", maps=False).stdout
+    assert "--model.dropout" in described and "--model.guidance_norm" in described
     _cli(root, "fit", "--config", "mean.yaml", maps=False)
     run = next((root / "runs" / "mean").glob("spread*"))
     hparams = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]
     layer3 = FeatureStore.open(root / "train.zarr").feature_info("clip_layer3").shape
     assert (hparams["visual_channels"], hparams["grid_size"]) == (layer3[0], layer3[-1]) and "pooled_dim" not in hparams
     assert hparams["guidance_channels"] == {"spread": 1}  # the stored map's channels; the registry never saw it
+    # the detector's own argument and the base's, which it only passed through **kwargs, are all in the checkpoint
+    assert (hparams["dropout"], hparams["guidance"], hparams["lr"], hparams["norm_rows"]) == (0.2, ["spread"], 1e-2, 2048)
     _cli(root, "test", "--config", "mean.yaml", maps=False)
     table = pd.read_csv(run / "test_predictions.csv")
     assert len(table) == FeatureStore.open(root / "val.zarr").num_rows and table["p_fake"].between(0, 1).all()

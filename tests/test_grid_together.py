@@ -61,7 +61,8 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_rows_trained_together_equal_rows_trained_alone(tmp_path: Path) -> None:
     """Catches rows that see other batches together than alone (order tied to a Trainer, a shared RNG), rows
-    that share a model, optimiser or run directory, and a fan-out that skips or repeats batches."""
+    that share a model, optimiser or run directory, a fan-out that skips or repeats batches, and rows built
+    without the reports every detector run gets (no val_predictions.csv; `val_threshold` never chosen)."""
     store = write_store(tmp_path / "store", _values, SPECS, ["sdv4", "nature"], num_rows=48, shard_size=16)
     alone_root, together_root = tmp_path / "alone", tmp_path / "together"
     for root in (alone_root, together_root):
@@ -83,6 +84,7 @@ def test_rows_trained_together_equal_rows_trained_alone(tmp_path: Path) -> None:
         for key in alone:
             torch.testing.assert_close(together[key], alone[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
         assert list((together_root / "runs" / "deua" / run).glob("events.out.tfevents.*"))
+        assert (together_root / "runs" / "deua" / run / "val_predictions.csv").is_file()
         weights[name] = together
     common = set(weights["deu"]) & set(weights["asym"])  # the rows are different models, not one shared
     assert any(not torch.equal(weights["deu"][k], weights["asym"][k]) for k in common)

@@ -22,7 +22,8 @@ from PIL import Image
 
 import datamodules.shards as shards_module
 from datamodules.image_io import MAX_PIXELS, decode_rgb
-from datamodules.shards import convert, walk_files
+from datamodules.layouts import walk_files
+from datamodules.shards import convert
 from feature_cache.manifest import read_manifest_rows
 from image_trees import noise, save
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_modules.detectors.predictions import PredictionLog
+from reports.predictions import PredictionLog
 
 
 def test_repeated_rows_are_kept_once_in_first_seen_order():

@@ -205,6 +205,8 @@ def test_cli_log_has_a_line_per_filled_tar_with_total_and_eta(genimage, tmp_path
     ("drct", "root", (), "no MSCOCO/train2017 or DRCT-2M/<generator>/train2017"),
     ("genimage", "root", ("--generators", "imagenet_glide,dalle9"), "--generators dalle9: not found"),
     ("genimage", "root", ("--shard_size", "0"), "--shard_size 0: must be at least 1"),
+    ("genimages", "root", (), "--layout 'genimages': not a registered layout; registered: drct, folder, genimage"),
+    ("mine", "root", ("--layout_modules", "no_such_layouts"), "--layout_modules: cannot import 'no_such_layouts'"),
 ])
 def test_cli_bad_input_is_one_clear_line(genimage, tmp_path: Path, layout: str, root_name: str,
                                          extra: tuple[str, ...], message: str) -> None:

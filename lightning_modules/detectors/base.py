@@ -1,22 +1,20 @@
-"""What DEUA and LaRE² share: backbone modes, guidance-map gathering, metrics, logging, optimiser.
+"""What DEUA and LaRE² share: backbone modes, guidance-map gathering, overall metrics, optimiser.
 
-A detector subclass only builds its head and says how it turns visual maps and guidance maps into
-logits and features (`forward`) and how those are scored (`losses`). Everything a run must report
-the same way for every detector (per-stage and per-generator metrics, TensorBoard hparams, the
-prediction tables the evaluation step reads) lives here once.
+A detector subclass states only its own `__init__` arguments (the base's pass through `**kwargs`), builds
+its head in `configure_models` and says how it turns visual maps and guidance maps into logits and features
+(`forward`) and how those are scored (`losses`), torchgeo's BaseTask shape. What a run reports the same way
+for every detector (per-generator tables, the validation-chosen threshold, prediction CSVs, TensorBoard's
+hparams tab) are callbacks in `reports/callbacks.py` that the CLI attaches: this module imports no `reports`.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch.nn import functional as F
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryAveragePrecision, BinaryRecall,
@@ -24,10 +22,7 @@ from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryAver
 
 from feature_cache.codecs import widen
 from core.geometry import crop_to_boxes
-from reports.evaluation import (HP_METRICS, Predictions, choose_threshold, hparams_settings, protocol_table,
-                                setting_departures)
 from lightning_modules.detectors.guidance_norm import GuidanceNorm, GuidanceNormalizer
-from lightning_modules.detectors.predictions import PredictionLog, generator_names_of, write_predictions_csv
 from lightning_modules.maps import map_channels
 from lightning_modules.pretrained import ClipVisual, load_clip_rn50
 
@@ -49,7 +44,11 @@ class DetectorOutput:
 class DetectorBase(pl.LightningModule):
     """Real/fake classifier over CLIP RN50 maps, optionally guided by cached diffusion-uncertainty maps.
 
-    Subclasses define `forward(batch) -> DetectorOutput` and, if they add loss terms, `losses`.
+    Subclasses take their own arguments and `**kwargs` (passed to this `__init__`, which jsonargparse follows, so
+    configs and `--model.help` show both), build their modules in `configure_models` (and loss modules in
+    `configure_losses`), reading `self.hparams` (every argument, the subclass's included: this `__init__` saves
+    them) and `self.visual_channels` / `self.grid_size` / `self.pooled_dim` (derived by the CLI or the tower),
+    and define `forward(batch) -> DetectorOutput` and, if they add loss terms, `losses`.
 
     Backbone `frozen` reads `clip_layer3` (B, C, g, g) and `clip_pooled` (B, D) from the batch (fast
     sweeps over a cache); `finetune` reads `image` (B, 3, R, R in [-1, 1]) and trains the CLIP tower
@@ -61,10 +60,26 @@ class DetectorBase(pl.LightningModule):
     saved as buffers: DEU, LaRE, aleatoric and MI differ by orders of magnitude, and an absolute eps
     (BatchNorm's) would flatten the smallest of them.
 
-    Metrics per stage (`train_`, `val_`, `test_` prefixes): acc, ap, auroc, real_acc (specificity),
-    fake_acc (recall) overall, and the same per generator as `<stage>_<metric>/<generator name>`.
-    The last validation epoch's and the test predictions are written as CSV to the run's log dir
-    (`val_predictions.csv`, `test_predictions.csv`); the test table also stays in `test_predictions`.
+    Metrics per stage (`configure_metrics`: `train_metrics`, `val_metrics`, `test_metrics`, torchgeo's names):
+    acc, ap, auroc, real_acc (specificity), fake_acc (recall) overall, logged as `<stage>_<metric>`; test
+    accuracy uses `val_threshold` (a buffer, so the checkpoint carries it to `test` and `predict`). Each step
+    returns `{"loss", "p_fake"}`: `reports.callbacks.PredictionTables` turns those into the per-generator
+    metrics, chooses `val_threshold` on validation and writes the prediction CSVs.
+
+    Args:
+        guidance: registered guidance maps the head is steered by, in order; [] = plain CLIP.
+        backbone: frozen = read CLIP maps from the feature store (fast sweeps); finetune = train CLIP on images.
+        clip: CLIP RN50 weights for finetune ('openai', a checkpoint file or an open_clip local-dir).
+        visual_channels: channels of CLIP's layer3 map (1024 for RN50); `python -m cli` derives it from the
+            stores' clip_layer3 shape (finetune: from the tower), replacing a configured value.
+        grid_size: side of CLIP's layer3 grid (14 at 224 px); derived like visual_channels.
+        pooled_dim: dimension of CLIP's attention-pooled vector (1024 for RN50), for detectors with `uses_pooled`;
+            derived from the stored clip_pooled (finetune: from the tower).
+        lr: Adam learning rate.
+        guidance_norm: how guidance maps are standardised before the head (scale-free by default).
+        norm_rows: training rows the guidance standardisation is fitted on, once, at the start of fit.
+        guidance_channels: channels of each guidance map; `python -m cli` derives them from the stores (so phase 2
+            imports no map module), replacing a configured value; None: from the map registry.
     """
 
     uses_pooled: bool = True  # whether forward needs CLIP's attention-pooled vector
@@ -72,11 +87,14 @@ class DetectorBase(pl.LightningModule):
     # definition: reports.evaluation.PUBLISHED rows name only what their ablation changes from it.
     paper_setting: dict[str, object] = {}
 
-    def __init__(self, guidance: list[GuidanceName], backbone: Backbone, clip: str | None,
-                 visual_channels: int | None, pooled_dim: int | None, grid_size: int | None, lr: float,
-                 guidance_norm: GuidanceNorm = "log", norm_rows: int = 2048,
+    def __init__(self, guidance: list[GuidanceName], backbone: Backbone = "frozen", clip: str | None = None,
+                 visual_channels: int | None = 1024, grid_size: int | None = 14, pooled_dim: int | None = None,
+                 lr: float = 1e-4, guidance_norm: GuidanceNorm = "log", norm_rows: int = 2048,
                  guidance_channels: dict[str, int] | None = None) -> None:
         super().__init__()
+        # Lightning collects the arguments of every __init__ up the subclass chain (or takes LightningCLI's
+        # resolved config), so hparams, and `load_from_checkpoint`, hold the subclass's arguments too.
+        self.save_hyperparameters(ignore=[] if self.uses_pooled else ["pooled_dim"])
         if len(set(guidance)) != len(guidance):
             raise ValueError(f"guidance lists a map twice: {list(guidance)}")
         self.guidance = list(guidance)
@@ -99,26 +117,27 @@ class DetectorBase(pl.LightningModule):
         # store), else the registry's (a detector built in Python): phase 2 imports no user map module.
         self.map_channels = {name: (guidance_channels or {}).get(name) or map_channels(name) for name in self.guidance}
         self.guidance_norm = GuidanceNormalizer(self.guidance, list(self.map_channels.values()), guidance_norm)
+        # Decision threshold on p_fake, chosen on validation predictions (never on test; reports.callbacks) and
+        # saved with the checkpoint, so test accuracy and `predict` use the threshold the model was selected with.
+        self.register_buffer("val_threshold", torch.tensor(0.5))
+        self.feature_provenance: dict | None = None
+        self.configure_models()
+        self.configure_losses()
+        self.configure_metrics()
+
+    def configure_models(self) -> None:
+        """Build the detector's own modules (its head); called once by `DetectorBase.__init__`."""
+        raise NotImplementedError(f"{type(self).__name__} must build its head in configure_models()")
+
+    def configure_losses(self) -> None:
+        """Build loss modules beside the default cross-entropy (none by default)."""
+
+    def configure_metrics(self) -> None:
+        """Overall metrics per stage: acc, ap, auroc, real_acc (specificity), fake_acc (recall)."""
         for stage in STAGES:
             setattr(self, f"{stage}_metrics", MetricCollection({
                 "acc": BinaryAccuracy(), "ap": BinaryAveragePrecision(), "auroc": BinaryAUROC(),
                 "real_acc": BinarySpecificity(), "fake_acc": BinaryRecall()}, prefix=f"{stage}_"))
-            setattr(self, f"{stage}_prediction_log", PredictionLog())
-        self.test_predictions: dict[str, torch.Tensor] = {}
-        # Decision threshold on p_fake, chosen on validation predictions (never on test) and saved with the
-        # checkpoint, so test accuracy and `predict` use the threshold the model was selected with.
-        self.register_buffer("val_threshold", torch.tensor(0.5))
-        self.feature_provenance: dict | None = None
-        self._hparams_registered = False
-
-    def paper_departures(self) -> list[str]:
-        """`name=ours (paper: theirs)` for every setting that differs from `paper_setting`; the published
-        accuracy is printed only beside runs with none (`reports.evaluation.published_for`, same comparison)."""
-        departures = setting_departures(self.hparams, self.paper_setting)
-        clip_input = ((self.feature_provenance or {}).get("pixels") or {}).get("clip_input")  # known once fitted
-        if self.paper_setting and clip_input != "native_crop":  # both papers: LaRE²'s native 224 crops
-            departures.append(f"clip_input={clip_input!r} (paper: 'native_crop')")
-        return departures
 
     def required_features(self) -> list[str]:
         """The store features a batch must carry: the guidance maps, and CLIP's maps when CLIP is not trained."""
@@ -228,90 +247,45 @@ class DetectorBase(pl.LightningModule):
         """Loss terms by name; `loss` is the one optimised."""
         return {"loss": F.cross_entropy(output.logits, label)}
 
-    def _step(self, batch: dict, stage: str) -> torch.Tensor:
+    def _step(self, batch: dict, stage: str) -> dict[str, torch.Tensor]:
+        """The loss, logged per term, and `p_fake` (B,): the output callbacks (reports.callbacks) tabulate."""
         output = self(batch)
         label = self.batch_tensor(batch, "label")
         losses = self.losses(output, label)
         p_fake = output.logits.detach().softmax(dim=-1)[:, 1]
         getattr(self, f"{stage}_metrics").update(p_fake, label)
-        getattr(self, f"{stage}_prediction_log").update(p_fake, label, self.batch_tensor(batch, "generator"),
-                                                        self.batch_tensor(batch, "row"), batch.get("store"))
         for name, value in losses.items():
             self.log(f"{stage}_{name}", value, on_step=stage == "train", on_epoch=True, batch_size=label.shape[0],
                      sync_dist=stage != "train", prog_bar=name == "loss")
-        return losses["loss"]
+        return {"loss": losses["loss"], "p_fake": p_fake}
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self._step(batch, "train")
+    def training_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        outputs = self._step(batch, "train")
+        loss = outputs["loss"]
         if not torch.isfinite(loss):  # a NaN step would silently poison every weight and the saved checkpoint
             raise ValueError(f"{type(self).__name__}: training loss is {loss.item()} at step {self.global_step} "
                              f"(epoch {self.current_epoch}); check the stores for non-finite rows "
                              "(python -m cli verify) and the learning rate")
-        return loss
+        return outputs
 
-    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         return self._step(batch, "val")
 
-    def test_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         return self._step(batch, "test")
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
-    def _generator_names(self) -> list[str] | None:
-        """Names of generator codes from the datamodule, if it offers `generator_names` (duck-typed)."""
-        names = getattr(getattr(self.trainer, "datamodule", None), "generator_names", None)
-        return list(names) if names is not None else None
-
-    def _epoch_end(self, stage: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[dict]]:
-        """Log the stage's overall and per-generator metrics and reset them; return (overall, table, protocol rows).
-
-        Per-generator numbers are `reports.evaluation.protocol_table`'s rows (the one definition: real-only
-        groups such as DRCT's MSCOCO are pooled with every fake generator, not counted as generators).
-        """
-        collection, log = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_prediction_log")
-        table = log.compute()
-        overall, rows = {}, []
-        if table["row"].numel():
-            overall = collection.compute()
-            self.log_dict(overall)
-            threshold = float(self.val_threshold) if stage == "test" else 0.5
-            rows = protocol_table(self._predictions(table), threshold)
-            for row in rows[:-1]:  # the last row is the average, logged as hp/*_mean_generator_*
-                self.log_dict({f"{stage}_{metric}/{row['generator']}": row[metric]
-                               for metric in ("acc", "ap", "auroc", "real_acc", "fake_acc") if row[metric] == row[metric]})
+    def _log_overall(self, stage: str) -> None:
+        """Log the stage's overall metrics (when it saw rows) and reset them for the next epoch."""
+        collection = getattr(self, f"{stage}_metrics")
+        if collection["acc"].update_called:
+            self.log_dict(collection.compute())
         collection.reset()
-        log.reset()
-        return overall, table, rows
-
-    def _predictions(self, table: dict[str, torch.Tensor]) -> Predictions:
-        names = generator_names_of(table["generator"].cpu(), self._generator_names())
-        return Predictions(table["p_fake"].cpu().numpy(), table["label"].cpu().numpy(), names)
-
-    def _register_hparams_metrics(self) -> None:
-        """Put this run's settings and HP_METRICS into TensorBoard's hparams tab, once per run directory.
-
-        Only `fit` registers (with NaN placeholders at step 0, overwritten by the real values later); a `test`
-        of a fitted run adds its values to the fit's session instead of writing a second set of placeholders.
-        """
-        if self._hparams_registered:
-            return
-        data = getattr(getattr(self.trainer, "datamodule", None), "hparams", {})
-        settings = hparams_settings(type(self).__name__, dict(self.hparams), dict(data),
-                                    int(os.environ.get("PL_GLOBAL_SEED", -1)))
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.log_hyperparams(settings, {name: float("nan") for name in HP_METRICS})
-        self._hparams_registered = True
-
-    def _write_predictions(self, table: dict[str, torch.Tensor], file_name: str, threshold: float) -> None:
-        log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank must ask, rank 0 writes
-        if self.trainer.is_global_zero and log_dir is not None:
-            write_predictions_csv(table, self._generator_names(), threshold, Path(log_dir) / file_name)
 
     def on_fit_start(self) -> None:
         self._fit_guidance_norm_on_training_rows()
-        self._register_hparams_metrics()
         provenance = getattr(getattr(self.trainer, "datamodule", None), "feature_provenance", None)
         recorded = provenance() if callable(provenance) else None  # a FeatureProvenance; the checkpoint keeps its attrs
         self.feature_provenance = None if recorded is None else recorded.to_attrs()
@@ -325,30 +299,14 @@ class DetectorBase(pl.LightningModule):
         self.feature_provenance = checkpoint.get("feature_provenance")
 
     def on_test_start(self) -> None:
-        log_dir = self.trainer.log_dir
-        if log_dir is None or not any(Path(log_dir).glob("events.out.tfevents.*")):
-            self._register_hparams_metrics()  # a checkpoint scored outside its fit's directory
         for name in ("acc", "real_acc", "fake_acc"):
             self.test_metrics[name].threshold = float(self.val_threshold)
 
     def on_train_epoch_end(self) -> None:
-        self._epoch_end("train")
+        self._log_overall("train")
 
     def on_validation_epoch_end(self) -> None:
-        overall, table, _ = self._epoch_end("val")
-        if self.trainer.sanity_checking or not overall:
-            return
-        self.log_dict({f"hp/val_{m}": overall[f"val_{m}"] for m in ("acc", "ap", "auroc")})
-        self.val_threshold.fill_(choose_threshold(self._predictions(table)))
-        self._write_predictions(table, "val_predictions.csv", float(self.val_threshold))
-        self.log("val_threshold", self.val_threshold)
+        self._log_overall("val")
 
     def on_test_epoch_end(self) -> None:
-        overall, table, rows = self._epoch_end("test")
-        self.test_predictions = {name: values.cpu() for name, values in table.items()}
-        if not overall:
-            return
-        average = rows[-1]
-        self.log_dict({**{f"hp/test_{m}": overall[f"test_{m}"] for m in ("acc", "ap", "auroc", "real_acc", "fake_acc")},
-                       "hp/test_mean_generator_acc": average["acc"], "hp/test_mean_generator_auroc": average["auroc"]})
-        self._write_predictions(table, "test_predictions.csv", float(self.val_threshold))
+        self._log_overall("test")

@@ -6,8 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_modules.detectors.base import Backbone, DetectorBase, DetectorOutput, GuidanceName
-from lightning_modules.detectors.guidance_norm import GuidanceNorm
+from lightning_modules.detectors.base import DetectorBase, DetectorOutput, GuidanceName
 from lightning_modules.losses import AsymmetricMarginLoss
 
 
@@ -36,23 +35,15 @@ class DEUADetector(DetectorBase):
     layer4 and attnpool are dropped and `pooled_dim` does not apply. Adam, lr 1e-4; the batch size
     (48 in the paper) is the datamodule's.
 
+    The base's arguments (`backbone`, `clip`, CLIP's sizes, `lr`, `guidance_norm`, `norm_rows`) are DetectorBase's.
+
     Args:
-        guidance: cached guidance maps the head is steered by, in order (4 channels each); [] = plain CLIP.
-        backbone: frozen = read CLIP maps from the feature store (fast sweeps); finetune = train CLIP on images.
-        clip: CLIP RN50 weights for finetune ('openai', a checkpoint file or an open_clip local-dir).
-        visual_channels: channels of CLIP's layer3 map (1024 for RN50); `python -m cli` derives it from the
-            stores' clip_layer3 shape (finetune: from the tower), replacing a configured value.
-        grid_size: side of CLIP's layer3 grid (14 at 224 px); derived like visual_channels.
+        guidance: cached guidance maps the head is steered by, in order; [] = plain CLIP.
         num_heads: attention heads.
         guidance_dim: width of the guidance tokens in the attention pooling of u.
         asym_weight: weight of the asymmetric margin loss (0 switches it off).
         margin_real: cosine-similarity margin between real features.
         margin_fake: cosine-similarity margin between fake features.
-        lr: Adam learning rate.
-        guidance_norm: how guidance maps are standardised before the head (scale-free by default).
-        norm_rows: training rows the guidance standardisation is fitted on, once, at the start of fit.
-        guidance_channels: channels of each guidance map; `python -m cli` derives them from the stores (so phase 2
-            imports no map module), replacing a configured value; None: from the map registry.
     """
 
     uses_pooled = False
@@ -61,17 +52,15 @@ class DEUADetector(DetectorBase):
     paper_setting = {"guidance": ["deu"], "backbone": "finetune", "asym_weight": 0.5, "margin_real": 0.6,
                      "margin_fake": 1.0, "lr": 1e-4}
 
-    def __init__(self, guidance: list[GuidanceName] = ["deu"], backbone: Backbone = "frozen", clip: str | None = None,
-                 visual_channels: int | None = 1024, grid_size: int | None = 14, num_heads: int = 8,
-                 guidance_dim: int = 64,
-                 asym_weight: float = 0.5, margin_real: float = 0.6, margin_fake: float = 1.0,
-                 lr: float = 1e-4, guidance_norm: GuidanceNorm = "log", norm_rows: int = 2048,
-                 guidance_channels: dict[str, int] | None = None) -> None:
-        super().__init__(guidance, backbone, clip, visual_channels, None, grid_size, lr, guidance_norm, norm_rows,
-                         guidance_channels)
-        self.save_hyperparameters()
-        self.asym_weight = asym_weight
-        self.asym = AsymmetricMarginLoss(margin_real, margin_fake)
+    def __init__(self, guidance: list[GuidanceName] = ["deu"], num_heads: int = 8, guidance_dim: int = 64,
+                 asym_weight: float = 0.5, margin_real: float = 0.6, margin_fake: float = 1.0, **kwargs) -> None:
+        super().__init__(guidance=guidance, **kwargs)
+
+    def configure_losses(self) -> None:
+        self.asym = AsymmetricMarginLoss(self.hparams.margin_real, self.hparams.margin_fake)
+
+    def configure_models(self) -> None:
+        num_heads, guidance_dim = self.hparams.num_heads, self.hparams.guidance_dim
         channels = self.visual_channels
         self.visual_norm = nn.LayerNorm(channels)
         if self.guidance:
@@ -106,7 +95,7 @@ class DEUADetector(DetectorBase):
 
     def losses(self, output: DetectorOutput, label: torch.Tensor) -> dict[str, torch.Tensor]:
         ce = F.cross_entropy(output.logits, label)
-        if self.asym_weight == 0:
+        if self.hparams.asym_weight == 0:
             return {"loss": ce}
         asym = self.asym(output.features, label)
-        return {"loss": ce + self.asym_weight * asym, "ce": ce, "asym": asym}
+        return {"loss": ce + self.hparams.asym_weight * asym, "ce": ce, "asym": asym}

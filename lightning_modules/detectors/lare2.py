@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_modules.detectors.base import Backbone, DetectorBase, DetectorOutput, GuidanceName
-from lightning_modules.detectors.guidance_norm import GuidanceNorm
+from lightning_modules.detectors.base import DetectorBase, DetectorOutput, GuidanceName
 
 
 class GuidedAttentionPool(nn.Module):
@@ -73,26 +72,16 @@ class LaRE2Detector(DetectorBase):
     `plateau_patience` epochs, floor `min_lr`); gradient clipping at 5 is the trainer's
     `gradient_clip_val: 5` (configs/lare2.yaml), batch 48 the datamodule's.
 
+    The base's arguments (`backbone`, `clip`, CLIP's sizes, `lr`, `guidance_norm`, `norm_rows`) are DetectorBase's.
+
     Args:
         guidance: registered guidance maps the head is steered by, in order; [] = plain CLIP.
-        backbone: frozen = read CLIP maps from the feature store (fast sweeps); finetune = train CLIP on images.
-        clip: CLIP RN50 weights for finetune ('openai', a checkpoint file or an open_clip local-dir).
-        visual_channels: channels of CLIP's layer3 map (1024 for RN50); `python -m cli` derives it from the
-            stores' clip_layer3 shape (finetune: from the tower), replacing a configured value.
-        pooled_dim: dimension of CLIP's attention-pooled vector (1024 for RN50); derived from the stored clip_pooled
-            (finetune: from the tower).
-        grid_size: side of CLIP's layer3 grid (14 at 224 px); derived like visual_channels.
         num_heads: attention heads.
         head_dim: width of each attention head (the official code: 8 x 64, so 1024 -> 512 -> 1024).
         dropout: dropout in the attention and head (0.1 as the official code).
         spatial: spatial refinement (LaRE → per-head bias on the attention logits).
         channel: channel refinement (LaRE → sigmoid gate on the pooled layer3 channels).
         gate_hidden: hidden width of the channel-refinement MLP.
-        lr: Adam learning rate.
-        guidance_norm: how guidance maps are standardised before the head (scale-free by default).
-        norm_rows: training rows the guidance standardisation is fitted on, once, at the start of fit.
-        guidance_channels: channels of each guidance map; `python -m cli` derives them from the stores (so phase 2
-            imports no map module), replacing a configured value; None: from the map registry.
         plateau_factor: ReduceLROnPlateau factor (the schedule maximises val_auroc).
         plateau_patience: ReduceLROnPlateau patience in epochs.
         min_lr: ReduceLROnPlateau floor of the learning rate.
@@ -102,22 +91,17 @@ class LaRE2Detector(DetectorBase):
     paper_setting = {"guidance": ["lare"], "backbone": "finetune", "num_heads": 8, "head_dim": 64, "dropout": 0.1,
                      "spatial": True, "channel": True, "gate_hidden": 128, "lr": 1e-4, "guidance_norm": "none"}
 
-    def __init__(self, guidance: list[GuidanceName] = ["lare"], backbone: Backbone = "frozen",
-                 clip: str | None = None, visual_channels: int | None = 1024, pooled_dim: int | None = None,
-                 grid_size: int | None = 14,
-                 num_heads: int = 8, head_dim: int = 64, dropout: float = 0.1, spatial: bool = True,
-                 channel: bool = True, gate_hidden: int = 128, lr: float = 1e-4, plateau_factor: float = 0.5,
-                 plateau_patience: int = 4, min_lr: float = 1e-7, guidance_norm: GuidanceNorm = "log",
-                 norm_rows: int = 2048, guidance_channels: dict[str, int] | None = None) -> None:
+    def __init__(self, guidance: list[GuidanceName] = ["lare"], num_heads: int = 8, head_dim: int = 64,
+                 dropout: float = 0.1, spatial: bool = True, channel: bool = True, gate_hidden: int = 128,
+                 plateau_factor: float = 0.5, plateau_patience: int = 4, min_lr: float = 1e-7, **kwargs) -> None:
         if bool(guidance) != (spatial or channel):
             raise ValueError(f"LaRE2Detector: guidance={list(guidance)} with spatial={spatial}, channel={channel}: "
                              "refinement needs guidance maps and guidance maps need spatial or channel refinement")
-        super().__init__(guidance, backbone, clip, visual_channels, pooled_dim, grid_size, lr, guidance_norm, norm_rows,
-                         guidance_channels)
-        self.save_hyperparameters()
-        self.plateau_factor = plateau_factor
-        self.plateau_patience = plateau_patience
-        self.min_lr = min_lr
+        super().__init__(guidance=guidance, **kwargs)
+
+    def configure_models(self) -> None:
+        num_heads, head_dim, dropout = self.hparams.num_heads, self.hparams.head_dim, self.hparams.dropout
+        spatial, channel, gate_hidden = self.hparams.spatial, self.hparams.channel, self.hparams.gate_hidden
         self.attention = GuidedAttentionPool(self.visual_channels, self.grid_size, num_heads, head_dim, dropout)
         self.head_bias = nn.Conv2d(self.guidance_channels, num_heads, kernel_size=1) if spatial else None
         self.gate = nn.Sequential(nn.Linear(self.guidance_channels, gate_hidden, bias=False), nn.ReLU(),
@@ -141,7 +125,9 @@ class LaRE2Detector(DetectorBase):
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=self.plateau_factor,
-                                                               patience=self.plateau_patience, min_lr=self.min_lr)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max",
+                                                               factor=self.hparams.plateau_factor,
+                                                               patience=self.hparams.plateau_patience,
+                                                               min_lr=self.hparams.min_lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val_auroc",
                                                           "interval": "epoch"}}
