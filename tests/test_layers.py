@@ -18,7 +18,7 @@ def test_import_linter_contracts_are_kept() -> None:
     command = shutil.which("lint-imports")
     assert command is not None, "lint-imports missing: install the dev extra (pip install -e '.[dev]')"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run([command, "--config", str(REPO / "pyproject.toml")], cwd=REPO, env=env,
+    result = subprocess.run([command, str(REPO / "pyproject.toml")], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "0 broken" in result.stdout, result.stdout[-4000:]
