@@ -40,6 +40,7 @@ from zarr.core.buffer.cpu import NDBuffer
 
 from core.hashing import file_sha256
 from feature_cache.codecs import compressor, has_scale, scale_channels, storage_dtype
+from feature_cache.locks import LOCK_FILE, LockHeld, lock_file, lock_mode
 from feature_cache.provenance import (ExtractorProvenance, FeatureSpec, GroupInfo, StoreProvenance,
                                       config_differences, normalized)
 
@@ -54,6 +55,7 @@ _ROW_FILL = {"label": -1, "generator": -1, "jpeg_quality": -1, "width": 0, "heig
 CHUNK_ROWS = 32  # rows per inner chunk of a feature array: the phase-2 reader's default block (block_rows)
 _ROWS_CHECKSUMS = "rows.checksums.json"
 _LOCK = ".lock"
+_LOCKS = (_LOCK, LOCK_FILE)  # kept when a half-made store is wiped
 
 
 class ProvenanceMismatchError(ValueError):
@@ -97,11 +99,22 @@ class FeatureInfo:
 
 @contextmanager
 def store_lock(path: str | Path) -> Iterator[None]:
-    """Exclusive, non-blocking lock on `path/.lock`; the loser gets one line naming the holder's pid."""
+    """Exclusive, non-blocking lock on `path/.lock`; the loser gets one line naming the holder's pid.
+
+    FEATURE_STORE_LOCK=file: the atomic lock file of `feature_cache.locks` instead, for shared filesystems
+    whose flock does not hold between hosts (docs/cluster.md)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"feature store {path}: is a file, not a store directory; choose another --store")
     path.mkdir(parents=True, exist_ok=True)
+    if lock_mode() == "file":
+        try:
+            with lock_file(path):
+                yield
+        except LockHeld as held:
+            raise StoreLockedError(f"feature store {path} is being created/grown by another run "
+                                   f"(lock held by {held.holder})") from None
+        return
     handle = (path / _LOCK).open("a+")
     try:
         try:
@@ -202,11 +215,11 @@ class FeatureStore:
         if (path / "zarr.json").exists():
             if cls._marker(path).get("complete"):
                 raise ValueError(f"feature store {path}: already exists (open it instead)")
-        elif any(p.name != _LOCK for p in path.iterdir()):
+        elif any(p.name not in _LOCKS for p in path.iterdir()):
             raise ValueError(f"feature store {path}: the directory exists and is not a feature store; "
                              "choose another path")
         for entry in path.iterdir():  # a creation killed halfway: start over (the lock file stays)
-            if entry.name != _LOCK:
+            if entry.name not in _LOCKS:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         _check_tars(provenance.dataset.tars)
         root = zarr.open_group(path, mode="a")
