@@ -100,8 +100,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _stale(record: dict, mtime: float, stale_after: float) -> bool:
-    if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int):
-        return not _pid_alive(record["pid"])
+    """This host's dead pid, or no heartbeat for `stale_after` seconds (also covers a reused pid)."""
+    if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int) \
+            and not _pid_alive(record["pid"]):
+        return True
     return time.time() - mtime > stale_after
 
 
