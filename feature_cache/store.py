@@ -51,6 +51,7 @@ from feature_cache.codecs import compressor, has_scale, scale_channels, storage_
 from feature_cache.integrity import (CHECKSUMMED_FORMAT, DIGESTS_ATTR, ChecksumQueue, attribute_digests,
                                      changed_attributes, checksummed, damaged_chunk, file_crc32c,
                                      is_leftover, is_zarr_checksum_error, missing_chunk)
+from feature_cache.locks import LOCK_FILE, LockHeld, lock_file, lock_mode
 from feature_cache.provenance import (ExtractorProvenance, FeatureKind, FeatureProvenance, FeatureSpec, GroupInfo,
                                       StoreProvenance, config_differences, normalized, upgrade_attrs)
 from feature_cache.raw_chunks import RawChunks
@@ -68,6 +69,7 @@ CHUNK_ROWS = 32  # rows per inner chunk of a feature array: the phase-2 reader's
 _ROWS_CHECKSUMS = "rows.checksums.json"
 _LOCK = ".lock"
 _T = TypeVar("_T")
+_LOCKS = (_LOCK, LOCK_FILE)  # kept when a half-made store is wiped
 
 
 class ProvenanceMismatchError(ValueError):
@@ -112,11 +114,22 @@ class FeatureInfo:
 
 @contextmanager
 def store_lock(path: str | Path) -> Iterator[None]:
-    """Exclusive, non-blocking lock on `path/.lock`; the loser gets one line naming the holder's pid."""
+    """Exclusive, non-blocking lock on `path/.lock`; the loser gets one line naming the holder's pid.
+
+    FEATURE_STORE_LOCK=file: the atomic lock file of `feature_cache.locks` instead, for shared filesystems
+    whose flock does not hold between hosts (docs/cluster.md)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"feature store {path}: is a file, not a store directory; choose another --store")
     path.mkdir(parents=True, exist_ok=True)
+    if lock_mode() == "file":
+        try:
+            with lock_file(path):
+                yield
+        except LockHeld as held:
+            raise StoreLockedError(f"feature store {path} is being created/grown by another run "
+                                   f"(lock held by {held.holder})") from None
+        return
     handle = (path / _LOCK).open("a+")
     try:
         try:
@@ -230,11 +243,11 @@ class FeatureStore:
         if (path / "zarr.json").exists():
             if cls._marker(path).get("complete"):
                 raise ValueError(f"feature store {path}: already exists (open it instead)")
-        elif any(p.name != _LOCK and not is_leftover(p.name) for p in path.iterdir()):
+        elif any(p.name not in _LOCKS and not is_leftover(p.name) for p in path.iterdir()):
             raise ValueError(f"feature store {path}: the directory exists and is not a feature store; "
                              "choose another path")
         for entry in path.iterdir():  # a creation killed halfway (even in its first write): start over, keep the lock
-            if entry.name != _LOCK:
+            if entry.name not in _LOCKS:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         _check_tars(provenance.dataset.tars)
         if format_version not in READABLE_FORMATS:

@@ -48,7 +48,8 @@ class ProtocolReport(pl.Callback):
         self.paper_row = paper_row
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or trainer.log_dir is None:
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask (rank 1 leaving early broke rank 0's)
+        if not trainer.is_global_zero or log_dir is None:
             return
         tables = next((c for c in trainer.callbacks if isinstance(c, PredictionTables)), None)
         table = tables.test_predictions if tables is not None else None
@@ -67,7 +68,7 @@ class ProtocolReport(pl.Callback):
         rows += [r for r in (reference, double_jpeg) if r is not None]
         note = confound_note({name: None if row is None else row["auroc"]
                               for name, row in (("format-only", reference), ("double-JPEG", double_jpeg))})
-        out = Path(trainer.log_dir)
+        out = Path(log_dir)
         pixels, dataset = test_stores[0].pixels, test_stores[0].dataset
         title = (f"{type(pl_module).__name__}, protocol {pixels.protocol}, "
                  f"threshold {threshold:.3f} (chosen on validation)")
