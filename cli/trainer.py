@@ -78,12 +78,22 @@ class ForensicsTrainer(pl.Trainer):
                 raise SystemExit(f"python -m cli precompute: {store}: outputs {', '.join(summary.not_added)} are not "
                                  "in the store yet (an incomplete group was resumed first); rerun to add them")
 
-    def laplace_fit(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None) -> None:
-        """Fit the diagonal last-layer Laplace posterior of the UNet's conv_out over calibration shards."""
+    def laplace_fit(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None,
+                    overwrite: bool = False) -> None:
+        """Fit the diagonal last-layer Laplace posterior of the UNet's conv_out over calibration shards.
+
+        Args:
+            overwrite: replace an existing posterior file at `model.init_args.output` (stores computed with it
+                then no longer match its hash); without it an existing file is refused before any work.
+        """
         from lightning_modules.laplace_fit import LaplaceFit
 
         if not isinstance(model, LaplaceFit):
             raise SystemExit(f"python -m cli laplace-fit: --model must be LaplaceFit, got {type(model).__name__}")
+        output = Path(model.hparams.output).expanduser()
+        if output.exists() and not overwrite:
+            raise SystemExit(f"python -m cli laplace-fit: {output} exists (a posterior stores may have been computed "
+                             "with): pass --overwrite true to replace it, or --model.init_args.output NEW_PATH")
         self.predict(model, datamodule=datamodule, return_predictions=False)
         if self.is_global_zero:
             print(f"laplace-fit: posterior written to {model.hparams.output}")
