@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 import datamodules  # noqa: F401  (registers classes so YAML can name them bare)
 import lightning_modules  # noqa: F401
 from core.progress import PlainLogProgress
+from cli.parse_errors import OneLineErrorParser
 from workflows.run_dirs import latest_fitted_run, next_run_dir, run_base, run_checkpoint
 from cli.trainer import ForensicsTrainer
 
@@ -205,6 +206,7 @@ def run_lightning_cli(argv: list[str]) -> None:
     config_name = "config.yaml" if argv[:1] == ["fit"] else f"{argv[0] if argv else 'run'}_config.yaml"
     ForensicsCLI(
         trainer_class=ForensicsTrainer,
+        parser_class=OneLineErrorParser,  # a bad key's line first, no usage block
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=SaveConfigBesideOutput,

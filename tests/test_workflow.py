@@ -282,3 +282,20 @@ def test_plain_progress_lines_are_rate_limited(capsys):
     assert "ETA" in lines[0] and "tars/s" in lines[0]
     list(report_progress(range(3), None, "images", every_s=0, always=True))
     assert capsys.readouterr().out.splitlines()[-1].startswith("images: 3 items,")
+
+
+def test_bad_config_key_and_feature_name_give_their_line_first(workspace):
+    """Bugs caught: a config-key typo printing ~50 lines of usage before the line naming it; a `features` typo
+    (`clip_layer4`) reported as a missing visual_channels/grid_size instead of the unknown feature and the
+    stored choices."""
+    fit = readme_line("python -m cli fit")
+    result = run(f"{fit} --model.init_args.lrr 0.1", workspace, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) <= 2, result.stderr
+    assert lines[0].startswith("python -m cli fit: --model.init_args.lrr: not an option of DEUADetector "
+                               "(did you mean 'lr'?); its options: guidance,"), lines[0]
+    result = run(f"{fit} --data.init_args.features [deu,clip_layer4]", workspace, check=False)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("python -m cli fit:")]
+    assert result.returncode != 0 and len(errors) == 1, result.stderr[-2000:]
+    assert "features: 'clip_layer4' (did you mean 'clip_layer3'?) not in feature store" in errors[0]
+    assert "choose from ['" in errors[0] and "visual_channels" not in result.stderr
