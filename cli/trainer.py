@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.accelerators import CPUAccelerator
 
 ClipDtype = Literal["float16", "int8_rowscale", "float8_e4m3"]
 Codec = Literal["none", "lz4", "zstd"]
@@ -15,6 +18,14 @@ Codec = Literal["none", "lz4", "zstd"]
 class ForensicsTrainer(pl.Trainer):
     """Lightning's Trainer plus `precompute` (phase 1), `laplace_fit` (the DEU posterior), `generate`
     and `ensemble_fit` (DECU's members)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        cores = len(os.sched_getaffinity(0))
+        if isinstance(self.accelerator, CPUAccelerator) and self.num_devices > cores and self.is_global_zero:
+            print(f"warning: --trainer.devices {self.num_devices} on CPU starts {self.num_devices} processes on "
+                  f"{cores} cores: each runs about {self.num_devices / cores:.1f}x slower and the run is no faster "
+                  f"(--trainer.devices {cores} or fewer)", file=sys.stderr, flush=True)
 
     def test(self, model: pl.LightningModule | None = None, dataloaders: Any = None,
              ckpt_path: str | Path | None = None, verbose: bool = False,
