@@ -180,12 +180,12 @@ def _train_vae(vae: torch.nn.Module, images: torch.Tensor, steps: int, batch_siz
     fraction of the cost; the reconstruction loss also shrinks the posterior's std, which at random
     init swamps the image's signal in a sampled latent.
     """
-    from rich.progress import track
+    from core.progress import tracked
 
     vae.train().requires_grad_(True)
     optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
     loss = torch.tensor(float("nan"))
-    for _ in track(range(steps), description="tiny-models: training the VAE (autoencoder)", transient=True):
+    for _ in tracked(range(steps), steps, "tiny-models: training the VAE (autoencoder)"):
         rows = images[torch.randint(len(images), (batch_size,), generator=generator)]
         top, left = torch.randint(images.shape[-1] - crop + 1, (2,), generator=generator).tolist()
         x = _random_flip(rows[..., top:top + crop, left:left + crop], generator)
@@ -218,7 +218,7 @@ def _unit_latent_scale(vae: torch.nn.Module, images: torch.Tensor, generator: to
 def _train_unet(parts, images: torch.Tensor, steps: int, batch_size: int, timesteps: tuple[int, int], lr: float,
                 prompt: str, generator: torch.Generator) -> float:
     """ε-prediction training on the images' latents (sampled from the VAE posterior) at `timesteps`."""
-    from rich.progress import track
+    from core.progress import tracked
 
     from lightning_modules.diffusion_pass import DiffusionPass
 
@@ -230,7 +230,7 @@ def _train_unet(parts, images: torch.Tensor, steps: int, batch_size: int, timest
     unet.train().requires_grad_(True)
     optimizer = torch.optim.Adam(unet.parameters(), lr=lr)
     loss = torch.tensor(float("nan"))
-    for _ in track(range(steps), description="tiny-models: training the UNet (denoising)", transient=True):
+    for _ in tracked(range(steps), steps, "tiny-models: training the UNet (denoising)"):
         rows = torch.randint(len(images), (batch_size,), generator=generator)
         x0 = (mean[rows] + std[rows] * torch.randn(mean[rows].shape, generator=generator)) * vae.config.scaling_factor
         x0 = _random_flip(x0, generator)
