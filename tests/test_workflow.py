@@ -144,6 +144,10 @@ def test_grid_runs_every_row_and_seed_and_prints_the_summary(ablation_grid, work
     out = ablation_grid.stdout
     assert "grid: 4/4 runs (100%)" in out and "grid summary: python -m cli compare runs/deua" in out
     assert "test: " in out and " batches (100%)" in out  # plain progress lines: stdout is a pipe here
+    # Bug caught: a silent start while every row's config is resolved (70 s for 8 rows)
+    resolving = [line for line in out.splitlines() if line.startswith("grid: resolving row configs: ")]
+    assert [line.split(",")[0] for line in resolving] == [f"grid: resolving row configs: {k}/2 rows ({50 * k}%)"
+                                                          for k in (1, 2)] and "ETA" in resolving[0]
     summary = pd.read_csv(runs / "compare.csv")
     assert len(summary) == 4 and set(summary["seed"]) == {0, 1}
     for row in ("baseline", "both"):
