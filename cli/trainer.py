@@ -10,6 +10,9 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.callbacks import RichProgressBar
+
+from core.progress import plain_output
 
 ClipDtype = Literal["float16", "int8_rowscale", "float8_e4m3"]
 Codec = Literal["none", "lz4", "zstd"]
@@ -21,6 +24,11 @@ class ForensicsTrainer(pl.Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        if plain_output():
+            # Into a file Rich draws only its final frame, already stale (`tars 0/1` after the tar was written,
+            # `0.00it/s`); the plain-log lines (PlainLogProgress, the writer's per-tar lines) say it correctly.
+            self.callbacks[:] = [RichProgressBar(console_kwargs={"quiet": True}) if isinstance(c, RichProgressBar)
+                                 else c for c in self.callbacks]
         cores = len(os.sched_getaffinity(0))
         if isinstance(self.accelerator, CPUAccelerator) and self.num_devices > cores and self.is_global_zero:
             print(f"warning: --trainer.devices {self.num_devices} on CPU starts {self.num_devices} processes on "
