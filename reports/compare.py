@@ -67,35 +67,38 @@ def collect_runs(runs_dir: Path) -> pd.DataFrame:
     Of several reruns of one configuration and seed only one counts: the newest that was tested (has a finite
     `test_*` metric), else the newest (older ones are failed or superseded fits).
     """
-    records = []
+    records, settings = [], {}
     for run_dir in sorted({p.parent for p in Path(runs_dir).rglob("events.out.tfevents.*")}):
         name = RUN_NAME.fullmatch(run_dir.name)
         relative = run_dir.relative_to(runs_dir)
         row = str(relative.parent / name["row"]) if name else str(relative)
+        config = {_short(k): v for k, v in run_settings(run_dir).items()}
+        settings.update(dict.fromkeys(config))
         records.append({"run": str(relative), "row": row, "seed": int(name["seed"]) if name else None,
-                        "rerun": int(name["rerun"] or 1) if name else 1,
-                        **{_short(k): v for k, v in run_settings(run_dir).items()}, **run_metrics(run_dir)})
+                        "rerun": int(name["rerun"] or 1) if name else 1, **config, **run_metrics(run_dir)})
     frame = pd.DataFrame(records)
     if frame.empty:
         return frame
+    frame.attrs["settings"] = list(settings)  # the config's keys: every other column is a metric or bookkeeping
     tests = [c for c in frame.columns if c.startswith("test_") and pd.api.types.is_numeric_dtype(frame[c])]
     frame["tested"] = frame[tests].notna().any(axis=1) if tests else False
     frame["configuration"] = configuration_labels(frame)
     frame = frame.sort_values(["tested", "rerun"])  # the last per configuration and seed: newest tested
-    chosen = frame.groupby(["configuration", frame["seed"].fillna(-1)]).tail(1)
-    return chosen.sort_values("run").reset_index(drop=True)
+    chosen = frame.groupby(["configuration", frame["seed"].fillna(-1)]).tail(1).sort_values("run")
+    chosen = chosen.reset_index(drop=True)
+    chosen.attrs["settings"] = frame.attrs["settings"]
+    return chosen
 
 
 def _settings_columns(frame: pd.DataFrame) -> list[str]:
-    """Columns that are configuration settings (not paths, versions, seeds, metrics or bookkeeping)."""
-    return [c for c in frame.columns if c not in ("run", "row", "seed", "rerun", "tested", "configuration")
-            and not c.endswith(NOT_SETTINGS) and not c.startswith(("test", "val", "train", "epoch", "hp_metric"))]
+    """Columns of the fit's config that are settings (not paths, versions or seeds)."""
+    return [c for c in frame.attrs.get("settings", []) if c in frame.columns and not c.endswith(NOT_SETTINGS)]
 
 
 def configuration_labels(frame: pd.DataFrame) -> list[str]:
     """Each run's configuration: its row name, with `#k` appended when runs of one row differ in a setting."""
     settings = _settings_columns(frame)
-    signature = frame[settings].astype(str).agg("|".join, axis=1) if settings else pd.Series("", index=frame.index)
+    signature = frame[settings].map(str).agg("|".join, axis=1) if settings else pd.Series("", index=frame.index)
     labels = []
     for row, sig in zip(frame["row"], signature):
         variants = list(dict.fromkeys(signature[frame["row"] == row]))
@@ -110,7 +113,7 @@ def metric_columns(frame: pd.DataFrame) -> list[str]:
 
 def differing_settings(frame: pd.DataFrame, metrics: list[str]) -> list[str]:
     """Settings whose values differ between rows (not paths, versions or seeds)."""
-    return [c for c in _settings_columns(frame) if c not in metrics and frame[c].astype(str).nunique() > 1]
+    return [c for c in _settings_columns(frame) if c not in metrics and frame[c].map(str).nunique() > 1]
 
 
 def _mean_std(values: pd.Series) -> str:
@@ -134,7 +137,7 @@ def summary(frame: pd.DataFrame, metrics: list[str], sort_by: str) -> pd.DataFra
     if any(untested):
         table["untested seeds"] = untested
     for column in settings:
-        table[column] = [",".join(sorted(set(g[column].astype(str)))) for _, g in grouped]
+        table[column] = [",".join(sorted(set(g[column].map(str)))) for _, g in grouped]
     for metric in metrics:
         table[metric] = [_mean_std(g[metric]) if metric in g else "" for _, g in grouped]
     order = grouped[sort_by].mean() if sort_by in frame else pd.Series(dtype=float)
@@ -174,7 +177,7 @@ def generalisation_matrix(frame: pd.DataFrame, runs_dir: Path) -> tuple[pd.DataF
     frame = frame.assign(trained_on=["+".join(train_generators(run)) or run["row"] for _, run in frame.iterrows()])
     # Configurations apart from the training data: one per matrix row, or the rows are told apart by name.
     apart = _settings_columns(frame.drop(columns=["data.train"], errors="ignore"))
-    shared = {trained: group[apart].astype(str).drop_duplicates().shape[0] == 1
+    shared = {trained: group[apart].map(str).drop_duplicates().shape[0] == 1
               for trained, group in frame.groupby("trained_on")}
     records = []
     for _, run in frame.iterrows():
@@ -250,7 +253,7 @@ def compare_runs(runs_dir: Path, sort_by: str = "test_acc", metrics: list[str] |
     shown = _check_names(frame, sort_by, metrics)
     frame.to_csv(runs_dir / "compare.csv", index=False)
     table = summary(frame, shown, sort_by)
-    markdown = markdown_table(list(table.columns), table.astype(str).values.tolist())
+    markdown = markdown_table(list(table.columns), table.map(str).values.tolist())
     if "untested seeds" in table:
         flagged = table[table["untested seeds"] != ""]
         markdown += ("\nNot tested (no test result, left out of the test means): " +

@@ -73,12 +73,13 @@ def _table(printed: str) -> list[list[str]]:
 
 def test_compare_keeps_older_tested_rerun_and_flags_untested_seeds(tmp_path, capsys):
     """Bugs caught: an untested newest rerun (`-r2`, fit only) replacing the older tested run of its seed, so the
-    seed's result silently vanished; a seeds column `0,1` over a mean of one value, with no n and no flag."""
+    seed's result silently vanished; a seeds column `0,1` over a mean of one value, with no n and no flag; a
+    setting only some configs have (missing = NaN) crashing the grouping."""
     _run(tmp_path, "both", 0, 0.5, 0.90)
     _run(tmp_path, "both", 0, 0.5, None, rerun="-r2")  # a rerun fitted, never tested
     _run(tmp_path, "both", 1, 0.5, 0.80)
-    _run(tmp_path, "baseline", 0, 0.0, 0.70)
-    _run(tmp_path, "baseline", 1, 0.0, None)  # this seed has no test result at all
+    _run(tmp_path, "baseline", 0, 0.0, 0.70, data={"batch_size": 16})
+    _run(tmp_path, "baseline", 1, 0.0, None, data={"batch_size": 16})  # this seed has no test result at all
     main(["compare", str(tmp_path), "--metrics", "test_acc", "val_auroc"])
     printed = capsys.readouterr().out
     rows = {r[0]: r for r in _table(printed)[2:]}
@@ -90,6 +91,8 @@ def test_compare_keeps_older_tested_rerun_and_flags_untested_seeds(tmp_path, cap
     assert rows["baseline"][acc] == "0.7000 (n=1)" and rows["baseline"][2] == "1"
     assert rows["baseline"][val] == "0.6000 ± 0.0000 (n=2)"  # the untested fit still counts for val metrics
     assert "Not tested (no test result, left out of the test means): baseline seed 1" in printed
+    batch = header.index("data.batch_size")
+    assert rows["baseline"][batch] == "16.0" and rows["both"][batch] == "nan"
     chosen = sorted(pd.read_csv(tmp_path / "compare.csv")["run"])
     assert chosen == ["baseline-seed0", "baseline-seed1", "both-seed0", "both-seed1"]
 
