@@ -11,7 +11,7 @@ from typing import Literal
 
 
 def tiny_models(out_dir: Path, seed: int = 0, train_on: Path | None = None, resolution: int = 128,
-                vae_steps: int = 60, unet_steps: int = 100) -> None:
+                vae_steps: int = 60, unet_steps: int = 100, timesteps: tuple[int, int] = (100, 300)) -> None:
     """Write tiny random-weight SD v1.5 and CLIP RN50 look-alikes to OUT_DIR/sd and OUT_DIR/clip.
 
     Args:
@@ -22,17 +22,20 @@ def tiny_models(out_dir: Path, seed: int = 0, train_on: Path | None = None, reso
             them from images unlike them; recorded in OUT_DIR/sd/training.json. Default: untrained.
         resolution: image side the training images are resized to (phase 1's resolution).
         vae_steps: optimisation steps of the VAE (batches of 8 crops of 64 px).
-        unet_steps: optimisation steps of the UNet (batches of 16 latents, timesteps 100-300).
+        unet_steps: optimisation steps of the UNet (batches of 16 latents).
+        timesteps: range the UNet is trained at (inclusive, recorded in training.json); the default brackets
+            phase 1's t=200. For `generate` (samples from t ≈ 999) use `--timesteps [0,999]`; it warns otherwise.
     """
     from core.outputs import output_dir
     from lightning_modules.tiny_models import build_tiny_models, train_tiny_stable_diffusion
 
     paths = build_tiny_models(output_dir(out_dir, "out_dir"), seed)
     if train_on is not None:
-        record = train_tiny_stable_diffusion(paths["sd"], train_on, resolution, vae_steps, unet_steps, seed=seed)
+        record = train_tiny_stable_diffusion(paths["sd"], train_on, resolution, vae_steps, unet_steps,
+                                             timesteps=tuple(timesteps), seed=seed)
         print(f"trained on {record['num_images']} images under {record['images']}: VAE loss "
               f"{record['vae_final_loss']:.3f} after {vae_steps} steps, UNet loss {record['unet_final_loss']:.3f} "
-              f"after {unet_steps} steps")
+              f"after {unet_steps} steps at timesteps {record['timesteps'][0]}-{record['timesteps'][1]}")
     for name, path in paths.items():
         print(f"{name}: {path}")
 

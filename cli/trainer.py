@@ -6,11 +6,17 @@ the work lives in workflows/ (`workflows.precompute`, `workflows.generate`).
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.callbacks import RichProgressBar
+
+from core.progress import plain_output
 
 from feature_cache.codecs import ClipDtype, Codec
 
@@ -18,6 +24,19 @@ from feature_cache.codecs import ClipDtype, Codec
 class ForensicsTrainer(pl.Trainer):
     """Lightning's Trainer plus `precompute` (phase 1), `laplace_fit` (the DEU posterior), `generate`
     and `ensemble_fit` (DECU's members)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if plain_output():
+            # Into a file Rich draws only its final frame, already stale (`tars 0/1` after the tar was written,
+            # `0.00it/s`); the plain-log lines (PlainLogProgress, the writer's per-tar lines) say it correctly.
+            self.callbacks[:] = [RichProgressBar(console_kwargs={"quiet": True}) if isinstance(c, RichProgressBar)
+                                 else c for c in self.callbacks]
+        cores = len(os.sched_getaffinity(0))
+        if isinstance(self.accelerator, CPUAccelerator) and self.num_devices > cores and self.is_global_zero:
+            print(f"warning: --trainer.devices {self.num_devices} on CPU starts {self.num_devices} processes on "
+                  f"{cores} cores: each runs about {self.num_devices / cores:.1f}x slower and the run is no faster "
+                  f"(--trainer.devices {cores} or fewer)", file=sys.stderr, flush=True)
 
     def test(self, model: pl.LightningModule | None = None, dataloaders: Any = None,
              ckpt_path: str | Path | None = None, verbose: bool = False,
@@ -71,12 +90,22 @@ class ForensicsTrainer(pl.Trainer):
         precompute(self, model, datamodule, store, clip_dtype, clip_codec, background_writer, queue_tars,
                    verify_checksums)
 
-    def laplace_fit(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None) -> None:
-        """Fit the diagonal last-layer Laplace posterior of the UNet's conv_out over calibration shards."""
+    def laplace_fit(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None,
+                    overwrite: bool = False) -> None:
+        """Fit the diagonal last-layer Laplace posterior of the UNet's conv_out over calibration shards.
+
+        Args:
+            overwrite: replace an existing posterior file at `model.init_args.output` (stores computed with it
+                then no longer match its hash); without it an existing file is refused before any work.
+        """
         from lightning_modules.laplace_fit import LaplaceFit
 
         if not isinstance(model, LaplaceFit):
             raise SystemExit(f"python -m cli laplace-fit: --model must be LaplaceFit, got {type(model).__name__}")
+        output = Path(model.hparams.output).expanduser()
+        if output.exists() and not overwrite:
+            raise SystemExit(f"python -m cli laplace-fit: {output} exists (a posterior stores may have been computed "
+                             "with): pass --overwrite true to replace it, or --model.init_args.output NEW_PATH")
         self.predict(model, datamodule=datamodule, return_predictions=False)
         if self.is_global_zero:
             print(f"laplace-fit: posterior written to {model.hparams.output}")

@@ -5,6 +5,8 @@ useful until the end. When stdout is not a terminal, long work reports with plai
 - `PlainLogProgress`, a Lightning callback (`python -m cli` adds it to every Trainer run), for batches;
   a streaming loader without a length gets its total from the datamodule's `predict_batches()`;
 - `report_progress(items, total, label)`, a generator for plain commands' loops (tars, runs, images);
+- `tracked(items, total, label)`, Rich's bar on a terminal and `report_progress` lines otherwise, for loops
+  that run inside a Trainer run or a command (ensemble members, tiny-model training);
 - `ProgressLine` itself where a loop also marks milestones (`force=True`: the shards and feature-store
   writers print one line per tar).
 All print the first step, then at most one line per `every_s` seconds, and the last step.
@@ -81,6 +83,17 @@ def report_progress(items: Iterable[T], total: int | None, label: str, unit: str
         text = line.advance() if line is not None else None
         if text:
             print(text, flush=True)
+
+
+def tracked(items: Iterable[T], total: int, label: str, unit: str = "steps") -> Iterator[T]:
+    """Rich's transient bar on a terminal, plain `report_progress` lines when stdout is a file or pipe (where a
+    Rich bar prints nothing for the whole loop): for loops inside a command, e.g. training ensemble members."""
+    if plain_output():
+        yield from report_progress(items, total, label, unit)
+        return
+    from rich.progress import track
+
+    yield from track(items, total=total, description=label, transient=True)
 
 
 class PlainLogProgress(pl.Callback):

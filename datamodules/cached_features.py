@@ -10,6 +10,7 @@ How rows are read, shuffled and buffered: `datamodules/row_batches.py`.
 from __future__ import annotations
 
 import bisect
+import difflib
 import math
 import os
 import tarfile
@@ -244,10 +245,20 @@ class FeatureCacheDataModule(pl.LightningDataModule):
 
     def opened_stores(self) -> dict[str, FeatureStore]:
         """Every store of the run by path, opened once per run (setup, the CLI's links, the checkpoint check and
-        the protocol report all use these). No map module is imported: shapes and kinds come from the stores."""
+        the protocol report all use these), each checked to hold every requested feature. No map module is
+        imported: shapes and kinds come from the stores."""
         if not self._opened:
             paths = [p for split in ("train", "val", "test") for p in self.stores[split]]
-            self._opened = {path: FeatureStore.open(path) for path in dict.fromkeys(paths)}
+            opened = {path: FeatureStore.open(path) for path in dict.fromkeys(paths)}
+            for path, store in opened.items():  # before anything reads a shape: a typo is named as a typo
+                unknown = [name for name in self.features if name not in store.feature_names]
+                if unknown:
+                    close = {name: difflib.get_close_matches(name, store.feature_names, 1, 0.8) for name in unknown}
+                    hints = [f"{name!r} (did you mean {close[name][0]!r}?)" if close[name] else repr(name)
+                             for name in unknown]
+                    raise ValueError(f"data.init_args.features: {', '.join(hints)} not in feature store {path}; "
+                                     f"choose from {store.feature_names}")
+            self._opened = opened
         return self._opened
 
     @property
@@ -284,12 +295,8 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         return self.opened_stores()[path].feature_provenance(self.features)
 
     def _check(self, opened: dict[str, FeatureStore]) -> None:
-        """Every store has every requested feature computed in full, undamaged (presence and size of its files,
+        """Every store (each holds every requested feature: `opened_stores`) has them computed in full, undamaged (presence and size of its files,
         checksums with `verify_checksums`), with the same settings and stored form; filter names are known."""
-        for path, store in opened.items():
-            missing = [f for f in self.features if f not in store.feature_names]
-            if missing:
-                raise ValueError(f"feature store {path}: no feature {missing} (it has {store.feature_names})")
         first_path, first = next(iter(opened.items()))
         for path, store in opened.items():
             differences = first.feature_provenance(self.features).differences(store.feature_provenance(self.features))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,7 +303,13 @@ class ImageShardDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """This rank's tars, split over its workers; each image exactly once over all ranks × workers."""
-        mine = self.rank_shards(*self._rank_and_world())
+        rank, world = self._rank_and_world()
+        todo = sum(entry["name"] not in self._excluded for entry in self._index["shards"])
+        if rank == 0 and world > todo:
+            print(f"warning: {world} ranks for {todo} tars to do in {self.shard_dir}: {world - todo} ranks get no "
+                  f"tar and idle (a tar is read by one rank); --trainer.devices {max(todo, 1)} would use them all",
+                  file=sys.stderr, flush=True)
+        mine = self.rank_shards(rank, world)
         decoder = SampleDecoder(self.preprocess, {name: code for code, name in enumerate(self.generator_names)},
                                 {entry["name"]: k for k, entry in enumerate(self._index["shards"])})
         dataset = TarRows(self.shard_dir, mine, decoder, self.hparams.batch_size)

@@ -31,10 +31,10 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from rich.progress import track
 
 from core.checkpoint_io import safe_torch_load
 from core.outputs import output_file
+from core.progress import tracked
 from core.seeding import image_generator, image_seed
 from lightning_modules.diffusion_pass import DiffusionPass, normalise_images
 from lightning_modules.pretrained import load_stable_diffusion, weights_hash
@@ -174,8 +174,8 @@ class EnsembleFit(pl.LightningModule):
         optimizer = torch.optim.Adam(params, lr=hp.lr)
         timestep = torch.full((hp.batch_size,), hp.timestep, dtype=torch.long, device=self.device)
         with torch.enable_grad():
-            for _ in track(range(hp.steps), description=f"ensemble-fit: member {member + 1}/{hp.num_members} "
-                           f"(rank {self.trainer.global_rank})", transient=True):
+            for _ in tracked(range(hp.steps), hp.steps, f"ensemble-fit member {member + 1}/{hp.num_members} "
+                             f"(rank {self.trainer.global_rank})"):
                 x0 = latents[pool[torch.randint(n, (hp.batch_size,), generator=gen)]].to(self.device)
                 noise = torch.randn(x0.shape, generator=gen).to(self.device)
                 x_t = self.parts.scheduler.add_noise(x0, noise, timestep)

@@ -26,6 +26,7 @@ every ε̂ the methods use (the latent-space text-conditioned adaptation of both
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -125,6 +126,7 @@ class UncertaintyGenerator(pl.LightningModule):
         self.save_hyperparameters()
         self._validate()
         parts = load_stable_diffusion(sd)
+        self._warn_untrained_timesteps(sd, parts)
         self.vae, self.unet, self.text_encoder = parts.vae, parts.unet, parts.text_encoder
         self.parts, self.sd_source = parts, parts.source
         self._text: dict[tuple[str, torch.device], torch.Tensor] = {}
@@ -156,6 +158,23 @@ class UncertaintyGenerator(pl.LightningModule):
             raise ValueError("guided=true needs aleatoric_steps (the steps whose uncertainty guides sampling)")
         if hp.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8, got {hp.resolution}")
+
+    def _warn_untrained_timesteps(self, sd: str, parts: Any) -> None:
+        """One warning when sampling visits timesteps a tiny SD's UNet was never trained at (its training.json)."""
+        from lightning_modules.tiny_models import trained_timesteps
+
+        trained = trained_timesteps(sd)
+        if trained is None:
+            return
+        sampled = make_scheduler(self.hparams.scheduler, parts.scheduler.config, self.hparams.num_inference_steps)
+        steps = sampled.timesteps.tolist()
+        outside = [t for t in steps if not trained[0] <= t <= trained[1]]
+        if outside:
+            warnings.warn(f"generate: the SD at {sd} was trained at timesteps {trained[0]}-{trained[1]} only "
+                          f"(training.json) but sampling uses t={max(steps)}..{min(steps)}; {len(outside)} of "
+                          f"{len(steps)} steps are outside, so its images are not samples of the training data: "
+                          "retrain with `python -m cli tiny-models DIR --train_on IMAGES --timesteps [0,999]`",
+                          stacklevel=2)
 
     def _load_posterior(self, path: str) -> None:
         """σ²_W, σ²_b of conv_out; refused if fitted on another UNet (timestep and prompt do not matter here)."""

@@ -185,12 +185,12 @@ def _train_vae(vae: torch.nn.Module, images: torch.Tensor, steps: int, batch_siz
     fraction of the cost; the reconstruction loss also shrinks the posterior's std, which at random
     init swamps the image's signal in a sampled latent.
     """
-    from rich.progress import track
+    from core.progress import tracked
 
     vae.train().requires_grad_(True)
     optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
     loss = torch.tensor(float("nan"))
-    for _ in track(range(steps), description="tiny-models: training the VAE (autoencoder)", transient=True):
+    for _ in tracked(range(steps), steps, "tiny-models: training the VAE (autoencoder)"):
         rows = images[torch.randint(len(images), (batch_size,), generator=generator)]
         top, left = torch.randint(images.shape[-1] - crop + 1, (2,), generator=generator).tolist()
         x = _random_flip(rows[..., top:top + crop, left:left + crop], generator)
@@ -223,7 +223,7 @@ def _unit_latent_scale(vae: torch.nn.Module, images: torch.Tensor, generator: to
 def _train_unet(parts, images: torch.Tensor, steps: int, batch_size: int, timesteps: tuple[int, int], lr: float,
                 prompt: str, generator: torch.Generator) -> float:
     """ε-prediction training on the images' latents (sampled from the VAE posterior) at `timesteps`."""
-    from rich.progress import track
+    from core.progress import tracked
 
     from lightning_modules.diffusion_pass import DiffusionPass
 
@@ -235,7 +235,7 @@ def _train_unet(parts, images: torch.Tensor, steps: int, batch_size: int, timest
     unet.train().requires_grad_(True)
     optimizer = torch.optim.Adam(unet.parameters(), lr=lr)
     loss = torch.tensor(float("nan"))
-    for _ in track(range(steps), description="tiny-models: training the UNet (denoising)", transient=True):
+    for _ in tracked(range(steps), steps, "tiny-models: training the UNet (denoising)"):
         rows = torch.randint(len(images), (batch_size,), generator=generator)
         x0 = (mean[rows] + std[rows] * torch.randn(mean[rows].shape, generator=generator)) * vae.config.scaling_factor
         x0 = _random_flip(x0, generator)
@@ -250,16 +250,28 @@ def _train_unet(parts, images: torch.Tensor, steps: int, batch_size: int, timest
     return float(loss.detach())
 
 
+def trained_timesteps(sd_dir: str | Path) -> tuple[int, int] | None:
+    """The timestep range a tiny SD's UNet was trained at (its training.json), None for any other model."""
+    record = Path(sd_dir) / TRAINING_RECORD
+    if not record.is_file():
+        return None
+    low, high = json.loads(record.read_text()).get("timesteps", (0, 999))
+    return int(low), int(high)
+
+
 def train_tiny_stable_diffusion(sd_dir: str | Path, images_dir: str | Path, resolution: int = 128,
                                 vae_steps: int = 60, unet_steps: int = 100, batch_size: int = 16,
                                 timesteps: tuple[int, int] = (100, 300), prompt: str = "a photo",
                                 seed: int = 0) -> dict:
     """Train the tiny SD's VAE (autoencoder) then UNet (denoising) on the images in `images_dir`, in place.
 
-    `timesteps` brackets phase 1's timestep (200 by default): a few hundred steps cannot teach a denoiser
-    every noise level, so they teach it the one the maps are read at. Writes SD_DIR/training.json (what
-    the models were trained on) and returns that record.
+    `timesteps` (inclusive) brackets phase 1's timestep (200 by default): a few hundred steps cannot teach a
+    denoiser every noise level, so they teach it the one the maps are read at. A model for `generate`, which
+    samples from t ≈ 999 down, needs (0, 999). Writes SD_DIR/training.json (what the models were trained on,
+    the range included: `generate` warns when it samples outside it) and returns that record.
     """
+    if not 0 <= timesteps[0] <= timesteps[1] <= 999:
+        raise ValueError(f"timesteps {list(timesteps)}: need 0 <= low <= high <= 999")
     from lightning_modules.pretrained import load_stable_diffusion
 
     sd_dir, images_dir = Path(sd_dir), Path(images_dir)

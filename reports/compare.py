@@ -3,7 +3,10 @@
 A run is a directory that `fit` made (`<row>-seed<S>[-r<k>]`, see `workflows.run_dirs`) and holds TensorBoard
 event files. Its settings come from the `config.yaml` that `fit` saved (never from a later `test`'s
 config), its metrics from the last value of every scalar, read with TensorBoard's own EventAccumulator.
-Runs of one row with different seeds are one line: mean ± std over seeds (the newest rerun per seed).
+Runs are grouped by their resolved configuration (the row and every setting but seeds, paths and versions):
+runs of one configuration with different seeds are one line, each metric the mean ± std over the runs that have
+it, with its n. Per configuration and seed the newest *tested* rerun counts (an untested newest rerun never hides
+an older tested one); configurations with seeds that have no test result are flagged.
 """
 
 from __future__ import annotations
@@ -58,23 +61,48 @@ def run_metrics(run_dir: Path) -> dict[str, float]:
 
 
 def collect_runs(runs_dir: Path) -> pd.DataFrame:
-    """One line per run directory under runs_dir: group (row path), seed, rerun, settings, metrics.
+    """One line per run directory under runs_dir: group (row path), configuration, seed, rerun, settings, metrics.
 
-    Of several reruns of one row and seed only the newest counts (older ones are failed or superseded fits).
+    Of several reruns of one configuration and seed only one counts: the newest that was tested (has a finite
+    `test_*` metric), else the newest (older ones are failed or superseded fits).
     """
-    records = []
+    records, settings = [], {}
     for run_dir in sorted({p.parent for p in Path(runs_dir).rglob("events.out.tfevents.*")}):
         name = RUN_NAME.fullmatch(run_dir.name)
         relative = run_dir.relative_to(runs_dir)
         row = str(relative.parent / name["row"]) if name else str(relative)
+        config = {_short(k): v for k, v in run_settings(run_dir).items()}
+        settings.update(dict.fromkeys(config))
         records.append({"run": str(relative), "row": row, "seed": int(name["seed"]) if name else None,
-                        "rerun": int(name["rerun"] or 1) if name else 1,
-                        **{_short(k): v for k, v in run_settings(run_dir).items()}, **run_metrics(run_dir)})
+                        "rerun": int(name["rerun"] or 1) if name else 1, **config, **run_metrics(run_dir)})
     frame = pd.DataFrame(records)
     if frame.empty:
         return frame
-    newest = frame.groupby(["row", frame["seed"].fillna(-1)])["rerun"].transform("max") == frame["rerun"]
-    return frame[newest].reset_index(drop=True)
+    frame.attrs["settings"] = list(settings)  # the config's keys: every other column is a metric or bookkeeping
+    tests = [c for c in frame.columns if c.startswith("test_") and pd.api.types.is_numeric_dtype(frame[c])]
+    frame["tested"] = frame[tests].notna().any(axis=1) if tests else False
+    frame["configuration"] = configuration_labels(frame)
+    frame = frame.sort_values(["tested", "rerun"])  # the last per configuration and seed: newest tested
+    chosen = frame.groupby(["configuration", frame["seed"].fillna(-1)]).tail(1).sort_values("run")
+    chosen = chosen.reset_index(drop=True)
+    chosen.attrs["settings"] = frame.attrs["settings"]
+    return chosen
+
+
+def _settings_columns(frame: pd.DataFrame) -> list[str]:
+    """Columns of the fit's config that are settings (not paths, versions or seeds)."""
+    return [c for c in frame.attrs.get("settings", []) if c in frame.columns and not c.endswith(NOT_SETTINGS)]
+
+
+def configuration_labels(frame: pd.DataFrame) -> list[str]:
+    """Each run's configuration: its row name, with `#k` appended when runs of one row differ in a setting."""
+    settings = _settings_columns(frame)
+    signature = frame[settings].map(str).agg("|".join, axis=1) if settings else pd.Series("", index=frame.index)
+    labels = []
+    for row, sig in zip(frame["row"], signature):
+        variants = list(dict.fromkeys(signature[frame["row"] == row]))
+        labels.append(row if len(variants) == 1 else f"{row}#{variants.index(sig) + 1}")
+    return labels
 
 
 def metric_columns(frame: pd.DataFrame) -> list[str]:
@@ -84,28 +112,31 @@ def metric_columns(frame: pd.DataFrame) -> list[str]:
 
 def differing_settings(frame: pd.DataFrame, metrics: list[str]) -> list[str]:
     """Settings whose values differ between rows (not paths, versions or seeds)."""
-    candidates = [c for c in frame.columns if c not in ("run", "row", "seed", "rerun", *metrics)
-                  and not c.endswith(NOT_SETTINGS) and not c.startswith(("test", "val", "train", "epoch"))]
-    return [c for c in candidates if frame[c].astype(str).nunique() > 1]
+    return [c for c in _settings_columns(frame) if c not in metrics and frame[c].map(str).nunique() > 1]
 
 
 def _mean_std(values: pd.Series) -> str:
+    """`mean ± std (n=k)` over the runs that have the metric (a test metric: the tested runs only)."""
     values = values.dropna()
     if values.empty:
         return ""
     if len(values) == 1:
-        return f"{values.iloc[0]:.4f}"
-    return f"{values.mean():.4f} ± {values.std(ddof=1):.4f}"
+        return f"{values.iloc[0]:.4f} (n=1)"
+    return f"{values.mean():.4f} ± {values.std(ddof=1):.4f} (n={len(values)})"
 
 
 def summary(frame: pd.DataFrame, metrics: list[str], sort_by: str) -> pd.DataFrame:
-    """One line per row: seeds, differing settings, each metric as mean ± std over seeds; best `sort_by` first."""
+    """One line per configuration: seeds, seeds without test results, differing settings, each metric as
+    mean ± std (n) over seeds; best `sort_by` first."""
     settings = differing_settings(frame, metrics)
-    grouped = frame.groupby("row", sort=False)
+    grouped = frame.groupby("configuration", sort=False)
     table = pd.DataFrame({"row": list(grouped.groups), "seeds": [",".join(str(int(s)) for s in g["seed"].dropna())
                                                                   for _, g in grouped]})
+    untested = [",".join(str(int(s)) if pd.notna(s) else "?" for s in g.loc[~g["tested"], "seed"]) for _, g in grouped]
+    if any(untested):
+        table["untested seeds"] = untested
     for column in settings:
-        table[column] = [",".join(sorted(set(g[column].astype(str)))) for _, g in grouped]
+        table[column] = [",".join(sorted(set(g[column].map(str)))) for _, g in grouped]
     for metric in metrics:
         table[metric] = [_mean_std(g[metric]) if metric in g else "" for _, g in grouped]
     order = grouped[sort_by].mean() if sort_by in frame else pd.Series(dtype=float)
@@ -141,13 +172,20 @@ def generalisation_matrix(frame: pd.DataFrame, runs_dir: Path) -> tuple[pd.DataF
     """Rows = training generator, columns = test generator (+ row mean), cells ACC / AUROC (mean ± std over seeds).
 
     Read from each run's protocol_table.csv (written by `test`); the training generator from its train stores.
+    Runs of different configurations (ablation rows) trained on the same generators are never pooled: each gets
+    its own matrix row, `generator (configuration)`.
     """
+    frame = frame.assign(trained_on=["+".join(train_generators(run)) or run["row"] for _, run in frame.iterrows()])
+    # Configurations apart from the training data: one per matrix row, or the rows are told apart by name.
+    apart = _settings_columns(frame.drop(columns=["data.train"], errors="ignore"))
+    shared = {trained: group[apart].map(str).drop_duplicates().shape[0] == 1
+              for trained, group in frame.groupby("trained_on")}
     records = []
     for _, run in frame.iterrows():
         table = Path(runs_dir) / run["run"] / "protocol_table.csv"
         if not table.is_file():
             continue
-        trained_on = "+".join(train_generators(run)) or run["row"]
+        trained_on = run["trained_on"] if shared[run["trained_on"]] else f"{run['trained_on']} ({run['configuration']})"
         rows = pd.read_csv(table, dtype={"generator": str})
         rows = rows[~rows["generator"].str.endswith(" reference")]  # format-only, double-JPEG: not generators
         rows["generator"] = rows["generator"].replace({"average": "mean"})
@@ -171,8 +209,11 @@ def generalisation_matrix(frame: pd.DataFrame, runs_dir: Path) -> tuple[pd.DataF
     seeds = stats.groupby("train")["seeds"].max()
     cells = [[train, str(int(seeds[train]))] + list(wide.loc[train, columns]) for train in wide.index]
     markdown = markdown_table(["train \\ test", "seeds", *columns], cells)
-    return stats, markdown + "\nCells: ACC / AUROC in % at the validation threshold (mean ± std over seeds); " \
-                             "`mean` is the mean over test generators.\n"
+    separate = [trained for trained, alone in shared.items() if not alone]
+    note = (f"\nRuns trained on {', '.join(separate)} differ in other settings: one matrix row per configuration "
+            "(never pooled).\n" if separate else "")
+    return stats, markdown + "\nCells: ACC / AUROC in % at the validation threshold (mean ± std over the tested " \
+                             "seeds, n in the seeds column); `mean` is the mean over test generators.\n" + note
 
 
 def protocol_tables_side_by_side(runs_dir: Path) -> str | None:
@@ -213,9 +254,15 @@ def compare_runs(runs_dir: Path, sort_by: str = "test_acc", metrics: list[str] |
     shown = _check_names(frame, sort_by, metrics)
     frame.to_csv(runs_dir / "compare.csv", index=False)
     table = summary(frame, shown, sort_by)
-    markdown = markdown_table(list(table.columns), table.astype(str).values.tolist())
+    markdown = markdown_table(list(table.columns), table.map(str).values.tolist())
+    if "untested seeds" in table:
+        flagged = table[table["untested seeds"] != ""]
+        markdown += ("\nNot tested (no test result, left out of the test means): " +
+                     "; ".join(f"{r['row']} seed {r['untested seeds']}" for _, r in flagged.iterrows()) +
+                     ". Run `python -m cli test` with the row's configs and seed.\n")
     (runs_dir / "compare.md").write_text(markdown)
-    print(markdown + f"\n(mean ± std over seeds; every run and metric: {runs_dir / 'compare.csv'})")
+    print(markdown + f"\n(mean ± std over the seeds that have the metric, n runs; every run and metric: "
+                     f"{runs_dir / 'compare.csv'})")
     side_by_side = protocol_tables_side_by_side(runs_dir)
     if side_by_side:
         (runs_dir / "protocol_tables.md").write_text(side_by_side)

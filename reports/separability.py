@@ -406,27 +406,32 @@ def double_jpeg_scores(scored: StoreRows, fit: StoreRows | None, max_fit_rows: i
 
 # --- the report --------------------------------------------------------------------------------------------
 
-def _figure(values: np.ndarray, rows: StoreRows, best: int, direction: str, title: str):
-    """Per-class histograms of every summary and the per-generator ROC of the best one."""
+def _figure(values: np.ndarray, rows: StoreRows, best: int, directions: list[str], title: str):
+    """Per-class histograms of every summary (AUROC [95 % CI] of the summary in its title) and the per-generator
+    ROC of the best one."""
     import torch
     from torchmetrics.functional.classification import binary_roc
 
-    from reports.plots import plt
+    from reports.plots import auroc_title, class_histogram, plt
 
-    fig, axes = plt.subplots(1, len(SUMMARIES) + 1, figsize=(3.1 * (len(SUMMARIES) + 1), 3.0))
+    fig, axes = plt.subplots(1, len(SUMMARIES) + 1, figsize=(3.4 * (len(SUMMARIES) + 1), 3.4))
+    signs = [1.0 if direction == "higher" else -1.0 for direction in directions]
     for k, (ax, summary) in enumerate(zip(axes, SUMMARIES)):
-        column = values[:, k]
-        bins = np.histogram_bin_edges(column[np.isfinite(column)], bins=40)
-        for lab, colour, text in ((0, "tab:blue", "real"), (1, "tab:red", "fake")):
-            ax.hist(column[rows.label == lab], bins=bins, alpha=0.55, color=colour, label=text, density=True)
-        ax.set_title(summary + (" (best)" if k == best else ""), fontsize=9)
+        class_histogram(ax, values[:, k], rows.label, summary, bins=40, density=True)
+        score = auroc_title(signs[k] * values[:, k], rows.label, rows.generator, "average")
+        ax.set_title(f"{summary}{' (best)' if k == best else ''}\n{score}, {directions[k]} = fake", fontsize=8)
     axes[0].legend(fontsize=7)
-    roc_ax, sign = axes[-1], 1.0 if direction == "higher" else -1.0
+    roc_ax = axes[-1]
     for name, mask in generator_groups(rows.generator, rows.label):
-        fpr, tpr, _ = binary_roc(torch.from_numpy(sign * values[mask, best]).float(), torch.from_numpy(rows.label[mask]))
-        roc_ax.plot(fpr.numpy(), tpr.numpy(), linewidth=1, label=name)
+        fpr, tpr, _ = binary_roc(torch.from_numpy(signs[best] * values[mask, best]).float(),
+                                 torch.from_numpy(rows.label[mask]))
+        roc_ax.plot(fpr.numpy(), tpr.numpy(), linewidth=1,
+                    label=f"{name}: {auroc_title(signs[best] * values[:, best], rows.label, rows.generator, name)}")
     roc_ax.plot([0, 1], [0, 1], ":", color="grey")
-    roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC of {SUMMARIES[best]}")
+    roc_ax.set_xlabel("false positive rate", fontsize=8)
+    roc_ax.set_ylabel("true positive rate", fontsize=8)
+    roc_ax.set_title(f"ROC of {SUMMARIES[best]} per generator", fontsize=8)
+    roc_ax.tick_params(labelsize=7)
     roc_ax.legend(fontsize=6)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -568,7 +573,7 @@ def separability_report(stores: list[Path], out: Path, direction_from: Path | No
                             direction=oriented_as, direction_source=source, **split)
                 stem = rows.store.path.stem
                 stem = stem if stems.count(stem) == 1 else f"{rows.store.path.parent.name}_{stem}"
-                figures[f"{stem}_{name}"] = _figure(values, rows, best, choice.directions[SUMMARIES[best]][0],
+                figures[f"{stem}_{name}"] = _figure(values, rows, best, [choice.directions[s][0] for s in SUMMARIES],
                                                     f"{name} · {path} · protocol {rows.protocol}")
             for name in probes[path]:
                 progress.console.print(f"linear probe {name} on {path}")

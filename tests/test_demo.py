@@ -144,6 +144,13 @@ def test_robustness_sweep_caches_features_and_reports_per_generator(demo, tmp_pa
     assert sum(line.startswith("writing ") and "tar 1/1" in line for line in logged) == 3, logged
     assert all("/" in line.split(":")[1] and "ETA" in line for line in logged), logged
     assert outputs[2].count("1/1 tars reused") == 3
+    # Bugs caught: "features from the cache" printed before computing them; no level progress; tables' place unsaid
+    assert "robustness blur 1: features: 0/1 tars already in the cache" in outputs[0] and ", computing 1" in outputs[0]
+    assert outputs[2].count("tars already in the cache") == 3 and "computing" not in outputs[2]
+    levels = [line for line in outputs[0].splitlines() if line.startswith("robustness: ") and " levels" in line]
+    assert [line.split(",")[0] for line in levels] == [f"robustness: {k}/3 levels ({100 * k / 3:.0f}%)" for k in (1, 2, 3)]
+    assert all("levels/s" in line and "ETA" in line for line in levels)
+    assert f"robustness: tables written to {tmp_path / 'lare2-0' / 'robustness.md'}" in outputs[0]
     rows = _read_csv(tmp_path / "deua-1" / "robustness.csv")
     assert [r["perturbation"] for r in rows] == ["none", "jpeg 75", "blur 1"]
     assert all(int(r["n_real"]) + int(r["n_fake"]) == 16 and 0 <= float(r["acc"]) <= 1 for r in rows)

@@ -42,12 +42,13 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def ensemble_fit(root: Path, sd: Path, kind: str) -> Path:
     output = root / f"members_{kind}.pt"
-    ok(cli("ensemble-fit", "--config", str(REPO / "configs/ensemble_fit.yaml"), "--model.init_args.sd", str(sd),
+    result = ok(cli("ensemble-fit", "--config", str(REPO / "configs/ensemble_fit.yaml"), "--model.init_args.sd", str(sd),
            "--model.init_args.output", str(output), "--model.init_args.kind", kind,
            "--model.init_args.num_members", "3", "--model.init_args.steps", "3", "--model.init_args.batch_size", "2",
            "--data.init_args.shards", str(root / "shards/train"), "--data.init_args.resolution", "64",
            "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0", "--trainer.accelerator", "cpu",
            "--trainer.default_root_dir", str(root / f"ensemble_fit_{kind}"), cwd=root))
+    (root / f"ensemble_fit_{kind}.log").write_text(result.stdout)  # stdout was a pipe, as under SLURM
     return output
 
 
@@ -82,6 +83,18 @@ def workspace(tiny_model_paths: dict[str, Path], tmp_path_factory: pytest.TempPa
     ok(precompute(root, tiny_model_paths, members["conv_out"], "val", stores["val_conv_out"],
                   "[ensemble_mi, ensemble_var]"))
     return {"root": root, **{f"members_{k}": v for k, v in members.items()}, **stores}
+
+
+def test_piped_ensemble_fit_log_shows_member_training_progress(workspace: dict[str, Path]) -> None:
+    """Bug caught: ensemble-fit printing nothing while its members trained (7.5 min of silence in a SLURM log):
+    Rich's bar draws nothing into a pipe, so each member's steps must come as done/total, rate, ETA lines."""
+    for kind in ("embedding", "conv_out"):
+        log = (workspace["root"] / f"ensemble_fit_{kind}.log").read_text().splitlines()
+        for member in (1, 2, 3):
+            lines = [line for line in log if line.startswith(f"ensemble-fit member {member}/3 (rank 0): ")]
+            assert lines and lines[0].split(",")[0].endswith(": 1/3 steps (33%)"), log
+            assert lines[-1].split(",")[0].endswith(": 3/3 steps (100%)") and "steps/s" in lines[-1] \
+                and "ETA" in lines[-1], lines
 
 
 def test_stores_hold_the_ensemble_maps_with_their_members(workspace: dict[str, Path]) -> None:

@@ -184,5 +184,34 @@ def test_plots_use_the_same_generator_definition_as_the_table():
     roc = roc_pr_figure(preds, "drct")
     assert roc.axes[0].get_legend_handles_labels()[1] == ["all", "ldm", "sdxl"]
     hist = map_histograms({"deu": preds.p_fake}, labels, gens)
-    assert [ax.get_title() for ax in hist.axes] == ["ldm", "sdxl"]
+    assert [ax.get_title().splitlines()[0] for ax in hist.axes] == ["ldm", "sdxl"]
     assert [len(ax.patches) for ax in hist.axes] == [60, 60]  # 30 bins of reals (pooled) + 30 of fakes
+
+
+def _overlapping(labels) -> bool:
+    boxes = [label.get_window_extent() for label in labels if label.get_text()]
+    return any(a.x1 > b.x0 for a, b in zip(boxes, boxes[1:]))
+
+
+def test_histograms_fit_a_paper_log_axes_readable_ticks_auroc_interval_in_titles(tmp_path):
+    """Bugs caught: DEU's tick labels running together (`0.000140.000142...`); unlabelled y axes; linear axes for
+    heavy-tailed maps spanning decades; no AUROC on the figure (checked against separability's score_table)."""
+    from reports.separability import score_table
+
+    rng = np.random.default_rng(3)
+    label = np.repeat([0, 1], 60)
+    generator = np.array(["sdv4"] * 120)
+    heavy = np.exp(rng.normal(-9, 2, 120) + 0.8 * label)  # a variance map: positive, six decades
+    narrow = 1.4e-4 + 2e-6 * rng.random(120) + 1e-6 * label  # DEU-like: tiny values in a narrow range
+    fig = map_histograms({"deu": heavy, "narrow": narrow}, label, generator)
+    fig.canvas.draw()
+    heavy_ax, narrow_ax = fig.axes
+    assert heavy_ax.get_xscale() == "log" and narrow_ax.get_xscale() == "linear"
+    for ax in (heavy_ax, narrow_ax):
+        assert ax.get_xlabel().startswith("per-image mean of") and ax.get_ylabel() == "images"
+        assert not _overlapping(ax.get_xticklabels()), [t.get_text() for t in ax.get_xticklabels()]
+        assert len([t for t in ax.get_xticklabels() if t.get_text()]) <= 5
+    expected = next(r for r in score_table(heavy, label, generator, 200, 0) if r["generator"] == "sdv4")
+    assert f"AUROC {expected['auroc']:.2f} [{expected['auroc_low']:.2f}, {expected['auroc_high']:.2f}]" \
+        in heavy_ax.get_title()
+    save_figure(fig, tmp_path / "map_histograms.png")

@@ -84,8 +84,13 @@ def test_generator_filter_and_seeded_val_split(stores: tuple[str, str]) -> None:
 
 
 def test_clear_errors_for_bad_requests(tmp_path: Path, stores: tuple[str, str]) -> None:
-    with pytest.raises(ValueError, match=r"feature store .*a: no feature \['clip_layer3'\]"):
+    """Also catches a feature typo reaching the CLI's shape links (an error about visual_channels) instead of
+    naming the unknown feature and the stored ones when the stores are first opened."""
+    with pytest.raises(ValueError,
+                       match=r"features: 'clip_layer3' not in feature store .*a; choose from \['deu', 'clip_pooled'\]"):
         FeatureCacheDataModule(features=["clip_layer3"], train=[stores[0]]).setup("fit")
+    with pytest.raises(ValueError, match=r"'deuu' \(did you mean 'deu'\?\) not in feature store"):
+        FeatureCacheDataModule(features=["deuu"], train=[stores[0]]).stored_shapes
     with pytest.raises(ValueError, match=r"generators \['midjourney'\] are in no store"):
         FeatureCacheDataModule(features=["deu"], train=[stores[0]], generators=["midjourney"]).setup("fit")
     with pytest.raises(FileNotFoundError, match=r"images=True reads the images from .*no_shards, which lacks 3 of"):

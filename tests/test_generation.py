@@ -316,3 +316,28 @@ def test_keep_quantile_keeps_the_least_uncertain(tmp_path: Path) -> None:
     assert list(table.loc[table["status"] == "kept", "key"]) == ["k1", "k2", "k3"]
     finalize(tmp_path, list(scores), 0.4, "aleatoric")
     assert sorted(p.name for p in (tmp_path / "fake").iterdir()) == ["k0.png", "k4.png"]
+
+
+def test_generate_warns_when_sampling_leaves_the_tiny_sd_training_range(tmp_path: Path) -> None:
+    """Bug caught: `tiny-models --train_on` trained the UNet at t in [100, 300] and `generate` then sampled from
+    t ≈ 999 with it without a word; the range is an option, recorded in training.json, and leaving it warns."""
+    import json
+    import warnings
+
+    from cli.__main__ import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(2):
+        Image.fromarray(np.full((RES, RES, 3), 60 * index, np.uint8)).save(images / f"{index}.png")
+    for name, extra in (("narrow", []), ("full", ["--timesteps", "[0,999]"])):
+        main(["tiny-models", str(tmp_path / name), "--train_on", str(images), "--resolution", str(RES),
+              "--vae_steps", "1", "--unet_steps", "1", *extra])
+    assert json.loads((tmp_path / "narrow/sd/training.json").read_text())["timesteps"] == [100, 300]
+    assert json.loads((tmp_path / "full/sd/training.json").read_text())["timesteps"] == [0, 999]
+    with pytest.warns(UserWarning, match=r"trained at timesteps 100-300 only .* sampling uses t=\d+\.\.\d+.*"
+                                         r"--timesteps \[0,999\]"):
+        UncertaintyGenerator(str(tmp_path / "narrow/sd"), resolution=RES, num_inference_steps=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        UncertaintyGenerator(str(tmp_path / "full/sd"), resolution=RES, num_inference_steps=3)

@@ -168,6 +168,38 @@ def test_exclude_shards(shard_dir: Path) -> None:
         datamodule.exclude_shards(["shard-000009.tar"])
 
 
+def test_more_ranks_than_tars_warns_once_naming_the_idle_ranks(shard_dir: Path, capsys) -> None:
+    """Bug caught: precompute with 8 ranks over 1 tar to do started 7 idle processes without a word."""
+    from types import SimpleNamespace
+
+    datamodule = ImageShardDataModule(str(shard_dir), resolution=RESOLUTION, num_workers=0)
+    datamodule.exclude_shards(["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"])  # 1 of 4 tars to do
+    for rank in range(3):
+        datamodule.trainer = SimpleNamespace(global_rank=rank, world_size=3)
+        datamodule.predict_dataloader()
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert warnings == [f"warning: 3 ranks for 1 tars to do in {shard_dir}: 2 ranks get no tar and idle (a tar is "
+                        "read by one rank); --trainer.devices 1 would use them all"]
+    datamodule.exclude_shards([])
+    datamodule.predict_dataloader()  # 3 ranks, 4 tars: nothing to say
+    assert capsys.readouterr().err == ""
+
+
+def test_more_cpu_ranks_than_cores_warns(capsys) -> None:
+    """Bug caught: `--trainer.devices 8` on a 2-core CPU machine silently starting 8 processes (5x slower)."""
+    import os
+
+    from cli.trainer import ForensicsTrainer
+
+    cores = len(os.sched_getaffinity(0))
+    ForensicsTrainer(accelerator="cpu", devices=cores + 1, strategy="ddp", logger=False)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"warning: --trainer.devices {cores + 1} on CPU starts {cores + 1} processes on {cores} cores: each runs "
+        f"about {(cores + 1) / cores:.1f}x slower and the run is no faster (--trainer.devices {cores} or fewer)"]
+    ForensicsTrainer(accelerator="cpu", devices=1, logger=False)
+    assert "warning" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("num_workers, excluded", [(0, []), (2, []), (2, ["shard-000001.tar"])])
 def test_batches_are_tar_aligned_and_independent_of_workers_and_resume(shard_dir: Path, num_workers: int,
                                                                       excluded: list[str]) -> None:

@@ -108,7 +108,8 @@ def test_two_ranks_sum_to_the_single_process_posterior(tiny_model_paths: dict[st
 def test_cli_laplace_fit_end_to_end(tiny_model_paths: dict[str, Path], tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Also catches the run's resolved config overwriting a config.yaml the user keeps in the working directory
-    (with `logger: false` Lightning's log dir is the cwd): it goes beside the posterior instead."""
+    (with `logger: false` Lightning's log dir is the cwd): it goes beside the posterior instead; and a second
+    run replacing the posterior without `--overwrite true`."""
     from cli.__main__ import main
 
     monkeypatch.chdir(tmp_path)
@@ -124,6 +125,14 @@ def test_cli_laplace_fit_end_to_end(tiny_model_paths: dict[str, Path], tmp_path:
     check_posterior(out, tiny_model_paths["sd"], 2.0, 1.0)
     assert (tmp_path / "config.yaml").read_text() == "mine: true\n"
     assert "sigma_noise: 2.0" in (tmp_path / "posterior.pt.config.yaml").read_text()
+
+    # Bug caught: a second laplace-fit silently replacing the posterior that existing stores were computed with.
+    written = out.read_bytes()
+    with pytest.raises(SystemExit, match=f"{out} exists .* --overwrite true"):
+        main(["laplace-fit", "--model", "lightning_modules.laplace_fit.LaplaceFit",
+              "--model.init_args.sd", str(tiny_model_paths["sd"]), "--model.init_args.output", str(out),
+              "--data", f"{__name__}.TinyCalibrationData", "--trainer.accelerator", "cpu", "--trainer.logger", "false"])
+    assert out.read_bytes() == written
 
 
 def test_log_evidence_equals_laplace_torch() -> None:

@@ -144,6 +144,10 @@ def test_grid_runs_every_row_and_seed_and_prints_the_summary(ablation_grid, work
     out = ablation_grid.stdout
     assert "grid: 4/4 runs (100%)" in out and "grid summary: python -m cli compare runs/deua" in out
     assert "test: " in out and " batches (100%)" in out  # plain progress lines: stdout is a pipe here
+    # Bug caught: a silent start while every row's config is resolved (70 s for 8 rows)
+    resolving = [line for line in out.splitlines() if line.startswith("grid: resolving row configs: ")]
+    assert [line.split(",")[0] for line in resolving] == [f"grid: resolving row configs: {k}/2 rows ({50 * k}%)"
+                                                          for k in (1, 2)] and "ETA" in resolving[0]
     summary = pd.read_csv(runs / "compare.csv")
     assert len(summary) == 4 and set(summary["seed"]) == {0, 1}
     for row in ("baseline", "both"):
@@ -282,3 +286,67 @@ def test_plain_progress_lines_are_rate_limited(capsys):
     assert "ETA" in lines[0] and "tars/s" in lines[0]
     list(report_progress(range(3), None, "images", every_s=0, always=True))
     assert capsys.readouterr().out.splitlines()[-1].startswith("images: 3 items,")
+
+
+def test_bad_config_key_and_feature_name_give_their_line_first(workspace):
+    """Bugs caught: a config-key typo printing ~50 lines of usage before the line naming it; a `features` typo
+    (`clip_layer4`) reported as a missing visual_channels/grid_size instead of the unknown feature and the
+    stored choices."""
+    fit = readme_line("python -m cli fit")
+    result = run(f"{fit} --model.init_args.lrr 0.1", workspace, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) <= 2, result.stderr
+    assert lines[0].startswith("python -m cli fit: --model.init_args.lrr: not an option of DEUADetector "
+                               "(did you mean 'lr'?); its options: guidance,"), lines[0]
+    result = run(f"{fit} --data.init_args.features [deu,clip_layer4]", workspace, check=False)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("python -m cli fit:")]
+    assert result.returncode != 0 and len(errors) == 1, result.stderr[-2000:]
+    assert "features: 'clip_layer4' (did you mean 'clip_layer3'?) not in feature store" in errors[0]
+    assert "choose from ['" in errors[0] and "visual_channels" not in result.stderr
+
+
+def readme_block(heading: str, first_line: str) -> list[str]:
+    """The `python -m cli` lines of the README code block under `heading` that holds `first_line`, in order."""
+    text = (REPO / "README.md").read_text().split(heading, 1)[1]
+    for block in text.split("```bash\n")[1:]:
+        lines = [line.strip() for line in block.split("```", 1)[0].splitlines()]
+        if first_line in lines:
+            return [line for line in lines if line.startswith("python -m cli ")]
+    pytest.fail(f"no README code block under {heading!r} holds {first_line!r}")
+
+
+@pytest.mark.slow
+def test_readme_phase1_lines_run_verbatim(tmp_path):
+    """Bugs caught: README phase-1 lines that cannot run as written (no val store for `separability`, placeholder
+    model paths, the posterior path differing between laplace-fit and precompute, `--trainer.devices 8` forced on
+    every machine); only local_phase1.yaml differs from what a user has (tiny sizes, CPU)."""
+    from image_trees import make_genimage, noise, save
+    from PIL import Image
+
+    lines = readme_block("## The workflow on real data", "python -m cli tiny-models models")
+    assert len(lines) == 9 and any("--store cache/val.zarr" in line for line in lines), lines
+    make_genimage(tmp_path / "data/GenImage")
+    for index in range(4):
+        save(tmp_path / "data/calibration" / f"calib{index}.png", Image.fromarray(noise(50 + index, 64, 64)))
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    (tmp_path / "local_phase1.yaml").write_text(yaml.safe_dump({
+        "trainer": {"accelerator": "cpu", "devices": 1},
+        "model": {"init_args": {"num_noises": 2, "autocast_dtype": "float32"}},
+        "data": {"init_args": {"resolution": 64, "batch_size": 4, "num_workers": 0, "clip_input": "resize"}}}))
+    logs = {}
+    for line in lines:
+        logs[line] = run(line, tmp_path).stdout
+    assert (tmp_path / "posteriors/sd15_conv_out_t200.pt").is_file()
+    from feature_cache.store import FeatureStore
+
+    for name, generators in (("sdv4-train", ["imagenet_ai_0419_sdv4"]), ("val", ["imagenet_ai_0419_sdv4",
+                                                                             "imagenet_glide"])):
+        store = FeatureStore.open(tmp_path / "cache" / f"{name}.zarr")
+        assert store.generator_names == generators and not store.incomplete_groups() and not store.verify()
+    assert (tmp_path / "report/separability/separability.md").is_file()
+    assert sorted(p.name for p in (tmp_path / "report/separability/plots").iterdir())
+    # every output lands in a git-ignored place
+    ignored = subprocess.run(["git", "-C", str(REPO), "check-ignore", "--no-index", "shards/x", "cache/x",
+                              "posteriors/x", "report/x", "members/x", "robustness/x", "models/x",
+                              "local_phase1.yaml", "local.yaml"], capture_output=True, text=True).stdout.split()
+    assert len(ignored) == 9, ignored

@@ -115,6 +115,7 @@ def run_demo(out: Path, sd: str | None, clip: str | None, images_per_class: int,
     laplace["trainer"]["accelerator"] = "auto"
     laplace["model"]["init_args"].update(sd=sd, output=str(out / "posterior.pt"))
     laplace["data"]["init_args"].update(shards=str(out / "shards" / "train"), **data)
+    laplace["overwrite"] = True  # the demo rebuilds its whole directory, models included
     precompute = _load("precompute.yaml")
     precompute["trainer"]["accelerator"] = "auto"
     precompute["model"]["init_args"].update(sd=sd, clip=clip, posterior=str(out / "posterior.pt"),

@@ -81,7 +81,9 @@ def grid(rows: Path, base: Path | None = None, extra: list[Path] | None = None, 
     if not row_files:
         raise FileNotFoundError(f"no *.yaml rows in {rows}")
     plan = []  # (row, configs, parent, version, seed): every run known before the first starts
-    for row in row_files:
+    # Each row's config is resolved before any run starts (a bad row fails the grid at once): a line per row.
+    for row in report_progress(row_files, len(row_files), "grid: resolving row configs", "rows", every_s=0,
+                               always=True):
         configs = [arg for path in (base, row, *extra) for arg in ("--config", str(path))]
         parent, version, config_seed = _logger_target(configs)
         plan += [(row, configs, parent, version, seed) for seed in (seeds if seeds else [config_seed])]

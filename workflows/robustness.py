@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from workflows.predict import run_predict
-from core.progress import PlainLogProgress
+from core.progress import PlainLogProgress, ProgressLine
 from datamodules.cached_features import centre_clip_boxes
 from datamodules.image_shards import ImageShardDataModule, pixel_settings
 from datamodules.perturbations import ROBUSTNESS_SWEEP, parse_sweep, perturbation_label
@@ -61,8 +61,10 @@ def cached_features(model: OnTheFlyDetector, datamodule: ImageShardDataModule, c
                 "extractor": settings.get("common", settings)}  # checked by the writer when it grows the store
     path = cache_path(cache, label, identity)
     names = list(extractor.outputs)
-    reused = done_everywhere(path, names)
-    if reused < len(datamodule.shard_table()):
+    reused, total = done_everywhere(path, names), len(datamodule.shard_table())
+    print(f"robustness {label}: features: {reused}/{total} tars already in the cache {path}"
+          + (f", computing {total - reused}" if reused < total else ""), flush=True)
+    if reused < total:
         writer = ZarrFeatureWriter(str(path))  # the exactly-once, resumable writer of `precompute`
         trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, callbacks=[writer, PlainLogProgress()],
                              enable_model_summary=False)
@@ -109,10 +111,11 @@ def robustness_sweep(ckpt: str, shards: str, out: str, batch_size: int, num_work
     cache_dir = Path(cache) if cache else Path(shards) / "robustness_cache"
     cached = model.detector.clip is None  # a fine-tuned CLIP reads pixels, which no store holds
     rows: list[dict[str, Any]] = []
+    levels = ProgressLine("robustness", len(sweep), "levels")  # done/total, rate, ETA after every level
     for number, (name, parameter) in enumerate(sweep, 1):
         label, started = perturbation_label(name, parameter), time.monotonic()
         print(f"robustness [{number}/{len(sweep)}] {label}: "
-              + (f"features from the cache in {cache_dir}" if cached else "features on the fly (fine-tuned CLIP)"),
+              + ("features from the cache where present" if cached else "features on the fly (fine-tuned CLIP)"),
               flush=True)
         settings = {**pixel_settings(provenance.store.pixels), "perturbation": (name, parameter)}
         datamodule = ImageShardDataModule(shards, batch_size=batch_size, num_workers=num_workers, **settings)
@@ -127,6 +130,7 @@ def robustness_sweep(ckpt: str, shards: str, out: str, batch_size: int, num_work
             rows.append({"perturbation": label, "generator": row["generator"], **{k: row[k] for k in METRICS}})
         print(f"robustness [{number}/{len(sweep)}] {label}: done in {time.monotonic() - started:.1f} s{reused}",
               flush=True)
+        print(levels.advance(force=True), flush=True)
 
     def cell(value: object) -> str:
         return str(value) if isinstance(value, (str, int)) else f"{100 * value:.1f}"
@@ -134,4 +138,6 @@ def robustness_sweep(ckpt: str, shards: str, out: str, batch_size: int, num_work
     save_rows(rows, out, "robustness_per_generator", cell)
     overall = [r for r in rows if r["generator"] == "average"]
     print(save_rows([{k: v for k, v in r.items() if k != "generator"} for r in overall], out, "robustness", cell))
+    print(f"robustness: tables written to {Path(out) / 'robustness.md'} (and .csv) and "
+          f"{Path(out) / 'robustness_per_generator.md'} (and .csv)", flush=True)
     return overall
