@@ -12,6 +12,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from lightning_modules.tiny_models import build_tiny_models  # noqa: E402
+from timeouts import pytest_collection_modifyitems  # noqa: E402,F401  (the hook: slow tests' longer limit)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ so a layout only names folders.
 
 from __future__ import annotations
 
-import importlib
 import os
 import stat
 from collections.abc import Callable, Iterable
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from core.registries import import_modules
 from datamodules.image_io import describe_error
 
 Split = Literal["train", "val"]
@@ -192,8 +192,4 @@ def layout_named(name: str) -> LayoutSpec:
 
 def import_layout_modules(modules: Iterable[str]) -> None:
     """Import the modules that register layouts (a user's); one line if one is missing."""
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as missing:
-            raise ShardsInputError(f"--layout_modules: cannot import {module!r} ({missing})") from missing
+    import_modules(modules, "--layout_modules", ShardsInputError)

@@ -11,13 +11,13 @@ counts from here instead of keeping their own lists.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from core.registries import import_modules
 from feature_cache.provenance import FEATURE_KINDS, FeatureKind, FeatureSpec
 
 if TYPE_CHECKING:
@@ -108,11 +108,7 @@ register_feature("clip_pooled", "clip", "CLIP RN50 attention-pooled image embedd
 
 def import_map_modules(modules: Iterable[str]) -> None:
     """Import the modules that register maps (the built-ins plus a user's); one line if one is missing."""
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as missing:
-            raise ValueError(f"map_modules: cannot import {module!r} ({missing})") from missing
+    import_modules(modules, "map_modules")
 
 
 def available_maps() -> list[str]:
