@@ -18,10 +18,10 @@ DATASET = DatasetProvenance("/data/train", "genimage", "train", "m0", [{"name": 
                             STATS)
 PIXELS = PixelProvenance(64, "jpeg_aligned", None, 0, "sha256", extra={"resize": "PIL bilinear"})
 COMMON = {"unet_hash": "aaaa", "timestep": 200, "seed": 0, "batch_size": 4}
-GROUPS = {"g0": GroupInfo({"lare": FeatureSpec((4, 8, 8), "float32", "zstd")},
+GROUPS = {"g0": GroupInfo({"lare": FeatureSpec((4, 8, 8), "float32", "zstd", "guidance")},
                           ExtractorProvenance(COMMON, {"lare": {}}, {"lare": "lightning_modules.maps.builtin"})),
-          "g1": GroupInfo({"deu": FeatureSpec((4, 8, 8), "float32", "zstd"),
-                           "mi": FeatureSpec((4, 8, 8), "float32", "zstd")},
+          "g1": GroupInfo({"deu": FeatureSpec((4, 8, 8), "float32", "zstd", "guidance"),
+                           "mi": FeatureSpec((4, 8, 8), "float32", "zstd", "guidance")},
                           ExtractorProvenance(COMMON, {"deu": {"posterior_sha256": "bbbb"}, "mi": {}},
                                               {"deu": "user_maps", "mi": "lightning_modules.maps.builtin"}))}
 
@@ -87,7 +87,7 @@ def test_differences_name_the_field_and_ignore_which_images() -> None:
     other_images = DatasetProvenance("/data/test", "genimage", "val", "m1", [], STATS)
     same_settings = FeatureProvenance.of_store(StoreProvenance(other_images, PIXELS), GROUPS, ["deu"])
     assert trained.differences(same_settings) == []
-    groups = {"g1": GroupInfo({"deu": FeatureSpec((4, 8, 8), "float16", "zstd")},
+    groups = {"g1": GroupInfo({"deu": FeatureSpec((4, 8, 8), "float16", "zstd", "guidance")},
                               ExtractorProvenance(COMMON, {"deu": {"posterior_sha256": "dddd"}}, {}))}
     other = FeatureProvenance.of_store(StoreProvenance(DATASET, PixelProvenance(64, "raw", extra=PIXELS.extra)), groups, ["deu"])
     assert trained.differences(other) == [
@@ -100,7 +100,7 @@ def test_from_provenance_rebuilds_the_extractor_and_refuses_other_weights(tiny_m
     to its default) and weights that differ from the recorded hashes being accepted."""
     extractor = FeatureExtractor(str(tiny_model_paths["sd"]), outputs=["lare"], num_noises=2, timestep=300, seed=5)
     recorded = ExtractorProvenance.from_attrs(extractor.provenance())
-    spec = {"lare": FeatureSpec((4, 8, 8), "float32", "zstd")}
+    spec = {"lare": FeatureSpec((4, 8, 8), "float32", "zstd", "guidance")}
     provenance = FeatureProvenance.of_store(StoreProvenance(DATASET, PIXELS), {"g": GroupInfo(spec, recorded)},
                                             ["lare"])
     rebuilt = FeatureExtractor.from_provenance(provenance)

@@ -265,8 +265,8 @@ def choice_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from reports.separability import separability_report
 
     root = tmp_path_factory.mktemp("choices")
-    specs = {"deu": FeatureSpec((4, 8, 8), "float32", "zstd"), "lare": FeatureSpec((4, 8, 8), "float32", "zstd"),
-             "clip_layer3": FeatureSpec((16, 4, 4), "float16", "lz4")}
+    specs = {"deu": FeatureSpec((4, 8, 8), "float32", "zstd", "guidance"), "lare": FeatureSpec((4, 8, 8), "float32", "zstd", "guidance"),
+             "clip_layer3": FeatureSpec((16, 4, 4), "float16", "lz4", "clip")}
     generators = [(r // 2) % 2 for r in range(CHOICE_ROWS)]  # both generators hold reals and fakes
     paths = {}
     for split in ("train", "val"):

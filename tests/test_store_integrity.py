@@ -21,8 +21,8 @@ from feature_cache_fakes import make_shard_dir, run_predict, write_store
 from workflow_stores import build_store
 
 REPO = Path(__file__).resolve().parents[1]
-SPECS = {"deu": FeatureSpec((4, 8, 8), "float32", "zstd"), "clip_layer3": FeatureSpec((16, 14, 14), "float16", "none"),
-         "clip_pooled": FeatureSpec((16,), "int8_rowscale", "none")}
+SPECS = {"deu": FeatureSpec((4, 8, 8), "float32", "zstd", "guidance"), "clip_layer3": FeatureSpec((16, 14, 14), "float16", "none", "clip"),
+         "clip_pooled": FeatureSpec((16,), "int8_rowscale", "none", "clip")}
 REPAIR = "rerun the same `python -m cli precompute` command to recompute it"
 
 
