@@ -72,7 +72,8 @@ class ForensicsTrainer(pl.Trainer):
 
     def precompute(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None,
                    store: str | None = None, clip_dtype: ClipDtype = "float16", clip_codec: Codec = "lz4",
-                   background_writer: bool = True, queue_tars: int = 2, verify_checksums: bool = True) -> None:
+                   background_writer: bool = True, queue_tars: int = 2, verify_checksums: bool = True,
+                   drop_incomplete_group: bool = False) -> None:
         """Phase 1: compute per-image maps from image shards into a Zarr feature store (create, resume or grow).
 
         Args:
@@ -84,11 +85,13 @@ class ForensicsTrainer(pl.Trainer):
             queue_tars: tars of outputs queued for the writer before the device loop waits.
             verify_checksums: check every stored file's crc32c (format 2: sha256) at start, not only its size, and
                 recompute damaged tars; false skips the read-back of the whole store.
+            drop_incomplete_group: first delete the store's incomplete group (a grow that failed, e.g. on a members
+                file fitted at another resolution), then grow it afresh with this run's outputs.
         """
         from workflows.precompute import precompute
 
         precompute(self, model, datamodule, store, clip_dtype, clip_codec, background_writer, queue_tars,
-                   verify_checksums)
+                   verify_checksums, drop_incomplete_group)
 
     def laplace_fit(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None,
                     overwrite: bool = False) -> None:

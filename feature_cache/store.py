@@ -694,6 +694,23 @@ class FeatureStore:
                                          "missing while the tar's files exist (deleted done marker?)"))
         return damage
 
+    def drop_group(self, group: str) -> None:
+        """Delete an incomplete group, its files and its entry (hold the lock): what a failed grow left behind
+        (e.g. bound to a members file that turned out unusable), so a rerun can grow the store afresh. Only the
+        newest group can go (group names are `g<count>`) and only while incomplete (a complete group is data)."""
+        if group not in self.groups:
+            raise ValueError(f"feature store {self.path}: no group {group!r} (groups: {', '.join(self.groups)})")
+        if group not in self.incomplete_groups():
+            raise ValueError(f"feature store {self.path}: group {group} is complete; only an incomplete group is dropped")
+        if group != list(self.groups)[-1]:
+            raise ValueError(f"feature store {self.path}: group {group} is not the newest group; drop "
+                             f"{list(self.groups)[-1]} first")
+        del self.groups[group]
+        self._seal(groups={g: i.to_attrs() for g, i in self.groups.items()})  # forgotten first, then deleted
+        shutil.rmtree(self.path / group, ignore_errors=True)
+        self._arrays = {}
+        self._records = {key: record for key, record in self._records.items() if key[0] != group}
+
     def drop_tars(self, group: str, tars: Sequence[str]) -> None:
         """Forget tars of a group (marker first, then their files) so a rerun recomputes them."""
         tar_names = [t["name"] for t in self.shard_table]

@@ -99,7 +99,7 @@ class ZarrFeatureWriter(BasePredictionWriter):
 
     def __init__(self, store: str, clip_dtype: ClipDtype = "float16", clip_codec: Codec = "lz4",
                  guidance_codec: Codec = "zstd", background: bool = True, queue_tars: int = 2,
-                 verify_checksums: bool = True) -> None:
+                 verify_checksums: bool = True, drop_incomplete_group: bool = False) -> None:
         """Args:
             store: directory of the Zarr feature store to create, resume or grow.
             clip_dtype: stored dtype of CLIP maps (guidance maps are always float32).
@@ -109,6 +109,8 @@ class ZarrFeatureWriter(BasePredictionWriter):
             queue_tars: tars of outputs the queue holds before the device loop waits (bounds host memory).
             verify_checksums: at start, check every recorded file's crc32c (format 2: sha256), not only its size, and
                 recompute damage.
+            drop_incomplete_group: before anything else, delete the store's incomplete group (what a failed grow
+                left; `FeatureStore.drop_group`), so this run grows the store afresh instead of resuming it.
         """
         super().__init__(write_interval="batch")
         if queue_tars < 1:
@@ -116,6 +118,7 @@ class ZarrFeatureWriter(BasePredictionWriter):
         self.path = Path(store)
         self.clip_dtype, self.clip_codec, self.guidance_codec = clip_dtype, clip_codec, guidance_codec
         self.background, self.queue_tars, self.verify_checksums = background, queue_tars, verify_checksums
+        self.drop_incomplete_group = drop_incomplete_group
         self.config_text: str | None = None  # the run's resolved config, saved into the store by rank 0
         self.store: FeatureStore | None = None
         self.group: str | None = None
@@ -211,6 +214,9 @@ class ZarrFeatureWriter(BasePredictionWriter):
         else:
             store = FeatureStore.open(self.path, writable=True)
             self._check_binding(store, dataset, pixels)
+            for group in reversed(store.incomplete_groups() if self.drop_incomplete_group else []):
+                store.drop_group(group)
+                print(f"precompute: dropped the incomplete group {group} of {self.path}", file=sys.stderr)
             damage = store.verify(checksums=self.verify_checksums)
             if damage:
                 lines = "\n".join(f"  {d}" for d in damage)

@@ -164,6 +164,29 @@ def test_a_map_added_later_is_bit_identical_and_nothing_else_is_recomputed(tmp_p
     assert rerun.group is None and rerun.summary.unfinished == [] and rerun.summary.not_added == []
 
 
+def test_an_incomplete_group_is_dropped_in_one_step_and_the_store_grows_afresh(tmp_path: Path, shard_dir: Path,
+                                                                              reference) -> None:
+    """Catches `--drop_incomplete_group` that leaves the group's entry (the next grow is refused or the attribute
+    digest fails at open), leaves its files behind, touches the complete groups' bytes, or drops a complete group."""
+    run_predict(tmp_path / "s", shard_dir, outputs=("lare", "deu"))
+    with pytest.raises(RuntimeError, match="fake failure"):  # a grow that dies on its first batches
+        run_predict(tmp_path / "s", shard_dir, outputs=FAKE_OUTPUTS, fail_at_row=6)
+    assert FeatureStore.open(tmp_path / "s").incomplete_groups() == ["g1"]
+    before = {k: v for k, v in store_bytes(tmp_path / "s").items() if k.startswith("g0")}
+    dropped = run_predict(tmp_path / "s", shard_dir, outputs=("lare", "deu"),
+                          writer_kwargs={"drop_incomplete_group": True})
+    store = FeatureStore.open(tmp_path / "s")  # the attribute digests were resealed without g1
+    assert dropped.group is None and list(store.groups) == ["g0"] and not (tmp_path / "s" / "g1").exists()
+    assert {k: v for k, v in store_bytes(tmp_path / "s").items() if k.startswith("g0")} == before
+    assert store.verify(checksums=True) == []
+    with pytest.raises(ValueError, match="group g0 is complete; only an incomplete group is dropped"):
+        store.drop_group("g0")
+    run_predict(tmp_path / "s", shard_dir, outputs=FAKE_OUTPUTS)  # grows g1 afresh
+    store = FeatureStore.open(tmp_path / "s")
+    assert store.incomplete_groups() == [] and list(store.groups["g1"].features) == ["clip_pooled"]
+    np.testing.assert_array_equal(store.read("clip_pooled"), reference.read("clip_pooled"))
+
+
 def test_reconverted_shards_are_refused_naming_the_tars(tmp_path: Path, shard_dir: Path, reference) -> None:
     """Catches a resume against re-converted shards (same count, other pixels) mixing old and new features."""
     make_shard_dir(shard_dir, NUM_ROWS, SHARD_SIZE, pixel_offset=1)

@@ -16,7 +16,7 @@ from feature_cache.writer import ZarrFeatureWriter
 
 def precompute(trainer: pl.Trainer, model: pl.LightningModule, datamodule: pl.LightningDataModule | None,
                store: str | None, clip_dtype: str, clip_codec: str, background_writer: bool, queue_tars: int,
-               verify_checksums: bool) -> None:
+               verify_checksums: bool, drop_incomplete_group: bool = False) -> None:
     """Phase 1 into `store` (create, resume or grow); exits naming unfinished tars, outputs not yet added or
     tars lost to damage (after everything else is written)."""
     if store is None:
@@ -29,7 +29,8 @@ def precompute(trainer: pl.Trainer, model: pl.LightningModule, datamodule: pl.Li
         raise SystemExit("python -m cli precompute: remove ZarrFeatureWriter from trainer.callbacks; "
                          "--store adds it")
     writer = ZarrFeatureWriter(store, clip_dtype=clip_dtype, clip_codec=clip_codec, background=background_writer,
-                               queue_tars=queue_tars, verify_checksums=verify_checksums)
+                               queue_tars=queue_tars, verify_checksums=verify_checksums,
+                               drop_incomplete_group=drop_incomplete_group)
     trainer.callbacks.append(writer)
     try:
         trainer.predict(model, datamodule=datamodule, return_predictions=False)
