@@ -212,8 +212,10 @@ def test_kill_one_node_then_rerun_on_one_node_gives_the_same_store(setup, refere
     assert not [pid for tree in trees for pid in tree if _running(pid)], "a process of the killed job survived"
     partial = len(FeatureStore.open(store).done_tars("g0"))
     assert 1 <= partial < TARS, f"the kill should land mid-run, {partial}/{TARS} tars were done"
-    lock_file = launch is _launch_slurm  # srun runs take the lock file: node 0 died holding it
-    assert (store / LOCK_FILE).is_file() == lock_file
+    lock_file = launch is _launch_slurm  # srun runs take the lock file (flock runs never create one)
+    # Node 0 either died holding it or released it on seeing rank 1 die (gloo's error reaches it first under
+    # load): either way the rerun must not be blocked (takeover of a dead holder: tests/test_store_locks.py).
+    assert lock_file or not (store / LOCK_FILE).exists()
     result = subprocess.run([sys.executable, "-m", "cli", *_cli_args(setup, store)], capture_output=True, text=True,
                             timeout=600, env=_env(FEATURE_STORE_LOCK="file" if lock_file else "flock"),
                             cwd=setup["root"])

@@ -140,7 +140,7 @@ def test_deua_grid_runs_each_row_as_fit_then_test(tiny_cache, tmp_path):
 
 def test_grid_dry_run_names_every_row_and_seed(capsys):
     grid(REPO / "configs/ablations/lare2", dry_run=True)
-    printed = capsys.readouterr().out.splitlines()
+    printed = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("grid: ")]  # progress
     assert len(printed) == 8  # four rows, fit and test each
     assert printed[1].endswith("configs/ablations/lare2/baseline.yaml --seed_everything 0")
     assert printed[1].split()[3] == "test"  # test finds the row's fitted run itself

@@ -192,7 +192,7 @@ def test_hparams_hold_the_subclass_and_the_base_arguments(tmp_path):
     model = DEUADetector(guidance=["lare"], num_heads=2, asym_weight=0.0, visual_channels=CHANNELS, lr=3e-3)
     assert dict(model.hparams) == {
         "guidance": ["lare"], "backbone": "frozen", "clip": None, "visual_channels": CHANNELS, "grid_size": GRID,
-        "lr": 3e-3, "guidance_norm": "log", "norm_rows": 2048,
+        "lr": 3e-3, "guidance_norm": "log", "norm_rows": 2048, "guidance_channels": None,
         "num_heads": 2, "guidance_dim": 64, "asym_weight": 0.0, "margin_real": 0.6, "margin_fake": 1.0}
     trainer = _trainer(tmp_path, max_epochs=0)
     trainer.strategy.connect(model)

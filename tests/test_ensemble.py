@@ -302,7 +302,8 @@ def test_embedding_member_maps_equal_a_per_member_unet_loop(tiny_model_paths: di
     prompt's embedding used instead of the member's, means taken over the wrong axis, and σ² not per channel."""
     batch = make_batch(["m0", "m1"])
     with torch.no_grad():
-        maps = ensemble_extractor(tiny_model_paths["sd"], embedding_members_file).predict_step(batch, 0)
+        maps = ensemble_extractor(tiny_model_paths["sd"], embedding_members_file,
+                                  outputs=["ensemble_mi", "ensemble_var", "ensemble_mi_pixel"]).predict_step(batch, 0)
     members = load_members(embedding_members_file)
     means = per_member_means(tiny_model_paths["sd"], batch, members["embeddings"])
     torch.testing.assert_close(maps["ensemble_var"], means.var(dim=1, correction=0), rtol=1e-4, atol=1e-9)

@@ -237,7 +237,8 @@ def test_failed_grow_leaves_no_group_and_paths_are_resolved(phase1: dict[str, Pa
     ok(precompute(phase1, store, "[ensemble_mi]", members="members.pt", cwd=phase1["root"]))
     grown = FeatureStore.open(store)
     assert set(grown.feature_names) == {"lare", "ensemble_mi"} and not grown.incomplete_groups()
-    assert grown.feature_provenance("ensemble_mi")["extractor"]["map"]["ensemble_members"] == str(phase1["members"])
+    assert grown.groups[grown.group_of("ensemble_mi")].extractor.maps["ensemble_mi"]["ensemble_members"] == \
+        str(phase1["members"])
     after = snapshot(store)
     ok(precompute(phase1, store, "[ensemble_mi]", members=str(phase1["members"])))
     def data(files: dict[str, bytes]) -> dict[str, bytes]:  # without the run's saved config and the lock's pid
