@@ -8,7 +8,6 @@ the option, the path and the system's reason; `write_failure` words an OSError m
 from __future__ import annotations
 
 import errno
-import os
 import tempfile
 from pathlib import Path
 

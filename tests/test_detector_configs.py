@@ -14,7 +14,7 @@ import yaml
 
 from cli.__main__ import main
 from workflows.grid import grid
-from feature_cache.provenance import ExtractorProvenance, FeatureSpec
+from feature_cache.provenance import ExtractorProvenance
 from feature_cache.store import FeatureStore
 from lightning_modules.detectors import DEUADetector, LaRE2Detector
 from core.seeding import image_generator

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from core.checkpoint_io import safe_torch_load
 from feature_cache.provenance import FeatureProvenance
