@@ -21,7 +21,7 @@ TRAINER_SUBCOMMANDS = {"fit": "fit", "validate": "validate", "test": "test",
 # Plain commands (jsonargparse over a function's signature): name → "module:function".
 PLAIN_COMMANDS = {"shards": "cli.plain_commands:shards", "tiny-models": "cli.plain_commands:tiny_models",
                   "demo": "cli.plain_commands:demo", "compare": "cli.plain_commands:compare",
-                  "grid": "workflows.grid:grid", "predict": "cli.plain_commands:predict",
+                  "grid": "cli.plain_commands:grid", "predict": "cli.plain_commands:predict",
                   "robustness": "cli.plain_commands:robustness", "verify": "cli.plain_commands:verify",
                   "separability": "cli.plain_commands:separability"}
 

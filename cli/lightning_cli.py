@@ -8,6 +8,8 @@ and `test` scores the fitted run's checkpoint (never an untrained model).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
@@ -248,3 +251,17 @@ def build_cli(args: list[str], run: bool = True, prog: str = "python -m cli") ->
         parser_class=ForensicsParser,  # OneLineErrorParser's: a bad key's line first, no usage block
         parser_kwargs={"prog": prog, **not_detector},
     )
+
+
+def resolve_config(args: list[str]) -> dict[str, Any]:
+    """The config a Trainer command line (`fit --config ...`) resolves to, as its `--print_config` prints it, parsed in
+    this process: `grid` reads each row's logger and seed before any run starts, without an interpreter per row.
+    A command line that does not parse raises ValueError with the parser's one-line error."""
+    printed, errors = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
+        try:
+            build_cli([*args, "--print_config"])
+        except SystemExit as exit_:
+            if exit_.code not in (0, None):
+                raise ValueError((errors.getvalue().strip().splitlines() or [str(exit_.code)])[0]) from None
+    return yaml.safe_load(printed.getvalue())

@@ -115,6 +115,29 @@ def compare(runs_dir: Path, sort_by: str = "test_acc", metrics: list[str] | None
     compare_runs(runs_dir, sort_by, metrics, matrix)
 
 
+def grid(rows: Path, base: Path | None = None, extra: list[Path] | None = None, seeds: list[int] | None = None,
+         test: bool = True, dry_run: bool = False, together: bool = False) -> list[Path]:
+    """Fit (and test) every row in ROWS for every seed, one subprocess per Trainer run; print the summary.
+
+    A run whose fit fails is reported and skipped (no test); the others still run, and the command
+    exits non-zero at the end naming the failed runs. Returns the run directories.
+
+    Args:
+        rows: directory of override YAMLs, one per row (run in name order).
+        base: base config; default `configs/<rows directory name>.yaml` next to `configs/ablations/`.
+        extra: configs stacked after each row (machine-specific paths, shorter schedules), e.g. `--extra local.yaml`.
+        seeds: seeds to run each row with (`--seeds 0 1 2`; compare shows mean ± std); default the config's seed.
+        test: after fitting, test the run's best checkpoint (writes protocol_table and test_predictions.csv).
+        dry_run: print the commands instead of running them.
+        together: per seed, fit all rows in one process on the same batches, one read of the stores for all
+            of them (workflows/grid_together.py; rows must share their data and training loop), then test each row.
+    """
+    from cli.lightning_cli import resolve_config
+    from workflows.grid import grid as run_grid
+
+    return run_grid(rows, base, extra, seeds, test, dry_run, together, resolve=resolve_config)
+
+
 def predict(*, ckpt: str, data: str, out: str = "predictions.csv", batch_size: int = 8, num_workers: int = 2,
             accelerator: str = "auto", overwrite: bool = False, sd: str | None = None, clip: str | None = None,
             posterior: str | None = None) -> None:

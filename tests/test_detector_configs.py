@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from cli.__main__ import main
-from workflows.grid import grid
+from cli.plain_commands import grid
 from feature_cache.provenance import ExtractorProvenance
 from feature_cache.store import FeatureStore
 from lightning_modules.detectors import DEUADetector, LaRE2Detector
@@ -146,6 +146,21 @@ def test_grid_dry_run_names_every_row_and_seed(capsys):
     assert printed[1].split()[3] == "test"  # test finds the row's fitted run itself
     assert all(line.startswith("python -m cli ") for line in printed)
     assert np.array_equal([line.split()[3] for line in printed[::2]], ["fit"] * 4)
+
+
+def test_grid_names_a_row_that_does_not_resolve_in_one_line(tmp_path, capsys):
+    """Bugs caught: a row's bad key surfacing as a traceback or a usage block (or only once the row's run starts,
+    after other rows trained), and the error not naming which row's configs failed."""
+    rows = tmp_path / "lare2"
+    rows.mkdir()
+    (rows / "a_good.yaml").write_text((REPO / "configs/ablations/lare2/baseline.yaml").read_text())
+    (rows / "b_typo.yaml").write_text(yaml.safe_dump({"model": {"init_args": {"lrr": 0.1}}}))
+    with pytest.raises(SystemExit) as exited:
+        main(["grid", str(rows), "--base", str(REPO / "configs/lare2.yaml"), "--dry_run", "true"])
+    message = str(exited.value.code)
+    assert message.startswith("python -m cli grid: ") and "\n" not in message, message
+    assert "b_typo.yaml does not resolve: " in message and "--model.init_args.lrr: not an option of" in message
+    assert "python -m cli fit" not in capsys.readouterr().out  # no run was listed before the refusal
 
 
 def _printed_model_settings(configs: list[str], capsys) -> dict:

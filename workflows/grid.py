@@ -4,6 +4,7 @@ A grid is a directory of small override YAMLs, one per row, each stacked on the 
 config (`configs/<grid name>.yaml` unless `--base` says otherwise) and then on any `--extra` configs
 (e.g. a git-ignored local.yaml with the store paths). The rows can be ablations, or training generators
 (each row sets `data.init_args.train`) for the cross-generator matrix (`compare --matrix`).
+Each row's config is resolved in this process before any run starts (a bad row fails the grid at once).
 Every run is its own `python -m cli fit` then `python -m cli test` subprocess: a DDP launch re-executes
 its command line per rank, so each Trainer run must be a whole process, and one failed row must not
 take the others' results with it. `fit` makes the run directory `<row>-seed<S>` (a rerun gets `-r2`)
@@ -16,9 +17,8 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-
-import yaml
 
 from workflows.run_dirs import latest_fitted_run, next_run_dir, run_base
 
@@ -27,13 +27,12 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "cli", *args]
 
 
-def _logger_target(configs: list[str]) -> tuple[Path, str, int]:
-    """(save_dir/name, version, seed) of the row's TensorBoardLogger, from the resolved config."""
-    printed = subprocess.run(_cli("fit", *configs, "--print_config"), capture_output=True, text=True)
-    if printed.returncode:
-        raise ValueError(f"{' '.join(configs)} does not resolve: "
-                         f"{(printed.stderr.strip().splitlines() or [''])[-1]}")
-    resolved = yaml.safe_load(printed.stdout)
+def _logger_target(configs: list[str], resolve: Callable[[list[str]], dict]) -> tuple[Path, str, int]:
+    """(save_dir/name, version, seed) of the row's TensorBoardLogger, from the config `resolve` gives."""
+    try:
+        resolved = resolve(["fit", *configs])
+    except ValueError as error:
+        raise ValueError(f"{' '.join(configs)} does not resolve: {error}") from None
     logger = (resolved.get("trainer") or {}).get("logger")
     init = logger.get("init_args", {}) if isinstance(logger, dict) else {}
     if init.get("version") is None or init.get("save_dir") is None:
@@ -54,22 +53,11 @@ def run_together(rows: dict[str, list[str]]) -> list[str]:
 
 
 def grid(rows: Path, base: Path | None = None, extra: list[Path] | None = None, seeds: list[int] | None = None,
-         test: bool = True, dry_run: bool = False, together: bool = False) -> list[Path]:
-    """Fit (and test) every row in ROWS for every seed, one subprocess per Trainer run; print the summary.
-
-    A run whose fit fails is reported and skipped (no test); the others still run, and the command
-    exits non-zero at the end naming the failed runs. Returns the run directories.
-
-    Args:
-        rows: directory of override YAMLs, one per row (run in name order).
-        base: base config; default `configs/<rows directory name>.yaml` next to `configs/ablations/`.
-        extra: configs stacked after each row (machine-specific paths, shorter schedules), e.g. `--extra local.yaml`.
-        seeds: seeds to run each row with (`--seeds 0 1 2`; compare shows mean ± std); default the config's seed.
-        test: after fitting, test the run's best checkpoint (writes protocol_table and test_predictions.csv).
-        dry_run: print the commands instead of running them.
-        together: per seed, fit all rows in one process on the same batches, one read of the stores for all
-            of them (workflows/grid_together.py; rows must share their data and training loop), then test each row.
-    """
+         test: bool = True, dry_run: bool = False, together: bool = False, *,
+         resolve: Callable[[list[str]], dict]) -> list[Path]:
+    """`python -m cli grid` (its options: cli/plain_commands.py `grid`); `resolve` turns a Trainer command line into
+    its resolved config (cli's `resolve_config`, handed down: workflows never import cli). Returns the run
+    directories."""
     from core.progress import report_progress  # imports lightning: not for `grid --help`
 
     rows, extra = Path(rows), [Path(p) for p in extra or []]
@@ -85,7 +73,7 @@ def grid(rows: Path, base: Path | None = None, extra: list[Path] | None = None, 
     for row in report_progress(row_files, len(row_files), "grid: resolving row configs", "rows", every_s=0,
                                always=True):
         configs = [arg for path in (base, row, *extra) for arg in ("--config", str(path))]
-        parent, version, config_seed = _logger_target(configs)
+        parent, version, config_seed = _logger_target(configs, resolve)
         plan += [(row, configs, parent, version, seed) for seed in (seeds if seeds else [config_seed])]
     run_dirs, failed, parents = [], [], sorted({parent for _, _, parent, _, _ in plan})
     if together:
