@@ -20,7 +20,8 @@ TRAINER_SUBCOMMANDS = {"fit": "fit", "validate": "validate", "test": "test",
 
 # Plain commands (jsonargparse over a function's signature): name → "module:function".
 PLAIN_COMMANDS = {"shards": "cli.plain_commands:shards", "tiny-models": "cli.plain_commands:tiny_models",
-                  "demo": "cli.plain_commands:demo", "compare": "cli.plain_commands:compare",
+                  "demo": "cli.plain_commands:demo", "toy-data": "cli.plain_commands:toy_data",
+                  "compare": "cli.plain_commands:compare",
                   "grid": "cli.plain_commands:grid", "predict": "cli.plain_commands:predict",
                   "robustness": "cli.plain_commands:robustness", "verify": "cli.plain_commands:verify",
                   "separability": "cli.plain_commands:separability"}

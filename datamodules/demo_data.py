@@ -26,6 +26,7 @@ from PIL import Image
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
           "camera", "brick", "grass", "gravel")
 GENERATORS = ("demo_upsample", "demo_smooth")
+TOY_GENIMAGE_FOLDERS = ("imagenet_ai_0419_sdv4", "imagenet_glide")  # `toy-data`: the README's GenImage names
 TRACE_SCALE = 8  # the VAE's downsampling factor: the scale at which a latent diffusion decoder leaves its traces
 GRID_AMPLITUDE = 48  # grey levels of the shared grid trace; both generators carry it, so one transfers to the other
 
@@ -66,8 +67,9 @@ def synthesize_fake(tile: np.ndarray, generator: str) -> np.ndarray:
 
 
 def build_demo_images(root: str | Path, per_class: dict[str, int] | None = None, tile_size: int = 128,
-                      seed: int = 0, permute_labels: bool = False) -> Path:
-    """Write the demo tree; `per_class` maps split → images per class and generator.
+                      seed: int = 0, permute_labels: bool = False, folders: tuple[str, ...] = GENERATORS) -> Path:
+    """Write the demo tree; `per_class` maps split → images per class and generator, `folders` names the
+    generators' folders (GENERATORS' processes, in order).
 
     `permute_labels` is the control run: the same images, but for a random half of the (real, fake)
     pairs the real goes to ai/ and the fake to nature/, so labels no longer depend on the images and
@@ -77,16 +79,31 @@ def build_demo_images(root: str | Path, per_class: dict[str, int] | None = None,
     root = Path(root)
     photos = _photos()
     for split_index, (split, count) in enumerate(sorted(per_class.items())):
-        for gen_index, generator in enumerate(GENERATORS):
+        for gen_index, (generator, folder) in enumerate(zip(GENERATORS, folders, strict=True)):
             rng = np.random.default_rng([seed, split_index, gen_index])
             swaps = np.random.default_rng([seed, split_index, gen_index, 1]).permutation(count) < count // 2
             for label_dir in ("ai", "nature"):
-                (root / generator / split / label_dir).mkdir(parents=True, exist_ok=True)
+                (root / folder / split / label_dir).mkdir(parents=True, exist_ok=True)
             for i in range(count):
                 real = _random_tile(photos, tile_size, rng)
                 fake = synthesize_fake(_random_tile(photos, tile_size, rng), generator)
                 if permute_labels and swaps[i]:
                     real, fake = fake, real
-                Image.fromarray(real).save(root / generator / split / "nature" / f"real_{i:04d}.png")
-                Image.fromarray(fake).save(root / generator / split / "ai" / f"fake_{i:04d}.png")
+                Image.fromarray(real).save(root / folder / split / "nature" / f"real_{i:04d}.png")
+                Image.fromarray(fake).save(root / folder / split / "ai" / f"fake_{i:04d}.png")
     return root
+
+
+def build_toy_data(out: str | Path, images_per_class: int, tile_size: int, seed: int = 0) -> tuple[Path, Path]:
+    """A GenImage-shaped tree (OUT/GenImage, the demo's two processes as GenImage's `imagenet_ai_0419_sdv4` and
+    `imagenet_glide`; val gets half the images) and a calibration folder of real tiles (OUT/calibration): the
+    inputs the README's workflow lines expect, so they run as written without the dataset."""
+    out = Path(out)
+    tree = build_demo_images(out / "GenImage", {"train": images_per_class, "val": max(2, images_per_class // 2)},
+                             tile_size, seed, folders=TOY_GENIMAGE_FOLDERS)
+    calibration = out / "calibration"
+    calibration.mkdir(parents=True, exist_ok=True)
+    photos, rng = _photos(), np.random.default_rng([seed, 2])
+    for i in range(images_per_class):
+        Image.fromarray(_random_tile(photos, tile_size, rng)).save(calibration / f"real_{i:04d}.png")
+    return tree, calibration

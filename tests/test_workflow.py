@@ -319,15 +319,11 @@ def readme_block(heading: str, first_line: str) -> list[str]:
 def test_readme_phase1_lines_run_verbatim(tmp_path):
     """Bugs caught: README phase-1 lines that cannot run as written (no val store for `separability`, placeholder
     model paths, the posterior path differing between laplace-fit and precompute, `--trainer.devices 8` forced on
-    every machine); only local_phase1.yaml differs from what a user has (tiny sizes, CPU)."""
-    from image_trees import make_genimage, noise, save
-    from PIL import Image
-
+    every machine, a tree the shards lines expect that no documented command builds); only local_phase1.yaml differs
+    from what a user has (tiny sizes, CPU)."""
     lines = readme_block("## The workflow on real data", "python -m cli tiny-models models")
-    assert len(lines) == 9 and any("--store cache/val.zarr" in line for line in lines), lines
-    make_genimage(tmp_path / "data/GenImage")
-    for index in range(4):
-        save(tmp_path / "data/calibration" / f"calib{index}.png", Image.fromarray(noise(50 + index, 64, 64)))
+    assert len(lines) == 10 and any("--store cache/val.zarr" in line for line in lines), lines
+    assert lines[1] == "python -m cli toy-data --out data"  # the documented tree, built before the shards lines
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     (tmp_path / "local_phase1.yaml").write_text(yaml.safe_dump({
         "trainer": {"accelerator": "cpu", "devices": 1},
