@@ -197,19 +197,26 @@ def test_two_nodes_write_the_store_of_one_rank_each_tar_by_one_rank(setup, refer
 
 @pytest.mark.parametrize("launch", [_launch_slurm, _launch_torchrun], ids=["srun", "torchrun"])
 def test_kill_one_node_then_rerun_on_one_node_gives_the_same_store(setup, reference, launch):
-    """kill -9 of node 1 after its first tar (the job step then ends node 0 too, as `srun --kill-on-bad-exit`
-    and a failed torchrun rendezvous do), then a rerun with 1 node. Catches a half-written tar trusted on
-    resume, done markers of the dead node lost or miscounted, a store that depends on the node count, and
-    (srun, FEATURE_STORE_LOCK=file) a dead holder's lock file blocking the rerun on its host."""
+    """kill -9 of node 1 after its first tar; node 0, left alone, must end with a non-zero exit and no success
+    summary (the job's status is what `srun` and torchrun report: a node that hangs on its dead peer, or
+    exits 0 after printing "6/6 tars done", hides the failure); then a rerun with 1 node. Catches that, a
+    half-written tar trusted on resume, done markers of the dead node lost or miscounted, a store that depends
+    on the node count, and (srun, FEATURE_STORE_LOCK=file) a dead holder's lock file blocking the rerun."""
     store = setup["root"] / f"killed_{launch.__name__}.zarr"
     nodes = launch(setup, _cli_args(setup, store))
     for line in nodes[1].stdout:  # node 1's plain log: one line per tar it completed
         if line.startswith(f"writing {store.name} (rank 1)"):
             break
     trees = [_process_tree(node.pid) for node in nodes]
-    for node in reversed(nodes):
-        _kill(node)
-    assert not [pid for tree in trees for pid in tree if _running(pid)], "a process of the killed job survived"
+    _kill(nodes[1])
+    try:
+        out, err = nodes[0].communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        _kill(nodes[0])
+        pytest.fail("node 0 still ran 300 s after node 1 was killed: it hangs on its dead peer")
+    assert nodes[0].returncode != 0, "node 0 exited 0 although node 1 died: the job would report success"
+    assert f"{TARS}/{TARS} tars done" not in out, out[-2000:]
+    assert not [pid for tree in trees for pid in tree if _running(pid)], "a process of the failed job survived"
     partial = len(FeatureStore.open(store).done_tars("g0"))
     assert 1 <= partial < TARS, f"the kill should land mid-run, {partial}/{TARS} tars were done"
     lock_file = launch is _launch_slurm  # srun runs take the lock file (flock runs never create one)
