@@ -155,8 +155,8 @@ def grid(rows: Path, base: Path | None = None, extra: list[Path] | None = None, 
 
 
 def predict(*, ckpt: str, data: str, out: str = "predictions.csv", batch_size: int = 8, num_workers: int = 2,
-            accelerator: str = "auto", overwrite: bool = False, sd: str | None = None, clip: str | None = None,
-            posterior: str | None = None) -> None:
+            accelerator: str = "auto", devices: int = 1, overwrite: bool = False, sd: str | None = None,
+            clip: str | None = None, posterior: str | None = None) -> None:
     """Score raw images (a file or a folder, any size or format) with a trained detector; write a CSV.
 
     Features are computed on the fly with the extractor the detector's cache was made with (no cache).
@@ -170,6 +170,7 @@ def predict(*, ckpt: str, data: str, out: str = "predictions.csv", batch_size: i
         batch_size: images per batch.
         num_workers: decoding processes.
         accelerator: cpu, gpu or auto.
+        devices: ranks (DDP): each scores its share of the files, each file exactly once; rank 0 writes OUT.
         overwrite: replace an existing OUT.
         sd: Stable Diffusion directory, if not where the checkpoint says (checked against its weight hashes).
         clip: CLIP weights, if not where the checkpoint says (checked against its weight hash).
@@ -177,7 +178,7 @@ def predict(*, ckpt: str, data: str, out: str = "predictions.csv", batch_size: i
     """
     from workflows.predict import predict_folder
 
-    predict_folder(ckpt, data, out, batch_size, num_workers, accelerator, overwrite, sd=sd, clip=clip,
+    predict_folder(ckpt, data, out, batch_size, num_workers, accelerator, overwrite, devices, sd=sd, clip=clip,
                    posterior=posterior)
 
 

@@ -6,16 +6,14 @@ the work lives in workflows/ (`workflows.precompute`, `workflows.generate`).
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import RichProgressBar
 
+from core.devices import warn_if_oversubscribed
 from core.progress import plain_output
 
 from feature_cache.codecs import ClipDtype, Codec
@@ -32,11 +30,7 @@ class ForensicsTrainer(pl.Trainer):
             # `0.00it/s`); the plain-log lines (PlainLogProgress, the writer's per-tar lines) say it correctly.
             self.callbacks[:] = [RichProgressBar(console_kwargs={"quiet": True}) if isinstance(c, RichProgressBar)
                                  else c for c in self.callbacks]
-        cores = len(os.sched_getaffinity(0))
-        if isinstance(self.accelerator, CPUAccelerator) and self.num_devices > cores and self.is_global_zero:
-            print(f"warning: --trainer.devices {self.num_devices} on CPU starts {self.num_devices} processes on "
-                  f"{cores} cores: each runs about {self.num_devices / cores:.1f}x slower and the run is no faster "
-                  f"(--trainer.devices {cores} or fewer)", file=sys.stderr, flush=True)
+        warn_if_oversubscribed(self)
 
     def test(self, model: pl.LightningModule | None = None, dataloaders: Any = None,
              ckpt_path: str | Path | None = None, verbose: bool = False,

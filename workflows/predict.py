@@ -13,9 +13,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import pandas as pd
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from core.progress import PlainLogProgress
+from core.devices import warn_if_oversubscribed
+from core.progress import PlainLogProgress, plain_output
 from datamodules.image_files import METADATA, ImageFilesDataModule
 from datamodules.image_shards import preprocessor_from_provenance
 from lightning_modules.on_the_fly import OnTheFlyDetector
@@ -40,12 +42,22 @@ class RowCollector(BasePredictionWriter):
             self.rows.append(row)
 
 
-def run_predict(model: pl.LightningModule, datamodule: pl.LightningDataModule, accelerator: str) -> list[dict]:
+def run_predict(model: pl.LightningModule, datamodule: pl.LightningDataModule, accelerator: str,
+                devices: int = 1) -> list[dict] | None:
+    """Every image's row, on rank 0 (None on the other ranks). With `devices` > 1 each DDP rank scores its share
+    (predict's distributed sampler over the files is unpadded: each image on exactly one rank) and rank 0
+    gathers the rows."""
     collector = RowCollector()
-    trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, callbacks=[collector, PlainLogProgress()],
-                         enable_model_summary=False)
+    trainer = pl.Trainer(accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto",
+                         logger=False, callbacks=[collector, PlainLogProgress()], enable_model_summary=False,
+                         enable_progress_bar=not plain_output())  # piped: PlainLogProgress's lines only
+    warn_if_oversubscribed(trainer, "--devices")
     trainer.predict(model, datamodule=datamodule, return_predictions=False)
-    return collector.rows
+    if trainer.world_size == 1:
+        return collector.rows
+    gathered = [None] * trainer.world_size if trainer.is_global_zero else None
+    torch.distributed.gather_object(collector.rows, gathered, dst=0)
+    return [row for rows in gathered for row in rows] if trainer.is_global_zero else None
 
 
 def check_output_file(out: str | Path, overwrite: bool) -> Path:
@@ -76,13 +88,15 @@ def predictions_table(rows: list[dict], generator_names: list[str], threshold: f
 
 
 def predict_folder(ckpt: str, data: str, out: str, batch_size: int, num_workers: int, accelerator: str,
-                   overwrite: bool = False, **paths: str | None) -> Path:
-    """Score every file under `data`; one CSV row per file (PREDICT_COLUMNS)."""
+                   overwrite: bool = False, devices: int = 1, **paths: str | None) -> Path | None:
+    """Score every file under `data`; one CSV row per file (PREDICT_COLUMNS), written by rank 0."""
     out_path = check_output_file(out, overwrite)
     model, provenance = OnTheFlyDetector.from_checkpoint(ckpt, **paths)
     preprocess = preprocessor_from_provenance(provenance.store.pixels, provenance.store.dataset.stats)
     datamodule = ImageFilesDataModule(data, preprocess, batch_size, num_workers)
-    rows = run_predict(model, datamodule, accelerator)
+    rows = run_predict(model, datamodule, accelerator, devices)
+    if rows is None:  # a DDP rank other than 0: its rows went to rank 0
+        return None
     out_path.parent.mkdir(parents=True, exist_ok=True)
     table = predictions_table(rows, datamodule.generator_names, model.threshold)
     table.to_csv(out_path, index=False)
