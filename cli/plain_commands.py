@@ -100,11 +100,12 @@ def demo(out: Path = Path("demo_out"), sd: str | None = None, clip: str | None =
 
 
 def toy_data(out: Path = Path("data"), images_per_class: int = 8, tile_size: int = 64, seed: int = 0) -> None:
-    """Write a small GenImage-shaped tree and a calibration folder, to try the README's workflow without the dataset.
+    """Write a small GenImage-shaped tree, calibration images and a prompt file, to try the README's workflow.
 
     Args:
         out: directory to write OUT/GenImage (two generators, imagenet_ai_0419_sdv4 and imagenet_glide, with
-            train/val × ai/nature: the demo's synthetic fakes and photo tiles) and OUT/calibration (real tiles).
+            train/val × ai/nature: the demo's synthetic fakes and photo tiles), OUT/calibration (real tiles) and
+            OUT/prompts.txt (one prompt, for `generate`).
         images_per_class: images per class and generator in train (val gets half), and calibration images.
         tile_size: image side in pixels.
         seed: seed of the tiles' draws.
@@ -112,7 +113,7 @@ def toy_data(out: Path = Path("data"), images_per_class: int = 8, tile_size: int
     from datamodules.demo_data import build_toy_data
 
     tree, calibration = build_toy_data(out, images_per_class, tile_size, seed)
-    print(f"GenImage-shaped tree: {tree}; calibration images: {calibration}")
+    print(f"GenImage-shaped tree: {tree}; calibration images: {calibration}; prompts: {Path(out) / 'prompts.txt'}")
 
 
 def compare(runs_dir: Path, sort_by: str = "test_acc", metrics: list[str] | None = None, matrix: bool = False) -> None:

@@ -96,8 +96,9 @@ def build_demo_images(root: str | Path, per_class: dict[str, int] | None = None,
 
 def build_toy_data(out: str | Path, images_per_class: int, tile_size: int, seed: int = 0) -> tuple[Path, Path]:
     """A GenImage-shaped tree (OUT/GenImage, the demo's two processes as GenImage's `imagenet_ai_0419_sdv4` and
-    `imagenet_glide`; val gets half the images) and a calibration folder of real tiles (OUT/calibration): the
-    inputs the README's workflow lines expect, so they run as written without the dataset."""
+    `imagenet_glide`; val gets half the images), a calibration folder of real tiles (OUT/calibration) and a
+    prompt file for `generate` (OUT/prompts.txt): the inputs the README's workflow lines expect, so they run as
+    written without the dataset."""
     out = Path(out)
     tree = build_demo_images(out / "GenImage", {"train": images_per_class, "val": max(2, images_per_class // 2)},
                              tile_size, seed, folders=TOY_GENIMAGE_FOLDERS)
@@ -106,4 +107,5 @@ def build_toy_data(out: str | Path, images_per_class: int, tile_size: int, seed:
     photos, rng = _photos(), np.random.default_rng([seed, 2])
     for i in range(images_per_class):
         Image.fromarray(_random_tile(photos, tile_size, rng)).save(calibration / f"real_{i:04d}.png")
+    (out / "prompts.txt").write_text("a photo of a goldfish\n")
     return tree, calibration

@@ -64,7 +64,7 @@ class PredictionTables(pl.Callback):
                    stage: str) -> tuple[dict[str, torch.Tensor], list[dict]]:
         """Gather the stage's table (every rank takes part), log its per-generator metrics, reset it."""
         log = self.logs[stage]
-        table = log.compute()
+        table = log.columns()
         log.reset()
         rows: list[dict] = []
         if table["row"].numel():

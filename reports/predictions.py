@@ -53,6 +53,11 @@ class PredictionLog(Metric):
         keep = first.sort().values
         return {name: values[keep] for name, values in table.items()}
 
+    def columns(self) -> dict[str, torch.Tensor]:
+        """`compute`'s table as 1-D columns: torchmetrics squeezes a one-element result to a scalar, so a split of
+        one row would otherwise reach the tables as 0-d tensors."""
+        return {name: values.reshape(-1) for name, values in self.compute().items()}
+
 
 def generator_name(code: int, names: list[str] | None) -> str:
     """The datamodule's name for a generator code, or `gen<code>` when it gives none."""
