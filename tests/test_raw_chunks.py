@@ -27,8 +27,9 @@ def make_store(path: Path, dtype: str, codec: str) -> FeatureStore:
     return write_store(path, values, {"m": FeatureSpec(SHAPE, dtype, codec, "guidance")}, ["sdv4"], num_rows=100, shard_size=40)
 
 
-@pytest.mark.parametrize(("dtype", "codec"), [("float16", "none"), ("float16", "lz4"), ("float32", "zstd"),
-                                              ("int8_rowscale", "none"), ("float8_e4m3", "none")])
+@pytest.mark.parametrize(("dtype", "codec"), [("float16", "none"), ("float16", "lz4"), ("float32", "none"),
+                                              ("float32", "lz4"), ("float32", "zstd"), ("int8_rowscale", "none"),
+                                              ("float8_e4m3", "none")])
 def test_rows_read_by_byte_range_equal_zarrs_read(tmp_path: Path, dtype: str, codec: str) -> None:
     """Catches a wrong byte offset (a row or chunk off by one, the index read from the wrong end of the file),
     rows of a call crossing an inner-chunk or shard boundary sent to the wrong targets, an unwritten (all-zero)
