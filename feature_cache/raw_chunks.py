@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -51,6 +52,8 @@ class RawChunks:
         self.row_bytes = int(np.prod(array.shape[1:])) * array.dtype.itemsize
         self.fill = array.fill_value
         self._index: dict[int, np.ndarray] = {}
+        self._held: list = [None, -1]  # (shard, fd) of the open shard file, closed with the reader
+        weakref.finalize(self, _close, self._held)
         # per slot: the compressed bytes, the decoded chunk, the decode in flight (allocated on first use)
         self._packed: list[np.ndarray] = []
         self._unpacked: list[np.ndarray] = []
@@ -129,7 +132,7 @@ class RawChunks:
     def _read_shard(self, shard: int, first: int, stop: int, rows: Sequence[np.ndarray]) -> None:
         """Rows [first, stop) of one shard (counted from its first row) into `rows`."""
         try:
-            fd = os.open(self._file(shard), os.O_RDONLY)
+            fd = self._open(shard)
         except FileNotFoundError:
             if self.written(shard):
                 start = shard * self.shard_rows
@@ -138,13 +141,20 @@ class RawChunks:
             for row in rows:  # Zarr writes no file for a shard that is all fill value (recorded so by its tar)
                 row[...] = self.fill
             return
-        try:
-            index = self._chunk_index(shard, fd)
-            for chunk in range(first // self.chunk_rows, (stop - 1) // self.chunk_rows + 1):
-                lo, hi = max(first, chunk * self.chunk_rows), min(stop, (chunk + 1) * self.chunk_rows)
-                self._read_chunk(fd, shard, chunk, index[chunk], lo - chunk * self.chunk_rows, rows[lo - first:hi - first])
-        finally:
-            os.close(fd)
+        index = self._chunk_index(shard, fd)
+        for chunk in range(first // self.chunk_rows, (stop - 1) // self.chunk_rows + 1):
+            lo, hi = max(first, chunk * self.chunk_rows), min(stop, (chunk + 1) * self.chunk_rows)
+            self._read_chunk(fd, shard, chunk, index[chunk], lo - chunk * self.chunk_rows, rows[lo - first:hi - first])
+
+    def _open(self, shard: int) -> int:
+        """The shard file's descriptor, kept open while reads stay in that shard (a window's sorted reads mostly do:
+        one open per shard and window instead of one per chunk; every syscall hands the GIL to the check threads)."""
+        if self._held[0] != shard:
+            if self._held[1] >= 0:
+                os.close(self._held[1])
+            self._held[:] = [None, -1]
+            self._held[:] = [shard, os.open(self._file(shard), os.O_RDONLY)]
+        return self._held[1]
 
     def _read_chunk(self, fd: int, shard: int, chunk: int, entry: np.ndarray, skip: int,
                     rows: Sequence[np.ndarray]) -> None:
@@ -237,3 +247,9 @@ class RawChunks:
         if previous is not None:
             previous.result()
         return memoryview(self._spares[slot]), slot
+
+
+def _close(held: list) -> None:
+    if held[1] >= 0:
+        os.close(held[1])
+        held[:] = [None, -1]
