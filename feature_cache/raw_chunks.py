@@ -9,9 +9,9 @@ and again into `out`, with ~0.5 ms of per-call overhead (the reader was 3–5x s
 cache and from cold disk: docs/phase2_reading.md). Every chunk's crc32c is checked as Zarr would: a
 compressed chunk's before it is decompressed, both on the `ChecksumQueue`'s threads while the next chunk is read
 (a compressed chunk is read into one of `DECODES` reused buffers, then checked, decoded and copied to its rows
-there; an uncompressed one is read straight into its rows and checked there); the caller calls `wait()` before
-using the rows. A shard file that is missing although its
-tar is done is an error, never fill values. Zarr stays the format: `RawChunks.of` returns None for any other
+there; an uncompressed one is read straight into its rows and checked there, and so is a blosc chunk stored as it
+is, MEMCPYED, its 16-byte header read beside the rows); the caller calls `wait()` before using the rows. A shard
+file that is missing although its tar is done is an error, never fill values. Zarr stays the format: `RawChunks.of` returns None for any other
 layout (then the caller reads through Zarr), and tests compare every value with Zarr's read.
 """
 
