@@ -106,6 +106,7 @@ class ZarrFeatureWriter(BasePredictionWriter):
             clip_codec: codec of CLIP maps (lz4 decodes ~10x faster than zstd at a slightly lower ratio).
             guidance_codec: codec of the guidance maps (default `none`: chosen by measurement, see
                 feature_cache/codecs.py; a store records each array's codec, so stores written with zstd still read).
+                Codecs are lossless and not compared: a resumed store's existing arrays keep the codec they have.
             background: write in a background thread (False: inline, in the device loop).
             queue_tars: tars of outputs the queue holds before the device loop waits (bounds host memory).
             verify_checksums: at start, check every recorded file's crc32c (format 2: sha256), not only its size, and
