@@ -183,8 +183,9 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         seed: seed of the validation split.
         crop_scale: area-fraction range of the random resized crop applied with `images`.
         block_rows: consecutive rows read per block when reading from disk (the unit of the shuffle); default
-            (None): the stores' inner chunk rows (`SplitRows.chunk_rows`: 25 for 500-row tars, 32 for 512 or
-            1024), so a block reads whole chunks once (each chunk's crc32c covers all of it).
+            (None): the stores' inner chunk rows (`SplitRows.block_rows`: 25 for 500-row tars, 32 for 512 or
+            1024; 32 for stores written with one-row chunks), so a block reads whole chunks once (each chunk's
+            crc32c covers all of it).
         shuffle_blocks: blocks per shuffle window (each batch mixes rows of about this many blocks; the blocks
             are dealt into windows by label, so every window holds the split's label mix).
         allow_shared_images: accept train/val/test splits that share an image (same content hash).
@@ -408,7 +409,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
             return []
         source, trainer, shuffle = self.sources[split], self.trainer, split == "train"
         resident = isinstance(source, ResidentRows)
-        block_rows = 1 if resident else self.hparams.block_rows or source.split.chunk_rows()
+        block_rows = 1 if resident else self.hparams.block_rows or source.split.block_rows()
         step = math.lcm(block_rows, self.hparams.batch_size)  # windows hold whole blocks and whole batches
         settings = EpochSettings(
             shuffle=shuffle, block_rows=block_rows, seed=self.hparams.seed,

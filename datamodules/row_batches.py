@@ -75,9 +75,16 @@ class Window:
 def read_calls(runs: list[tuple[int, int]], chunk_rows: int) -> list[tuple[int, int]]:
     """[start, stop) zarr calls covering `runs`, cut at multiples of a whole number of inner chunks (about
     READ_ROWS rows): a call never decodes a chunk that a neighbouring call decodes again."""
-    step = chunk_rows * max(1, READ_ROWS // chunk_rows)
+    step = whole_chunks(chunk_rows)
     return [(start, min((start // step + 1) * step, stop)) for run_start, stop in runs
             for start in [run_start, *range((run_start // step + 1) * step, stop, step)]]
+
+
+def whole_chunks(chunk_rows: int) -> int:
+    """The whole number of inner chunks closest to READ_ROWS rows from below (at least one chunk): the unit of a
+    read call, and the default block (25 for 25-row chunks, 32 for 32-row ones, 32 for the one-row CLIP chunks of
+    stores written before CHUNK_ROWS, which would otherwise read one random row per block)."""
+    return chunk_rows * max(1, READ_ROWS // chunk_rows)
 
 
 def contiguous_runs(rows: np.ndarray) -> list[tuple[int, int]]:
@@ -179,10 +186,11 @@ class SplitRows:
         return {name: (shape, torch.from_numpy(np.empty(0, dtype)).dtype)
                 for name, (shape, dtype) in self.layout_of.items()}
 
-    def chunk_rows(self) -> int:
-        """Rows per inner chunk of the arrays a batch carries (the largest, over stores and arrays): the block size
-        at which a block read never reads part of a chunk (whose crc32c covers all of it)."""
-        return max(self.store(part).chunk_rows(name) for part in range(len(self.parts)) for name in self.features)
+    def block_rows(self) -> int:
+        """The default block: whole inner chunks (`whole_chunks`) of the arrays a batch carries (the largest chunk,
+        over stores and arrays), so a block read never reads part of a chunk (whose crc32c covers all of it)."""
+        return whole_chunks(max(self.store(part).chunk_rows(name) for part in range(len(self.parts))
+                                for name in self.features))
 
     def store(self, part: int) -> FeatureStore:
         path = self.paths[self.parts[part].store]
