@@ -13,7 +13,8 @@ Two sources, one order:
   from the page cache, no Zarr per-call cost), while a background thread reads the next window.
 
 The order (`epoch_order`) is a seeded per-epoch permutation of blocks of `block_rows` consecutive rows,
-dealt to DDP ranks, then permuted within windows of `window_rows` rows. Resident sources use blocks of
+dealt into windows by label (`stratified`: each window holds the split's label mix) and to DDP ranks, then
+permuted within windows of `window_rows` rows. Resident sources use blocks of
 one row (a full shuffle: random access to resident rows is as fast as sequential). Batches leave in the
 stored dtype (float16 CLIP maps stay float16) and are widened on the device by the model's first op
 (`feature_cache.codecs.widen`).
