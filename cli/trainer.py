@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from core.devices import warn_if_oversubscribed
 from core.progress import plain_output
 
-from feature_cache.codecs import ClipDtype, Codec
+from feature_cache.codecs import CLIP_CODEC, ClipDtype, Codec
 
 
 class ForensicsTrainer(pl.Trainer):
@@ -65,7 +65,7 @@ class ForensicsTrainer(pl.Trainer):
         return super().validate(model, dataloaders, ckpt_path, verbose, datamodule, weights_only)
 
     def precompute(self, model: pl.LightningModule, datamodule: pl.LightningDataModule | None = None,
-                   store: str | None = None, clip_dtype: ClipDtype = "float16", clip_codec: Codec = "lz4",
+                   store: str | None = None, clip_dtype: ClipDtype = "float16", clip_codec: Codec = CLIP_CODEC,
                    background_writer: bool = True, queue_tars: int = 2, verify_checksums: bool = True,
                    drop_incomplete_group: bool = False) -> None:
         """Phase 1: compute per-image maps from image shards into a Zarr feature store (create, resume or grow).

@@ -29,7 +29,7 @@ from datamodules.row_batches import Batches, BlockRows, EpochSettings, ResidentR
 from core.geometry import apply_flip_crop, centre_crop_origin, native_crop_box, sample_flip_crop
 from feature_cache.integrity import CHECKSUMMED_FORMAT
 from feature_cache.provenance import FeatureProvenance
-from feature_cache.store import CHUNK_ROWS, FLAG_COLUMNS, FeatureStore
+from feature_cache.store import FLAG_COLUMNS, FeatureStore
 
 RAM_SHARE = 0.5  # in_memory loads into RAM only if the selected rows take at most this share of available RAM
 DEVICE_SHARE = 0.6  # in_memory: device loads only if the rows take at most this share of free accelerator memory
@@ -162,10 +162,10 @@ class FeatureCacheDataModule(pl.LightningDataModule):
     Reading (`datamodules/row_batches.py`): `in_memory` true loads the split once into RAM (if it takes at
     most RAM_SHARE of the available RAM, else reads from disk), `device` into accelerator memory (if it fits
     DEVICE_SHARE of the free memory, else as `true`), false reads from disk. Training order: a seeded
-    per-epoch permutation of blocks of `block_rows` consecutive rows (resident data: single rows), then
-    a permutation within windows of `shuffle_blocks` blocks; every batch mixes rows of ~`shuffle_blocks`
-    blocks, so a store sorted by label gives batches whose fake fraction varies like `shuffle_blocks`
-    independent draws (README: the shuffle's measured quality). No worker processes: `num_workers` is
+    per-epoch permutation of blocks of `block_rows` consecutive rows (resident data: single rows), dealt into
+    windows of `shuffle_blocks` blocks so that each window holds the split's label mix, then a permutation
+    within each window; a store sorted by label gives batches whose fake fraction varies as a full shuffle's
+    does (README: the shuffle's measured quality). No worker processes: `num_workers` is
     the number of threads decoding images (`images=True` only).
 
     Args:
@@ -182,10 +182,12 @@ class FeatureCacheDataModule(pl.LightningDataModule):
         val_fraction: share of the training rows held out for validation (seeded by `seed`).
         seed: seed of the validation split.
         crop_scale: area-fraction range of the random resized crop applied with `images`.
-        block_rows: consecutive rows read per block when reading from disk (the unit of the shuffle); the
-            default is the store's inner chunk (`CHUNK_ROWS`), so a block is one chunk decode when tars hold a
-            multiple of it (else a block covers whole chunks of the largest divisor of the tar size).
-        shuffle_blocks: blocks per shuffle window (each batch mixes rows of about this many blocks).
+        block_rows: consecutive rows read per block when reading from disk (the unit of the shuffle); default
+            (None): the stores' inner chunk rows (`SplitRows.block_rows`: 25 for 500-row tars, 32 for 512 or
+            1024; 32 for stores written with one-row chunks), so a block reads whole chunks once (each chunk's
+            crc32c covers all of it).
+        shuffle_blocks: blocks per shuffle window (each batch mixes rows of about this many blocks; the blocks
+            are dealt into windows by label, so every window holds the split's label mix).
         allow_shared_images: accept train/val/test splits that share an image (same content hash).
         verify_checksums: check every store file's digest at setup (presence and size are always checked). None:
                 only for format-2 stores, whose chunks carry no checksum (every read of a format-3 store checks its
@@ -196,7 +198,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
                  test: list[str] = [], generators: list[str] | None = None, batch_size: int = 48,  # noqa: B006
                  num_workers: int = 2, in_memory: bool | Literal["device"] = True, images: bool = False,
                  val_fraction: float = 0.0, seed: int = 0, crop_scale: tuple[float, float] = (0.5, 1.0),
-                 block_rows: int = CHUNK_ROWS, shuffle_blocks: int = 32, allow_shared_images: bool = False,
+                 block_rows: int | None = None, shuffle_blocks: int = 32, allow_shared_images: bool = False,
                  verify_checksums: bool | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -204,7 +206,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
             raise ValueError("FeatureCacheDataModule: features must name at least one array (e.g. ['deu'])")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"FeatureCacheDataModule: val_fraction must be in [0, 1), got {val_fraction}")
-        if min(batch_size, block_rows, shuffle_blocks) < 1:
+        if min(batch_size, block_rows or 1, shuffle_blocks) < 1:
             raise ValueError(f"FeatureCacheDataModule: batch_size, block_rows and shuffle_blocks must be >= 1, got "
                              f"{batch_size}, {block_rows}, {shuffle_blocks}")
         if images and in_memory == "device":
@@ -407,7 +409,7 @@ class FeatureCacheDataModule(pl.LightningDataModule):
             return []
         source, trainer, shuffle = self.sources[split], self.trainer, split == "train"
         resident = isinstance(source, ResidentRows)
-        block_rows = 1 if resident else self.hparams.block_rows
+        block_rows = 1 if resident else self.hparams.block_rows or source.split.block_rows()
         step = math.lcm(block_rows, self.hparams.batch_size)  # windows hold whole blocks and whole batches
         settings = EpochSettings(
             shuffle=shuffle, block_rows=block_rows, seed=self.hparams.seed,

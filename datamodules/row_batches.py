@@ -13,7 +13,8 @@ Two sources, one order:
   from the page cache, no Zarr per-call cost), while a background thread reads the next window.
 
 The order (`epoch_order`) is a seeded per-epoch permutation of blocks of `block_rows` consecutive rows,
-dealt to DDP ranks, then permuted within windows of `window_rows` rows. Resident sources use blocks of
+dealt into windows by label (`stratified`: each window holds the split's label mix) and to DDP ranks, then
+permuted within windows of `window_rows` rows. Resident sources use blocks of
 one row (a full shuffle: random access to resident rows is as fast as sequential). Batches leave in the
 stored dtype (float16 CLIP maps stay float16) and are widened on the device by the model's first op
 (`feature_cache.codecs.widen`).
@@ -75,9 +76,16 @@ class Window:
 def read_calls(runs: list[tuple[int, int]], chunk_rows: int) -> list[tuple[int, int]]:
     """[start, stop) zarr calls covering `runs`, cut at multiples of a whole number of inner chunks (about
     READ_ROWS rows): a call never decodes a chunk that a neighbouring call decodes again."""
-    step = chunk_rows * max(1, READ_ROWS // chunk_rows)
+    step = whole_chunks(chunk_rows)
     return [(start, min((start // step + 1) * step, stop)) for run_start, stop in runs
             for start in [run_start, *range((run_start // step + 1) * step, stop, step)]]
+
+
+def whole_chunks(chunk_rows: int) -> int:
+    """The whole number of inner chunks closest to READ_ROWS rows from below (at least one chunk): the unit of a
+    read call, and the default block (25 for 25-row chunks, 32 for 32-row ones, 32 for the one-row CLIP chunks of
+    stores written before CHUNK_ROWS, which would otherwise read one random row per block)."""
+    return chunk_rows * max(1, READ_ROWS // chunk_rows)
 
 
 def contiguous_runs(rows: np.ndarray) -> list[tuple[int, int]]:
@@ -89,22 +97,28 @@ def contiguous_runs(rows: np.ndarray) -> list[tuple[int, int]]:
 
 
 def epoch_order(num_rows: int, *, shuffle: bool, block_rows: int, window_rows: int, seed: int, epoch: int,
-                rank: int = 0, world_size: int = 1) -> np.ndarray:
+                rank: int = 0, world_size: int = 1, labels: np.ndarray | None = None) -> np.ndarray:
     """This rank's positions (0..num_rows-1) for one epoch.
 
     Shuffled: a permutation of blocks of `block_rows` consecutive positions seeded by (seed, epoch), dealt
     round-robin to the ranks, each rank's sequence cut or wrapped to num_rows // world_size positions
     (equal step counts, so DDP never waits on a collective), then permuted within consecutive windows of
-    `window_rows` (a multiple of `block_rows`, so each block is read by one call). Not shuffled: positions in
-    order, padded by wrapping to a multiple of the world size like DistributedSampler, one contiguous slice
-    per rank (every row scored; duplicates are dropped by the prediction log's (store, row) identity).
+    `window_rows` (a multiple of `block_rows`, so each block is read by one call). With `labels` (per position)
+    the blocks are first dealt into windows by their label sum (`stratified`), so every window, on every rank,
+    holds the split's label mix even when the store is sorted by label. Not shuffled: positions in order, padded
+    by wrapping to a multiple of the world size like DistributedSampler, one contiguous slice per rank (every
+    row scored; duplicates are dropped by the prediction log's (store, row) identity).
     """
     if not shuffle:
         per_rank = -(-num_rows // world_size)
         return np.resize(np.arange(num_rows), per_rank * world_size)[rank * per_rank:(rank + 1) * per_rank]
     rng = np.random.default_rng([seed, epoch])
     full = num_rows // block_rows  # a short last block goes last, so windows stay unions of whole blocks
-    starts = np.append(np.arange(full)[rng.permutation(full)] * block_rows,
+    blocks = np.arange(full)[rng.permutation(full)]
+    if labels is not None and full:
+        sums = np.asarray(labels[:full * block_rows]).reshape(full, block_rows).sum(axis=1)
+        blocks = stratified(blocks, sums[blocks], window_rows // block_rows * world_size, rng)
+    starts = np.append(blocks * block_rows,
                        [full * block_rows] if num_rows % block_rows else [])[rank::world_size].astype(np.int64)
     order = (np.concatenate([np.arange(s, min(s + block_rows, num_rows)) for s in starts]) if len(starts)
              else np.arange(0))
@@ -112,6 +126,21 @@ def epoch_order(num_rows: int, *, shuffle: bool, block_rows: int, window_rows: i
     for start in range(0, len(order), window_rows):
         order[start:start + window_rows] = rng.permutation(order[start:start + window_rows])
     return order
+
+
+def stratified(blocks: np.ndarray, keys: np.ndarray, window: int, rng: np.random.Generator) -> np.ndarray:
+    """`blocks` reordered so that every run of `window` consecutive blocks (the last may be shorter) samples the
+    blocks' `keys` evenly: sorted by key (ties keep their shuffled order), the i-th block goes to the slot with the
+    i-th smallest quantile, slot k of a window of n blocks standing for quantile (k + 1/2) / n (ties between
+    windows broken at random). A label-sorted store's windows then hold its label mix to within a block, while
+    which block of a key lands in which window stays the seeded permutation's choice."""
+    ranked = blocks[np.argsort(keys, kind="stable")]
+    slots = np.arange(len(blocks))
+    sizes = np.minimum(window, len(blocks) - slots // window * window)
+    quantiles = (slots % window + 0.5) / sizes
+    placed = np.empty_like(blocks)
+    placed[np.lexsort((rng.permutation(len(blocks)), quantiles))] = ranked
+    return placed
 
 
 class SplitRows:
@@ -157,6 +186,12 @@ class SplitRows:
         """`layout_of` with torch dtypes (float8 as its uint8 storage): what reused batch buffers are made of."""
         return {name: (shape, torch.from_numpy(np.empty(0, dtype)).dtype)
                 for name, (shape, dtype) in self.layout_of.items()}
+
+    def block_rows(self) -> int:
+        """The default block: whole inner chunks (`whole_chunks`) of the arrays a batch carries (the largest chunk,
+        over stores and arrays), so a block read never reads part of a chunk (whose crc32c covers all of it)."""
+        return whole_chunks(max(self.store(part).chunk_rows(name) for part in range(len(self.parts))
+                                for name in self.features))
 
     def store(self, part: int) -> FeatureStore:
         path = self.paths[self.parts[part].store]
@@ -334,8 +369,10 @@ class Batches:
     def order(self) -> np.ndarray:
         s = self.settings
         rank, world = s.rank()
+        labels = self.source.split.metadata["label"] if s.block_rows > 1 else None  # one-row blocks: a full shuffle
         return epoch_order(len(self.source.split), shuffle=s.shuffle, block_rows=s.block_rows,
-                           window_rows=s.window_rows, seed=s.seed, epoch=s.epoch(), rank=rank, world_size=world)
+                           window_rows=s.window_rows, seed=s.seed, epoch=s.epoch(), rank=rank, world_size=world,
+                           labels=labels)
 
     def __len__(self) -> int:
         return math.ceil(len(self.order()) / self.batch_size)

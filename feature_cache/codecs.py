@@ -27,6 +27,12 @@ ClipDtype = Literal["float16", "int8_rowscale", "float8_e4m3"]
 StoredDtype = Literal["float32", ClipDtype]
 Codec = Literal["none", "lz4", "zstd"]
 GUIDANCE_DTYPE = "float32"
+# The writer's default codecs (one definition; `precompute`'s option and configs/precompute.yaml state CLIP_CODEC).
+# Guidance maps: `none`, measured by benchmarks/cache_read.py --guidance-codec none,lz4,zstd (docs/phase2_reading.md):
+# float32 variance maps keep ~21 noisy mantissa bits, so blosc saves only 8 % (lz4) or 13 % (zstd) of their bytes,
+# a few % of a row's next to its CLIP maps, while every read pays a decode.
+GUIDANCE_CODEC: Codec = "none"
+CLIP_CODEC: Codec = "lz4"
 CLIP_DTYPES: tuple[str, ...] = get_args(ClipDtype)
 DTYPES: tuple[str, ...] = get_args(StoredDtype)
 CODECS: tuple[str, ...] = get_args(Codec)

@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -118,19 +118,25 @@ def remove_leftovers(root: Path) -> list[str]:
 
 
 class ChecksumQueue:
-    """Checks chunk checksums on one background thread while the caller reads the next chunk (crc32c releases the
-    GIL), so verification overlaps the reads; `wait()` (before the rows are used) raises the first mismatch."""
+    """Checks chunk checksums (and decodes compressed chunks, `call`) on `workers` background threads while the
+    caller reads the next chunk (crc32c, blosc and numpy copies release the GIL), so verification and decoding
+    overlap the reads; `wait()` (before the rows are used) raises the first mismatch."""
 
-    def __init__(self) -> None:
+    def __init__(self, workers: int = 2) -> None:
+        self.workers = workers
         self._pool: ThreadPoolExecutor | None = None
         self._pending: list[Future[None]] = []
 
     def submit(self, parts: Sequence[Any], stored: int, message: str) -> Future[None]:
         """Check crc32c(parts) == stored later; `message` is the error line if not. The parts must stay unchanged
         until the returned future is done (or `wait()` returned)."""
+        return self.call(_check, parts, stored, message)
+
+    def call(self, work: Callable[..., None], *args: Any) -> Future[None]:
+        """Run `work(*args)` (a check, or a check and a decode) on the queue's threads; `wait()` raises its error."""
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="chunk-crc32c")
-        future = self._pool.submit(_check, parts, stored, message)
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="chunk-crc32c")
+        future = self._pool.submit(work, *args)
         self._pending.append(future)
         return future
 

@@ -229,11 +229,13 @@ class ExtractorProvenance:
 class FeatureSpec:
     """What one feature is and how it is stored: per-row shape, stored dtype name (see `codecs`), codec, and its
     kind as the map registry declares it. `units` and `description` (also the registry's) are written into the
-    array's attributes for readers without this code; they are not compared (rewording changes no value)."""
+    array's attributes for readers without this code; they are not compared (rewording changes no value), and
+    neither is the codec (lossless: a store written with zstd guidance maps, the default before issue 31, is
+    resumed, grown, mixed and tested against like one written without a codec; each array keeps its own)."""
 
     shape: tuple[int, ...]
     dtype: str
-    codec: str
+    codec: str = field(compare=False)
     kind: FeatureKind
     units: str = field(default="", compare=False)
     description: str = field(default="", compare=False)
@@ -340,7 +342,9 @@ class FeatureProvenance:
             if used is None:
                 return {}
             settings = {"common": used.extractor.common, "map": used.extractor.maps.get(name, {})}
-            return {**settings, "spec": used.spec.to_attrs()} if with_spec and used.spec is not None else settings
+            if not (with_spec and used.spec is not None):
+                return settings
+            return {**settings, "spec": {k: v for k, v in used.spec.to_attrs().items() if k != "codec"}}  # lossless
 
         mine, theirs = {"pixels": self.store.pixels.to_attrs()}, {"pixels": other.store.pixels.to_attrs()}
         for name, used in self.features.items():

@@ -7,9 +7,11 @@ those bytes (zarr's `crc32c` codec). Reading a chunk's byte range with one `prea
 destination rows is one kernel copy from the page cache; Zarr's own read copies each chunk out of the store
 and again into `out`, with ~0.5 ms of per-call overhead (the reader was 3–5x slower with it, from the page
 cache and from cold disk: docs/phase2_reading.md). Every chunk's crc32c is checked as Zarr would: a
-compressed chunk's before it is decompressed, an uncompressed one's on a `ChecksumQueue` thread while the next
-chunk is read (the caller calls `wait()` before using the rows). A shard file that is missing although its
-tar is done is an error, never fill values. Zarr stays the format: `RawChunks.of` returns None for any other
+compressed chunk's before it is decompressed, both on the `ChecksumQueue`'s threads while the next chunk is read
+(a compressed chunk is read into one of `DECODES` reused buffers, then checked, decoded and copied to its rows
+there; an uncompressed one is read straight into its rows and checked there, and so is a blosc chunk stored as it
+is, MEMCPYED, its 16-byte header read beside the rows); the caller calls `wait()` before using the rows. A shard
+file that is missing although its tar is done is an error, never fill values. Zarr stays the format: `RawChunks.of` returns None for any other
 layout (then the caller reads through Zarr), and tests compare every value with Zarr's read.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -33,11 +36,13 @@ from feature_cache.integrity import ChecksumQueue, chunk_crc, damaged_chunk, mis
 EMPTY = np.iinfo(np.uint64).max  # an index entry of a chunk Zarr did not write (all fill value)
 IOV_MAX = os.sysconf("SC_IOV_MAX")
 SPARES = 4  # buffers for the rows of a checksummed chunk the caller did not ask for, while their check is queued
+BLOSC_HEADER, BLOSC_MEMCPYED = 16, 0x02  # a blosc chunk's header bytes; its flag "stored uncompressed"
+DECODES = 4  # compressed chunks in flight: one being read while earlier ones are checked and decoded (bounds memory)
 
 
 class RawChunks:
-    """Rows of one sharded feature array read by byte range (see the module docstring). Not thread-safe:
-    one reusable scratch buffer receives compressed (or partly read checksummed) chunks."""
+    """Rows of one sharded feature array read by byte range (see the module docstring). Not thread-safe: reused
+    buffers receive compressed (or partly read checksummed) chunks."""
 
     def __init__(self, array: zarr.Array, root: Path, compressed: bool, checksummed: bool,
                  written: Callable[[int], bool], checks: ChecksumQueue) -> None:
@@ -47,11 +52,15 @@ class RawChunks:
         self.row_bytes = int(np.prod(array.shape[1:])) * array.dtype.itemsize
         self.fill = array.fill_value
         self._index: dict[int, np.ndarray] = {}
-        self._scratch = np.empty(self.chunk_rows * self.row_bytes if compressed else 0, np.uint8)
-        spares = SPARES if checksummed and not compressed else 0
-        self._spares = [np.empty(self.chunk_rows * self.row_bytes, np.uint8) for _ in range(spares)]
-        self._spare_checks: list[Future[None] | None] = [None] * spares
-        self._turn = 0
+        self._held: list = [None, -1]  # (shard, fd) of the open shard file, closed with the reader
+        weakref.finalize(self, _close, self._held)
+        # per slot: the compressed bytes, the decoded chunk, the decode in flight (allocated on first use)
+        self._packed: list[np.ndarray] = []
+        self._unpacked: list[np.ndarray] = []
+        self._decoding: list[Future[None] | None] = []
+        self._spares: list[np.ndarray] = []  # allocated on first use (a partial read of a whole-chunk read)
+        self._spare_checks: list[Future[None] | None] = []
+        self._spare_turn = self._decode_turn = 0  # next slot of each (counts reads; slots allocated in order)
         self.store, self.name = root.parents[1], f"{root.parent.name}/{root.name}"  # STORE/GROUP/FEATURE
 
     @classmethod
@@ -123,7 +132,7 @@ class RawChunks:
     def _read_shard(self, shard: int, first: int, stop: int, rows: Sequence[np.ndarray]) -> None:
         """Rows [first, stop) of one shard (counted from its first row) into `rows`."""
         try:
-            fd = os.open(self._file(shard), os.O_RDONLY)
+            fd = self._open(shard)
         except FileNotFoundError:
             if self.written(shard):
                 start = shard * self.shard_rows
@@ -132,13 +141,20 @@ class RawChunks:
             for row in rows:  # Zarr writes no file for a shard that is all fill value (recorded so by its tar)
                 row[...] = self.fill
             return
-        try:
-            index = self._chunk_index(shard, fd)
-            for chunk in range(first // self.chunk_rows, (stop - 1) // self.chunk_rows + 1):
-                lo, hi = max(first, chunk * self.chunk_rows), min(stop, (chunk + 1) * self.chunk_rows)
-                self._read_chunk(fd, shard, chunk, index[chunk], lo - chunk * self.chunk_rows, rows[lo - first:hi - first])
-        finally:
-            os.close(fd)
+        index = self._chunk_index(shard, fd)
+        for chunk in range(first // self.chunk_rows, (stop - 1) // self.chunk_rows + 1):
+            lo, hi = max(first, chunk * self.chunk_rows), min(stop, (chunk + 1) * self.chunk_rows)
+            self._read_chunk(fd, shard, chunk, index[chunk], lo - chunk * self.chunk_rows, rows[lo - first:hi - first])
+
+    def _open(self, shard: int) -> int:
+        """The shard file's descriptor, kept open while reads stay in that shard (a window's sorted reads mostly do:
+        one open per shard and window instead of one per chunk; every syscall hands the GIL to the check threads)."""
+        if self._held[0] != shard:
+            if self._held[1] >= 0:
+                os.close(self._held[1])
+            self._held[:] = [None, -1]
+            self._held[:] = [shard, os.open(self._file(shard), os.O_RDONLY)]
+        return self._held[1]
 
     def _read_chunk(self, fd: int, shard: int, chunk: int, entry: np.ndarray, skip: int,
                     rows: Sequence[np.ndarray]) -> None:
@@ -154,24 +170,20 @@ class RawChunks:
         crc, whole = (4 if self.checksummed else 0), self.chunk_rows * self.row_bytes
         if not self.compressed and nbytes != whole + crc:
             raise ValueError(damaged_chunk(self.store, self.name, f"{where}: {nbytes} bytes, expected {whole + crc}"))
-        tail = np.empty(crc, np.uint8)
-        if self.compressed:  # the compressed bytes are checked before they are decompressed
-            data = os.pread(fd, nbytes, offset)
-            payload = memoryview(data)[:max(len(data) - crc, 0)]
-            if len(data) != nbytes:
-                raise ValueError(damaged_chunk(self.store, self.name, f"{where}: short read (truncated file?)"))
-            if crc and chunk_crc([payload]) != stored_crc(data[-4:]):
-                raise ValueError(damaged_chunk(self.store, self.name, where))
-            blosc.decompress(payload, self._scratch)  # inner chunks are whole (Zarr pads a short last one)
-            for k, row in enumerate(rows):
-                memoryview(row).cast("B")[:] = self._scratch[(skip + k) * self.row_bytes:(skip + k + 1) * self.row_bytes]
+        # blosc stores a chunk it cannot shrink as its header and the raw bytes (MEMCPYED): read those like an
+        # uncompressed chunk, straight into the rows (float noise under lz4 does this; one copy instead of three)
+        header = BLOSC_HEADER if self.compressed and nbytes == whole + BLOSC_HEADER + crc else 0
+        if self.compressed and not header:  # checked before it is decompressed, both on the queue's threads
+            self._read_compressed(fd, offset, nbytes, crc, where, skip, rows)
             return
+        head, tail = np.empty(header, np.uint8), np.empty(crc, np.uint8)
         views = [memoryview(row).cast("B") for row in rows]
-        position = offset + skip * self.row_bytes
-        if crc:  # the whole chunk is read (the crc covers it): rows not asked for go to a spare buffer
+        position = offset + header + skip * self.row_bytes
+        slot = None
+        if crc or header:  # the whole chunk is read (the crc covers it): rows not asked for go to a spare buffer
             spare, slot = self._spare(len(rows) < self.chunk_rows)
             stop = (skip + len(rows)) * self.row_bytes
-            views = [spare[:skip * self.row_bytes], *views, spare[stop:whole]]
+            views = [memoryview(head), spare[:skip * self.row_bytes], *views, spare[stop:whole]]
             position = offset
         targets = [v for v in views if len(v)] + ([memoryview(tail)] if crc else [])
         for first in range(0, len(targets), IOV_MAX):
@@ -181,20 +193,63 @@ class RawChunks:
                 raise ValueError(damaged_chunk(self.store, self.name, f"{where}: short read at byte {position} "
                                                "(truncated file?)"))
             position += expected
+        if header and not (head[2] & BLOSC_MEMCPYED and int.from_bytes(head[4:8].tobytes(), "little") == whole):
+            self._read_compressed(fd, offset, nbytes, crc, where, skip, rows)  # compressed after all: decode it
+            return
         if crc:  # checked on the queue's thread while the caller reads on; `wait()` raises a mismatch
             future = self.checks.submit([v for v in views if len(v)], stored_crc(tail),
                                         damaged_chunk(self.store, self.name, where))
             if slot is not None:
                 self._spare_checks[slot] = future
 
+    def _read_compressed(self, fd: int, offset: int, nbytes: int, crc: int, where: str, skip: int,
+                         rows: Sequence[np.ndarray]) -> None:
+        """One compressed chunk read into the next of DECODES reused buffers (once that buffer's earlier decode is
+        done), then checked, decoded and copied to `rows` on the queue's threads while the caller reads on."""
+        slot = self._decode_turn % DECODES
+        self._decode_turn += 1
+        if len(self._packed) <= slot:
+            self._packed.append(np.empty(nbytes, np.uint8))
+            self._unpacked.append(np.empty(self.chunk_rows * self.row_bytes, np.uint8))  # Zarr pads a short last chunk
+            self._decoding.append(None)
+        previous, self._decoding[slot] = self._decoding[slot], None
+        if previous is not None:
+            previous.result()
+        if len(self._packed[slot]) < nbytes:
+            self._packed[slot] = np.empty(nbytes, np.uint8)
+        data = memoryview(self._packed[slot])[:nbytes]
+        if os.preadv(fd, [data], offset) != nbytes:
+            raise ValueError(damaged_chunk(self.store, self.name, f"{where}: short read (truncated file?)"))
+        self._decoding[slot] = self.checks.call(self._decode, data, crc, damaged_chunk(self.store, self.name, where),
+                                                self._unpacked[slot], skip, rows)
+
+    def _decode(self, data: memoryview, crc: int, damaged: str, scratch: np.ndarray, skip: int,
+                rows: Sequence[np.ndarray]) -> None:
+        payload = data[:len(data) - crc]
+        if crc and chunk_crc([payload]) != stored_crc(data[len(data) - crc:]):
+            raise ValueError(damaged)
+        blosc.decompress(payload, scratch)
+        chunk = scratch.view(self.array.dtype).reshape(self.chunk_rows, *self.array.shape[1:])
+        for k, row in enumerate(rows):
+            np.copyto(row, chunk[skip + k])
+
     def _spare(self, needed: bool) -> tuple[memoryview, int | None]:
         """The next spare buffer and its slot, once the check that last read into it is done (a mismatch is raised
         here); an empty view and no slot when the caller asked for the whole chunk."""
         if not needed:
-            return memoryview(self._spares[0])[:0], None
-        slot = self._turn % len(self._spares)
-        self._turn += 1
+            return memoryview(b""), None
+        slot = self._spare_turn % SPARES
+        self._spare_turn += 1
+        if len(self._spares) <= slot:
+            self._spares.append(np.empty(self.chunk_rows * self.row_bytes, np.uint8))
+            self._spare_checks.append(None)
         previous, self._spare_checks[slot] = self._spare_checks[slot], None
         if previous is not None:
             previous.result()
         return memoryview(self._spares[slot]), slot
+
+
+def _close(held: list) -> None:
+    if held[1] >= 0:
+        os.close(held[1])
+        held[:] = [None, -1]

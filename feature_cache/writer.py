@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar
 
 from core.progress import ProgressLine, plain_output
-from feature_cache.codecs import GUIDANCE_DTYPE, ClipDtype, Codec, encode
+from feature_cache.codecs import CLIP_CODEC, GUIDANCE_CODEC, GUIDANCE_DTYPE, ClipDtype, Codec, encode
 from feature_cache.integrity import remove_leftovers
 from feature_cache.manifest import read_rejected, store_rows
 from feature_cache.provenance import (DatasetProvenance, ExtractorProvenance, FeatureSpec, PixelProvenance,
@@ -97,14 +97,16 @@ class ZarrFeatureWriter(BasePredictionWriter):
     returning `row`, `shard_index`, `error` and one (B, ...) tensor per output.
     """
 
-    def __init__(self, store: str, clip_dtype: ClipDtype = "float16", clip_codec: Codec = "lz4",
-                 guidance_codec: Codec = "zstd", background: bool = True, queue_tars: int = 2,
+    def __init__(self, store: str, clip_dtype: ClipDtype = "float16", clip_codec: Codec = CLIP_CODEC,
+                 guidance_codec: Codec = GUIDANCE_CODEC, background: bool = True, queue_tars: int = 2,
                  verify_checksums: bool = True, drop_incomplete_group: bool = False) -> None:
         """Args:
             store: directory of the Zarr feature store to create, resume or grow.
             clip_dtype: stored dtype of CLIP maps (guidance maps are always float32).
             clip_codec: codec of CLIP maps (lz4 decodes ~10x faster than zstd at a slightly lower ratio).
-            guidance_codec: codec of the guidance maps.
+            guidance_codec: codec of the guidance maps (default `none`: chosen by measurement, see
+                feature_cache/codecs.py; a store records each array's codec, so stores written with zstd still read).
+                Codecs are lossless and not compared: a resumed store's existing arrays keep the codec they have.
             background: write in a background thread (False: inline, in the device loop).
             queue_tars: tars of outputs the queue holds before the device loop waits (bounds host memory).
             verify_checksums: at start, check every recorded file's crc32c (format 2: sha256), not only its size, and

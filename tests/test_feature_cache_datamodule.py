@@ -16,6 +16,7 @@ from lightning_modules.detectors.base import DetectorBase
 from datamodules.row_batches import READ_ROWS, RING_SLOTS, contiguous_runs, epoch_order, read_calls
 from core.geometry import FlipCrop, apply_flip_crop, sample_flip_crop
 from feature_cache.provenance import FeatureSpec
+from feature_cache.raw_chunks import RawChunks
 from feature_cache.store import FeatureStore
 from feature_cache_fakes import RAW_PROTOCOL, make_shard_dir, marker_image, write_store
 
@@ -213,6 +214,67 @@ def test_block_shuffle_covers_every_row_once_and_deals_ranks_disjoint_blocks() -
     evaluation = [epoch_order(5, shuffle=False, block_rows=8, window_rows=24, seed=0, epoch=0, rank=r, world_size=2)
                   for r in (0, 1)]
     assert [e.tolist() for e in evaluation] == [[0, 1, 2], [3, 4, 0]]  # padded like DistributedSampler
+
+
+def test_block_shuffle_windows_hold_the_label_mix_of_a_label_sorted_store() -> None:
+    """Catches windows filled from a bare block permutation (on a store sorted by label, GenImage's `ai/` then
+    `nature/`, a window's fake share then varies like shuffle_blocks draws: 1.5x a full shuffle's batch spread),
+    a stratification that drops, repeats or reorders rows between runs, and one that breaks the DDP dealing
+    (ranks overlapping, rows lost, a rank's windows unbalanced)."""
+    block, window, fakes = 10, 160, 900  # 16 blocks per window, 30 % fake, fakes sorted first
+    share, spread = fakes / 3000, 1 / (window // block)
+    labels = (np.arange(3007) < fakes).astype(np.int64)
+    kwargs = dict(shuffle=True, block_rows=block, window_rows=window, seed=3)
+    order = epoch_order(3007, epoch=0, labels=labels, **kwargs)
+    assert sorted(order.tolist()) == list(range(3007))  # a short last block too
+    assert np.array_equal(order, epoch_order(3007, epoch=0, labels=labels, **kwargs))
+    assert not np.array_equal(order, epoch_order(3007, epoch=1, labels=labels, **kwargs))
+    for world in (1, 2):
+        ranks = [epoch_order(3000, epoch=0, labels=labels[:3000], rank=r, world_size=world, **kwargs)
+                 for r in range(world)]
+        assert sorted(np.concatenate(ranks).tolist()) == list(range(3000))  # disjoint and covering
+        for rank in ranks:
+            full = len(rank) // window * window
+            for start in range(0, full, window):  # every whole window of every rank
+                assert abs(labels[rank[start:start + window]].mean() - share) <= spread + 1e-9
+    plain = epoch_order(3000, epoch=0, **kwargs)  # what the same seed gives without labels: unbalanced windows
+    assert max(abs(labels[plain[s:s + window]].mean() - share) for s in range(0, 2880, window)) > spread
+
+
+def test_default_block_is_the_stores_inner_chunk_and_reads_each_chunk_once(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches a default block that ignores the store's chunking (32-row blocks over the 25-row chunks of
+    500-row tars cut chunks, which are then read, crc32c and all, once per block that touches them) and an
+    explicit `block_rows` that is not honoured. Counts the reader's own per-chunk reads, for an uncompressed
+    and a compressed array."""
+    specs = {"deu": FeatureSpec((4, 4, 4), "float32", "none", "guidance"),
+             "clip_pooled": FeatureSpec((6,), "float16", "lz4", "clip")}
+    store = write_store(tmp_path / "s", lambda rows: {name: np.broadcast_to(
+        rows.reshape(-1, *[1] * len(spec.shape)), (len(rows), *spec.shape)).astype(np.float32)
+        for name, spec in specs.items()}, specs, ["sdv4"], num_rows=400, shard_size=50,
+        labels=[int(r < 200) for r in range(400)])
+    assert store.chunk_rows("deu") == store.chunk_rows("clip_pooled") == 25
+    reads: list[tuple[str, int, int]] = []
+    original = RawChunks._read_chunk
+
+    def counted(self: RawChunks, fd: int, shard: int, chunk: int, *args: Any) -> None:
+        reads.append((self.name, shard, chunk))
+        original(self, fd, shard, chunk, *args)
+    monkeypatch.setattr(RawChunks, "_read_chunk", counted)
+
+    def epoch(**kwargs: Any) -> dict[str, torch.Tensor]:
+        reads.clear()
+        dm = FeatureCacheDataModule(features=list(specs), train=[str(store.path)], batch_size=20, in_memory=False,
+                                    shuffle_blocks=4, **kwargs)
+        dm.setup("fit")
+        return all_batches(dm.train_dataloader())
+    data = epoch()
+    assert sorted(data["row"].tolist()) == list(range(400))  # every row exactly once
+    np.testing.assert_array_equal(data["deu"][:, 0, 0, 0].numpy(), data["row"].numpy())
+    assert sorted(reads) == sorted({(f"g0/{name}", shard, chunk) for name in specs for shard in range(8)
+                                    for chunk in range(2)})  # each of the 2 x 16 chunks exactly once
+    assert sorted(epoch(block_rows=32)["row"].tolist()) == list(range(400))
+    assert len(reads) > len(set(reads))  # 32-row blocks read some 25-row chunks twice
 
 
 @pytest.mark.parametrize("in_memory", [True, False])

@@ -82,11 +82,15 @@ def test_flat_provenance_from_before_format_2_is_one_clear_error() -> None:
 
 def test_differences_name_the_field_and_ignore_which_images() -> None:
     """Catches `test` accepting a store made with another posterior, stored dtype or pixel setting, or refusing a
-    test store only because it holds other images."""
+    test store only because it holds other images or stores a map with another (lossless) codec: zstd guidance
+    maps, the writer's default before issue 31, against today's `none`, which also must not stop a resume."""
     trained = FeatureProvenance.of_store(StoreProvenance(DATASET, PIXELS), GROUPS, ["deu"])
     other_images = DatasetProvenance("/data/test", "genimage", "val", "m1", [], STATS)
     same_settings = FeatureProvenance.of_store(StoreProvenance(other_images, PIXELS), GROUPS, ["deu"])
     assert trained.differences(same_settings) == []
+    no_codec = {"g1": GroupInfo({"deu": FeatureSpec((4, 8, 8), "float32", "none", "guidance")}, GROUPS["g1"].extractor)}
+    assert trained.differences(FeatureProvenance.of_store(StoreProvenance(DATASET, PIXELS), no_codec, ["deu"])) == []
+    assert no_codec["g1"].features["deu"] == GROUPS["g1"].features["deu"]  # what the writer's resume compares
     groups = {"g1": GroupInfo({"deu": FeatureSpec((4, 8, 8), "float16", "zstd", "guidance")},
                               ExtractorProvenance(COMMON, {"deu": {"posterior_sha256": "dddd"}}, {}))}
     other = FeatureProvenance.of_store(StoreProvenance(DATASET, PixelProvenance(64, "raw", extra=PIXELS.extra)), groups, ["deu"])

@@ -16,24 +16,31 @@ from feature_cache_fakes import write_store
 SHAPE = (3, 2, 2)
 
 
-def make_store(path: Path, dtype: str, codec: str) -> FeatureStore:
+def make_store(path: Path, dtype: str, codec: str, noise: bool = False) -> FeatureStore:
     """100 rows in 40-row tars (20-row inner chunks, a short last tar); rows 20..39 are all zero, so Zarr leaves
-    that inner chunk unwritten (its index entry says empty)."""
+    that inner chunk unwritten (its index entry says empty). `noise`: rows 40.. are random (blosc cannot shrink
+    them and stores them as they are, MEMCPYED; the other chunks are compressed)."""
     def values(rows: np.ndarray) -> dict[str, np.ndarray]:
         grid = np.arange(np.prod(SHAPE), dtype=np.float32).reshape(1, *SHAPE)
         maps = (rows.reshape(-1, 1, 1, 1) + 1) * (1 + grid) * np.float32(0.37)
+        if noise:
+            random = np.random.default_rng(rows).random((len(rows), *SHAPE), dtype=np.float32) + 0.5
+            maps = np.where((rows >= 40).reshape(-1, 1, 1, 1), random, maps)
         maps[(rows >= 20) & (rows < 40)] = 0
         return {"m": maps}
     return write_store(path, values, {"m": FeatureSpec(SHAPE, dtype, codec, "guidance")}, ["sdv4"], num_rows=100, shard_size=40)
 
 
-@pytest.mark.parametrize(("dtype", "codec"), [("float16", "none"), ("float16", "lz4"), ("float32", "zstd"),
-                                              ("int8_rowscale", "none"), ("float8_e4m3", "none")])
-def test_rows_read_by_byte_range_equal_zarrs_read(tmp_path: Path, dtype: str, codec: str) -> None:
+@pytest.mark.parametrize(("dtype", "codec", "noise"), [
+    ("float16", "none", False), ("float16", "lz4", False), ("float16", "lz4", True), ("float32", "none", True),
+    ("float32", "lz4", True), ("float32", "zstd", True), ("int8_rowscale", "none", False),
+    ("float8_e4m3", "none", False)])
+def test_rows_read_by_byte_range_equal_zarrs_read(tmp_path: Path, dtype: str, codec: str, noise: bool) -> None:
     """Catches a wrong byte offset (a row or chunk off by one, the index read from the wrong end of the file),
     rows of a call crossing an inner-chunk or shard boundary sent to the wrong targets, an unwritten (all-zero)
-    chunk read as garbage, and a compressed chunk decoded into the wrong rows."""
-    store = make_store(tmp_path / "s", dtype, codec)
+    chunk read as garbage, a compressed chunk decoded into the wrong rows, and a chunk blosc stored as it is
+    (MEMCPYED: noise under lz4) read with its header's bytes as values or decoded from the wrong offset."""
+    store = make_store(tmp_path / "s", dtype, codec, noise)
     names = ["m", "m__scale"] if dtype == "int8_rowscale" else ["m"]
     for name in names:
         raw = RawChunks.of(store.path / "g0" / name)
@@ -43,8 +50,35 @@ def test_rows_read_by_byte_range_equal_zarrs_read(tmp_path: Path, dtype: str, co
         out = np.full_like(expected, 7)
         for start, stop in [(0, 7), (7, 45), (45, 100)]:  # across chunks (20 rows) and shards (40 rows)
             raw.read(start, stop, [out[places[r]] for r in range(start, stop)])
+        raw.wait()  # checks and decodes run on the queue's threads
         np.testing.assert_array_equal(out[places], expected)
     assert not store.read("m")[20:40].any() and store.read("m")[40:].all()
+    whole = 20 * store.read("m", 0, 1).nbytes + 4  # rows 40..59, 80..99: noise under lz4 is MEMCPYED (header + bytes)
+    memcpyed = [first_chunk_bytes(store, shard) == whole + 16 for shard in (1, 2)]
+    assert memcpyed == [noise and codec == "lz4" and dtype == "float16"] * 2
+
+
+def first_chunk_bytes(store: FeatureStore, shard: int) -> int:
+    """Stored bytes of a shard file's first inner chunk, from the shard index (two inner chunks, then a crc32c)."""
+    data = (store.path / f"g0/m/c/{shard}/0/0/0").read_bytes()
+    return int(np.frombuffer(data[-36:-4], "<u8")[1])
+
+
+@pytest.mark.parametrize("offset", [2, 16 + 100])  # the blosc header's MEMCPYED flag; a value byte
+def test_a_flipped_bit_in_a_chunk_stored_as_it_is_is_refused(tmp_path: Path, offset: int) -> None:
+    """Catches the MEMCPYED shortcut (a chunk blosc could not shrink is read straight into the rows) leaving the
+    header out of the checksum or skipping the check, on a partial read as on a whole one."""
+    store = make_store(tmp_path / "s", "float16", "lz4", noise=True)
+    shard = store.path / "g0/m/c/1/0/0/0"
+    data = bytearray(shard.read_bytes())
+    data[offset] ^= 0x02
+    shard.write_bytes(bytes(data))
+    for start, stop in [(40, 60), (45, 50)]:
+        raw = RawChunks.of(store.path / "g0" / "m")
+        raw.read(start, stop, list(np.empty((stop - start, *SHAPE), np.float16)))
+        with pytest.raises(ValueError, match=r"array g0/m shard file g0/m/c/1/0/0/0 inner chunk 0 \(rows 40..59\) "
+                                             r"fails its crc32c checksum"):
+            raw.wait()
 
 
 def test_unwritten_chunk_is_read_as_the_fill_value(tmp_path: Path) -> None:
@@ -53,7 +87,9 @@ def test_unwritten_chunk_is_read_as_the_fill_value(tmp_path: Path) -> None:
     shard = store.path / "g0/m/c/0/0/0/0"
     assert shard.stat().st_size < 40 * 12 * 2  # only one of the shard's two 20-row chunks was written
     out = np.full((20, *SHAPE), 7, np.float16)
-    RawChunks.of(store.path / "g0" / "m").read(20, 40, list(out))
+    raw = RawChunks.of(store.path / "g0" / "m")
+    raw.read(20, 40, list(out))
+    raw.wait()
     assert not out.any()
 
 
