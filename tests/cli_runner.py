@@ -100,6 +100,15 @@ def _captured() -> Iterator[tuple[io.StringIO, io.StringIO]]:
     finally:
         for handler, stream in zip(handlers, handler_streams):
             handler.setStream(stream)
+        # A handler made during the run (transformers' on its first import) holds a stream closed below, and
+        # transformers binds the handler's flush to it too: both become what they would be if made before the run.
+        saved_by_run_stream = {id(sys.stdout): saved_streams[0], id(sys.stderr): saved_streams[1]}
+        for handler in _console_handlers():
+            saved = saved_by_run_stream.get(id(handler.stream))
+            if saved is not None:
+                if getattr(vars(handler).get("flush"), "__self__", None) is handler.stream:
+                    handler.flush = saved.flush
+                handler.setStream(saved)
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
             stream.close()

@@ -37,3 +37,29 @@ def test_console_logging_is_captured_and_restored(tmp_path):
         logger.warning("after the run")  # must not raise
     finally:
         logger.removeHandler(handler)
+
+
+def test_a_handler_made_during_a_run_is_left_on_the_stream_it_would_have_had(tmp_path, monkeypatch):
+    """Bug caught: a library's first import inside a run (transformers': `logging.StreamHandler()` on sys.stderr,
+    its `flush` bound to `sys.stderr.flush`) left its handler on the run's closed stream, so every later run failed
+    entering the capture ('I/O operation on closed file') and its log lines after the run were lost."""
+    import sys
+
+    logger = logging.getLogger("cli_runner_probe_made_in_run")
+
+    def main(args: list[str]) -> None:  # what transformers' first import does inside the command
+        handler = logging.StreamHandler()
+        handler.flush = sys.stderr.flush
+        logger.addHandler(handler)
+        logger.warning("made during the run")
+
+    monkeypatch.setattr("cli.__main__.main", main)
+    try:
+        assert "made during the run" in run_cli(["anything"], cwd=tmp_path).stderr
+        (handler,) = logger.handlers
+        assert handler.stream is sys.stderr and handler.flush == sys.stderr.flush
+        assert "made during the run" in run_cli(["anything"], cwd=tmp_path).stderr  # the next run still captures
+        logger.warning("after the runs")  # must not raise
+    finally:
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)

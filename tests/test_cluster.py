@@ -2,7 +2,9 @@
 
 SLURM: one process per node with the variables `srun` sets (Lightning's SLURMEnvironment reads them);
 torchrun: one `torchrun --nnodes 2 --node_rank K` agent per node (TorchElasticEnvironment). Gloo on CPU,
-MASTER_ADDR=127.0.0.1. Every store is compared array by array and file by file with a 1-rank run.
+MASTER_ADDR=127.0.0.1. Every store is compared array by array and file by file with a 1-rank run. The launches are
+real processes (the launcher's variables, kill -9 of a node); the 1-rank references and reruns on one node run
+in-process through the same entry point (`tests/cli_runner.py`), with the same one CPU thread.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from datamodules.shards import convert
 from feature_cache.locks import LOCK_FILE
 from feature_cache.store import FeatureStore
 
+from cli_runner import run_cli
 from workflow_stores import build_store, local_config
 
 pytestmark = pytest.mark.slow
@@ -168,8 +171,7 @@ def _written_tars(stdout: str, store: Path) -> dict[int, list[str]]:
 def reference(setup) -> Path:
     """The 1-rank store every launch is compared with."""
     store = setup["root"] / "one.zarr"
-    result = subprocess.run([sys.executable, "-m", "cli", *_cli_args(setup, store)], capture_output=True, text=True,
-                            timeout=600, env=_env(), cwd=setup["root"])
+    result = run_cli(_cli_args(setup, store), env=_env(), cwd=setup["root"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{TARS}/{TARS} tars done" in result.stdout
     return store
@@ -223,9 +225,8 @@ def test_kill_one_node_then_rerun_on_one_node_gives_the_same_store(setup, refere
     # Node 0 either died holding it or released it on seeing rank 1 die (gloo's error reaches it first under
     # load): either way the rerun must not be blocked (takeover of a dead holder: tests/test_store_locks.py).
     assert lock_file or not (store / LOCK_FILE).exists()
-    result = subprocess.run([sys.executable, "-m", "cli", *_cli_args(setup, store)], capture_output=True, text=True,
-                            timeout=600, env=_env(FEATURE_STORE_LOCK="file" if lock_file else "flock"),
-                            cwd=setup["root"])
+    result = run_cli(_cli_args(setup, store), env=_env(FEATURE_STORE_LOCK="file" if lock_file else "flock"),
+                     cwd=setup["root"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resume: skipped {partial} of {TARS} tars" in result.stdout
     _assert_bit_identical(reference, store)
@@ -250,8 +251,7 @@ def test_two_nodes_fit_the_file_of_one_rank(setup, command, launch):
     writing its own half-data posterior), images encoded on both nodes, and members trained from a rank's data."""
     one, two = setup["root"] / command / "one.pt", setup["root"] / command / "two.pt"
     one.parent.mkdir(exist_ok=True)
-    single = subprocess.run([sys.executable, "-m", "cli", *_fit_args(setup, command, one)], capture_output=True,
-                            text=True, timeout=600, env=_env(), cwd=setup["root"])
+    single = run_cli(_fit_args(setup, command, one), env=_env(), cwd=setup["root"])
     assert single.returncode == 0, single.stderr[-3000:]
     results = _wait(launch(setup, _fit_args(setup, command, two)))
     assert [code for code, _, _ in results] == [0, 0], [err[-3000:] for _, _, err in results]
@@ -286,8 +286,7 @@ def test_phase2_fit_and_test_on_two_nodes_score_every_row_once(phase2):
     assert sorted(p.name for p in (phase2 / "runs" / "deua").iterdir()) == ["both-seed0"]
     run_dir = phase2 / "runs" / "deua" / "both-seed0"
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    single = subprocess.run([sys.executable, "-m", "cli", *_phase2_args(phase2, "test", "--ckpt_path", str(checkpoint))],
-                            capture_output=True, text=True, timeout=600, env=_env(), cwd=phase2)
+    single = run_cli(_phase2_args(phase2, "test", "--ckpt_path", str(checkpoint)), env=_env(), cwd=phase2)
     assert single.returncode == 0, single.stderr[-3000:]
     one_table = (run_dir / "protocol_table.csv").read_text()
     one_rows = pd.read_csv(run_dir / "test_predictions.csv")

@@ -1,8 +1,9 @@
 """A user adds a dataset layout, a guidance map and a detector the way the README says: one layout module, one map
 module, one detector module, one YAML, all outside the repository (on PYTHONPATH only), then converts a dataset
 tree with the layout, grows existing stores by the map and fits, tests and predicts with the detector; every step
-a real CLI subprocess on tiny real models. The map module is importable only where a map is computed
-(precompute, predict): fit and test take its channels from the stores."""
+that imports a user's module is a real CLI subprocess (their PYTHONPATH, their registrations) on tiny real models;
+the base stores, built with the built-in maps only, are computed in-process (`tests/cli_runner.py`). The map module
+is importable only where a map is computed (precompute, predict): fit and test take its channels from the stores."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ import zarr
 from datamodules.demo_data import GENERATORS, build_demo_images
 from feature_cache.manifest import read_manifest_rows
 from feature_cache.store import FeatureStore
+
+from cli_runner import CliResult, run_cli
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -96,10 +99,10 @@ def _env(root: Path, maps: bool) -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join(str(folder) for folder in folders)}
 
 
-def _cli(root: Path, *args: str, maps: bool = True, ok: bool = True) -> subprocess.CompletedProcess:
-    """`python -m cli ...` run from the user's folder (see `_env`); with `ok`, it must succeed."""
-    result = subprocess.run([sys.executable, "-m", "cli", *args], cwd=root, env=_env(root, maps), capture_output=True,
-                            text=True, timeout=900)
+def _cli(root: Path, *args: str, maps: bool = True, ok: bool = True, subprocess_: bool = True) -> CliResult:
+    """`python -m cli ...` run from the user's folder (see `_env`), in a fresh process unless `subprocess_` is false
+    (only for runs that import no user module); with `ok`, it must succeed."""
+    result = run_cli(list(args), cwd=root, env=_env(root, maps), subprocess_=subprocess_, timeout=900)
     assert not ok or result.returncode == 0, \
         f"python -m cli {' '.join(args)}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return result
@@ -107,6 +110,7 @@ def _cli(root: Path, *args: str, maps: bool = True, ok: bool = True) -> subproce
 
 def _precompute(root: Path, models: dict[str, Path], split: str, outputs: tuple[str, ...],
                 map_modules: tuple[str, ...] = ("lightning_modules.maps.builtin",)) -> None:
+    user_maps = set(map_modules) != {"lightning_modules.maps.builtin"}
     _cli(root, "precompute", "--config", str(REPO / "configs" / "precompute.yaml"),
          "--model.init_args.sd", str(models["sd"]), "--model.init_args.clip", str(models["clip"]),
          "--model.init_args.posterior", "null", "--model.init_args.num_noises", "2",
@@ -114,7 +118,8 @@ def _precompute(root: Path, models: dict[str, Path], split: str, outputs: tuple[
          "--model.init_args.map_modules", f"[{','.join(map_modules)}]",
          "--data.init_args.shards", str(root / "shards" / split), "--data.init_args.resolution", "64",
          "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
-         "--trainer.accelerator", "cpu", "--trainer.callbacks", "[]", "--store", str(root / f"{split}.zarr"))
+         "--trainer.accelerator", "cpu", "--trainer.callbacks", "[]", "--store", str(root / f"{split}.zarr"),
+         subprocess_=user_maps)
 
 
 def _files(store: Path, group: str) -> dict[str, bytes]:

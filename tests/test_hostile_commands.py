@@ -1,8 +1,9 @@
 """Hostile inputs to the Trainer commands and the plain commands, through the real command line (issue 28).
 
-Each case runs `python -m cli ...` in a fresh process the way a user does and asserts the one error line, a
-non-zero exit, that no planted code ran, and that nothing already stored (a run's checkpoint, a store's files)
-was lost or changed.
+Each case runs `python -m cli ...` with the user's arguments (in-process through the same entry point,
+`tests/cli_runner.py`; a fresh process where the process boundary is the point: DDP ranks and a `sitecustomize`
+they import) and asserts the one error line, a non-zero exit, that no planted code ran, and that nothing already
+stored (a run's checkpoint, a store's files) was lost or changed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import yaml
 
 from core.checkpoint_io import safe_torch_load
 
+from cli_runner import CliResult, cli_env, run_cli
 from workflow_stores import build_store, local_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,13 +45,12 @@ def plant(path: Path, marker: Path, content: object | None = None) -> Path:
     return path
 
 
-def cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+def cli(*args: str, cwd: Path) -> CliResult:
+    """`python -m cli ARGS` in `cwd` with one CPU thread, in-process."""
+    return run_cli(list(args), cwd=cwd, env=cli_env(OMP_NUM_THREADS="1"))
 
 
-def error_line(result: subprocess.CompletedProcess, command: str) -> str:
+def error_line(result: CliResult, command: str) -> str:
     """The command's one error line (exit non-zero, no traceback, exactly one `python -m cli COMMAND:` line)."""
     assert result.returncode != 0, result.stdout[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-4000:]
@@ -81,7 +82,7 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def scored(fitted: dict[str, Path], command: str, *extra: str, local: Path | None = None,
-           cwd: Path | None = None) -> subprocess.CompletedProcess:
+           cwd: Path | None = None) -> CliResult:
     return cli(command, "--config", str(REPO / "configs/deua.yaml"), "--config", str(local or fitted["local"]),
                *extra, cwd=cwd or fitted["root"])
 
@@ -146,12 +147,12 @@ def precompute_args(phase1: dict[str, Path], store: Path | str, outputs: str, *e
 
 
 def precompute(phase1: dict[str, Path], store: Path | str, outputs: str, *extra: str, shards: Path | None = None,
-               members: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+               members: str | None = None, cwd: Path | None = None) -> CliResult:
     return cli("precompute", *precompute_args(phase1, store, outputs, *extra, shards=shards, members=members),
                cwd=cwd or phase1["root"])
 
 
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+def ok(result: CliResult) -> CliResult:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -260,7 +261,7 @@ def read_only(tmp_path_factory: pytest.TempPathFactory):
     subprocess.run(["umount", str(folder)], check=True)
 
 
-def generate(paths: dict[str, Path], prompts: Path, out: Path) -> subprocess.CompletedProcess:
+def generate(paths: dict[str, Path], prompts: Path, out: Path) -> CliResult:
     return cli("generate", "--config", str(REPO / "configs/generate.yaml"), "--model.init_args.sd", str(paths["sd"]),
                "--model.init_args.resolution", "64", "--model.init_args.num_inference_steps", "2",
                "--model.init_args.aleatoric_steps", "[1]", "--prompts", str(prompts), "--num_images", "1", "--out", str(out), "--trainer.accelerator", "cpu",

@@ -1,7 +1,8 @@
 """Hostile inputs: folders, files and checkpoints that once hung, looped, exhausted memory, lost work or ran code.
 
 Each test reproduces one defect of issue 15 (items 9-13, 15, 16) on real files, through the real command
-line where the defect was in it.
+line where the defect was in it: its entry point in-process (`tests/cli_runner.py`), a fresh process where a hang
+or a killed worker is the defect.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from datamodules.image_io import MAX_PIXELS, decode_rgb
 from datamodules.layouts import walk_files
 from datamodules.shards import convert
 from feature_cache.manifest import read_manifest_rows
+from cli_runner import CliResult, run_cli
 from image_trees import noise, save
 
 
@@ -33,10 +35,10 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def shards_cli(root: Path, out: Path, *extra: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli", "shards", "--layout", "folder", "--root", str(root),
-                           "--split", "train", "--out", str(out), *extra],
-                          capture_output=True, text=True, timeout=timeout)
+def shards_cli(root: Path, out: Path, *extra: str, timeout: float = 120) -> CliResult:
+    """`python -m cli shards --layout folder` of `root` in a fresh process: its users' bugs were hangs (a timeout)."""
+    return run_cli(["shards", "--layout", "folder", "--root", str(root), "--split", "train", "--out", str(out), *extra],
+                   subprocess_=True, timeout=timeout)
 
 
 def png_header_only(path: Path, width: int, height: int) -> Path:
@@ -97,9 +99,8 @@ def test_link_to_a_parent_never_relabels_a_class(tmp_path: Path, layout: str) ->
     save(root / fake / "b.png", Image.fromarray(noise(2, 32, 32)))
     convert(layout, root, "train", tmp_path / "clean", workers=1)
     (root / fake / "loop").symlink_to("..")
-    result = subprocess.run([sys.executable, "-m", "cli", "shards", "--layout", layout, "--root", str(root),
-                             "--split", "train", "--out", str(tmp_path / "out"), "--workers", "1"],
-                            capture_output=True, text=True, timeout=120)
+    result = run_cli(["shards", "--layout", layout, "--root", str(root), "--split", "train", "--out",
+                      str(tmp_path / "out"), "--workers", "1"])
     assert result.returncode == 0, result.stderr
     rows = [(r["path"], r["label"], r["generator"]) for r in read_manifest_rows(tmp_path / "out")]
     assert rows == [(r["path"], r["label"], r["generator"]) for r in read_manifest_rows(tmp_path / "clean")]
@@ -202,7 +203,9 @@ def test_file_deleted_after_discovery_is_rejected_not_fatal(labelled: Path, tmp_
 
 
 def forked_workers(pid: int) -> list[int]:
-    """Children of `pid` that are forks of it (same command line): its pool workers, not helper programs."""
+    """Children of `pid` that are forks of it (same command line): its pool workers, not helper programs. A helper
+    program between its fork and its exec has the same command line for a moment (importing lightning runs
+    `ldconfig -p` twice, one at a time): only a pool's full set of workers, alive together, tells them apart."""
     command = Path(f"/proc/{pid}/cmdline").read_bytes()
     found = []
     for entry in Path("/proc").iterdir():
@@ -219,8 +222,9 @@ def forked_workers(pid: int) -> list[int]:
 def test_killed_decode_worker_is_an_error_naming_the_file(tmp_path: Path) -> None:
     """Bug caught: `shards --workers 2` with a worker killed (OOM killer, a crashing codec) waited forever.
 
-    A pool worker of the real command is SIGKILLed as soon as it exists; the command must end by itself,
-    non-zero, naming files it was reading, and leave no temp tar.
+    A pool worker of the real command is SIGKILLed as soon as the pool's 2 workers exist (not the transient fork
+    of a helper program, whose kill the command rightly survives: that made this test flaky); the command must end
+    by itself, non-zero, naming files it was reading, and leave no temp tar.
     """
     root = tmp_path / "root"
     image = Image.fromarray(noise(1, 96, 96))
@@ -229,10 +233,12 @@ def test_killed_decode_worker_is_an_error_naming_the_file(tmp_path: Path) -> Non
     process = subprocess.Popen([sys.executable, "-m", "cli", "shards", "--layout", "folder", "--root", str(root),
                                 "--split", "train", "--out", str(tmp_path / "out"), "--workers", "2",
                                 "--shard_size", "50"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while process.poll() is None and not forked_workers(process.pid) and time.monotonic() < deadline:
+    deadline, workers = time.monotonic() + 120, []
+    while process.poll() is None and len(workers) < 2 and time.monotonic() < deadline:
         time.sleep(0.005)
-    os.kill(forked_workers(process.pid)[0], signal.SIGKILL)
+        workers = forked_workers(process.pid)
+    assert len(workers) == 2, f"the pool's 2 workers never showed (exit {process.poll()}, found {workers})"
+    os.kill(workers[0], signal.SIGKILL)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode != 0
     message = stderr.strip().splitlines()[-1]
@@ -249,7 +255,8 @@ def test_duplicates_within_and_across_splits_are_reported(labelled: Path, tmp_pa
     save(test_root / "real" / "same_as_a.jpg", Image.new("RGB", (8, 8)))
     (test_root / "real" / "same_as_a.jpg").write_bytes((labelled / "real" / "a.jpg").read_bytes())
     convert("folder", test_root, "val", tmp_path / "test_out", workers=1)
-    result = shards_cli(labelled, tmp_path / "out", "--workers", "1", "--check_against", str(tmp_path / "test_out"))
+    result = run_cli(["shards", "--layout", "folder", "--root", str(labelled), "--split", "train", "--out",
+                      str(tmp_path / "out"), "--workers", "1", "--check_against", str(tmp_path / "test_out")])
     assert result.returncode == 0, result.stderr
     assert f"1 exact duplicates within the split, 1 also in {tmp_path / 'test_out'}" in result.stdout
     assert read_csv(tmp_path / "out" / "duplicates.csv") == [
@@ -317,9 +324,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def predict_cli(ckpt: Path, data: Path, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli", "predict", "--ckpt", str(ckpt), "--data", str(data),
-                           "--out", str(out), "--num_workers", "0"], capture_output=True, text=True, timeout=300)
+def predict_cli(ckpt: Path, data: Path, out: Path) -> CliResult:
+    return run_cli(["predict", "--ckpt", str(ckpt), "--data", str(data), "--out", str(out), "--num_workers", "0"])
 
 
 def test_checkpoint_records_its_class_path_and_loads_weights_only(checkpoint: Path) -> None:

@@ -1,7 +1,8 @@
 """Inserting one file changes no other image's stored values, under every pixel protocol, through the real CLI.
 
 `python -m cli shards` converts an image tree before and after one file is added (its name sorts first, so
-every other image moves to another row, tar and batch), `python -m cli precompute` builds a store of each,
+every other image moves to another row, tar and batch), `python -m cli precompute` builds a store of each (both
+in-process through the CLI's entry point, `tests/cli_runner.py`, one CPU thread),
 and every image's values and row metadata are compared by sha256. Under `jpeg_aligned` the drawn JPEG
 quality is the one random choice the pixel pipeline makes: keyed by anything but the image's bytes (its row
 or manifest key, as once happened), it moves with the insertion. Batches of one image: CPU kernels are not
@@ -11,33 +12,25 @@ is in the provenance for that reason).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from feature_cache.store import FeatureStore
+from cli_runner import cli_env, run_cli
 from image_trees import noise, save
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 GENERATOR = "imagenet_demo"
 ROW_METADATA = ("label", "format", "jpeg_quality", "width", "height")
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=ENV, cwd=cwd)
-
-
-def _wait(processes: list[subprocess.Popen]) -> None:
-    for process in processes:
-        _, stderr = process.communicate(timeout=600)
-        assert process.returncode == 0, stderr[-3000:]
+def _cli(*args: str, cwd: Path) -> None:
+    """`python -m cli ARGS` in `cwd` with one CPU thread; it must succeed."""
+    result = run_cli(list(args), cwd=cwd, env=cli_env(OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def _tree(root: Path, inserted: bool) -> Path:
@@ -56,14 +49,14 @@ def shard_dirs(tmp_path_factory) -> dict[str, Path]:
     """The same tree converted without and with the inserted file (2-image tars, so tars shift too)."""
     root = tmp_path_factory.mktemp("insert")
     dirs = {name: root / f"shards_{name}" for name in ("before", "after")}
-    _wait([_cli("shards", "--layout", "genimage", "--root", str(_tree(root / f"images_{name}", name == "after")),
-                "--split", "train", "--out", str(out), "--shard_size", "2", "--workers", "1", cwd=root)
-           for name, out in dirs.items()])
+    for name, out in dirs.items():
+        _cli("shards", "--layout", "genimage", "--root", str(_tree(root / f"images_{name}", name == "after")),
+             "--split", "train", "--out", str(out), "--shard_size", "2", "--workers", "1", cwd=root)
     return dirs
 
 
-def _precompute(shards: Path, store: Path, protocol: str, models: dict[str, Path]) -> subprocess.Popen:
-    return _cli("precompute", "--config", str(REPO / "configs" / "precompute.yaml"),
+def _precompute(shards: Path, store: Path, protocol: str, models: dict[str, Path]) -> None:
+    _cli("precompute", "--config", str(REPO / "configs" / "precompute.yaml"),
                 "--model.init_args.sd", str(models["sd"]), "--model.init_args.clip", "null",
                 "--model.init_args.posterior", "null", "--model.init_args.outputs", "[lare]",
                 "--model.init_args.num_noises", "2", "--model.init_args.autocast_dtype", "float32",
@@ -87,7 +80,8 @@ def test_inserting_a_file_leaves_every_other_images_values_bit_identical(protoco
     """Catches a per-image draw (JPEG quality, noise) keyed by the row, the manifest key or the batch instead of
     the image's sha256: the inserted file shifts every other image's row, key, tar and batch."""
     stores = {name: tmp_path / f"{name}.zarr" for name in shard_dirs}
-    _wait([_precompute(shard_dirs[name], stores[name], protocol, tiny_model_paths) for name in shard_dirs])
+    for name in shard_dirs:
+        _precompute(shard_dirs[name], stores[name], protocol, tiny_model_paths)
     before, after = (_by_image(FeatureStore.open(stores[name])) for name in ("before", "after"))
     assert len(after) == len(before) + 1 and set(before) < set(after)
     changed = [digest[:12] for digest in before if before[digest] != after[digest]]

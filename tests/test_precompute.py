@@ -1,7 +1,8 @@
 """`python -m cli precompute` on the tiny models and a mini image set: exactly once, resumable, honest.
 
-Every run is a real subprocess of the real CLI (DDP re-executes it per rank), writing a real Zarr
-store; stores are compared file by file.
+Every run goes through the real CLI entry point, writing a real Zarr store; stores are compared file by file.
+Runs are in-process (`tests/cli_runner.py`) except where the process boundary is under test: 2 DDP ranks
+(Lightning re-executes the command line), kill -9, piped stdout, two concurrent runs.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from datamodules.image_shards import ImageShardDataModule
 from datamodules.shards import convert
 from feature_cache.store import FeatureStore
 from lightning_modules.laplace_fit import LaplaceFit
+
+from cli_runner import CliResult, cli_env, run_cli
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +51,11 @@ def setup(tiny_model_paths, tmp_path_factory) -> dict[str, Path]:
 
 
 def _command(setup: dict[str, Path], store: Path, *extra: str, outputs: tuple[str, ...] = FEATURES) -> list[str]:
-    return [sys.executable, "-m", "cli", "precompute", "--config", str(REPO / "configs" / "precompute.yaml"),
+    return [sys.executable, "-m", "cli", *_args(setup, store, *extra, outputs=outputs)]
+
+
+def _args(setup: dict[str, Path], store: Path, *extra: str, outputs: tuple[str, ...] = FEATURES) -> list[str]:
+    return ["precompute", "--config", str(REPO / "configs" / "precompute.yaml"),
             "--model.init_args.sd", str(setup["sd"]), "--model.init_args.clip", str(setup["clip"]),
             "--model.init_args.posterior", str(setup["posterior"]), "--model.init_args.num_noises", "2",
             "--model.init_args.outputs", f"[{','.join(outputs)}]",
@@ -61,13 +68,14 @@ def _command(setup: dict[str, Path], store: Path, *extra: str, outputs: tuple[st
 def _env(threads: int = 1) -> dict[str, str]:
     """One CPU thread per process in every run: oneDNN splits reductions by thread count, so bit-identity
     across 1 and 2 ranks holds for equal thread counts (and the count is part of the provenance)."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
+    return cli_env(OMP_NUM_THREADS=str(threads))
 
 
 def _run(setup: dict[str, Path], store: Path, *extra: str, outputs: tuple[str, ...] = FEATURES,
-         threads: int = 1) -> subprocess.CompletedProcess:
-    return subprocess.run(_command(setup, store, *extra, outputs=outputs), capture_output=True, text=True,
-                          timeout=600, env=_env(threads), cwd=setup["root"])
+         threads: int = 1, subprocess_: bool = False) -> CliResult:
+    """`python -m cli precompute` in the user's folder: in-process unless `subprocess_` (a process boundary)."""
+    return run_cli(_args(setup, store, *extra, outputs=outputs), cwd=setup["root"], env=_env(threads),
+                   subprocess_=subprocess_, timeout=600)
 
 
 def _data_files(store: Path, group: str | None = None) -> dict[str, bytes]:
@@ -138,7 +146,7 @@ def test_config_is_saved_in_the_store_not_over_the_users_file(setup, single_proc
 def test_two_ddp_ranks_write_the_same_arrays_as_one(setup, single_process_store):
     """Catches rows lost, duplicated or computed differently when 2 gloo ranks share the tars."""
     store = setup["root"] / "two.zarr"
-    result = _run(setup, store, "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    result = _run(setup, store, "--trainer.devices", "2", "--trainer.strategy", "ddp", subprocess_=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "12/12 tars done" in result.stdout
     _assert_bit_identical(single_process_store, store)
@@ -173,7 +181,8 @@ def test_plain_log_shows_totals_eta_per_tar_and_the_resume_skip(setup, single_pr
     for marker in sorted((store / "g0" / "done").glob("*.json"))[-3:]:
         marker.unlink()
     # the config's Rich bar kept on: piped, its only frame came at the end, stale (`tars 0/1`, `0.00it/s`)
-    result = _run(setup, store, "--trainer.callbacks+", "lightning.pytorch.callbacks.RichProgressBar")
+    result = _run(setup, store, "--trainer.callbacks+", "lightning.pytorch.callbacks.RichProgressBar",
+                  subprocess_=True)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert not any("Predicting" in line or "it/s" in line for line in lines), lines

@@ -6,8 +6,6 @@ import csv
 import hashlib
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,8 @@ from cli.__main__ import main
 from datamodules.image_io import decode_rgb, estimate_jpeg_quality, to_rgb
 from datamodules.shards import ShardsInputError, convert, read_shard_index
 from feature_cache.manifest import read_manifest_rows
+
+from cli_runner import CliResult, run_cli
 from image_trees import make_drct, make_folder, make_genimage, noise, sixteen_bit, truncated
 
 SHARD_SIZE = 4
@@ -172,8 +172,9 @@ def test_folder_layout(tmp_path: Path, labelled: bool) -> None:
     assert all(r["class_name"] == "" for r in rows)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli", "shards", *args], capture_output=True, text=True, timeout=300)
+def _cli(*args: str, subprocess_: bool = False) -> CliResult:
+    """`python -m cli shards ARGS`, in-process unless `subprocess_`."""
+    return run_cli(["shards", *args], subprocess_=subprocess_, timeout=300)
 
 
 def test_cli_converts_and_filters_generators(genimage, tmp_path: Path) -> None:
@@ -187,11 +188,12 @@ def test_cli_converts_and_filters_generators(genimage, tmp_path: Path) -> None:
 
 
 def test_cli_log_has_a_line_per_filled_tar_with_total_and_eta(genimage, tmp_path: Path) -> None:
-    """stdout piped, as under SLURM or `> log`. Catches progress shown only as a redrawn bar (nothing useful in a
-    log), a filled tar without its line, or lines without the total and ETA."""
+    """stdout piped, as under SLURM or `> log` (a fresh process: what its console finds at start). Catches progress
+    shown only as a redrawn bar (nothing useful in a log), a filled tar without its line, or lines without the
+    total and ETA."""
     base, _, _ = genimage
     result = _cli("--layout", "genimage", "--root", str(base / "root"), "--split", "val", "--out", str(tmp_path / "o"),
-                  "--shard_size", "2", "--generators", "imagenet_glide", "--workers", "1")
+                  "--shard_size", "2", "--generators", "imagenet_glide", "--workers", "1", subprocess_=True)
     assert result.returncode == 0, result.stderr
     found = len(read_manifest_rows(tmp_path / "o")) + len(read_csv(tmp_path / "o" / "rejected.csv"))
     lines = [line for line in result.stdout.splitlines() if line.startswith("shards: ")]
@@ -210,7 +212,8 @@ def test_cli_log_has_a_line_per_filled_tar_with_total_and_eta(genimage, tmp_path
 ])
 def test_cli_bad_input_is_one_clear_line(genimage, tmp_path: Path, layout: str, root_name: str,
                                          extra: tuple[str, ...], message: str) -> None:
-    """In-process (the subprocess path is covered above): the exit message is what the user sees on stderr."""
+    """In-process (the subprocess path is covered above: the log test): the exit message is what the user sees on
+    stderr."""
     base, _, _ = genimage
     with pytest.raises(SystemExit) as exit_info:
         main(["shards", "--layout", layout, "--root", str(base / root_name), "--split", "train", "--out",

@@ -1,5 +1,6 @@
 """Store format 3 refuses damaged bytes instead of reading them: chunk checksums on every read (Zarr and RawChunks),
-missing files as errors, digested attributes, atomic creation, and `verify` through the real CLI (issue 28)."""
+missing files as errors, digested attributes, atomic creation, and `verify` through the real CLI (issue 28): its
+entry point in-process (`tests/cli_runner.py`), a fresh process only for the kill -9."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from datamodules.row_batches import Rows, SplitRows
 from feature_cache.integrity import remove_leftovers
 from feature_cache.provenance import FeatureSpec
 from feature_cache.store import FeatureStore
+from cli_runner import CliResult, run_cli
 from feature_cache_fakes import make_shard_dir, run_predict, write_store
 from workflow_stores import build_store
 
@@ -53,12 +55,11 @@ def raw_read(store: FeatureStore, name: str) -> np.ndarray:
     return SplitRows([str(store.path)], [part], [name.removesuffix("__scale")]).read(rows)[name]
 
 
-def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=600, cwd=cwd,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
+def cli(*args: str, cwd: Path = REPO) -> CliResult:
+    return run_cli(list(args), cwd=cwd)
 
 
-def error_line(result: subprocess.CompletedProcess) -> str:
+def error_line(result: CliResult) -> str:
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     return result.stderr.strip().splitlines()[-1]
 
@@ -132,7 +133,6 @@ def test_a_deleted_shard_file_is_an_error_never_zeros(tmp_path: Path) -> None:
     assert not raw_read(zeros, "clip_layer3").any() and not zeros.read("clip_layer3").any()
 
 
-@pytest.mark.slow
 def test_edited_attributes_are_refused_at_open_and_by_verify(tmp_path: Path) -> None:
     """Swapping generator_names in zarr.json. Catches phase 2 silently relabelling generators (the names are codes'
     meaning) and `verify` reporting no damage; an array's own attributes are covered too."""
@@ -155,7 +155,6 @@ def test_edited_attributes_are_refused_at_open_and_by_verify(tmp_path: Path) -> 
         FeatureStore.open(other.path)
 
 
-@pytest.mark.slow
 def test_deleted_done_marker_fails_verify_with_one_line(tmp_path: Path) -> None:
     """Catches `verify` exiting 0 on a store whose done markers disagree with its data (fit refuses it)."""
     store = make(tmp_path / "s")
@@ -168,7 +167,6 @@ def test_deleted_done_marker_fails_verify_with_one_line(tmp_path: Path) -> None:
                                   "same precompute command to recompute them")
 
 
-@pytest.mark.slow
 def test_verify_checks_checksums_by_default(tmp_path: Path) -> None:
     """Catches `verify` passing a same-size flip unless asked for checksums, and `--checksums false` no longer
     being the cheap presence-and-size check."""
@@ -240,7 +238,6 @@ def test_format_2_stores_stay_readable_and_verifiable(tmp_path: Path) -> None:
     assert [d.problem for d in opened.verify(checksums=True)] == ["sha256 mismatch (bytes changed)"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("target", "where"), [
     ("g0/deu/c/1/0/0/0", "array g0/deu shard file g0/deu/c/1/0/0/0 inner chunk 0 (rows 8..15)"),
     ("g0/clip_layer3/c/2/0/0/0", "array g0/clip_layer3 shard file g0/clip_layer3/c/2/0/0/0 inner chunk 0 (rows 16..23)"),
