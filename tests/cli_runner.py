@@ -100,6 +100,9 @@ def _captured() -> Iterator[tuple[io.StringIO, io.StringIO]]:
     finally:
         for handler, stream in zip(handlers, handler_streams):
             handler.setStream(stream)
+        for handler in _console_handlers():  # made during the run (a library's logger on first import): the console
+            if handler.stream in (sys.stdout, sys.stderr):  # it would have had in a process, not the closed capture
+                handler.setStream(sys.__stdout__ if handler.stream is sys.stdout else sys.__stderr__)
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
             stream.close()

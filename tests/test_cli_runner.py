@@ -37,3 +37,24 @@ def test_console_logging_is_captured_and_restored(tmp_path):
         logger.warning("after the run")  # must not raise
     finally:
         logger.removeHandler(handler)
+
+
+def test_a_logging_handler_made_during_a_run_outlives_it(tmp_path, monkeypatch):
+    """Bug caught: a StreamHandler created inside a run (a library configuring its logger on first import, as the
+    demo's in-process tiny-model training does) kept the run's captured stderr, closed afterwards: the next
+    `run_cli` (and its next log line) raised 'I/O operation on closed file'."""
+    import cli.__main__
+
+    logger = logging.getLogger("cli_runner_probe_made_inside")
+
+    def main(args: list[str]) -> None:
+        logger.addHandler(logging.StreamHandler())
+        logger.warning("inside the run")
+
+    monkeypatch.setattr(cli.__main__, "main", main)
+    try:
+        assert "inside the run" in run_cli([], cwd=tmp_path).stderr
+        logger.warning("after the run")  # must not raise
+        assert "inside the run" in run_cli([], cwd=tmp_path).stderr  # the next run captures it again
+    finally:
+        logger.handlers.clear()
