@@ -102,7 +102,10 @@ def _captured() -> Iterator[tuple[io.StringIO, io.StringIO]]:
             handler.setStream(stream)
         for handler in _console_handlers():  # made during the run (a library's logger on first import): the console
             if handler.stream in (sys.stdout, sys.stderr):  # it would have had in a process, not the closed capture
-                handler.setStream(sys.__stdout__ if handler.stream is sys.stdout else sys.__stderr__)
+                console = sys.__stdout__ if handler.stream is sys.stdout else sys.__stderr__
+                if getattr(handler.__dict__.get("flush"), "__self__", None) is handler.stream:
+                    handler.flush = console.flush  # diffusers' handler: `flush = sys.stderr.flush`, bound at creation
+                handler.setStream(console)
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
             stream.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import pytest
 
@@ -42,13 +43,15 @@ def test_console_logging_is_captured_and_restored(tmp_path):
 def test_a_logging_handler_made_during_a_run_outlives_it(tmp_path, monkeypatch):
     """Bug caught: a StreamHandler created inside a run (a library configuring its logger on first import, as the
     demo's in-process tiny-model training does) kept the run's captured stderr, closed afterwards: the next
-    `run_cli` (and its next log line) raised 'I/O operation on closed file'."""
+    `run_cli` (and its next log line) raised 'I/O operation on closed file', also through a `flush` bound to it."""
     import cli.__main__
 
     logger = logging.getLogger("cli_runner_probe_made_inside")
 
     def main(args: list[str]) -> None:
-        logger.addHandler(logging.StreamHandler())
+        handler = logging.StreamHandler()
+        handler.flush = sys.stderr.flush  # as diffusers' logging does
+        logger.addHandler(handler)
         logger.warning("inside the run")
 
     monkeypatch.setattr(cli.__main__, "main", main)
