@@ -14,6 +14,8 @@ import pytest  # noqa: E402
 from lightning_modules.tiny_models import build_tiny_models  # noqa: E402
 from timeouts import pytest_collection_modifyitems  # noqa: E402,F401  (the hook: slow tests' longer limit)
 
+pytest_plugins = ["shared_speedwf"]  # session fixtures shared across test files (a demo run)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import pytest
 
@@ -43,7 +44,6 @@ def test_a_handler_made_during_a_run_is_left_on_the_stream_it_would_have_had(tmp
     """Bug caught: a library's first import inside a run (transformers': `logging.StreamHandler()` on sys.stderr,
     its `flush` bound to `sys.stderr.flush`) left its handler on the run's closed stream, so every later run failed
     entering the capture ('I/O operation on closed file') and its log lines after the run were lost."""
-    import sys
 
     logger = logging.getLogger("cli_runner_probe_made_in_run")
 

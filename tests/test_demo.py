@@ -1,16 +1,15 @@
 """The demo end to end (smaller), then `predict` and `robustness` on what it trained.
 
-One real `python -m cli demo` subprocess builds data, shards, posterior, stores, two detectors, their
+One `python -m cli demo` (the session's `demo_run`, tests/shared_speedwf.py, which test_demo_learning.py reads
+too; each of its phases is a real subprocess) builds data, shards, posterior, stores, two detectors, their
 test tables and plots; the tests check those artefacts against each other and reuse the DEUA
-checkpoint for the raw-image commands.
+checkpoint for the raw-image commands (run in-process, tests/cli_runner.py).
 """
 
 from __future__ import annotations
 
 import csv
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,24 +19,20 @@ from PIL import Image
 from feature_cache.store import FeatureStore
 from reports.evaluation import Predictions, protocol_table
 
+from cli_runner import run_cli
+from shared_speedwf import DEMO_IMAGES_PER_CLASS
+
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env, cwd=cwd,
-                          timeout=900)
+# The demo's test store: half the training size per class, for each of the two generators.
+TEST_ROWS = 2 * 2 * (DEMO_IMAGES_PER_CLASS // 2)
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo") / "out"
-    result = _cli("demo", "--out", str(out), "--images_per_class", "8", "--epochs", "2", cwd=out.parent)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "pipeline demonstration, not a detector result" in result.stdout
-    assert f"tensorboard --logdir {out / 'runs'}" in result.stdout
-    assert f"python -m cli fit --config {out / 'configs' / 'deua.yaml'}" in result.stdout
+def demo(demo_run: tuple[Path, str]) -> Path:
+    out, stdout = demo_run
+    assert "pipeline demonstration, not a detector result" in stdout
+    assert f"tensorboard --logdir {out / 'runs'}" in stdout
+    assert f"python -m cli fit --config {out / 'configs' / 'deua.yaml'}" in stdout
     return out
 
 
@@ -61,7 +56,7 @@ def test_demo_writes_consistent_stores_checkpoints_events_and_tables(demo):
         assert set(table) == {"demo_smooth", "demo_upsample", "average", "format-only reference",
                               "double-JPEG reference"}
         predictions = _read_csv(run / "test_predictions.csv")
-        assert len(predictions) == int(table["average"]["n_real"]) + int(table["average"]["n_fake"]) == 16
+        assert len(predictions) == int(table["average"]["n_real"]) + int(table["average"]["n_fake"]) == TEST_ROWS
         threshold = float((run / "protocol_table.md").read_text().split("threshold ")[1].split(" ")[0])
         recomputed = protocol_table(Predictions(np.array([float(r["p_fake"]) for r in predictions]),
                                                 np.array([int(r["label"]) for r in predictions]),
@@ -89,8 +84,8 @@ def test_predict_scores_every_file_and_reports_unreadable_ones(demo, tmp_path):
     (folder / ".hidden.png").write_bytes((folder / "photo.png").read_bytes())
     os.mkfifo(folder / "pipe.png")
     out = tmp_path / "predictions.csv"
-    result = _cli("predict", "--ckpt", str(demo / "runs" / "deua" / "demo-seed0" / "checkpoints" / "last.ckpt"),
-                  "--data", str(folder), "--out", str(out), "--num_workers", "0", cwd=tmp_path)
+    result = run_cli(["predict", "--ckpt", str(demo / "runs" / "deua" / "demo-seed0" / "checkpoints" / "last.ckpt"),
+                      "--data", str(folder), "--out", str(out), "--num_workers", "0"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     table = _read_csv(out)
     assert list(table[0]) == ["path", "key", "sha256", "generator", "label", "format", "jpeg_quality", "width",
@@ -114,15 +109,15 @@ def test_predict_with_other_weights_is_refused_naming_the_hashes(demo, tmp_path)
     image = tmp_path / "x.png"
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)
     checkpoint = str(demo / "runs" / "deua" / "demo-seed0" / "checkpoints" / "last.ckpt")
-    assert _cli("tiny-models", str(tmp_path / "other"), "--seed", "1", cwd=tmp_path).returncode == 0
-    result = _cli("predict", "--ckpt", checkpoint, "--data", str(image), "--out", str(tmp_path / "a.csv"),
-                  "--sd", str(tmp_path / "other" / "sd"), "--num_workers", "0", cwd=tmp_path)
+    assert run_cli(["tiny-models", str(tmp_path / "other"), "--seed", "1"], cwd=tmp_path).returncode == 0
+    result = run_cli(["predict", "--ckpt", checkpoint, "--data", str(image), "--out", str(tmp_path / "a.csv"),
+                      "--sd", str(tmp_path / "other" / "sd"), "--num_workers", "0"], cwd=tmp_path)
     # Refused at the first mismatch found: the posterior (fitted for the demo's UNet) or the weight hashes.
     message = result.stderr.strip().splitlines()[-1]
     assert result.returncode != 0 and message.startswith("python -m cli predict: ") and "unet_hash" in message
     os.symlink(demo / "models", tmp_path / "moved")
-    result = _cli("predict", "--ckpt", checkpoint, "--data", str(image), "--out", str(tmp_path / "b.csv"),
-                  "--sd", str(tmp_path / "moved" / "sd"), "--num_workers", "0", cwd=tmp_path)
+    result = run_cli(["predict", "--ckpt", checkpoint, "--data", str(image), "--out", str(tmp_path / "b.csv"),
+                      "--sd", str(tmp_path / "moved" / "sd"), "--num_workers", "0"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -133,19 +128,22 @@ def test_robustness_sweep_caches_features_and_reports_per_generator(demo, tmp_pa
     cache = tmp_path / "cache"
     outputs = {}
     for run, detector in enumerate(("lare2", "deua", "lare2")):
-        result = _cli("robustness", "--ckpt", str(demo / "runs" / detector / "demo-seed0" / "checkpoints" / "last.ckpt"),
-                      "--shards", str(demo / "shards" / "val"), "--out", str(tmp_path / f"{detector}-{run}"),
-                      "--num_workers", "0", "--levels", "none,jpeg:75,blur:1", "--cache", str(cache), cwd=tmp_path)
+        checkpoint = demo / "runs" / detector / "demo-seed0" / "checkpoints" / "last.ckpt"
+        result = run_cli(["robustness", "--ckpt", str(checkpoint),
+                          "--shards", str(demo / "shards" / "val"), "--out", str(tmp_path / f"{detector}-{run}"),
+                          "--num_workers", "0", "--levels", "none,jpeg:75,blur:1", "--cache", str(cache)], cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[run] = result.stdout
-    assert "robustness [3/3] blur 1: done in" in outputs[1] and "0/1 tars reused" in outputs[1]
+    tars = len(list((demo / "shards" / "val").glob("*.tar")))
+    assert "robustness [3/3] blur 1: done in" in outputs[1] and f"0/{tars} tars reused" in outputs[1]
     # stdout is a pipe (as under SLURM): each level's feature pass logs batches and tars with totals and ETA
     logged = [line for line in outputs[0].splitlines() if line.startswith(("predict: ", "writing "))]
-    assert sum(line.startswith("writing ") and "tar 1/1" in line for line in logged) == 3, logged
+    assert sum(line.startswith("writing ") and f"tar {tars}/{tars}" in line for line in logged) == 3, logged
     assert all("/" in line.split(":")[1] and "ETA" in line for line in logged), logged
-    assert outputs[2].count("1/1 tars reused") == 3
+    assert outputs[2].count(f"{tars}/{tars} tars reused") == 3
     # Bugs caught: "features from the cache" printed before computing them; no level progress; tables' place unsaid
-    assert "robustness blur 1: features: 0/1 tars already in the cache" in outputs[0] and ", computing 1" in outputs[0]
+    assert f"robustness blur 1: features: 0/{tars} tars already in the cache" in outputs[0]
+    assert f", computing {tars}" in outputs[0]
     assert outputs[2].count("tars already in the cache") == 3 and "computing" not in outputs[2]
     levels = [line for line in outputs[0].splitlines() if line.startswith("robustness: ") and " levels" in line]
     assert [line.split(",")[0] for line in levels] == [f"robustness: {k}/3 levels ({100 * k / 3:.0f}%)" for k in (1, 2, 3)]
@@ -153,7 +151,7 @@ def test_robustness_sweep_caches_features_and_reports_per_generator(demo, tmp_pa
     assert f"robustness: tables written to {tmp_path / 'lare2-0' / 'robustness.md'}" in outputs[0]
     rows = _read_csv(tmp_path / "deua-1" / "robustness.csv")
     assert [r["perturbation"] for r in rows] == ["none", "jpeg 75", "blur 1"]
-    assert all(int(r["n_real"]) + int(r["n_fake"]) == 16 and 0 <= float(r["acc"]) <= 1 for r in rows)
+    assert all(int(r["n_real"]) + int(r["n_fake"]) == TEST_ROWS and 0 <= float(r["acc"]) <= 1 for r in rows)
     per_generator = _read_csv(tmp_path / "deua-1" / "robustness_per_generator.csv")
     assert [(r["perturbation"], r["generator"]) for r in per_generator[:3]] == [
         ("none", "demo_smooth"), ("none", "demo_upsample"), ("none", "average")]

@@ -2,8 +2,9 @@
 
 (First, one fast test of the tiny SD's training, which the demo runs before phase 1.)
 
-Two real `python -m cli demo` subprocesses on the demo's data at a smaller size, one detector (LaRE²):
-the plain run, and the control run with `--permute_labels true` (the same images, but the real and the
+Two `python -m cli demo` runs on the demo's data at a smaller size (each phase a real subprocess), scored by
+LaRE²: the plain run (the session's `demo_run`, tests/shared_speedwf.py, which test_demo.py reads too), and the
+control run with `--permute_labels true` (the same images, but the real and the
 fake of a random half of the pairs swap folders before phase 1, so labels carry no information about
 the images). The test store (the demo's val split, both generators) has N_REAL = N_FAKE rows per class.
 
@@ -19,9 +20,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,19 +30,11 @@ from sklearn.metrics import roc_auc_score
 
 from lightning_modules.tiny_models import TRAINING_RECORD, build_tiny_stable_diffusion, train_tiny_stable_diffusion
 
-REPO = Path(__file__).resolve().parents[1]
-IMAGES_PER_CLASS = 16  # training images per class; the test store gets half per class and generator
+from shared_speedwf import DEMO_IMAGES_PER_CLASS, run_demo_cli
+
+IMAGES_PER_CLASS = DEMO_IMAGES_PER_CLASS  # training images per class; the test store gets half per class and generator
 LEARNED_AUROC = 0.8
 CHANCE_BAND = 0.3
-
-
-def _demo(out: Path, *extra: str) -> Path:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "cli", "demo", "--out", str(out), "--images_per_class",
-                             str(IMAGES_PER_CLASS), "--detectors", "lare2", *extra],
-                            capture_output=True, text=True, env=env, cwd=out.parent, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return out / "runs" / "lare2" / "demo-seed0"
 
 
 def _test_scores(run: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -88,9 +78,13 @@ def test_tiny_sd_training_is_seeded_saved_and_unit_scales_the_latents(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("demo_learning")
-    return {"plain": _demo(root / "plain"), "permuted": _demo(root / "permuted", "--permute_labels", "true")}
+def runs(demo_run: tuple[Path, str], tmp_path_factory) -> dict[str, Path]:
+    """The LaRE² runs: the shared demo's (DEUA beside it changes nothing: each phase is its own seeded process) and
+    the permuted control's."""
+    permuted = tmp_path_factory.mktemp("demo_learning") / "permuted"
+    run_demo_cli(permuted, "--detectors", "lare2", "--permute_labels", "true")
+    return {name: out / "runs" / "lare2" / "demo-seed0" for name, out in (("plain", demo_run[0]),
+                                                                           ("permuted", permuted))}
 
 
 @pytest.mark.slow

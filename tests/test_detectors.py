@@ -122,7 +122,8 @@ def test_every_parameter_gets_a_gradient_in_one_step(name, guidance, backbone, t
         assert any(n.startswith("backbone.layer1") for n, _ in model.named_parameters())
 
 
-@pytest.mark.parametrize("name,guidance", [("deua", ["deu"]), ("lare2", ["lare"])])
+@pytest.mark.parametrize("name,guidance", [("deua", ["deu"]),  # LaRE²'s 4 epochs take 16-35 s: the slow lane's
+                                           pytest.param("lare2", ["lare"], marks=pytest.mark.slow)])
 def test_guidance_separates_what_the_clip_baseline_cannot(name, guidance, tmp_path):
     accuracy = {}
     for run_guidance in (guidance, []):

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +25,7 @@ from lightning_modules.pretrained import load_stable_diffusion
 from lightning_modules.ensemble_fit import MATCHED_SETTINGS, EnsembleFit, check_members, load_members
 from lightning_modules.ensemble_uncertainty import (conv_out_member_means, ensemble_variance, paide_mutual_information,
                                                     paide_mutual_information_per_pixel)
+from cli_runner import cli_env, run_cli
 from test_feature_extractor import as_float, make_batch
 from test_laplace_fit import TinyCalibrationData
 
@@ -397,19 +395,18 @@ def test_ensemble_fit_cli_is_rank_count_invariant(tiny_model_paths: dict[str, Pa
         Image.fromarray(torch.randint(0, 256, (48, 40, 3), generator=torch.Generator().manual_seed(i),
                                       dtype=torch.uint8).numpy()).save(path)
     convert("folder", tmp_path / "images", "val", tmp_path / "shards", shard_size=2, workers=1)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     files = {}
     for devices in ("1", "2"):
         files[devices] = tmp_path / f"members_{devices}.pt"
-        result = subprocess.run(
-            [sys.executable, "-m", "cli", "ensemble-fit", "--config", str(REPO / "configs/ensemble_fit.yaml"),
-             "--model.init_args.sd", str(tiny_model_paths["sd"]), "--model.init_args.output", str(files[devices]),
-             "--model.init_args.num_members", "3", "--model.init_args.steps", "3", "--model.init_args.batch_size", "2",
-             "--data.init_args.shards", str(tmp_path / "shards"), "--data.init_args.resolution", "64",
-             "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
-             "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / f"run_{devices}"),
-             "--trainer.devices", devices, "--trainer.strategy",
-             "ddp" if devices == "2" else "auto"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        args = ["ensemble-fit", "--config", str(REPO / "configs/ensemble_fit.yaml"),
+                "--model.init_args.sd", str(tiny_model_paths["sd"]), "--model.init_args.output", str(files[devices]),
+                "--model.init_args.num_members", "3", "--model.init_args.steps", "3", "--model.init_args.batch_size",
+                "2", "--data.init_args.shards", str(tmp_path / "shards"), "--data.init_args.resolution", "64",
+                "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
+                "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / f"run_{devices}"),
+                "--trainer.devices", devices, "--trainer.strategy", "ddp" if devices == "2" else "auto"]
+        # Two ranks need a process of their own (Lightning re-executes the command line per rank); one thread each.
+        result = run_cli(args, cwd=REPO, env=cli_env(OMP_NUM_THREADS="1"), subprocess_=devices == "2")
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     one, two = load_members(files["1"]), load_members(files["2"])
     assert one["metadata"]["num_images"] == 5 and one["metadata"] == two["metadata"]

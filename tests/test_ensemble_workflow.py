@@ -1,14 +1,12 @@
 """DECU end to end through the CLI, as a user types it: ensemble-fit (both member kinds) → precompute stores with
-`ensemble_mi`/`ensemble_var` → fit and test DEUA from configs/deua_ensemble.yaml → the separability report.
+`ensemble_mi`/`ensemble_var` → fit and test DEUA from configs/deua_ensemble.yaml → the separability report; each
+command in-process through `python -m cli`'s entry point (tests/cli_runner.py).
 
 Tiny random models and a handful of demo images: nothing here measures detection quality, only that every step
 runs on real stores, checkpoints and tables and that the ensemble maps reach each of them."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,18 +22,19 @@ from feature_cache.store import FeatureStore
 from lightning_modules.ensemble_fit import load_members
 from core.hashing import file_sha256
 
+from cli_runner import CliResult, cli_env, run_cli
+
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 ENSEMBLE_MAPS = ("ensemble_mi", "ensemble_var")
 
 
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=900)
+def cli(*args: str, cwd: Path) -> CliResult:
+    """`python -m cli ARGS` in-process, one torch thread (tiny models: threads cost more than they give)."""
+    return run_cli(list(args), cwd=cwd, env=cli_env(OMP_NUM_THREADS="1"))
 
 
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+def ok(result: CliResult) -> CliResult:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -48,12 +47,12 @@ def ensemble_fit(root: Path, sd: Path, kind: str) -> Path:
            "--data.init_args.shards", str(root / "shards/train"), "--data.init_args.resolution", "64",
            "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0", "--trainer.accelerator", "cpu",
            "--trainer.default_root_dir", str(root / f"ensemble_fit_{kind}"), cwd=root))
-    (root / f"ensemble_fit_{kind}.log").write_text(result.stdout)  # stdout was a pipe, as under SLURM
+    (root / f"ensemble_fit_{kind}.log").write_text(result.stdout)  # stdout was no terminal, as under SLURM
     return output
 
 
 def precompute(root: Path, models: dict[str, Path], members: Path, split: str, store: Path,
-               outputs: str, *extra: str) -> subprocess.CompletedProcess:
+               outputs: str, *extra: str) -> CliResult:
     """The precompute line of configs/ensemble_fit.yaml's comment, on the tiny models (no posterior needed)."""
     return cli("precompute", "--config", str(REPO / "configs/precompute.yaml"), "--model.init_args.sd",
                str(models["sd"]), "--model.init_args.clip", str(models["clip"]), "--model.init_args.posterior", "null",

@@ -26,6 +26,7 @@ from lightning_modules.generation import (ENTROPY_VAR_FLOOR, UncertaintyGenerato
                                           per_row_conv3x3, perturbed_eps_variance)
 from lightning_modules.generation_writer import finalize
 from lightning_modules.laplace_fit import LaplaceFit
+from cli_runner import cli_env, run_cli
 from test_laplace_fit import TinyCalibrationData
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,12 +211,21 @@ def test_each_aleatoric_step_gets_its_own_perturbation_noises(tiny_model_paths: 
 
 # ---- the command: exactly once over ranks, resume after kill -9, output read by the shard converter ----
 
+# One thread per process in every run: Lightning gives each CPU DDP rank cores/ranks threads otherwise, and a
+# different reduction order moves some pixel across a rounding boundary (on GPUs the kernels decide).
+ENV = cli_env(OMP_NUM_THREADS="1")
+
+
 def cli(*args: str, **popen: object) -> subprocess.Popen:
-    # One thread per process in every run: Lightning gives each CPU DDP rank cores/ranks threads otherwise, and a
-    # different reduction order moves some pixel across a rounding boundary (on GPUs the kernels decide).
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+    """`python -m cli ARGS` as a process of its own: DDP ranks (which re-execute the command line) and kill -9."""
+    return subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def in_process(*args: str) -> tuple[int, str]:
+    """`python -m cli ARGS` in this process (tests/cli_runner.py): exit status and stdout + stderr."""
+    result = run_cli(list(args), cwd=REPO, env=ENV)
+    return result.returncode, result.stdout + result.stderr
 
 
 def generate_args(paths: dict[str, Path], prompts: Path, out: Path, num_images: int, *extra: str) -> list[str]:
@@ -227,10 +237,13 @@ def generate_args(paths: dict[str, Path], prompts: Path, out: Path, num_images: 
             "--trainer.default_root_dir", str(out.parent / f"{out.name}_run"), *extra]  # its config.yaml
 
 
-def finished(process: subprocess.Popen, timeout: float = 600) -> str:
-    output, _ = process.communicate(timeout=timeout)
-    assert process.returncode == 0, output[-3000:]
-    return output
+def finished(process: subprocess.Popen | tuple[int, str], timeout: float = 600) -> str:
+    """The output of a run that must succeed (a process, or what `in_process` returned)."""
+    if isinstance(process, subprocess.Popen):
+        output, _ = process.communicate(timeout=timeout)
+        process = process.returncode, output
+    assert process[0] == 0, process[1][-3000:]
+    return process[1]
 
 
 def real_jpeg_shards(root: Path) -> Path:
@@ -258,7 +271,7 @@ def test_generate_is_rank_count_and_restart_invariant_and_feeds_shards(tiny_mode
               str(tiny_model_paths["clip"]), "--model.init_args.num_posterior_samples", "2",
               "--model.init_args.posterior_steps", "2", "--image_format", "jpeg", "--jpeg_quality_from", str(reals)]
     one, two = tmp_path / "one", tmp_path / "two"
-    finished(cli(*generate_args(tiny_model_paths, prompts, one, 3, *scored)))
+    finished(in_process(*generate_args(tiny_model_paths, prompts, one, 3, *scored)))
     finished(cli(*generate_args(tiny_model_paths, prompts, two, 3, *scored, "--trainer.devices", "2",
                                 "--trainer.strategy", "ddp")))
     table_one, table_two = pd.read_csv(one / "generation.csv"), pd.read_csv(two / "generation.csv")
@@ -275,7 +288,7 @@ def test_generate_is_rank_count_and_restart_invariant_and_feeds_shards(tiny_mode
     # kill -9 after the first finished image, resume, compare with the uninterrupted run
     killed = tmp_path / "killed"
     many = generate_args(tiny_model_paths, prompts, killed, 8)
-    finished(cli(*generate_args(tiny_model_paths, prompts, tmp_path / "reference", 8)))
+    finished(in_process(*generate_args(tiny_model_paths, prompts, tmp_path / "reference", 8)))
     process = cli(*many, start_new_session=True)
     while process.poll() is None and not any((killed / ".generation" / "done").glob("*.json")):
         time.sleep(0.05)
@@ -283,13 +296,13 @@ def test_generate_is_rank_count_and_restart_invariant_and_feeds_shards(tiny_mode
     process.wait()
     done_before = len(list((killed / ".generation" / "done").glob("*.json")))
     assert 0 < done_before < 16, f"the kill came too late to test resuming ({done_before} done)"
-    finished(cli(*many))
+    finished(in_process(*many))
     pd.testing.assert_frame_equal(pd.read_csv(killed / "generation.csv"),
                                   pd.read_csv(tmp_path / "reference" / "generation.csv"))
 
-    other = cli(*generate_args(tiny_model_paths, prompts, killed, 8, "--model.init_args.guidance_scale", "1.0"))
-    output, _ = other.communicate(timeout=600)
-    assert other.returncode != 0 and "was generated with other settings" in output and "guidance_scale" in output
+    returncode, output = in_process(*generate_args(tiny_model_paths, prompts, killed, 8,
+                                                   "--model.init_args.guidance_scale", "1.0"))
+    assert returncode != 0 and "was generated with other settings" in output and "guidance_scale" in output
     assert output.strip().count("\n") < 20, "bad input must be one line, not a traceback"
 
 

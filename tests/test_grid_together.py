@@ -14,10 +14,12 @@ import torch
 import yaml
 
 from workflows.grid_together import SharedBatches
+from cli_runner import REPO, run_cli
 from test_feature_cache_datamodule import write_store
 from feature_cache.provenance import FeatureSpec
 
 CHANNELS = 8
+ENV = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}  # the whole environment of a run
 SPECS = {"clip_layer3": FeatureSpec((CHANNELS, 14, 14), "float16", "lz4", "clip"),
          "deu": FeatureSpec((4, 8, 8), "float32", "zstd", "guidance")}
 
@@ -67,13 +69,12 @@ def test_rows_trained_together_equal_rows_trained_alone(tmp_path: Path) -> None:
     alone_root, together_root = tmp_path / "alone", tmp_path / "together"
     for root in (alone_root, together_root):
         _write_configs(root, store.path)
-    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     for name in ("deu", "asym"):
-        subprocess.run([sys.executable, "-m", "cli", "fit", "--config", str(alone_root / "base.yaml"), "--config",
-                        str(alone_root / "rows" / f"{name}.yaml")], check=True, env=env, capture_output=True)
-    done = subprocess.run([sys.executable, "-m", "cli", "grid", str(together_root / "rows"), "--base",
-                           str(together_root / "base.yaml"), "--together", "true", "--test", "false"],
-                          env=env, capture_output=True, text=True)
+        alone = run_cli(["fit", "--config", str(alone_root / "base.yaml"), "--config",
+                         str(alone_root / "rows" / f"{name}.yaml")], env=ENV)
+        assert alone.returncode == 0, alone.stderr[-3000:]
+    done = run_cli(["grid", str(together_root / "rows"), "--base", str(together_root / "base.yaml"), "--together",
+                    "true", "--test", "false"], env=ENV)  # the rows together: one `python -m cli.together` subprocess
     assert done.returncode == 0, done.stderr[-3000:]
     assert "fit together in one process" in done.stdout
     weights = {}
@@ -90,6 +91,7 @@ def test_rows_trained_together_equal_rows_trained_alone(tmp_path: Path) -> None:
     assert any(not torch.equal(weights["deu"][k], weights["asym"][k]) for k in common)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stdout", ["terminal", "pipe"])
 def test_grid_together_runs_with_the_progress_bar_on(tmp_path: Path, stdout: str) -> None:
     """`grid --together` with Lightning's default progress bar, stdout a terminal (`script`) and a pipe.
@@ -98,13 +100,13 @@ def test_grid_together_runs_with_the_progress_bar_on(tmp_path: Path, stdout: str
     `IndexError: pop from empty list` and were reported failed), and a fix that only works when piped."""
     store = write_store(tmp_path / "store", _values, SPECS, ["sdv4", "nature"], num_rows=16, shard_size=16)
     base, _ = _write_configs(tmp_path, store.path)
-    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
-    command = [sys.executable, "-m", "cli", "grid", str(tmp_path / "rows"), "--base", str(base), "--together", "true",
-               "--test", "false"]
-    if stdout == "terminal":  # script(1) runs the command with a pseudo-terminal as its stdout and stderr
-        command = ["script", "-qec", shlex.join(command), "/dev/null"]
-    done = subprocess.run(command, env={**env, "TERM": "xterm", "COLUMNS": "120"}, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=600)
+    args = ["grid", str(tmp_path / "rows"), "--base", str(base), "--together", "true", "--test", "false"]
+    env = {**ENV, "TERM": "xterm", "COLUMNS": "120"}
+    if stdout == "terminal":  # script(1) runs a fresh `python -m cli` with a pseudo-terminal as its stdout and stderr
+        done = subprocess.run(["script", "-qec", shlex.join([sys.executable, "-m", "cli", *args]), "/dev/null"],
+                              env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    else:  # in-process: stdout goes to a file, which `python -m cli` treats as a pipe (no terminal: core/progress.py)
+        done = run_cli(args, env=env)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
     assert "Error" not in output, output[-3000:]

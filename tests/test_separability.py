@@ -4,9 +4,6 @@ and the command on real Zarr stores with real tars (direction from a separate st
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +16,7 @@ from torchmetrics.functional.classification import binary_auroc, binary_average_
 from feature_cache.provenance import (DatasetProvenance, ExtractorProvenance, FeatureSpec, PixelProvenance,
                                       StoreProvenance)
 from feature_cache.store import FeatureStore, store_lock
+from cli_runner import run_cli
 from feature_cache_fakes import make_shard_dir
 from reports.separability import (SUMMARIES, bootstrap_weights, map_summaries, score_table, summarise_store,
                                   weighted_auroc_ap)
@@ -176,12 +174,6 @@ def test_summarise_store_streams_every_tar_into_place(stores: dict[str, Path]):
     np.testing.assert_allclose(streamed, map_summaries(store.read("deu")).astype(np.float32), rtol=1e-6)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "cli", "separability", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.slow
 def test_separability_command(stores: dict[str, Path], tmp_path: Path):
     """The command end to end on real stores and tars.
@@ -192,8 +184,8 @@ def test_separability_command(stores: dict[str, Path], tmp_path: Path):
     rows; CLIP features summarised as guidance maps; the format-only reference missing beside each generator;
     missing files."""
     out = tmp_path / "report"
-    result = _cli("--stores", f"[{stores['val']}]", "--out", str(out), "--direction_from", str(stores["train"]),
-                  "--bootstrap", "200", "--tb", "true")
+    result = run_cli(["separability", "--stores", f"[{stores['val']}]", "--out", str(out), "--direction_from",
+                      str(stores["train"]), "--bootstrap", "200", "--tb", "true"], cwd=REPO)
     assert result.returncode == 0, result.stderr
     table = pd.read_csv(out / "separability.csv")
     summaries = table[table["method"] == "summary"]
@@ -220,8 +212,8 @@ def test_separability_command(stores: dict[str, Path], tmp_path: Path):
 
 def test_conflicting_direction_options_are_one_line(stores: dict[str, Path], tmp_path: Path):
     """Catches a traceback (or a silent choice) when both a direction store and a declared direction are given."""
-    result = _cli("--stores", f"[{stores['val']}]", "--out", str(tmp_path), "--direction_from", str(stores["train"]),
-                  "--direction", "higher")
+    result = run_cli(["separability", "--stores", f"[{stores['val']}]", "--out", str(tmp_path), "--direction_from",
+                      str(stores["train"]), "--direction", "higher"], cwd=REPO)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith(
         "python -m cli separability: separability: give --direction_from or --direction, not both")

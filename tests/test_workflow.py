@@ -1,13 +1,11 @@
-"""The research workflow as a user types it: README lines run verbatim in a fresh process, results read back
-through TensorBoard's own readers, pandas and the stores, and checked against independent computations."""
+"""The research workflow as a user types it: README lines run verbatim (the phase-1 block and the DDP fit in a fresh
+process, the rest in-process through the same entry point, `tests/cli_runner.py`), results read back through
+TensorBoard's own readers, pandas and the stores, and checked against independent computations."""
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from datamodules.cached_features import FeatureCacheDataModule
 from lightning_modules.detectors import DEUADetector
 from reports.evaluation import Predictions, protocol_table
 
+from cli_runner import CliResult, run_cli
 from workflow_stores import build_store, local_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,12 +42,12 @@ def readme_line(start: str) -> str:
     pytest.fail(f"no line starting with {start!r} in {[str(s) for s in SOURCES]}")
 
 
-def run(line: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    """A documented line in a fresh process (`python` is this interpreter; stdout is a pipe, as under SLURM)."""
+def run(line: str, cwd: Path, check: bool = True, fresh_process: bool = False) -> CliResult:
+    """A documented line `python -m cli ...`, in-process or (`fresh_process`) in a new interpreter; stdout is not a
+    terminal either way, as under SLURM."""
     words = shlex.split(line)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, *words[1:]], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=900)
+    assert words[:3] == ["python", "-m", "cli"], line
+    result = run_cli(words[3:], cwd=cwd, subprocess_=fresh_process)
     if check and result.returncode:
         raise AssertionError(f"{line} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
@@ -101,7 +100,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ablation_grid(workspace: Path) -> subprocess.CompletedProcess:
+def ablation_grid(workspace: Path) -> CliResult:
     return run(readme_line("python -m cli grid configs/ablations/deua"), workspace)
 
 
@@ -270,7 +269,7 @@ def test_ddp_fit_makes_one_run_directory(workspace, tmp_path):
     shutil.copytree(workspace / "configs", tmp_path / "configs")
     shutil.copy(workspace / "local.yaml", tmp_path / "local.yaml")
     run(f"{readme_line('python -m cli fit')} --trainer.devices 2 --trainer.strategy ddp --trainer.max_epochs 1",
-        tmp_path)
+        tmp_path, fresh_process=True)  # Lightning's DDP launcher re-executes the command line per rank
     runs = sorted(p.name for p in (tmp_path / "runs/deua").iterdir())
     assert runs == ["both-seed0"]
     assert (tmp_path / "runs/deua/both-seed0/checkpoints/last.ckpt").is_file()
