@@ -336,4 +336,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from core.runtime import with_streaming_copies
+
+    with_streaming_copies()  # what `python -m cli` runs with
     main()

@@ -76,4 +76,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from core.runtime import with_streaming_copies
+
+    with_streaming_copies()
     main()
