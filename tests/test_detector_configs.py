@@ -77,7 +77,7 @@ def tiny_cache(tiny_model_paths: dict[str, Path], tmp_path_factory: pytest.TempP
 def local_config(path: Path, cache: dict[str, str], runs: Path) -> Path:
     """What a user's local.yaml holds: store paths, tiny-model dimensions, a short CPU schedule."""
     path.write_text(yaml.safe_dump({
-        "trainer": {"accelerator": "cpu", "max_epochs": 2, "enable_progress_bar": False,
+        "trainer": {"accelerator": "cpu", "max_epochs": 2,
                     "logger": {"init_args": {"save_dir": str(runs)}}},
         "model": {"init_args": {"visual_channels": 128, "num_heads": 4}},
         "data": {"init_args": {"train": [cache["train"]], "test": [cache["test"]], "val_fraction": 0.25,

@@ -131,7 +131,7 @@ def test_deua_guided_by_ensemble_mi_fits_tests_and_writes_its_table(workspace: d
     step that rejects the ensemble store's provenance, and a predict that loses the members file (map_settings)."""
     root = workspace["root"]
     (root / "local.yaml").write_text(yaml.safe_dump({
-        "trainer": {"accelerator": "cpu", "max_epochs": 2, "enable_progress_bar": False,
+        "trainer": {"accelerator": "cpu", "max_epochs": 2,
                     "logger": {"init_args": {"save_dir": str(root / "runs")}}},
         "model": {"init_args": {"visual_channels": 128, "num_heads": 2, "guidance_dim": 8}},
         "data": {"init_args": {"train": [str(workspace["train"])], "test": [str(workspace["val"])],

@@ -120,7 +120,7 @@ def test_cli_laplace_fit_end_to_end(tiny_model_paths: dict[str, Path], tmp_path:
           "--model.init_args.num_noises", str(N), "--model.init_args.sigma", "fixed",
           "--model.init_args.sigma_noise", "2.0",
           "--data", f"{__name__}.TinyCalibrationData", "--trainer.accelerator", "cpu",
-          "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"])
+          "--trainer.logger", "false"])
     assert f"posterior written to {out}" in capsys.readouterr().out
     check_posterior(out, tiny_model_paths["sd"], 2.0, 1.0)
     assert (tmp_path / "config.yaml").read_text() == "mine: true\n"

@@ -248,7 +248,7 @@ def test_fit_refuses_a_store_with_a_flipped_bit(tmp_path: Path, target: str, whe
     train = Path(build_store(tmp_path / "train.zarr", ["sdv4"], {"sdv4": 1.5}, 32))
     test = build_store(tmp_path / "test.zarr", ["sdv4"], {"sdv4": 1.5}, 16, seed=1)
     (tmp_path / "local.yaml").write_text(yaml.safe_dump({
-        "trainer": {"accelerator": "cpu", "max_epochs": 1, "enable_progress_bar": False,
+        "trainer": {"accelerator": "cpu", "max_epochs": 1,
                     "logger": {"init_args": {"save_dir": str(tmp_path / "runs")}}},
         "model": {"init_args": {"visual_channels": 16, "num_heads": 2, "guidance_dim": 8}},
         "data": {"init_args": {"train": [str(train)], "test": [test], "val_fraction": 0.25, "batch_size": 8,

@@ -47,7 +47,7 @@ def build_store(path: Path, generators: list[str], strength: dict[str, float], r
 def local_config(path: Path, train: list[str], test: list[str], runs: Path, epochs: int = 2) -> Path:
     """What a user's local.yaml holds: store paths, small dimensions for these stores, a short CPU schedule."""
     path.write_text(yaml.safe_dump({
-        "trainer": {"accelerator": "cpu", "max_epochs": epochs, "enable_progress_bar": False,
+        "trainer": {"accelerator": "cpu", "max_epochs": epochs,
                     "logger": {"init_args": {"save_dir": str(runs)}}},
         "model": {"init_args": {"visual_channels": CHANNELS, "num_heads": 2, "guidance_dim": 8}},
         "data": {"init_args": {"train": train, "test": test, "val_fraction": 0.25, "batch_size": 16,
