@@ -24,6 +24,7 @@ from feature_cache.provenance import PixelProvenance
 from datamodules.shards import convert
 from feature_cache.manifest import read_manifest_rows
 from image_trees import make_genimage, noise, save
+from cli_runner import cli_env
 
 SHARD_SIZE = 4
 RESOLUTION = 24
@@ -317,7 +318,8 @@ def test_two_ddp_ranks_see_every_image_exactly_once(tmp_path: Path) -> None:
     # run 3: one tar left (rank 1 reads nothing at all).
     excludes = ["", "shard-000000.tar,shard-000001.tar", "shard-000000.tar,shard-000001.tar,shard-000003.tar"]
     result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "shards"), str(tmp_path / "log"),
-                             *[f"--exclude={e}" for e in excludes]], capture_output=True, text=True, timeout=600)
+                             *[f"--exclude={e}" for e in excludes]], capture_output=True, text=True, timeout=600,
+                            env=cli_env())  # the repository importable without relying on an editable install
     assert result.returncode == 0, result.stderr[-3000:]
     expected = [keys, keys[14:], keys[14:21]]
     for run, wanted in enumerate(expected):
