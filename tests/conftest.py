@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 from lightning_modules.tiny_models import build_tiny_models  # noqa: E402
 from timeouts import pytest_collection_modifyitems  # noqa: E402,F401  (the hook: slow tests' longer limit)
 
-pytest_plugins = ["shared_speedwf"]  # session fixtures shared across test files (a demo run)
+pytest_plugins = ["shared_speedwf", "schedule"]  # a demo run shared across files; the longest files first
 
 
 @pytest.fixture(scope="session")

@@ -38,3 +38,12 @@ def test_a_hanging_test_is_stopped_and_named_and_slow_tests_get_longer(tmp_path:
     assert result.returncode == 1, out
     assert "Timeout" in out and "test_hangs" in out, out
     assert "1 failed, 1 passed" in out, out
+
+
+def test_the_longest_first_schedule_names_existing_test_files():
+    """Bug caught: a renamed or removed test file left in the xdist schedule, so the file it meant drops to the end of
+    the run again (a core idle for its minutes) without anything failing."""
+    from schedule import LONGEST_FIRST
+
+    missing = [name for name in LONGEST_FIRST if not (TESTS / name).is_file()]
+    assert not missing, f"tests/schedule.py LONGEST_FIRST names files that do not exist: {missing}"
