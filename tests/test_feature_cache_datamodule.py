@@ -370,3 +370,16 @@ def test_available_ram_counts_the_reclaimable_page_cache(tmp_path: Path) -> None
                        "Buffers:           10000 kB\nCached:         19000000 kB\n")
     assert available_ram(meminfo) == 20_000_000 * 1024
     assert available_ram(tmp_path / "absent") == os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("count", [1, 2, 7, 48])
+def test_gather_rows_split_over_two_threads_equals_fancy_indexing(count):
+    """Bugs caught: the helper thread's half and the caller's half overlapping or leaving a row unfilled (odd
+    counts), rows written to the wrong slots, a result read before the helper finished."""
+    from datamodules.row_batches import gather_rows
+
+    source = np.random.default_rng(count).standard_normal((64, 3, 5)).astype(np.float16)
+    rows = np.random.default_rng(count + 1).choice(64, count, replace=False)
+    out = np.full((count, 3, 5), np.nan, np.float16)
+    gather_rows(source, rows, out)
+    assert np.array_equal(out, source[rows])
