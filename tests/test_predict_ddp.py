@@ -57,6 +57,7 @@ def test_two_ranks_score_each_image_once_as_one_rank_does(fitted):
     assert one.returncode == 0, one.stderr[-3000:]
     two = run_cli([*args, "--out", str(root / "two.csv"), "--devices", "2"], cwd=root, env=env, subprocess_=True)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert "MEMBER: 2/2" in two.stderr, two.stderr[-3000:]  # two ranks ran, not `--devices` ignored
     assert sum(" files (" in line for line in two.stdout.splitlines()) == 1, two.stdout  # rank 0's summary only
     assert "━" not in two.stdout  # piped: plain progress lines, no stale Rich frame
     a, b = pd.read_csv(root / "one.csv"), pd.read_csv(root / "two.csv")

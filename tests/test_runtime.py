@@ -29,3 +29,16 @@ def test_the_command_reexecutes_itself_once_with_the_tunable_kept_beside_the_use
     pid = lines[0].split()[1]
     assert lines == [f"before {pid}", f"before {pid}", f"after {pid} glibc.malloc.check=0:{STREAMING_COPIES}"]
     assert _probe(CLI_NO_REEXEC="1")[-1].startswith("after") and len(_probe(CLI_NO_REEXEC="1")) == 2
+
+
+def test_python_m_cli_starts_under_the_tunable(tmp_path):
+    """Bug caught: `python -m cli` not calling `with_streaming_copies` (the function tested above, used by nothing):
+    a sitecustomize prints GLIBC_TUNABLES at every interpreter start, so the re-executed start must show it."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, sys\nprint('start', os.environ.get('GLIBC_TUNABLES'), file=sys.stderr)\n")
+    clean = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "CLI_NO_REEXEC")}
+    done = subprocess.run([sys.executable, "-m", "cli", "--help"], capture_output=True, text=True, timeout=60,
+                          env={**clean, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])})
+    assert done.returncode == 0 and "toy-data" in done.stdout, done.stderr
+    starts = [line for line in done.stderr.splitlines() if line.startswith("start ")]
+    assert starts == ["start None", f"start {STREAMING_COPIES}"], done.stderr
