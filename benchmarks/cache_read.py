@@ -11,9 +11,11 @@ maps exp(normal) (a variance: positive, heavy-tailed; `--guidance-values abs` fo
 timed `--repeat` times; before each run it measures that mode's ceilings (the load of a shared machine moves):
 memcpy and a plain-numpy gather of the resident rows into RING_SLOTS reused batches (ram, device), a
 page-cache read of the store's files (page_cache), an O_DIRECT read of the same files (cold_disk). A run is
-two shuffled training epochs of the data module, the second timed (steady state: reused buffers already
-faulted in). Cold reads evict the store's files from the page cache with posix_fadvise(DONTNEED) (no root
-needed) before the timed epoch. Every figure includes the crc32c checks of a format-3 store. Per mode it
+shuffled training epochs of the data module: the first one untimed (reused buffers faulted in), then epochs
+until `--seconds` have passed, timed together; the page-cache read is likewise repeated for `--seconds` (a
+3,000-row epoch from the page cache takes a quarter of a second, shorter than the machine's swings). Cold
+reads evict the store's files from the page cache with posix_fadvise(DONTNEED) (no root needed) before each
+timed epoch. Every figure includes the crc32c checks of a format-3 store. Per mode it
 prints each run (`<mode>: <N> rows/s (<GB/s>, <percent> of <ceiling>)`), then min/median/max of rows/s and of
 the share of the mode's first ceiling; the load average at start and end; and the shuffle's quality on a store
 sorted by label (std of each batch's fake fraction: the block shuffle as the data module draws it, the
@@ -105,10 +107,11 @@ def evict(files: list[Path]) -> None:
         os.close(fd)
 
 
-def timed(action: Callable[[], int]) -> float:
-    """Bytes per second of `action` (which returns the bytes it moved)."""
-    start = time.perf_counter()
-    moved = action()
+def timed(action: Callable[[], int], seconds: float = 0.0) -> float:
+    """Bytes per second of `action` (which returns the bytes it moved), repeated until `seconds` have passed."""
+    start, moved = time.perf_counter(), 0
+    while not moved or time.perf_counter() - start < seconds:
+        moved += action()
     return moved / (time.perf_counter() - start)
 
 
@@ -164,28 +167,33 @@ def decode_speed(values: np.ndarray, codec: str) -> tuple[float, float] | None:
 
 
 def epoch_rate(path: Path, in_memory: bool | str, batch_size: int, block_rows: int | None, shuffle_blocks: int,
-               before: Callable[[], object]) -> tuple[str, float, float, float]:
-    """(the source the data module chose, setup seconds, rows/s of the first epoch, rows/s of the second) of
-    shuffled training epochs; `before` runs before the second (steady state: reused buffers already faulted in).
-    The source shows when `in_memory` fell back to disk reads (the split takes over half the free RAM)."""
+               before: Callable[[], object], seconds: float) -> tuple[str, float, float, float]:
+    """(the source the data module chose, setup seconds, rows/s of the first epoch, rows/s of the following ones)
+    of shuffled training epochs, the following ones run until `seconds` have passed (steady state: reused buffers
+    already faulted in); `before` runs before each of them. The source shows when `in_memory` fell back to disk
+    reads (the split takes over half the free RAM)."""
     start = time.perf_counter()
     dm = FeatureCacheDataModule(features=["clip_layer3", "deu"], train=[str(path)], batch_size=batch_size,
                                 in_memory=in_memory, block_rows=block_rows, shuffle_blocks=shuffle_blocks)
     if torch.cuda.is_available():  # batches go to the GPU as in training (pinned buffers, asynchronous copies)
         dm.trainer = pl.Trainer(accelerator="gpu", devices=1, logger=False, enable_progress_bar=False)
     dm.setup("fit")
-    setup, loader, rates = time.perf_counter() - start, dm.train_dataloader(), []
-    for epoch in range(2):
-        if epoch:
-            before()
-        start, count = time.perf_counter(), 0
-        for batch in loader:
-            count += len(batch["row"])
+    setup, loader = time.perf_counter() - start, dm.train_dataloader()
+
+    def epoch() -> int:
+        count = sum(len(batch["row"]) for batch in loader)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        rates.append(count / (time.perf_counter() - start))
+        return count
+    first = timed(epoch)
+    elapsed, count = 0.0, 0
+    while not count or elapsed < seconds:
+        before()  # untimed: the page-cache warm-up or cold-read eviction of the next epoch
+        start = time.perf_counter()
+        count += epoch()
+        elapsed += time.perf_counter() - start
     source = dm.sources["train"]
-    return f"{type(source).__name__}({getattr(source, 'device', 'disk')})", setup, *rates
+    return f"{type(source).__name__}({getattr(source, 'device', 'disk')})", setup, first, count / elapsed
 
 
 def shuffle_quality(rows: int, batch_size: int, block_rows: int, shuffle_blocks: int) -> str:
@@ -237,6 +245,8 @@ def main() -> None:
     parser.add_argument("--modes", default="ram,device,page_cache,cold_disk")
     parser.add_argument("--formats", default="3", help="store formats to time, e.g. 2,3 (3: chunk checksums)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each mode (each store timed once per run)")
+    parser.add_argument("--seconds", type=float, default=1.0,
+                        help="timed epochs (and page-cache reads) repeated for at least this long per run")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "cache_read_bench",
                         help="where the store is built (kept, reused by later runs with the same settings)")
     args = parser.parse_args()
@@ -283,7 +293,7 @@ def main() -> None:
 
     def page_cache_read() -> float:
         file_read(files, direct=False)
-        return timed(lambda: file_read(files, direct=False))
+        return timed(lambda: file_read(files, direct=False), args.seconds)
 
     def direct_read() -> float | None:
         try:
@@ -315,7 +325,7 @@ def main() -> None:
                 prepare = {"page_cache": lambda: file_read(files_of, direct=False),
                            "cold_disk": lambda: evict(files_of)}.get(mode, lambda: None)
                 source, setup, first, rate = epoch_rate(store_path, in_memory[mode], args.batch_size, args.block_rows,
-                                                        args.shuffle_blocks, prepare)
+                                                        args.shuffle_blocks, prepare, args.seconds)
                 per_row = row_bytes if mode in ("ram", "device") else file_bytes[variant]
                 ceiling_rows = {name: value / per_row if value else None for name, value in measured.items()}
                 for name, value in ceiling_rows.items():

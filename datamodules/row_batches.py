@@ -23,7 +23,6 @@ stored dtype (float16 CLIP maps stay float16) and are widened on the device by t
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from core.threads import LANES, in_two_lanes
 from feature_cache.codecs import scale_channels
-from feature_cache.integrity import ChecksumQueue
 from feature_cache.raw_chunks import RawChunks
 from feature_cache.store import FeatureStore
 
@@ -161,9 +160,7 @@ class SplitRows:
         self.views = {name: torch.float8_e4m3fn for name in features
                       if self.store(0).feature_info(name).dtype == "float8_e4m3"}
         self.bounds = np.cumsum([0] + [len(p.rows) for p in parts])
-        self._raw: dict[tuple[int, str], RawChunks | None] = {}  # per (part, feature); None: read through Zarr
-        self._checks = ChecksumQueue()  # chunk checksums verified while the next chunk is read; waited on per read
-        self._scratches: dict[str, np.ndarray] = {}
+        self._lanes = [ReadLane() for _ in range(LANES)]
         self.metadata = {"label": np.concatenate([p.labels for p in parts]).astype(np.int64),
                          "generator": np.concatenate([p.generators for p in parts]).astype(np.int64),
                          "row": np.concatenate([p.rows for p in parts]).astype(np.int64),
@@ -200,12 +197,11 @@ class SplitRows:
             self._stores[path] = FeatureStore.open(path)
         return self._stores[path]
 
-    def raw(self, part: int, name: str) -> RawChunks | None:
-        """The byte-range reader of a feature (or `NAME__scale`) in a part's store; None: read through Zarr."""
-        if (part, name) not in self._raw:
-            store = self.store(part)
-            self._raw[part, name] = store.raw_reader(name, self._checks)
-        return self._raw[part, name]
+    def raw(self, lane: ReadLane, part: int, name: str) -> RawChunks | None:
+        """A lane's byte-range reader of a feature (or `NAME__scale`) in a part's store; None: read through Zarr."""
+        if (part, name) not in lane.raw:
+            lane.raw[part, name] = self.store(part).raw_reader(name)
+        return lane.raw[part, name]
 
     def read(self, positions: np.ndarray, out: dict[str, np.ndarray] | None = None,
              names: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -220,28 +216,40 @@ class SplitRows:
                                                           self.layout_of[name][1]) for name in names}
         sorter = np.argsort(positions, kind="stable")
         ordered = positions[sorter]
-        filled = 0
+        calls: list[tuple[int, int, int, np.ndarray]] = []  # (part, start row, stop row, the rows' places in out)
         for part, (lo, hi) in enumerate(zip(self.bounds[:-1], self.bounds[1:])):
             first, last = np.searchsorted(ordered, [lo, hi])
-            store, rows = self.store(part), self.parts[part].rows[ordered[first:last] - lo]
-            calls = read_calls(contiguous_runs(rows), max(store.chunk_rows(name) for name in names))
-            for start, stop in calls:
-                slots = sorter[filled:filled + stop - start]
-                for name in names:
-                    raw = self.raw(part, name)
-                    if raw is not None:
-                        raw.read(start, stop, [out[name][slot] for slot in slots.tolist()])
-                    else:
-                        scratch = self._scratch(name, stop - start)
-                        store.read(name, start, stop, out=scratch)
-                        out[name][slots] = scratch
-                filled += stop - start
-        self._checks.wait()  # every chunk's crc32c matched before the rows are handed out
+            rows = self.parts[part].rows[ordered[first:last] - lo]
+            for start, stop in read_calls(contiguous_runs(rows), max(self.store(part).chunk_rows(n) for n in names)):
+                calls.append((part, start, stop, sorter[first:first + stop - start]))
+                first += stop - start
+        in_two_lanes(len(calls), lambda lane, lo, hi: self._read_calls(self._lanes[lane], calls[lo:hi], out, names))
         return {name: out[name][:len(positions)] for name in names}
 
-    def _scratch(self, name: str, rows: int) -> np.ndarray:
+    def _read_calls(self, lane: ReadLane, calls: list[tuple[int, int, int, np.ndarray]], out: dict[str, np.ndarray],
+                    names: list[str]) -> None:
+        for part, start, stop, slots in calls:
+            for name in names:
+                raw = self.raw(lane, part, name)
+                if raw is not None:
+                    raw.read(start, stop, [out[name][slot] for slot in slots.tolist()])
+                else:
+                    scratch = lane.scratch(name, stop - start, self.layout_of[name])
+                    self.store(part).read(name, start, stop, out=scratch)
+                    out[name][slots] = scratch
+
+
+class ReadLane:
+    """What one reading thread of `SplitRows.read` owns: its raw readers (not thread-safe: an open shard file,
+    reused buffers) and its scratch blocks for Zarr reads."""
+
+    def __init__(self) -> None:
+        self.raw: dict[tuple[int, str], RawChunks | None] = {}  # per (part, feature); None: read through Zarr
+        self._scratches: dict[str, np.ndarray] = {}
+
+    def scratch(self, name: str, rows: int, layout: tuple[tuple[int, ...], np.dtype]) -> np.ndarray:
         """A reused block for Zarr reads (fresh memory per call would be page-faulted on every touch)."""
-        shape, dtype = self.layout_of[name]
+        shape, dtype = layout
         if name not in self._scratches or len(self._scratches[name]) < rows:
             self._scratches[name] = np.empty((rows, *shape), dtype)
         return self._scratches[name][:rows]
@@ -267,9 +275,6 @@ class BatchRing:
         return slot, self.slots[slot]
 
 
-_GATHER_HELPER = ThreadPoolExecutor(1, thread_name_prefix="batch-gather") if len(os.sched_getaffinity(0)) > 1 else None
-
-
 def gather_rows(source: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
     """`out[:] = source[rows]`, half of the rows copied by a helper thread (numpy's take releases the GIL): one core's
     copies stop well short of the machine's memory bandwidth (a 48-row batch of 214 KB rows: 35k rows/s on one
@@ -277,13 +282,7 @@ def gather_rows(source: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:
     numpy buffers `out`, a second copy into fresh memory); CPU index_select on large float16 rows ran at ~1 % of
     memcpy speed, and torch's copy_ of a row splits it across OpenMP threads whose barriers stall when a core is
     taken."""
-    half = len(rows) // 2
-    if _GATHER_HELPER is None or half == 0:
-        np.take(source, rows, axis=0, out=out, mode="clip")
-        return
-    helper = _GATHER_HELPER.submit(np.take, source, rows[:half], 0, out[:half], "clip")
-    np.take(source, rows[half:], axis=0, out=out[half:], mode="clip")
-    helper.result()
+    in_two_lanes(len(rows), lambda lane, lo, hi: np.take(source, rows[lo:hi], axis=0, out=out[lo:hi], mode="clip"))
 
 
 class ResidentRows:

@@ -3,8 +3,7 @@
 - **Chunk checksums.** Every chunk of every array ends with a crc32c: zarr v3's `crc32c` codec, last in the
   chunk's codecs (`checksummed`); in a shard each inner chunk carries its own and the shard index its own. Zarr
   checks it on every read (`FeatureStore` turns its error into `damaged_chunk`'s one line); `RawChunks` checks
-  the same bytes with the `crc32c` package (hardware CRC, ~2x zarr's google_crc32c), off the reading thread
-  where it can (`ChecksumQueue`).
+  the same bytes with the `crc32c` package (hardware CRC, ~2x zarr's google_crc32c) right after reading them.
 - **Whole-file digests.** A done marker (and `rows.checksums.json`) records each file's size and crc32c
   (format 2: sha256), so `verify` checks a store at crc speed and also sees a file replaced by another valid one.
 - **Attribute digests.** The attributes that give rows their meaning (root: generator names, provenance,
@@ -21,8 +20,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 __all__ = ["CHECKSUMMED_FORMAT", "DIGESTS_ATTR", "checksummed", "chunk_crc", "file_crc32c", "is_zarr_checksum_error",
            "damaged_chunk", "missing_chunk", "attribute_digests", "changed_attributes", "is_leftover",
-           "remove_leftovers", "ChecksumQueue", "stored_crc"]
+           "remove_leftovers", "stored_crc"]
 
 CHECKSUMMED_FORMAT = 3  # the first store format whose chunks carry a crc32c and whose attributes are digested
 DIGESTS_ATTR = "attrs_sha256"
@@ -115,42 +113,6 @@ def remove_leftovers(root: Path) -> list[str]:
                 path.unlink(missing_ok=True)
                 removed.append(str(path.relative_to(root)))
     return sorted(removed)
-
-
-class ChecksumQueue:
-    """Checks chunk checksums (and decodes compressed chunks, `call`) on `workers` background threads while the
-    caller reads the next chunk (crc32c, blosc and numpy copies release the GIL), so verification and decoding
-    overlap the reads; `wait()` (before the rows are used) raises the first mismatch."""
-
-    def __init__(self, workers: int = 2) -> None:
-        self.workers = workers
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: list[Future[None]] = []
-
-    def submit(self, parts: Sequence[Any], stored: int, message: str) -> Future[None]:
-        """Check crc32c(parts) == stored later; `message` is the error line if not. The parts must stay unchanged
-        until the returned future is done (or `wait()` returned)."""
-        return self.call(_check, parts, stored, message)
-
-    def call(self, work: Callable[..., None], *args: Any) -> Future[None]:
-        """Run `work(*args)` (a check, or a check and a decode) on the queue's threads; `wait()` raises its error."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="chunk-crc32c")
-        future = self._pool.submit(work, *args)
-        self._pending.append(future)
-        return future
-
-    def wait(self) -> None:
-        pending, self._pending = self._pending, []
-        errors = [f.exception() for f in pending]
-        for error in errors:
-            if error is not None:
-                raise error
-
-
-def _check(parts: Sequence[Any], stored: int, message: str) -> None:
-    if chunk_crc(parts) != stored:
-        raise ValueError(message)
 
 
 def stored_crc(tail: bytes | np.ndarray) -> int:

@@ -6,12 +6,13 @@ they are (codec `none`) or blosc-compressed (`lz4`, `zstd`), followed in format-
 those bytes (zarr's `crc32c` codec). Reading a chunk's byte range with one `preadv` that scatters it into the
 destination rows is one kernel copy from the page cache; Zarr's own read copies each chunk out of the store
 and again into `out`, with ~0.5 ms of per-call overhead (the reader was 3–5x slower with it, from the page
-cache and from cold disk: docs/phase2_reading.md). Every chunk's crc32c is checked as Zarr would: a
-compressed chunk's before it is decompressed, both on the `ChecksumQueue`'s threads while the next chunk is read
-(a compressed chunk is read into one of `DECODES` reused buffers, then checked, decoded and copied to its rows
-there; an uncompressed one is read straight into its rows and checked there, and so is a blosc chunk stored as it
-is, MEMCPYED, its 16-byte header read beside the rows); the caller calls `wait()` before using the rows. A shard
-file that is missing although its tar is done is an error, never fill values. Zarr stays the format: `RawChunks.of` returns None for any other
+cache and from cold disk: docs/phase2_reading.md). Every chunk's crc32c is checked as Zarr would, by the reading
+thread right after the read, while the chunk is still in the CPU's cache (a compressed chunk's before it is
+decompressed: it is read into a reused buffer, checked, decoded and copied to its rows; an uncompressed one is
+read straight into its rows and checked there, and so is a blosc chunk stored as it is, MEMCPYED, its 16-byte
+header read beside the rows). A mismatch raises before `read` returns, so no row of a damaged chunk is handed
+out. Parallel reads use one reader per thread (`SplitRows.read`'s lanes). A shard file that is missing although
+its tar is done is an error, never fill values. Zarr stays the format: `RawChunks.of` returns None for any other
 layout (then the caller reads through Zarr), and tests compare every value with Zarr's read.
 """
 
@@ -21,7 +22,6 @@ import os
 import sys
 import weakref
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -31,46 +31,38 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.storage import LocalStore
 
-from feature_cache.integrity import ChecksumQueue, chunk_crc, damaged_chunk, missing_chunk, stored_crc
+from feature_cache.integrity import chunk_crc, damaged_chunk, missing_chunk, stored_crc
 
 EMPTY = np.iinfo(np.uint64).max  # an index entry of a chunk Zarr did not write (all fill value)
 IOV_MAX = os.sysconf("SC_IOV_MAX")
-SPARES = 4  # buffers for the rows of a checksummed chunk the caller did not ask for, while their check is queued
 BLOSC_HEADER, BLOSC_MEMCPYED = 16, 0x02  # a blosc chunk's header bytes; its flag "stored uncompressed"
-DECODES = 4  # compressed chunks in flight: one being read while earlier ones are checked and decoded (bounds memory)
 
 
 class RawChunks:
     """Rows of one sharded feature array read by byte range (see the module docstring). Not thread-safe: reused
-    buffers receive compressed (or partly read checksummed) chunks."""
+    buffers receive compressed chunks and the rows of a checksummed chunk the caller did not ask for."""
 
     def __init__(self, array: zarr.Array, root: Path, compressed: bool, checksummed: bool,
-                 written: Callable[[int], bool], checks: ChecksumQueue) -> None:
+                 written: Callable[[int], bool]) -> None:
         self.array, self.root, self.compressed, self.checksummed = array, root, compressed, checksummed
-        self.written, self.checks = written, checks
+        self.written = written
         self.shard_rows, self.chunk_rows = int(array.shards[0]), int(array.chunks[0])
         self.row_bytes = int(np.prod(array.shape[1:])) * array.dtype.itemsize
         self.fill = array.fill_value
         self._index: dict[int, np.ndarray] = {}
         self._held: list = [None, -1]  # (shard, fd) of the open shard file, closed with the reader
         weakref.finalize(self, _close, self._held)
-        # per slot: the compressed bytes, the decoded chunk, the decode in flight (allocated on first use)
-        self._packed: list[np.ndarray] = []
-        self._unpacked: list[np.ndarray] = []
-        self._decoding: list[Future[None] | None] = []
-        self._spares: list[np.ndarray] = []  # allocated on first use (a partial read of a whole-chunk read)
-        self._spare_checks: list[Future[None] | None] = []
-        self._spare_turn = self._decode_turn = 0  # next slot of each (counts reads; slots allocated in order)
+        # reused buffers, allocated on first use: a compressed chunk's bytes and its decoded rows (Zarr pads a short
+        # last chunk); the rows of a checksummed chunk the caller did not ask for (the crc covers the whole chunk)
+        self._packed = self._unpacked = self._spare = np.empty(0, np.uint8)
         self.store, self.name = root.parents[1], f"{root.parent.name}/{root.name}"  # STORE/GROUP/FEATURE
 
     @classmethod
-    def of(cls, path: str | Path, written: Callable[[int], bool] = lambda shard: True,
-           checks: ChecksumQueue | None = None) -> RawChunks | None:
+    def of(cls, path: str | Path, written: Callable[[int], bool] = lambda shard: True) -> RawChunks | None:
         """The raw reader of the Zarr array at `path`, or None unless it is sharded along rows only (whole rows per
         shard and chunk), index at the end, bytes (little-endian) plus at most one blosc codec and a crc32c, on a
         local store. `written(shard)`: whether that shard's file was written (a missing one is then an error; an
-        unwritten one, all fill value, reads as the fill value). `checks`: where uncompressed chunks' checksums are
-        verified (the caller's `wait()` raises a mismatch); by default a queue of the reader's own (`wait()`)."""
+        unwritten one, all fill value, reads as the fill value)."""
         array = zarr.open_array(str(path), mode="r")
         codecs = array.metadata.codecs
         if not (isinstance(array.store, LocalStore) and len(codecs) == 1 and isinstance(codecs[0], ShardingCodec)):
@@ -87,11 +79,7 @@ class RawChunks:
         if not layout_ok:
             return None
         return cls(array, Path(array.store.root) / array.path, compressed=any(isinstance(c, BloscCodec) for c in inner),
-                   checksummed=isinstance(inner[-1], Crc32cCodec), written=written, checks=checks or ChecksumQueue())
-
-    def wait(self) -> None:
-        """Raise a checksum mismatch of a chunk read so far (checked on the queue's thread)."""
-        self.checks.wait()
+                   checksummed=isinstance(inner[-1], Crc32cCodec), written=written)
 
     def _damaged(self, shard: int, where: str) -> ValueError:
         first = shard * self.shard_rows
@@ -121,7 +109,7 @@ class RawChunks:
 
     def read(self, start: int, stop: int, rows: Sequence[np.ndarray]) -> None:
         """Rows [start, stop) into `rows`: one C-contiguous array per row, of the row's shape and the array's
-        dtype (e.g. rows of a batch buffer in any order). Call `wait()` before using them (checksums)."""
+        dtype (e.g. rows of a batch buffer in any order). Raises on a checksum mismatch (the rows are then garbage)."""
         if len(rows) != stop - start:
             raise ValueError(f"RawChunks.read: rows [{start}, {stop}) need {stop - start} targets, got {len(rows)}")
         for shard in range(start // self.shard_rows, (stop - 1) // self.shard_rows + 1):
@@ -148,7 +136,7 @@ class RawChunks:
 
     def _open(self, shard: int) -> int:
         """The shard file's descriptor, kept open while reads stay in that shard (a window's sorted reads mostly do:
-        one open per shard and window instead of one per chunk; every syscall hands the GIL to the check threads)."""
+        one open per shard and window instead of one per chunk)."""
         if self._held[0] != shard:
             if self._held[1] >= 0:
                 os.close(self._held[1])
@@ -173,15 +161,14 @@ class RawChunks:
         # blosc stores a chunk it cannot shrink as its header and the raw bytes (MEMCPYED): read those like an
         # uncompressed chunk, straight into the rows (float noise under lz4 does this; one copy instead of three)
         header = BLOSC_HEADER if self.compressed and nbytes == whole + BLOSC_HEADER + crc else 0
-        if self.compressed and not header:  # checked before it is decompressed, both on the queue's threads
+        if self.compressed and not header:  # checked before it is decompressed
             self._read_compressed(fd, offset, nbytes, crc, where, skip, rows)
             return
         head, tail = np.empty(header, np.uint8), np.empty(crc, np.uint8)
         views = [memoryview(row).cast("B") for row in rows]
         position = offset + header + skip * self.row_bytes
-        slot = None
         if crc or header:  # the whole chunk is read (the crc covers it): rows not asked for go to a spare buffer
-            spare, slot = self._spare(len(rows) < self.chunk_rows)
+            spare = self._spare_rows(len(rows) < self.chunk_rows)
             stop = (skip + len(rows)) * self.row_bytes
             views = [memoryview(head), spare[:skip * self.row_bytes], *views, spare[stop:whole]]
             position = offset
@@ -196,57 +183,34 @@ class RawChunks:
         if header and not (head[2] & BLOSC_MEMCPYED and int.from_bytes(head[4:8].tobytes(), "little") == whole):
             self._read_compressed(fd, offset, nbytes, crc, where, skip, rows)  # compressed after all: decode it
             return
-        if crc:  # checked on the queue's thread while the caller reads on; `wait()` raises a mismatch
-            future = self.checks.submit([v for v in views if len(v)], stored_crc(tail),
-                                        damaged_chunk(self.store, self.name, where))
-            if slot is not None:
-                self._spare_checks[slot] = future
+        if crc and chunk_crc([v for v in views if len(v)]) != stored_crc(tail):
+            raise ValueError(damaged_chunk(self.store, self.name, where))
 
     def _read_compressed(self, fd: int, offset: int, nbytes: int, crc: int, where: str, skip: int,
                          rows: Sequence[np.ndarray]) -> None:
-        """One compressed chunk read into the next of DECODES reused buffers (once that buffer's earlier decode is
-        done), then checked, decoded and copied to `rows` on the queue's threads while the caller reads on."""
-        slot = self._decode_turn % DECODES
-        self._decode_turn += 1
-        if len(self._packed) <= slot:
-            self._packed.append(np.empty(nbytes, np.uint8))
-            self._unpacked.append(np.empty(self.chunk_rows * self.row_bytes, np.uint8))  # Zarr pads a short last chunk
-            self._decoding.append(None)
-        previous, self._decoding[slot] = self._decoding[slot], None
-        if previous is not None:
-            previous.result()
-        if len(self._packed[slot]) < nbytes:
-            self._packed[slot] = np.empty(nbytes, np.uint8)
-        data = memoryview(self._packed[slot])[:nbytes]
+        """One compressed chunk read into a reused buffer, checked, decoded, and its rows `skip..` copied to `rows`."""
+        if len(self._packed) < nbytes:
+            self._packed = np.empty(nbytes, np.uint8)
+        if not len(self._unpacked):
+            self._unpacked = np.empty(self.chunk_rows * self.row_bytes, np.uint8)
+        data = memoryview(self._packed)[:nbytes]
         if os.preadv(fd, [data], offset) != nbytes:
             raise ValueError(damaged_chunk(self.store, self.name, f"{where}: short read (truncated file?)"))
-        self._decoding[slot] = self.checks.call(self._decode, data, crc, damaged_chunk(self.store, self.name, where),
-                                                self._unpacked[slot], skip, rows)
-
-    def _decode(self, data: memoryview, crc: int, damaged: str, scratch: np.ndarray, skip: int,
-                rows: Sequence[np.ndarray]) -> None:
-        payload = data[:len(data) - crc]
-        if crc and chunk_crc([payload]) != stored_crc(data[len(data) - crc:]):
-            raise ValueError(damaged)
-        blosc.decompress(payload, scratch)
-        chunk = scratch.view(self.array.dtype).reshape(self.chunk_rows, *self.array.shape[1:])
+        payload = data[:nbytes - crc]
+        if crc and chunk_crc([payload]) != stored_crc(data[nbytes - crc:]):
+            raise ValueError(damaged_chunk(self.store, self.name, where))
+        blosc.decompress(payload, self._unpacked)
+        chunk = self._unpacked.view(self.array.dtype).reshape(self.chunk_rows, *self.array.shape[1:])
         for k, row in enumerate(rows):
             np.copyto(row, chunk[skip + k])
 
-    def _spare(self, needed: bool) -> tuple[memoryview, int | None]:
-        """The next spare buffer and its slot, once the check that last read into it is done (a mismatch is raised
-        here); an empty view and no slot when the caller asked for the whole chunk."""
+    def _spare_rows(self, needed: bool) -> memoryview:
+        """The reused buffer for a chunk's rows the caller did not ask for; empty when it asked for the whole chunk."""
         if not needed:
-            return memoryview(b""), None
-        slot = self._spare_turn % SPARES
-        self._spare_turn += 1
-        if len(self._spares) <= slot:
-            self._spares.append(np.empty(self.chunk_rows * self.row_bytes, np.uint8))
-            self._spare_checks.append(None)
-        previous, self._spare_checks[slot] = self._spare_checks[slot], None
-        if previous is not None:
-            previous.result()
-        return memoryview(self._spares[slot]), slot
+            return memoryview(b"")
+        if not len(self._spare):
+            self._spare = np.empty(self.chunk_rows * self.row_bytes, np.uint8)
+        return memoryview(self._spare)
 
 
 def _close(held: list) -> None:

@@ -48,7 +48,7 @@ from zarr.core.buffer.cpu import NDBuffer
 from core.hashing import file_sha256
 from feature_cache import describe
 from feature_cache.codecs import compressor, has_scale, scale_channels, storage_dtype
-from feature_cache.integrity import (CHECKSUMMED_FORMAT, DIGESTS_ATTR, ChecksumQueue, attribute_digests,
+from feature_cache.integrity import (CHECKSUMMED_FORMAT, DIGESTS_ATTR, attribute_digests,
                                      changed_attributes, checksummed, damaged_chunk, file_crc32c,
                                      is_leftover, is_zarr_checksum_error, missing_chunk)
 from feature_cache.locks import LOCK_FILE, LockHeld, lock_file, lock_mode
@@ -458,11 +458,11 @@ class FeatureStore:
                 return f"chunk file {file} (rows {lo}..{hi - 1})"
         return f"rows {start}..{stop - 1}"
 
-    def raw_reader(self, name: str, checks: ChecksumQueue | None = None) -> RawChunks | None:
+    def raw_reader(self, name: str) -> RawChunks | None:
         """The byte-range reader of a feature (or `NAME__scale`), knowing which shard files were written (a missing
         one is an error); None when its layout is not one RawChunks reads (read through `read` then)."""
         array = f"{self.group_of(name.removesuffix('__scale'))}/{name}"
-        return RawChunks.of(self.path / array, written=lambda shard: self.chunk_written(array, shard), checks=checks)
+        return RawChunks.of(self.path / array, written=lambda shard: self.chunk_written(array, shard))
 
     def _group_arrays(self, group: str) -> list[str]:
         """Array names of a group (features, their scales, error, flags)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,6 @@ def test_rows_read_by_byte_range_equal_zarrs_read(tmp_path: Path, dtype: str, co
         out = np.full_like(expected, 7)
         for start, stop in [(0, 7), (7, 45), (45, 100)]:  # across chunks (20 rows) and shards (40 rows)
             raw.read(start, stop, [out[places[r]] for r in range(start, stop)])
-        raw.wait()  # checks and decodes run on the queue's threads
         np.testing.assert_array_equal(out[places], expected)
     assert not store.read("m")[20:40].any() and store.read("m")[40:].all()
     whole = 20 * store.read("m", 0, 1).nbytes + 4  # rows 40..59, 80..99: noise under lz4 is MEMCPYED (header + bytes)
@@ -75,10 +75,9 @@ def test_a_flipped_bit_in_a_chunk_stored_as_it_is_is_refused(tmp_path: Path, off
     shard.write_bytes(bytes(data))
     for start, stop in [(40, 60), (45, 50)]:
         raw = RawChunks.of(store.path / "g0" / "m")
-        raw.read(start, stop, list(np.empty((stop - start, *SHAPE), np.float16)))
         with pytest.raises(ValueError, match=r"array g0/m shard file g0/m/c/1/0/0/0 inner chunk 0 \(rows 40..59\) "
                                              r"fails its crc32c checksum"):
-            raw.wait()
+            raw.read(start, stop, list(np.empty((stop - start, *SHAPE), np.float16)))
 
 
 def test_unwritten_chunk_is_read_as_the_fill_value(tmp_path: Path) -> None:
@@ -89,7 +88,6 @@ def test_unwritten_chunk_is_read_as_the_fill_value(tmp_path: Path) -> None:
     out = np.full((20, *SHAPE), 7, np.float16)
     raw = RawChunks.of(store.path / "g0" / "m")
     raw.read(20, 40, list(out))
-    raw.wait()
     assert not out.any()
 
 
@@ -115,8 +113,48 @@ def test_split_reads_through_zarr_equal_raw_reads(tmp_path: Path, monkeypatch: p
     part = Rows(0, rows, rows % 2, np.zeros_like(rows), rows.astype(str), rows.astype(str))
     positions = np.concatenate([np.random.default_rng(1).permutation(len(rows)), [5, 5, 60]])
     raw = SplitRows([str(store.path)], [part], ["m"]).read(positions)["m"]
-    monkeypatch.setattr(FeatureStore, "raw_reader", lambda self, name, checks=None: None)
+    monkeypatch.setattr(FeatureStore, "raw_reader", lambda self, name: None)
     through_zarr = SplitRows([str(store.path)], [part], ["m"]).read(positions)["m"]
     expected = store.read("m")[rows[positions]]
     np.testing.assert_array_equal(raw, expected)
     np.testing.assert_array_equal(through_zarr, expected)
+
+
+def test_a_split_read_runs_two_lanes_each_with_its_own_readers(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches `SplitRows.read` quietly reading on one thread (half the page-cache speed, issue 31) and two lanes
+    sharing one RawChunks (its open shard file and reused buffers are not thread-safe)."""
+    from core.threads import LANES
+
+    store = make_store(tmp_path / "s", "float16", "lz4")
+    readers: dict[int, set[int]] = {}
+    read = RawChunks.read
+
+    def recording(self: RawChunks, start: int, stop: int, rows: list[np.ndarray]) -> None:
+        readers.setdefault(threading.get_ident(), set()).add(id(self))
+        read(self, start, stop, rows)
+
+    monkeypatch.setattr(RawChunks, "read", recording)
+    rows = np.arange(100)
+    part = Rows(0, rows, rows % 2, np.zeros_like(rows), rows.astype(str), rows.astype(str))
+    split = SplitRows([str(store.path)], [part], ["m"])
+    for _ in range(2):  # the second read: each lane's readers made by the first (a shared one would be reused)
+        np.testing.assert_array_equal(split.read(rows[::-1].copy())["m"], store.read("m")[::-1])
+    assert len(readers) == LANES
+    if LANES > 1:
+        assert not set.intersection(*readers.values())
+
+
+@pytest.mark.parametrize(("shard", "rows"), [(0, "0..19"), (2, "80..99")])  # in the helper's half; in the caller's
+def test_a_damaged_chunk_in_either_lane_is_refused_by_the_split_read(tmp_path: Path, shard: int, rows: str) -> None:
+    """Catches a checksum error on one of the two reading threads being lost, so that its rows are handed out."""
+    store = make_store(tmp_path / "s", "float16", "none")
+    path = store.path / f"g0/m/c/{shard}/0/0/0"
+    data = bytearray(path.read_bytes())
+    data[30] ^= 0x04
+    path.write_bytes(bytes(data))
+    every = np.arange(100)
+    part = Rows(0, every, every % 2, np.zeros_like(every), every.astype(str), every.astype(str))
+    with pytest.raises(ValueError, match=rf"array g0/m shard file g0/m/c/{shard}/0/0/0 inner chunk 0 \(rows {rows}\) "
+                                         r"fails its crc32c checksum"):
+        SplitRows([str(store.path)], [part], ["m"]).read(every)
