@@ -10,7 +10,8 @@ feature_cache/codecs.py: CLIP_CODEC, GUIDANCE_CODEC): clip_layer3 1024x14x14 (dt
 maps exp(normal) (a variance: positive, heavy-tailed; `--guidance-values abs` for |normal|). Every mode is
 timed `--repeat` times; before each run it measures that mode's ceilings (the load of a shared machine moves):
 memcpy and a plain-numpy gather of the resident rows into RING_SLOTS reused batches (ram, device), a
-page-cache read of the store's files (page_cache), an O_DIRECT read of the same files (cold_disk). A run is
+page-cache read of the store's files, by one thread (the target's ceiling) and by two (`in_two_lanes`, as the
+reader reads: what the machine can give it) (page_cache), an O_DIRECT read of the same files (cold_disk). A run is
 shuffled training epochs of the data module: the first one untimed (reused buffers faulted in), then epochs
 until `--seconds` have passed, timed together; the page-cache read is likewise repeated for `--seconds` (a
 3,000-row epoch from the page cache takes a quarter of a second, shorter than the machine's swings). Cold
@@ -45,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.threads import in_two_lanes  # noqa: E402
 from datamodules.cached_features import FeatureCacheDataModule  # noqa: E402
 from datamodules.row_batches import RING_SLOTS, epoch_order  # noqa: E402
 from feature_cache.codecs import CLIP_CODEC, CODECS, GUIDANCE_CODEC, compressor, encode, storage_dtype  # noqa: E402
@@ -295,6 +297,13 @@ def main() -> None:
         file_read(files, direct=False)
         return timed(lambda: file_read(files, direct=False), args.seconds)
 
+    def page_cache_read_two_threads() -> float:
+        moved, dealt = [0, 0], files[0::2] + files[1::2]  # halves alike in bytes (the files go feature by feature)
+
+        def read(lane: int, start: int, stop: int) -> None:
+            moved[lane] = file_read(dealt[start:stop], direct=False)
+        return timed(lambda: (in_two_lanes(len(dealt), read), sum(moved))[1], args.seconds)
+
     def direct_read() -> float | None:
         try:
             return timed(lambda: file_read(files, direct=True))
@@ -308,7 +317,9 @@ def main() -> None:
     file_bytes = {v: sum(f.stat().st_size for f in store_files(p)) / args.rows for v, p in paths.items()}
     ceilings = {"ram": {"memcpy": memcpy_ceiling,
                         "resident gather (numpy)": lambda: gather_ceiling(path, args.batch_size)},
-                "page_cache": {"page-cache read": page_cache_read}, "cold_disk": {"O_DIRECT read": direct_read}}
+                "page_cache": {"page-cache read": page_cache_read,
+                               "page-cache read by two threads": page_cache_read_two_threads},
+                "cold_disk": {"O_DIRECT read": direct_read}}
     ceilings["device"] = ceilings["ram"]
     in_memory = {"ram": True, "device": "device", "page_cache": False, "cold_disk": False}
     summaries = []
