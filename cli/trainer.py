@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 
 from core.devices import warn_if_oversubscribed
-from core.progress import plain_output
+from core.progress import rich_progress_bar
 
 from feature_cache.codecs import CLIP_CODEC, ClipDtype, Codec
 
@@ -25,11 +25,13 @@ class ForensicsTrainer(pl.Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if plain_output():
-            # Into a file Rich draws only its final frame, already stale (`tars 0/1` after the tar was written,
-            # `0.00it/s`); the plain-log lines (PlainLogProgress, the writer's per-tar lines) say it correctly.
-            self.callbacks[:] = [RichProgressBar(console_kwargs={"quiet": True}) if isinstance(c, RichProgressBar)
-                                 else c for c in self.callbacks]
+        # Lightning's default bar (tqdm, added when no bar is configured) and a configured Rich bar both become
+        # `rich_progress_bar()`; a bar of another kind that the config names is kept
+        given = kwargs.get("callbacks") or []
+        configured = any(isinstance(c, ProgressBar) for c in (given if isinstance(given, list) else [given]))
+        self.callbacks[:] = [
+            rich_progress_bar(c) if isinstance(c, RichProgressBar) or (isinstance(c, TQDMProgressBar) and not configured)
+            else c for c in self.callbacks]
         warn_if_oversubscribed(self)
 
     def test(self, model: pl.LightningModule | None = None, dataloaders: Any = None,

@@ -3,7 +3,8 @@
 Rich bars (Lightning's, `rich.progress.track`) redraw one terminal line; in a file they print nothing
 useful until the end. When stdout is not a terminal, long work reports with plain lines instead:
 - `PlainLogProgress`, a Lightning callback (`python -m cli` adds it to every Trainer run), for batches;
-  a streaming loader without a length gets its total from the datamodule's `predict_batches()`;
+  a streaming loader without a length gets its total from the datamodule's `predict_batches()`; beside it
+  every Trainer shows `rich_progress_bar()`, Lightning's Rich bar, quiet when stdout is not a terminal;
 - `report_progress(items, total, label)`, a generator for plain commands' loops (tars, runs, images);
 - `tracked(items, total, label)`, Rich's bar on a terminal and `report_progress` lines otherwise, for loops
   that run inside a Trainer run or a command (ensemble members, tiny-model training);
@@ -21,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 T = TypeVar("T")
@@ -30,6 +32,15 @@ EVERY_S = 30.0
 def plain_output() -> bool:
     """Whether stdout is a file or pipe (SLURM, `> log`), where redrawn bars are unreadable."""
     return not sys.stdout.isatty()
+
+
+def rich_progress_bar(configured: RichProgressBar | None = None) -> RichProgressBar:
+    """The batch bar of every Trainer the project runs: Lightning's Rich bar (the config's own, when it lists one);
+    a quiet one when stdout is a file or pipe, where Rich would draw only its final frame, already stale (`tars
+    0/1` after the tar was written, `0.00it/s`), and `PlainLogProgress`'s lines say it correctly."""
+    if plain_output():
+        return RichProgressBar(console_kwargs={"quiet": True})
+    return configured or RichProgressBar()
 
 
 def _clock(seconds: float) -> str:
