@@ -233,6 +233,11 @@ class ZarrFeatureWriter(BasePredictionWriter):
             if differences:
                 raise ProvenanceMismatchError(f"feature store {self.path} group {group} ({', '.join(present)}) was "
                                               "made with a different config: " + ", ".join(differences))
+            kept = [f"{n} {info.features[n].codec} (asked: {specs[n].codec})" for n in present
+                     if info.features[n].codec != specs[n].codec]
+            if kept:  # lossless, so not a mismatch (FeatureSpec does not compare it), but never silently ignored
+                print(f"precompute: {self.path} group {group} keeps the codec it was created with: {', '.join(kept)}; "
+                      "a codec is fixed when a group is created (write a new store for another)", file=sys.stderr)
         if self._group_to_compute(store, outputs) is None:
             missing = [n for n in outputs if n not in store.feature_names]
             if missing:

@@ -206,6 +206,19 @@ def test_rerun_with_another_config_names_the_differing_fields(setup, single_proc
     assert len(FeatureStore.open(single_process_store).done_tars("g0")) == 12
 
 
+def test_resume_with_another_codec_says_the_store_keeps_its_own(setup, single_process_store):
+    """A codec is lossless, so a resume under `--clip_codec zstd` is not refused; catches the asked codec being
+    ignored without a word (the user believes the store is zstd) and a resume that rewrites finished tars."""
+    before = _data_files(single_process_store)
+    result = _run(setup, single_process_store, "--clip_codec", "zstd")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if "keeps the codec" in line]
+    assert lines == [f"precompute: {single_process_store} group g0 keeps the codec it was created with: clip_layer3 "
+                     "lz4 (asked: zstd), clip_pooled lz4 (asked: zstd); a codec is fixed when a group is created "
+                     "(write a new store for another)"], result.stderr[-2000:]
+    assert _data_files(single_process_store) == before
+
+
 @pytest.mark.parametrize(("extra", "threads", "field"), [
     (("--trainer.precision", "bf16-mixed"), 1, "common.trainer_precision 32-true != bf16-mixed"),
     (("--data.init_args.batch_size", "4"), 1, "common.batch_size 3 != 4"),
