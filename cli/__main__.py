@@ -58,9 +58,11 @@ def main(argv: list[str] | None = None) -> None:
             from jsonargparse import CLI
 
             from cli.argv import shell_style
+            from cli.parse_errors import PlainCommandParser
 
             function = plain_command(argv[0])
-            CLI(function, args=shell_style(function, argv[1:]), prog=f"python -m cli {argv[0]}")
+            CLI(function, args=shell_style(function, argv[1:]), prog=f"python -m cli {argv[0]}",
+                parser_class=PlainCommandParser)
         else:
             from cli.lightning_cli import build_cli
 

@@ -27,7 +27,7 @@ import lightning_modules  # noqa: F401
 from cli.commands import TRAINER_SUBCOMMANDS
 from core.checkpoint_io import safe_torch_load
 from core.progress import PlainLogProgress
-from cli.parse_errors import OneLineErrorParser
+from cli.parse_errors import OneLineErrors
 from workflows.run_dirs import latest_fitted_run, next_run_dir, run_base, run_checkpoint
 from cli.trainer import ForensicsTrainer
 
@@ -87,7 +87,7 @@ QUIET = ("The '.*_dataloader' does not have many workers", "LeafSpec", "Starting
          "Checkpoint directory .* exists and is not empty")
 
 
-class ForensicsParser(OneLineErrorParser):
+class ForensicsParser(OneLineErrors, LightningArgumentParser):
     """LightningCLI's parser that knows whether it parses a detector run (`build_cli` says so per subcommand).
 
     Args:
@@ -248,7 +248,7 @@ def build_cli(args: list[str], run: bool = True, prog: str = "python -m cli") ->
         trainer_defaults={"callbacks": [PlainLogProgress()]},  # added to the config's callbacks
         args=args,
         run=run,
-        parser_class=ForensicsParser,  # OneLineErrorParser's: a bad key's line first, no usage block
+        parser_class=ForensicsParser,  # OneLineErrors: a bad key's line first, no usage block, no abbreviations
         parser_kwargs={"prog": prog, **not_detector},
     )
 

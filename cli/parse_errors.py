@@ -1,8 +1,11 @@
 """A bad option or config key names itself in the first line: jsonargparse prints ~50 lines of usage first.
 
-`OneLineErrorParser` is the LightningCLI's parser class: on a parse error it prints
+`OneLineErrors` makes a jsonargparse parser print, on a parse error,
 `python -m cli fit: --model.init_args.lrr: not an option of DEUADetector (did you mean 'lr'?); options: ...`
-and a pointer to `--help`, instead of the usage block followed by a nested Union report.
+and a pointer to `--help`, instead of the usage block followed by a nested Union report; and it turns off
+argparse's prefix matching (`--trainer.max_epoch` silently set `max_epochs`, `--ou` meant `--out`). The
+LightningCLI's parser (`cli.lightning_cli.ForensicsParser`) and the plain commands' (`PlainCommandParser`)
+both use it.
 """
 
 from __future__ import annotations
@@ -12,20 +15,19 @@ import importlib
 import os
 import re
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from lightning.pytorch.cli import LightningArgumentParser
+from jsonargparse import ArgumentParser
 
 NOT_ACCEPTED = re.compile(r"Option '(?P<option>[^']+)' is not accepted")
 CLASS_PATH = re.compile(r"Problem with given class_path '(?P<path>[^']+)'")
 PARSER_KEY = re.compile(r'Parser key "(?P<key>[^"]+)"')
 SUBCOMMAND_OPTION = re.compile(r"does not accept option '(?P<option>[^']+)'")
+UNRECOGNIZED = re.compile(r"nrecognized arguments: --(?P<option>\S+)")
 
 
 def class_options(class_path: str) -> list[str]:
     """The init arguments jsonargparse accepts for a class (following `**kwargs` into its bases)."""
-    from jsonargparse import ArgumentParser
-
     module, _, name = class_path.rpartition(".")
     parser = ArgumentParser()
     parser.add_class_arguments(getattr(importlib.import_module(module), name))
@@ -35,6 +37,17 @@ def class_options(class_path: str) -> list[str]:
 def _suggest(name: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(name, choices, 1, 0.7)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _value_problem(report: str) -> str:
+    """The first line of jsonargparse's complaint about a value, or for a Union (`int | None`) the value and the
+    types it is not (the first line alone says only "Does not validate against any of the Union subtypes")."""
+    lines = [line.strip() for line in report.strip().splitlines()]
+    subtypes = next((line for line in lines if line.startswith("Subtypes: ")), None)
+    given = next((line for line in lines if line.startswith("Given value: ")), None)
+    if lines[0].startswith("Does not validate against any of the Union subtypes") and subtypes and given:
+        return f"{given.removeprefix('Given value: ')!r} is not one of {subtypes.removeprefix('Subtypes: ')}"
+    return lines[0]
 
 
 def useful_line(message: str, known: list[str]) -> str | None:
@@ -48,16 +61,24 @@ def useful_line(message: str, known: list[str]) -> str | None:
         return (f"--{keys[0]}.init_args.{name}: not an option of {path['path'].rpartition('.')[2]}"
                 f"{_suggest(name, choices)}; its options: {', '.join(choices)}")
     if path and len(keys) >= 2:  # a known key with a bad value: the nested key's own complaint
-        detail = message.split(f'Parser key "{keys[1]}":', 1)[1].strip().splitlines()[0]
-        return f"--{keys[0]}.init_args.{keys[1]}: {detail}"
-    unknown = SUBCOMMAND_OPTION.search(message)
+        report = message.split(f'Parser key "{keys[1]}":', 1)[1]
+        return f"--{keys[0]}.init_args.{keys[1]}: {_value_problem(report)}"
+    if len(keys) == 1 and f'Parser key "{keys[0]}":' in message:  # an option's bad value
+        report = message.split(f'Parser key "{keys[0]}":', 1)[1]
+        return f"--{keys[0]}: {_value_problem(report)}"
+    unknown = SUBCOMMAND_OPTION.search(message) or UNRECOGNIZED.search(message)
     if unknown:
         return f"{message.splitlines()[0]}{_suggest(unknown['option'], known)}"
     return None
 
 
-class OneLineErrorParser(LightningArgumentParser):
-    """LightningArgumentParser whose parse errors print the useful line first, without the usage block."""
+class OneLineErrors:
+    """A jsonargparse parser mixin: parse errors print the useful line first, without the usage block; no
+    abbreviated options (an option is spelled out or refused)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
@@ -70,3 +91,7 @@ class OneLineErrorParser(LightningArgumentParser):
         sys.stderr.write(f"{prog}: {line}\n" if line else f"{prog}: {message}\n")
         sys.stderr.write(f"(every option: {prog} --help; jsonargparse's full report: JSONARGPARSE_DEBUG=1)\n")
         self.exit(2)
+
+
+class PlainCommandParser(OneLineErrors, ArgumentParser):
+    """The parser of the plain commands (`shards`, `toy-data`, ...: jsonargparse over a function's signature)."""

@@ -71,6 +71,27 @@ def test_bad_input_is_one_line_naming_it(tmp_path):
     assert result.returncode != 0 and "checkpoint" in result.stderr and "missing.ckpt: no such file" in result.stderr
 
 
+@pytest.mark.parametrize(("args", "line"), [
+    (["toy-data", "--ou", "OUT"], "toy-data: unrecognized arguments: --ou OUT (did you mean 'out'?)"),
+    (["toy-data", "--out", "OUT", "--seed", "x"], "toy-data: --seed: Expected a <class 'int'>. Got value: x"),
+    (["fit", "--config", "DEUA", "--trainer.max_epoch", "3", "--print_config"],
+     "fit: unrecognized arguments: --trainer.max_epoch 3 (did you mean 'trainer.max_epochs'?)"),
+    (["fit", "--config", "DEUA", "--trainer.max_epochs", "x", "--print_config"],
+     "fit: --trainer.max_epochs: 'x' is not one of [<class 'int'>, <class 'NoneType'>]"),
+])
+def test_an_abbreviated_option_or_a_bad_value_is_refused_in_one_line(tmp_path, args, line):
+    """Catches argparse's prefix matching (`--trainer.max_epoch 3` silently set max_epochs, `--ou` meant `--out`)
+    in the Trainer subcommands and the plain commands, a usage block before the line, and a Union's bare "Does not
+    validate against any of the Union subtypes" instead of the value and the types it is not."""
+    out = tmp_path / "out"
+    deua = Path(__file__).resolve().parents[1] / "configs" / "deua.yaml"
+    args = [str(out) if a == "OUT" else str(deua) if a == "DEUA" else a for a in args]
+    result = _run(*args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[0] == "python -m cli " + line.replace("OUT", str(out)), result.stderr
+    assert len(result.stderr.splitlines()) == 2 and not out.exists()
+
+
 @pytest.mark.parametrize("option, value, arguments", [
     ("--model.help", "DEUADetector", ("guidance", "backbone", "asym_weight", "margin_real", "lr")),
     ("--model.help", "LaRE2Detector", ("guidance", "pooled_dim", "spatial", "channel", "plateau_patience")),
