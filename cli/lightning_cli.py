@@ -22,11 +22,12 @@ import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-import datamodules  # noqa: F401  (registers classes so YAML can name them bare)
+import datamodules.cached_features  # noqa: F401  (imported, YAML can name the data modules bare)
+import datamodules.image_shards  # noqa: F401
 import lightning_modules  # noqa: F401
 from cli.commands import TRAINER_SUBCOMMANDS
 from core.checkpoint_io import safe_torch_load
-from core.progress import PlainLogProgress
+from core.trainer_progress import PlainLogProgress
 from cli.parse_errors import OneLineErrors
 from workflows.run_dirs import latest_fitted_run, next_run_dir, run_base, run_checkpoint
 from cli.trainer import ForensicsTrainer

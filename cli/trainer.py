@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 
 from core.devices import warn_if_oversubscribed
-from core.progress import rich_progress_bar
+from core.trainer_progress import rich_progress_bar
 
 from feature_cache.codecs import CLIP_CODEC, ClipDtype, Codec
 

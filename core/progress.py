@@ -2,9 +2,9 @@
 
 Rich bars (Lightning's, `rich.progress.track`) redraw one terminal line; in a file they print nothing
 useful until the end. When stdout is not a terminal, long work reports with plain lines instead:
-- `PlainLogProgress`, a Lightning callback (`python -m cli` adds it to every Trainer run), for batches;
-  a streaming loader without a length gets its total from the datamodule's `predict_batches()`; beside it
-  every Trainer shows `rich_progress_bar()`, Lightning's Rich bar, quiet when stdout is not a terminal;
+- `PlainLogProgress`, a Lightning callback (`python -m cli` adds it to every Trainer run), for batches, and
+  `rich_progress_bar()`, the bar every Trainer shows: in `core.trainer_progress`, so that this module
+  imports no Lightning (`shards` and the plain commands start without it);
 - `report_progress(items, total, label)`, a generator for plain commands' loops (tars, runs, images);
 - `tracked(items, total, label)`, Rich's bar on a terminal and `report_progress` lines otherwise, for loops
   that run inside a Trainer run or a command (ensemble members, tiny-model training);
@@ -21,10 +21,6 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
-import lightning.pytorch as pl
-from lightning.pytorch.callbacks import RichProgressBar
-from lightning.pytorch.utilities import rank_zero_only
-
 T = TypeVar("T")
 EVERY_S = 30.0
 
@@ -32,15 +28,6 @@ EVERY_S = 30.0
 def plain_output() -> bool:
     """Whether stdout is a file or pipe (SLURM, `> log`), where redrawn bars are unreadable."""
     return not sys.stdout.isatty()
-
-
-def rich_progress_bar(configured: RichProgressBar | None = None) -> RichProgressBar:
-    """The batch bar of every Trainer the project runs: Lightning's Rich bar (the config's own, when it lists one);
-    a quiet one when stdout is a file or pipe, where Rich would draw only its final frame, already stale (`tars
-    0/1` after the tar was written, `0.00it/s`), and `PlainLogProgress`'s lines say it correctly."""
-    if plain_output():
-        return RichProgressBar(console_kwargs={"quiet": True})
-    return configured or RichProgressBar()
 
 
 def _clock(seconds: float) -> str:
@@ -105,61 +92,3 @@ def tracked(items: Iterable[T], total: int, label: str, unit: str = "steps") -> 
     from rich.progress import track
 
     yield from track(items, total=total, description=label, transient=True)
-
-
-class PlainLogProgress(pl.Callback):
-    """Plain progress lines for fit/validate/test/predict batches when stdout is not a terminal.
-
-    Args:
-        every_s: seconds between lines (the first and last batch of a stage always print).
-        always: print even on a terminal (beside the Rich bar).
-    """
-
-    def __init__(self, every_s: float = EVERY_S, always: bool = False) -> None:
-        self.every_s = every_s
-        self.always = always
-        self._lines: dict[str, ProgressLine] = {}
-
-    def _start(self, stage: str, total: float | int | list | None) -> None:
-        if isinstance(total, list):
-            total = sum(total)
-        self._lines[stage] = ProgressLine(stage, total if total is not None and math.isfinite(total) else None,
-                                          "batches", self.every_s)
-
-    @rank_zero_only
-    def _step(self, trainer: pl.Trainer, stage: str) -> None:
-        if not (self.always or plain_output()) or stage not in self._lines:
-            return
-        note = f"epoch {trainer.current_epoch}" if stage == "train" else ""
-        text = self._lines[stage].advance(1, note)
-        if text:
-            print(text, flush=True)
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start("train", trainer.num_training_batches)
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
-        self._step(trainer, "train")
-
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._start("validate", trainer.num_val_batches)
-
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
-        if not trainer.sanity_checking:
-            self._step(trainer, "validate")
-
-    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start("test", trainer.num_test_batches)
-
-    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
-        self._step(trainer, "test")
-
-    def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        total = sum(trainer.num_predict_batches)
-        if not math.isfinite(total) and hasattr(trainer.datamodule, "predict_batches"):
-            total = trainer.datamodule.predict_batches()  # a streaming loader has no length; its shard table knows
-        self._start("predict", total)
-
-    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
-        self._step(trainer, "predict")

@@ -1,6 +1,5 @@
-"""LightningDataModules: image shards for phase 1, the feature cache for phase 2."""
+"""LightningDataModules: image shards for phase 1 (`image_shards`), the feature cache for phase 2 (`cached_features`).
 
-from datamodules.cached_features import FeatureCacheDataModule
-from datamodules.image_shards import ImageShardDataModule
-
-__all__ = ["FeatureCacheDataModule", "ImageShardDataModule"]
+Nothing is imported here: `shards` and the other plain commands use this package's modules without Lightning
+(seconds of start-up); `cli.lightning_cli` imports the two data modules, which lets YAML name them bare.
+"""

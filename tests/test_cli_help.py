@@ -36,11 +36,13 @@ def test_top_level_help_lists_every_subcommand():
 
 def test_help_imports_no_torch_or_lightning():
     """`python -m cli --help` and plain commands' `--help` import neither torch nor lightning (not timed: the
-    figures are benchmarks/startup.py's). Catches a module-level heavy import in the dispatcher, the command
-    table or a plain command's module, which puts seconds back on every `--help`."""
+    figures are benchmarks/startup.py's), nor does `shards`' own module. Catches a module-level heavy import in the
+    dispatcher, the command table, a plain command's module, the `datamodules` package or `core.progress` (which
+    put ~10 s of Lightning start-up on every `shards` run and its worker processes)."""
     code = ("import sys\nfrom cli.__main__ import main\n"
             "for argv in (['--help'], ['compare', '--help'], ['verify', '--help'], ['grid', '--help']):\n"
             "    try:\n        main(argv)\n    except SystemExit as end:\n        assert not end.code, end\n"
+            "import datamodules.shards\n"
             "print(sorted(name for name in ('torch', 'lightning', 'zarr', 'pandas') if name in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             cwd=Path(__file__).resolve().parents[1])

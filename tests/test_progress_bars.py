@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
-import core.progress
+import core.trainer_progress
 from cli.trainer import ForensicsTrainer
 from test_grid_together import ENV, SPECS, _values, _write_configs
 from test_feature_cache_datamodule import write_store
 
 
 def bar_of(monkeypatch: pytest.MonkeyPatch, terminal: bool, **kwargs: object) -> object:
-    monkeypatch.setattr(core.progress, "plain_output", lambda: not terminal)
+    monkeypatch.setattr(core.trainer_progress, "plain_output", lambda: not terminal)
     return ForensicsTrainer(accelerator="cpu", logger=False, **kwargs).progress_bar_callback
 
 

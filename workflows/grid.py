@@ -58,7 +58,7 @@ def grid(rows: Path, base: Path | None = None, extra: list[Path] | None = None, 
     """`python -m cli grid` (its options: cli/plain_commands.py `grid`); `resolve` turns a Trainer command line into
     its resolved config (cli's `resolve_config`, handed down: workflows never import cli). Returns the run
     directories."""
-    from core.progress import report_progress  # imports lightning: not for `grid --help`
+    from core.progress import report_progress
 
     rows, extra = Path(rows), [Path(p) for p in extra or []]
     base = Path(base) if base is not None else rows.parent.parent / f"{rows.name}.yaml"

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from core.devices import warn_if_oversubscribed
-from core.progress import PlainLogProgress, rich_progress_bar
+from core.trainer_progress import PlainLogProgress, rich_progress_bar
 from datamodules.image_files import METADATA, ImageFilesDataModule
 from datamodules.image_shards import preprocessor_from_provenance
 from lightning_modules.on_the_fly import OnTheFlyDetector

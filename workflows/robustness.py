@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from workflows.predict import run_predict
-from core.progress import PlainLogProgress, ProgressLine
+from core.progress import ProgressLine
+from core.trainer_progress import PlainLogProgress
 from datamodules.cached_features import centre_clip_boxes
 from datamodules.image_shards import ImageShardDataModule, pixel_settings
 from datamodules.perturbations import ROBUSTNESS_SWEEP, parse_sweep, perturbation_label
