@@ -245,22 +245,6 @@ def verify(store: Path, checksums: bool = True) -> None:
         checksums: read every file back and compare its crc32c (format 2: sha256) with the one recorded when it
             was written; false: presence and sizes only (fast).
     """
-    from feature_cache.store import FeatureStore
+    from workflows.verify import verify_store
 
-    opened = FeatureStore.open(store)
-    print(opened.summary())
-    damage = opened.verify(checksums)
-    if damage:
-        print("\n".join(f"damaged: {d}" for d in damage))
-        tars = sorted({d.tar or "all tars" for d in damage})
-        raise SystemExit(f"python -m cli verify: {store}: {len(damage)} damaged files in {', '.join(tars)}; "
-                         "rerun the same precompute command to recompute them")
-    unfinished = {group: len(opened.shard_table) - len(opened.done_tars(group)) for group in opened.incomplete_groups()}
-    if unfinished:
-        raise SystemExit(f"python -m cli verify: {store}: group(s) not computed in full: "
-                         + ", ".join(f"{g} ({n} of {len(opened.shard_table)} tars without a done marker)"
-                                     for g, n in unfinished.items())
-                         + "; finish them with the same precompute command")
-    digest = "crc32c" if opened.format >= 3 else "sha256"
-    print(f"verify: {store}: no damage found ({f'sizes and {digest} checksums' if checksums else 'presence and sizes'})")
-
+    verify_store(store, checksums)
