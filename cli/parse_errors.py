@@ -23,7 +23,7 @@ NOT_ACCEPTED = re.compile(r"Option '(?P<option>[^']+)' is not accepted")
 CLASS_PATH = re.compile(r"Problem with given class_path '(?P<path>[^']+)'")
 PARSER_KEY = re.compile(r'Parser key "(?P<key>[^"]+)"')
 SUBCOMMAND_OPTION = re.compile(r"does not accept option '(?P<option>[^']+)'")
-UNRECOGNIZED = re.compile(r"nrecognized arguments: --(?P<option>\S+)")
+UNRECOGNIZED = re.compile(r"[Uu]nrecognized arguments: --(?P<option>\S+)")
 
 
 def class_options(class_path: str) -> list[str]:
@@ -42,7 +42,7 @@ def _suggest(name: str, choices: list[str]) -> str:
 def _value_problem(report: str) -> str:
     """The first line of jsonargparse's complaint about a value, or for a Union (`int | None`) the value and the
     types it is not (the first line alone says only "Does not validate against any of the Union subtypes")."""
-    lines = [line.strip() for line in report.strip().splitlines()]
+    lines = [line.strip() for line in report.strip().splitlines()] or ["invalid value"]
     subtypes = next((line for line in lines if line.startswith("Subtypes: ")), None)
     given = next((line for line in lines if line.startswith("Given value: ")), None)
     if lines[0].startswith("Does not validate against any of the Union subtypes") and subtypes and given:
