@@ -3,7 +3,8 @@
 - `PlainLogProgress`: plain lines for fit/validate/test/predict batches when stdout is not a terminal; a streaming
   loader without a length gets its total from the datamodule's `predict_batches()`.
 - `rich_progress_bar()`: the one bar policy (Lightning's Rich bar on a terminal, a quiet one when piped), used by
-  `ForensicsTrainer` and predict's Trainer.
+  `ForensicsTrainer`; `progress_callbacks()`, both callbacks, for the Trainers the workflows build themselves
+  (predict, robustness).
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ def rich_progress_bar(configured: RichProgressBar | None = None) -> RichProgress
     if plain_output():
         return RichProgressBar(console_kwargs={"quiet": True})
     return configured or RichProgressBar()
+
+
+def progress_callbacks() -> list[pl.Callback]:
+    """What a Trainer built outside LightningCLI (which adds them to `python -m cli`'s runs) shows: plain lines when
+    piped, `rich_progress_bar()` (else Lightning would add its tqdm bar)."""
+    return [PlainLogProgress(), rich_progress_bar()]
 
 
 class PlainLogProgress(pl.Callback):

@@ -23,11 +23,15 @@ def bar_of(monkeypatch: pytest.MonkeyPatch, terminal: bool, **kwargs: object) ->
 
 @pytest.mark.parametrize("terminal", [True, False])
 def test_the_default_bar_is_rich_and_quiet_when_piped(monkeypatch: pytest.MonkeyPatch, terminal: bool) -> None:
-    """Catches `fit`/`test` falling back to Lightning's tqdm bar (configs/deua.yaml names no bar), and a Rich bar
-    that draws its stale final frame into a log file."""
+    """Catches `fit`/`test` (and predict's and robustness's own Trainers) falling back to Lightning's tqdm bar
+    (configs/deua.yaml names no bar), and a Rich bar that draws its stale final frame into a log file."""
     bar = bar_of(monkeypatch, terminal)
     assert type(bar) is RichProgressBar
     assert bar._console_kwargs.get("quiet", False) is not terminal
+    # the Trainers predict and robustness build themselves: the same bar beside the plain lines
+    plain, own = core.trainer_progress.progress_callbacks()
+    assert type(plain) is core.trainer_progress.PlainLogProgress and type(own) is RichProgressBar
+    assert own._console_kwargs.get("quiet", False) is not terminal
 
 
 def test_a_configured_bar_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:

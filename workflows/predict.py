@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from core.devices import warn_if_oversubscribed
-from core.trainer_progress import PlainLogProgress, rich_progress_bar
+from core.trainer_progress import progress_callbacks
 from datamodules.image_files import METADATA, ImageFilesDataModule
 from datamodules.image_shards import preprocessor_from_provenance
 from lightning_modules.on_the_fly import OnTheFlyDetector
@@ -49,7 +49,7 @@ def run_predict(model: pl.LightningModule, datamodule: pl.LightningDataModule, a
     gathers the rows."""
     collector = RowCollector()
     trainer = pl.Trainer(accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto",
-                         logger=False, callbacks=[collector, PlainLogProgress(), rich_progress_bar()],
+                         logger=False, callbacks=[collector, *progress_callbacks()],
                          enable_model_summary=False)
     warn_if_oversubscribed(trainer, "--devices")
     trainer.predict(model, datamodule=datamodule, return_predictions=False)

@@ -21,7 +21,7 @@ import torch
 
 from workflows.predict import run_predict
 from core.progress import ProgressLine
-from core.trainer_progress import PlainLogProgress
+from core.trainer_progress import progress_callbacks
 from datamodules.cached_features import centre_clip_boxes
 from datamodules.image_shards import ImageShardDataModule, pixel_settings
 from datamodules.perturbations import ROBUSTNESS_SWEEP, parse_sweep, perturbation_label
@@ -67,8 +67,8 @@ def cached_features(model: OnTheFlyDetector, datamodule: ImageShardDataModule, c
           + (f", computing {total - reused}" if reused < total else ""), flush=True)
     if reused < total:
         writer = ZarrFeatureWriter(str(path))  # the exactly-once, resumable writer of `precompute`
-        trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False, callbacks=[writer, PlainLogProgress()],
-                             enable_model_summary=False)
+        trainer = pl.Trainer(accelerator=accelerator, devices=1, logger=False,
+                             callbacks=[writer, *progress_callbacks()], enable_model_summary=False)
         trainer.predict(extractor, datamodule=datamodule, return_predictions=False)
         extractor.set_outputs(names)  # the writer selected the outputs the store lacked; scoring needs all
     return FeatureStore.open(path), reused
