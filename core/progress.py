@@ -10,24 +10,36 @@ useful until the end. When stdout is not a terminal, long work reports with plai
   that run inside a Trainer run or a command (ensemble members, tiny-model training);
 - `ProgressLine` itself where a loop also marks milestones (`force=True`: the shards and feature-store
   writers print one line per tar).
-All print the first step, then at most one line per `every_s` seconds, and the last step.
+All print the first step, then at most one line per `every_s` seconds, and the last step, through `print_line`:
+the feature-store writer prints from its own thread beside the Trainer's batch lines, and `print` writes a line
+and its newline in two calls, so two threads' lines could merge into one.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
 EVERY_S = 30.0
+_ONE_LINE_AT_A_TIME = threading.Lock()
 
 
 def plain_output() -> bool:
     """Whether stdout is a file or pipe (SLURM, `> log`), where redrawn bars are unreadable."""
     return not sys.stdout.isatty()
+
+
+def print_line(text: str | None) -> None:
+    """Print `text` (if any) as one whole line, flushed, even while another thread prints progress too."""
+    if text:
+        with _ONE_LINE_AT_A_TIME:
+            sys.stdout.write(f"{text}\n")
+            sys.stdout.flush()
 
 
 def _clock(seconds: float) -> str:
@@ -78,9 +90,8 @@ def report_progress(items: Iterable[T], total: int | None, label: str, unit: str
     line = ProgressLine(label, total, unit, every_s) if always or plain_output() else None
     for item in items:
         yield item
-        text = line.advance() if line is not None else None
-        if text:
-            print(text, flush=True)
+        if line is not None:
+            print_line(line.advance())
 
 
 def tracked(items: Iterable[T], total: int, label: str, unit: str = "steps") -> Iterator[T]:

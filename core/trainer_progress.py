@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
-from core.progress import EVERY_S, ProgressLine, plain_output
+from core.progress import EVERY_S, ProgressLine, plain_output, print_line
 
 
 def rich_progress_bar(configured: RichProgressBar | None = None) -> RichProgressBar:
@@ -57,9 +57,7 @@ class PlainLogProgress(pl.Callback):
         if not (self.always or plain_output()) or stage not in self._lines:
             return
         note = f"epoch {trainer.current_epoch}" if stage == "train" else ""
-        text = self._lines[stage].advance(1, note)
-        if text:
-            print(text, flush=True)
+        print_line(self._lines[stage].advance(1, note))
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start("train", trainer.num_training_batches)

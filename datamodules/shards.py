@@ -31,7 +31,7 @@ from pathlib import Path
 
 from rich.progress import track
 
-from core.progress import ProgressLine, plain_output
+from core.progress import ProgressLine, plain_output, print_line
 from datamodules.image_io import FORMAT_EXTENSIONS, KNOWN_EXTENSIONS, decode_rgb, describe_error, \
     estimate_jpeg_quality, read_regular_file
 from datamodules.layouts import LayoutWalk, ShardsInputError, SourceFile, Split, layout_named
@@ -283,10 +283,8 @@ def convert(layout: str, root: Path, split: Split, out: Path, shard_size: int = 
                 manifest.append(record)
             if line is not None:
                 filled = not info.reason and len(manifest) % shard_size == 0
-                text = line.advance(1, f"{len(shards.table)} tars of at most {-(-len(files) // shard_size)}, "
-                                       f"{len(rejected)} rejected", force=filled)
-                if text:
-                    print(text, flush=True)
+                print_line(line.advance(1, f"{len(shards.table)} tars of at most {-(-len(files) // shard_size)}, "
+                                           f"{len(rejected)} rejected", force=filled))
         shards.close()
     finally:
         shards.abort()

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar
 
-from core.progress import ProgressLine, plain_output
+from core.progress import ProgressLine, plain_output, print_line
 from feature_cache.codecs import CLIP_CODEC, GUIDANCE_CODEC, GUIDANCE_DTYPE, ClipDtype, Codec, encode
 from feature_cache.integrity import remove_leftovers
 from feature_cache.manifest import read_rejected, store_rows
@@ -345,8 +345,8 @@ class ZarrFeatureWriter(BasePredictionWriter):
                 del self._pending[shard_index]
                 self._written += 1
                 if self._tar_line is not None:
-                    print(self._tar_line.advance(len(buffer.errors), f"tar {self._written}/{self._tars_to_write} "
-                                                 f"({store.shard_table[shard_index]['name']})", force=True), flush=True)
+                    print_line(self._tar_line.advance(len(buffer.errors), f"tar {self._written}/{self._tars_to_write} "
+                                                      f"({store.shard_table[shard_index]['name']})", force=True))
 
     def _buffer(self, shard_index: int) -> _TarBuffer:
         if shard_index not in self._pending:

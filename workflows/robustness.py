@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from workflows.predict import run_predict
-from core.progress import ProgressLine
+from core.progress import ProgressLine, print_line
 from core.trainer_progress import progress_callbacks
 from datamodules.cached_features import centre_clip_boxes
 from datamodules.image_shards import ImageShardDataModule, pixel_settings
@@ -131,7 +131,7 @@ def robustness_sweep(ckpt: str, shards: str, out: str, batch_size: int, num_work
             rows.append({"perturbation": label, "generator": row["generator"], **{k: row[k] for k in METRICS}})
         print(f"robustness [{number}/{len(sweep)}] {label}: done in {time.monotonic() - started:.1f} s{reused}",
               flush=True)
-        print(levels.advance(force=True), flush=True)
+        print_line(levels.advance(force=True))
 
     def cell(value: object) -> str:
         return str(value) if isinstance(value, (str, int)) else f"{100 * value:.1f}"
