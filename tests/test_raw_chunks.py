@@ -122,16 +122,19 @@ def test_split_reads_through_zarr_equal_raw_reads(tmp_path: Path, monkeypatch: p
 
 def test_a_split_read_runs_two_lanes_each_with_its_own_readers(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """Catches `SplitRows.read` quietly reading on one thread (half the page-cache speed, issue 31) and two lanes
-    sharing one RawChunks (its open shard file and reused buffers are not thread-safe)."""
+    """Catches `SplitRows.read` quietly reading on one thread (half the page-cache speed, issue 31), two lanes
+    sharing one RawChunks (its open shard file and reused buffers are not thread-safe), and a lane handing some
+    of its rows to Zarr's slower read path instead."""
     from core.threads import LANES
 
     store = make_store(tmp_path / "s", "float16", "lz4")
     readers: dict[int, set[int]] = {}
+    rows_read: list[int] = []
     read = RawChunks.read
 
     def recording(self: RawChunks, start: int, stop: int, rows: list[np.ndarray]) -> None:
         readers.setdefault(threading.get_ident(), set()).add(id(self))
+        rows_read.extend(range(start, stop))
         read(self, start, stop, rows)
 
     monkeypatch.setattr(RawChunks, "read", recording)
@@ -140,6 +143,7 @@ def test_a_split_read_runs_two_lanes_each_with_its_own_readers(tmp_path: Path,
     split = SplitRows([str(store.path)], [part], ["m"])
     for _ in range(2):  # the second read: each lane's readers made by the first (a shared one would be reused)
         np.testing.assert_array_equal(split.read(rows[::-1].copy())["m"], store.read("m")[::-1])
+    assert sorted(rows_read) == sorted([*range(100)] * 2)  # every row of both reads through the lanes' RawChunks
     assert len(readers) == LANES
     if LANES > 1:
         assert not set.intersection(*readers.values())
