@@ -301,7 +301,7 @@ def test_progress_lines_from_two_threads_stay_whole_lines_in_a_pipe():
               "threads = [threading.Thread(target=lines, args=(name,)) for name in ('writer', 'trainer')]\n"
               "[thread.start() for thread in threads]\n"
               "[thread.join() for thread in threads]\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60).stdout
     lines = out.splitlines()
     for name in ("writer", "trainer"):
         assert [line for line in lines if line.startswith(f"{name}: ")] == [f"{name}: line {k}" for k in range(10000)]
